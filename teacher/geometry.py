@@ -1,0 +1,68 @@
+"""Per-iteration geometry lookup: the filtered cost volume and all-pairs correlation around the disparity."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _sample_rows(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of N x C x 1 x L rows at N x 1 x K x 1 pixel positions (zero outside).
+
+    A 4-D ``grid_sample`` with align_corners=True: TensorRT runs it (a 5-D one it cannot).
+    """
+    length = rows.shape[-1]
+    gx = 2 * x / (length - 1) - 1
+    grid = torch.cat([gx, torch.zeros_like(gx)], dim=-1).to(rows.dtype)
+    return F.grid_sample(rows, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def all_pairs_correlation(fmap1: torch.Tensor, fmap2: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every left pixel with every right pixel of the same row: B x H x W1 x W2."""
+    with torch.autocast(device_type=fmap1.device.type, enabled=False):
+        f1 = F.normalize(fmap1.float(), dim=1)
+        f2 = F.normalize(fmap2.float(), dim=1)
+        return torch.einsum("bchw,bchv->bhwv", f1, f2)
+
+
+class GeometryEncoding:
+    """Builds the two lookup pyramids once per image pair; ``lookup(disp)`` samples them each iteration.
+
+    Channels per level: the volume's C channels x (2r+1) taps (channel-major), then (2r+1) correlation
+    taps; levels concatenated finest first.
+    """
+
+    def __init__(
+        self, fmap1: torch.Tensor, fmap2: torch.Tensor, volume: torch.Tensor, num_levels: int, radius: int
+    ) -> None:
+        self.num_levels = num_levels
+        self.radius = radius
+        b, c, d, h, w = volume.shape
+        self.shape = (b, h, w)
+        vol = volume.permute(0, 3, 4, 1, 2).reshape(b * h * w, c, 1, d)
+        corr = all_pairs_correlation(fmap1, fmap2).reshape(b * h * w, 1, 1, -1)
+        self.volume_pyramid = [vol]
+        self.corr_pyramid = [corr]
+        for _ in range(num_levels - 1):
+            vol = F.avg_pool2d(vol, [1, 2], stride=[1, 2])
+            corr = F.avg_pool2d(corr, [1, 2], stride=[1, 2])
+            self.volume_pyramid.append(vol)
+            self.corr_pyramid.append(corr)
+        # Offsets built on the input's device: no host-to-device copy inside the iteration loop.
+        r = radius
+        self.dx = torch.linspace(-r, r, 2 * r + 1, device=volume.device).reshape(1, 1, 2 * r + 1, 1)
+        self.coords = torch.arange(w, dtype=torch.float32, device=volume.device).reshape(1, 1, w, 1)
+
+    def lookup(self, disp: torch.Tensor) -> torch.Tensor:
+        """Geometry feature B x C_geo x H x W around the current disparity (B x 1 x H x W, float32)."""
+        b, h, w = self.shape
+        disp_flat = disp.reshape(b * h * w, 1, 1, 1)
+        coords = self.coords.expand(b, h, w, 1).reshape(b * h * w, 1, 1, 1)
+        out = []
+        for i in range(self.num_levels):
+            scale = 2**i
+            vol = _sample_rows(self.volume_pyramid[i], self.dx + disp_flat / scale)
+            corr = _sample_rows(self.corr_pyramid[i], coords / scale - disp_flat / scale + self.dx)
+            out.append(vol.reshape(b, h, w, -1))
+            out.append(corr.reshape(b, h, w, -1))
+        return torch.cat(out, dim=-1).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,147 @@
+"""Loading official FoundationStereo checkpoints (.pth, bare state dicts, safetensors) with clear errors."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.errors import CheckpointError, ConfigError
+
+from .config import TeacherConfig
+from .dinov2 import VIT_SPECS
+from .model import FoundationStereo
+
+_POS_EMBED = "feature.dino.depth_anything.pretrained.pos_embed"
+_SHOW = 5
+
+
+def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file: ``{"model": sd, ...}`` .pth, a bare state dict, or .safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
+    with path.open("rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise CheckpointError(
+            f"checkpoint {path} could not be read: it is neither a torch zip archive nor a pickle "
+            "(expected a .pth written by torch.save, or a .safetensors file)"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint {path} holds Python objects beyond tensors, which safe loading refuses ({reason}). "
+            "If you trust the file, load it with trust_pickle=True (CLI: --trust-checkpoint)."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} could not be read as a torch file: {exc}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"checkpoint {path} is not a state dict: expected a mapping of names to tensors, or "
+            '{"model": state_dict, ...} as the official FoundationStereo checkpoints are'
+        )
+    # Checkpoints saved from DataParallel/DDP prefix every key with "module.".
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def guess_vit_size(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The ViT size a state dict's DINOv2 embedding width points to, or None if it has no ViT."""
+    pos = state_dict.get(_POS_EMBED)
+    if pos is None:
+        return None
+    for name, spec in VIT_SPECS.items():
+        if pos.shape[-1] == spec.embed_dim:
+            return name
+    return None
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOW]) + (", ..." if len(items) > _SHOW else "")
+    return f"{len(items)} {title} ({shown})"
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a CheckpointError naming missing, unexpected and mis-shaped keys (first few, with counts)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"checkpoint {source} does not match the model"]
+    if missing:
+        parts.append(_listing("missing keys", missing))
+    if unexpected:
+        parts.append(_listing("unexpected keys", unexpected))
+    if shapes:
+        parts.append(_listing("mis-shaped keys", shapes))
+    cfg = getattr(model, "cfg", None)
+    guess = guess_vit_size(state_dict)
+    if guess is not None and cfg is not None and getattr(cfg, "vit_size", guess) != guess:
+        parts.append(f"the checkpoint looks like vit_size={guess} but the config says {cfg.vit_size}")
+    elif guess is not None:
+        parts.append(f"the checkpoint looks like vit_size={guess}")
+    else:
+        parts.append("the checkpoint has no DepthAnything ViT, so it is not a FoundationStereo teacher")
+    raise CheckpointError("; ".join(parts))
+
+
+def load_teacher(
+    checkpoint: str | Path,
+    cfg: TeacherConfig | str | Path | None = None,
+    device: str | torch.device = "cpu",
+    trust_pickle: bool = False,
+) -> FoundationStereo:
+    """Build FoundationStereo from a checkpoint and its ``cfg.yaml`` (found beside it when not given)."""
+    checkpoint = Path(checkpoint)
+    if cfg is None:
+        cfg_path = checkpoint.with_name("cfg.yaml")
+        if not cfg_path.is_file():
+            raise ConfigError(
+                f"no cfg.yaml beside {checkpoint}; pass the config explicitly (CLI: --config) or put the "
+                "official cfg.yaml next to the checkpoint"
+            )
+        cfg = TeacherConfig.from_yaml(cfg_path)
+    elif not isinstance(cfg, TeacherConfig):
+        cfg = TeacherConfig.from_yaml(cfg)
+    state_dict = read_state_dict(checkpoint, trust_pickle=trust_pickle)
+    model = FoundationStereo(cfg)
+    check_state_dict(model, state_dict, str(checkpoint))
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device).eval()
+
+
+def teacher_summary(model: FoundationStereo) -> dict[str, Any]:
+    """Parameter counts per top-level part, for ``ffsc teacher inspect``."""
+    parts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        if name.startswith("feature.dino."):
+            top = "feature.dino (ViT, frozen)"
+        elif name.startswith("feature."):
+            top = "feature (EdgeNeXt + decoder)"
+        parts[top] = parts.get(top, 0) + p.numel()
+    return {"config": model.cfg.to_dict(), "parameters": sum(parts.values()), "parts": parts}
