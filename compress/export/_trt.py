@@ -1,0 +1,39 @@
+"""Lazy TensorRT import and the CUDA checks every TensorRT path starts with."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from compress.errors import MissingDependencyError
+
+
+def import_tensorrt() -> ModuleType:
+    """The tensorrt module, or MissingDependencyError saying how to get it."""
+    try:
+        import tensorrt
+    except ImportError as err:
+        raise MissingDependencyError(
+            "TensorRT is not installed: `pip install tensorrt` (or install ffsc with the `ffsc[tensorrt]` "
+            "extra); TensorRT also needs an NVIDIA CUDA GPU") from err
+    return tensorrt
+
+
+def require_cuda(what: str) -> None:
+    """Raise MissingDependencyError unless PyTorch sees a CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise MissingDependencyError(f"{what} needs an NVIDIA CUDA GPU, and torch.cuda.is_available() is False; "
+                                     "run on a machine with a GPU and a CUDA build of PyTorch")
+
+
+def trt_major(trt: ModuleType) -> int:
+    """Major version of the imported TensorRT."""
+    return int(str(trt.__version__).split(".")[0])
+
+
+def gpu_identity(device: int | None = None) -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor") of a CUDA device."""
+    index = torch.cuda.current_device() if device is None else device
+    major, minor = torch.cuda.get_device_capability(index)
+    return torch.cuda.get_device_name(index), f"{major}.{minor}"

@@ -1,0 +1,381 @@
+"""One measure() for every backend (PyTorch, ONNX Runtime, TensorRT), with a cross-process latency cache.
+
+Model identity for the cache: an nn.Module hashes to sha256 over its class (module + qualified
+name), repr() of its `cfg` or `config` attribute when it has one, and every state-dict entry's
+name, dtype, shape and bytes; so two modules with equal config and weights share cache entries and
+any weight change misses. A file (.onnx, .engine) hashes to the sha256 of its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.errors import ConfigError
+from compress.export._files import sha256_file
+from compress.export._trt import import_tensorrt, require_cuda
+from compress.export.onnx_export import check_image_size
+from compress.export.runtime import INPUT_NAMES, OUTPUT_NAME, make_session, random_stereo_pair
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16")
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LatencyStats:
+    """Latency of one forward (all iterations) in milliseconds, over `repeats` timed runs."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    std_ms: float
+    repeats: int
+    backend: str
+    device: str
+    precision: str
+    shapes: dict[str, list[int]]
+    iters: int
+    model_hash: str
+    options: dict = field(default_factory=dict)
+    """Settings that change the number but not the model: compile, cuda_graph, threads."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LatencyStats:
+        """Inverse of to_dict."""
+        return cls(**data)
+
+
+def model_hash(model_or_path: nn.Module | str | os.PathLike) -> str:
+    """Identity of a model for caching (see the module docstring for what goes in)."""
+    if not isinstance(model_or_path, nn.Module):
+        return sha256_file(model_or_path)
+    model = getattr(model_or_path, "_orig_mod", model_or_path)  # a torch.compile wrapper times its original
+    digest = hashlib.sha256()
+    digest.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    config = getattr(model, "cfg", getattr(model, "config", None))
+    if config is not None:
+        digest.update(repr(config).encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def latency_key(
+    model_hash: str, backend: str, device: str, shapes: dict[str, list[int]], precision: str, iters: int,
+    options: dict | None = None,
+) -> str:
+    """Cache key: everything that changes a latency number."""
+    payload = {"model": model_hash, "backend": backend, "device": device, "shapes": shapes,
+               "precision": precision, "iters": iters, "options": options or {}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class LatencyCache:
+    """Latency results in a SQLite file, safe for concurrent processes (SQLite's own locking)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS latency (key TEXT PRIMARY KEY, stats TEXT NOT NULL, "
+                       "created REAL NOT NULL)")
+
+    def _connect(self) -> sqlite3.Connection:
+        # One short-lived connection per call: nothing held across processes or threads.
+        return sqlite3.connect(self.path, timeout=60.0)
+
+    def get(self, key: str) -> LatencyStats | None:
+        """Stored stats for key, or None."""
+        with self._connect() as db:
+            row = db.execute("SELECT stats FROM latency WHERE key = ?", (key,)).fetchone()
+        return None if row is None else LatencyStats.from_dict(json.loads(row[0]))
+
+    def put(self, key: str, stats: LatencyStats) -> None:
+        """Store (or replace) stats under key."""
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO latency (key, stats, created) VALUES (?, ?, ?)",
+                       (key, json.dumps(stats.to_dict(), sort_keys=True), time.time()))
+
+    def __len__(self) -> int:
+        with self._connect() as db:
+            return int(db.execute("SELECT COUNT(*) FROM latency").fetchone()[0])
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device, threads: int | None = None) -> str:
+    """Human-readable hardware name for reports and cache keys (CPU names include the thread count)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({threads if threads is not None else 'default'} threads)"
+
+
+def _summarize(times_ms: list[float]) -> dict[str, float]:
+    arr = np.asarray(times_ms, dtype=np.float64)
+    return {"median_ms": float(np.median(arr)), "p10_ms": float(np.percentile(arr, 10)),
+            "p90_ms": float(np.percentile(arr, 90)), "mean_ms": float(arr.mean()),
+            "std_ms": float(statistics.pstdev(times_ms)) if len(times_ms) > 1 else 0.0}
+
+
+def _time(step: Callable[[], object], device: torch.device, warmup: int, repeats: int, events: bool,
+          stream: torch.cuda.Stream | None = None) -> list[float]:
+    """Per-run milliseconds: CUDA events around asynchronous GPU work, perf_counter otherwise
+    (CPU, and ONNX Runtime, whose run() returns only when its own stream is done)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    if device.type == "cuda" and events:
+        stream = stream or torch.cuda.current_stream(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            step()
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def _torch_step(model: nn.Module, left: torch.Tensor, right: torch.Tensor, iters: int, device: torch.device,
+                precision: str, compile: bool, cuda_graph: bool) -> Callable[[], object]:
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision 'fp16' on CPU is not supported by CPU autocast; use 'fp32' or 'bf16'")
+    if cuda_graph and device.type != "cuda":
+        raise ConfigError("cuda_graph=True needs device='cuda'")
+    if compile:
+        model = torch.compile(model, mode="reduce-overhead" if cuda_graph else "default")
+
+    # Autocast's weight-cast cache must be off under CUDA graph capture (PyTorch's CUDA graphs notes).
+    autocast = dict(dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision in _AUTOCAST,
+                    cache_enabled=False if cuda_graph else None)
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device.type, **autocast):
+            return model(left, right, iters=iters, test_mode=True)
+
+    if not cuda_graph or compile:
+        return forward
+    # Manual capture: warm up on a side stream (as torch.cuda.graph requires), capture once, replay.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = forward()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return static_out  # keeps the graph's output memory alive as long as the step exists
+
+    return replay
+
+
+def _onnx_file(model_or_path: nn.Module | Path, workdir: Path, height: int, width: int, iters: int,
+               batch: int, device: torch.device) -> Path:
+    from compress.export.onnx_export import to_onnx
+
+    if isinstance(model_or_path, nn.Module):
+        dest = workdir / "model.onnx"
+        to_onnx(model_or_path, dest, height, width, iters, device=device, batch=batch, check_parity=False)
+        return dest
+    return Path(model_or_path)
+
+
+def _ort_step(onnx_path: Path, workdir: Path, left: torch.Tensor, right: torch.Tensor, device: torch.device,
+              precision: str, threads: int | None) -> Callable[[], object]:
+    if precision == "bf16":
+        raise ConfigError("the onnxruntime backend supports precision 'fp32' or 'fp16' (an fp16-cast graph)")
+    if precision == "fp16":
+        from compress.export.fp16 import cast_onnx_fp16
+
+        onnx_path = cast_onnx_fp16(onnx_path, workdir / "model_fp16.onnx").path
+    session = make_session(onnx_path, device, intra_op_threads=threads, require_device=True)
+    if device.type == "cpu":
+        feeds = {INPUT_NAMES[0]: left.cpu().numpy(), INPUT_NAMES[1]: right.cpu().numpy()}
+        return lambda: session.run([OUTPUT_NAME], feeds)
+    # On CUDA, bind device buffers so the timing excludes host<->device copies.
+    binding = session.io_binding()
+    index = device.index or 0
+    bound = [tensor.contiguous() for tensor in (left, right)]
+    for name, tensor in zip(INPUT_NAMES, bound, strict=True):
+        binding.bind_input(name, "cuda", index, np.float32, list(tensor.shape), tensor.data_ptr())
+    binding.bind_output(OUTPUT_NAME, "cuda", index)
+    return _BoundOrtRun(session, binding, bound)
+
+
+class _BoundOrtRun:
+    """One ONNX Runtime run on bound CUDA buffers; holds the input tensors the binding points into."""
+
+    def __init__(self, session, binding, inputs: list[torch.Tensor]) -> None:
+        self.session, self.binding, self.inputs = session, binding, inputs
+
+    def __call__(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+
+def _trt_step(model_or_path: nn.Module | Path, workdir: Path, left: torch.Tensor, right: torch.Tensor,
+              height: int, width: int, iters: int, batch: int, device: torch.device, precision: str,
+              cuda_graph: bool):
+    from compress.export.engine import build_engine
+    from compress.export.trt_runner import TensorRTRunner
+
+    path = model_or_path if not isinstance(model_or_path, nn.Module) else None
+    if path is None or Path(path).suffix == ".onnx":
+        onnx_path = _onnx_file(model_or_path, workdir, height, width, iters, batch, device)
+        engine = workdir / "model.engine"
+        build_engine(onnx_path, engine, precision=precision, iters=iters, cache=False)
+        path = engine
+    runner = TensorRTRunner(path, device=device, cuda_graph=cuda_graph)
+    if runner.info is not None and runner.info.precision != precision:
+        raise ConfigError(f"engine {path} was built for precision '{runner.info.precision}' but '{precision}' "
+                          "was asked; pass the engine's precision or rebuild it")
+    buffers = runner.bind({name: tuple(t.shape) for name, t in zip(runner.input_names, (left, right),
+                                                                     strict=True)})
+    for name, tensor in zip(runner.input_names, (left, right), strict=True):
+        buffers[name].copy_(tensor)
+    torch.cuda.synchronize(device)
+    return runner.execute, runner.stream
+
+
+def _check_module_device(model: nn.Module, device: torch.device) -> None:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.device.type != device.type:
+            raise ConfigError(f"the model is on {tensor.device} but device='{device}'; move it with "
+                              f"model.to('{device}') or pass device='{tensor.device}'")
+        return
+
+
+def _check_onnx_iters(path: Path, iters: int) -> None:
+    from compress.export.onnx_export import read_metadata
+
+    stored = read_metadata(path).get("iters")
+    if stored is not None and int(stored) != iters:
+        raise ConfigError(f"{path} was exported with iters={stored} but iters={iters} was asked; the iteration "
+                          f"count is fixed at export: pass iters={stored} or re-export")
+
+
+def measure(
+    model_or_path: nn.Module | str | os.PathLike,
+    backend: str,
+    height: int,
+    width: int,
+    iters: int = 8,
+    warmup: int = 5,
+    repeats: int = 20,
+    batch: int = 1,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
+    cuda_graph: bool = False,
+    cache: LatencyCache | str | os.PathLike | None = None,
+    intra_op_threads: int | None = None,
+) -> LatencyStats:
+    """Time one stereo forward (iters refinement iterations) on a backend; cached when cache is given.
+
+    model_or_path: an nn.Module (torch; exported to ONNX / built to an engine for the other
+    backends), an .onnx file (onnxruntime, tensorrt) or a TensorRT engine file (tensorrt).
+    intra_op_threads applies to onnxruntime only; torch uses its current thread setting.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown latency backend '{backend}'; valid backends: {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
+    if repeats < 1 or warmup < 0 or iters < 1 or batch < 1:
+        raise ConfigError(f"need repeats >= 1, warmup >= 0, iters >= 1, batch >= 1; got {repeats}, {warmup}, "
+                          f"{iters}, {batch}")
+    check_image_size(height, width)
+    is_module = isinstance(model_or_path, nn.Module)
+    if backend == "torch" and not is_module:
+        raise ConfigError(f"the torch backend times an nn.Module, got {model_or_path!r}; use 'onnxruntime' or "
+                          "'tensorrt' for files")
+    if not is_module and not Path(model_or_path).is_file():
+        raise ConfigError(f"model file {model_or_path} does not exist")
+    if backend == "tensorrt":
+        import_tensorrt()
+        require_cuda("the tensorrt latency backend")
+    if device is None:
+        device = "cuda" if backend == "tensorrt" or torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if backend == "tensorrt" and device.type != "cuda":
+        raise ConfigError(f"the tensorrt backend runs on CUDA, got device '{device}'")
+    if is_module:
+        _check_module_device(model_or_path, device)
+    elif Path(model_or_path).suffix == ".onnx":
+        _check_onnx_iters(Path(model_or_path), iters)
+
+    threads = torch.get_num_threads() if backend == "torch" else intra_op_threads
+    shapes = {name: [batch, 3, height, width] for name in INPUT_NAMES}
+    options = {"compile": compile, "cuda_graph": cuda_graph}
+    if device.type == "cpu":
+        options["threads"] = threads
+    identity = model_hash(model_or_path)
+    hw = device_name(device, threads)
+    cache = LatencyCache(cache) if cache is not None and not isinstance(cache, LatencyCache) else cache
+    key = latency_key(identity, backend, hw, shapes, precision, iters, options)
+    if cache is not None and (hit := cache.get(key)) is not None:
+        return hit
+
+    left, right = random_stereo_pair(batch, height, width, seed=0, device=device)
+    stream = None
+    was_training = is_module and model_or_path.training
+    if is_module:
+        model_or_path.eval()
+    try:
+        with tempfile.TemporaryDirectory(prefix="ffsc-latency-") as tmp:
+            workdir = Path(tmp)
+            if backend == "torch":
+                step = _torch_step(model_or_path, left, right, iters, device, precision, compile, cuda_graph)
+            elif backend == "onnxruntime":
+                onnx_path = _onnx_file(model_or_path, workdir, height, width, iters, batch, device)
+                step = _ort_step(onnx_path, workdir, left, right, device, precision, intra_op_threads)
+            else:
+                step, stream = _trt_step(model_or_path, workdir, left, right, height, width, iters, batch,
+                                         device, precision, cuda_graph)
+            times = _time(step, device, warmup, repeats, events=backend != "onnxruntime", stream=stream)
+    finally:
+        if was_training:
+            model_or_path.train()
+    stats = LatencyStats(**_summarize(times), repeats=repeats, backend=backend, device=hw, precision=precision,
+                         shapes=shapes, iters=iters, model_hash=identity, options=options)
+    if cache is not None:
+        cache.put(key, stats)
+    return stats
