@@ -11,6 +11,14 @@ from pathlib import Path
 from compress.errors import DataError, FFSCError
 
 
+def _console():
+    """A rich console; wide when not a terminal so tables in logs and pipes are not squeezed."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def _device(name: str | None) -> str:
     import torch
 
@@ -97,7 +105,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def cmd_teacher_inspect(args: argparse.Namespace) -> int:
     """Print a checkpoint's config, parameter counts per part and whether it loads strictly."""
-    from rich.console import Console
     from rich.table import Table
 
     from teacher import TeacherConfig, load_teacher
@@ -110,7 +117,7 @@ def cmd_teacher_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**summary, "loads": True}, indent=2))
         return 0
-    console = Console()
+    console = _console()
     console.print(f"[bold]{ckpt}[/bold] loads strictly as FoundationStereo ({cfg.vit_size})")
     table = Table("config key", "value")
     for k, v in summary["config"].items():
@@ -126,14 +133,14 @@ def cmd_teacher_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Teacher inference on the bundled example pair, scored against its ground truth."""
+    from importlib.resources import files
+
     import numpy as np
     import torch
 
     from compress.data.io import read_pfm, write_disparity_png
     from compress.metrics import compute_metrics
     from teacher import FoundationStereo, TeacherConfig, infer, load_teacher
-
-    from importlib.resources import files
 
     examples = Path(str(files("teacher") / "examples"))
     left_img, right_img = _read_pair(str(examples / "im0.png"), str(examples / "im1.png"))
@@ -156,6 +163,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     write_disparity_png(out / "disparity.png", disp)
     np.save(out / "disparity.npy", disp)
     print(f"inference {seconds:.2f} s, EPE {metrics['epe']:.2f} px, D1 {metrics['d1']:.1f}% -> {out}/disparity.png")
+    return 0
+
+
+def cmd_space_show(args: argparse.Namespace) -> int:
+    """Print a search space's dimensions and size."""
+    from rich.table import Table
+
+    from search_spaces import load_space
+
+    space = load_space(args.space)
+    table = Table("dimension", "values", title=f"search space {space.name} (base preset: {space.base})")
+    for name, values in space.describe():
+        table.add_row(name, values)
+    console = _console()
+    console.print(table)
+    console.print(f"size: {space.size():,} distinct students; widths in multiples of {space.channel_multiple}")
+    return 0
+
+
+def cmd_space_sample(args: argparse.Namespace) -> int:
+    """Print sampled configs with their parameters and MACs at a given size."""
+    import optuna
+    from rich.table import Table
+
+    from search_spaces import build_student, count_macs, load_space
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = load_space(args.space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=args.seed))
+    rows = []
+    for _ in range(args.n):
+        cfg = space.sample(study.ask())
+        cost = count_macs(build_student(cfg), args.height, args.width)
+        rows.append((cfg, cost))
+    if args.json:
+        print(json.dumps([{"config": c.to_dict(), **k.to_dict()} for c, k in rows], indent=2, default=str))
+        return 0
+    table = Table("#", "backbone", "feat", "vol", "D", "hourglass", "trf", "GRU", "hidden", "iters", "params (M)",
+                  f"GMACs @{args.height}x{args.width}")
+    for i, (c, k) in enumerate(rows):
+        table.add_row(str(i), "/".join(map(str, c.backbone_dims)), str(c.feature_dim), f"1/{c.volume_scale}",
+                      str(c.max_disp // c.volume_scale), "/".join(map(str, c.hourglass_widths)),
+                      str(c.transformer_layers), str(c.gru_levels), str(c.hidden_dim), str(c.iters),
+                      f"{k.params / 1e6:.2f}", f"{k.gmacs:.2f}")
+    _console().print(table)
     return 0
 
 
@@ -189,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--trust-checkpoint", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("space", help="student search spaces").add_subparsers(dest="space_cmd", required=True)
+    p = sp.add_parser("show", help="dimensions and size of a space")
+    p.add_argument("space", help="a space name (tiny, fast_foundationstereo) or a YAML file")
+    p.set_defaults(func=cmd_space_show)
+    p = sp.add_parser("sample", help="random configs with parameters and MACs")
+    p.add_argument("space")
+    p.add_argument("-n", type=int, default=5)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_space_sample)
 
     t = sub.add_parser("teacher", help="teacher checkpoints").add_subparsers(dest="teacher_cmd", required=True)
     p = t.add_parser("inspect", help="config, parameter counts and a strict-load check")

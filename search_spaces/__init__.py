@@ -1,0 +1,23 @@
+"""Student architectures: typed configs, YAML search spaces, presets, save/load and cost counting."""
+
+from .config import StudentConfig
+from .counting import ModelCost, count_macs, count_params
+from .model import StudentStereo
+from .presets import PRESETS, preset
+from .serialization import build_student, load_student, save_student
+from .space import SearchSpace, load_space
+
+__all__ = [
+    "PRESETS",
+    "ModelCost",
+    "SearchSpace",
+    "StudentConfig",
+    "StudentStereo",
+    "build_student",
+    "count_macs",
+    "count_params",
+    "load_space",
+    "load_student",
+    "preset",
+    "save_student",
+]

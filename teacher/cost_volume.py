@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import BasicConv, Conv3dNormActReduced, CostVolumeDisparityAttention, FeatureAtt
+from .layers import BasicConv, Conv3dNormActReduced, CostVolumeDisparityAttention, FeatureAtt, fp32_region
 
 
 def _shift_right(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -27,7 +27,7 @@ def build_gwc_volume(left: torch.Tensor, right: torch.Tensor, max_disp: int, num
     if c % num_groups:
         raise ValueError(f"feature width {c} is not divisible by {num_groups} correlation groups")
     cg = c // num_groups
-    with torch.autocast(device_type=left.device.type, enabled=False):
+    with fp32_region(left.device):
         ln = F.normalize(left.float().reshape(b, num_groups, cg, h, w), dim=2)
         rn = F.normalize(right.float().reshape(b, num_groups, cg, h, w), dim=2)
         vol = [(ln * _shift_right(rn, d)).sum(dim=2) for d in range(max_disp)]
@@ -48,15 +48,17 @@ def disparity_regression(prob: torch.Tensor, max_disp: int) -> torch.Tensor:
 
 
 class Hourglass(nn.Module):
-    """3-level 3D hourglass with APC convs, feature attention and a disparity transformer branch.
+    """3D hourglass (1-3 levels) with APC convs, feature attention and a disparity transformer branch.
 
-    ``widths`` are the channels at full volume resolution and the three downsampled levels (the
-    official teacher: c, 2c, 4c, 6c with c = 28).
+    ``widths`` are the channels at full volume resolution and at each downsampled level (the official
+    teacher: c, 2c, 4c, 6c with c = 28). ``features[k]`` is the image feature at level k's resolution;
+    ``base_scale`` (4 or 8) names the feature-attention modules by resolution, as the official
+    checkpoint does (``feature_att_8`` is the first level below a 1/4 volume).
     """
 
     def __init__(
         self,
-        widths: tuple[int, int, int, int],
+        widths: tuple[int, ...],
         feat_dims: list[int],
         max_disp: int,
         kernel_disp: int = 17,
@@ -66,71 +68,79 @@ class Hourglass(nn.Module):
         heads_as_sequence: bool = False,
         agg_blocks: int = 2,
         out_blocks: int = 2,
+        base_scale: int = 4,
     ) -> None:
         super().__init__()
-        c0, c1, c2, c3 = widths
+        levels = len(widths) - 1
+        if not 1 <= levels <= 3:
+            raise ValueError(f"hourglass needs 1 to 3 levels, got {levels}")
+        self.levels = levels
+        self.base_scale = base_scale
         kd = kernel_disp
+        w = widths
 
-        def down(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                BasicConv(cin, cout, is_3d=True, kernel_size=3, padding=1, stride=2),
-                Conv3dNormActReduced(cout, cout, kernel_size=3, kernel_disp=kd),
+        def apc(c: int) -> Conv3dNormActReduced:
+            return Conv3dNormActReduced(c, c, kernel_size=3, kernel_disp=kd)
+
+        for k in range(1, levels + 1):  # down path: conv1..convL
+            setattr(
+                self,
+                f"conv{k}",
+                nn.Sequential(BasicConv(w[k - 1], w[k], is_3d=True, kernel_size=3, padding=1, stride=2), apc(w[k])),
             )
-
-        def up(cin: int, cout: int) -> BasicConv:
-            return BasicConv(cin, cout, deconv=True, is_3d=True, kernel_size=4, padding=1, stride=2)
-
-        def agg(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                BasicConv(cin, cout, is_3d=True, kernel_size=1, padding=0, stride=1),
-                *[Conv3dNormActReduced(cout, cout, kernel_size=3, kernel_disp=kd) for _ in range(agg_blocks)],
+        for k in range(levels, 0, -1):  # up path: convL_up..conv1_up
+            setattr(
+                self,
+                f"conv{k}_up",
+                BasicConv(w[k], w[k - 1], deconv=True, is_3d=True, kernel_size=4, padding=1, stride=2),
             )
-
-        self.conv1 = down(c0, c1)
-        self.conv2 = down(c1, c2)
-        self.conv3 = down(c2, c3)
-        self.conv3_up = up(c3, c2)
-        self.conv2_up = up(c2, c1)
-        self.conv1_up = up(c1, c0)
-        self.conv_out = nn.Sequential(
-            *[Conv3dNormActReduced(c0, c0, kernel_size=3, kernel_disp=kd) for _ in range(out_blocks)]
-        )
-        self.agg_0 = agg(c2 * 2, c2)
-        self.agg_1 = agg(c1 * 2, c1)
+        self.conv_out = nn.Sequential(*[apc(w[0]) for _ in range(out_blocks)])
+        # agg_0 merges at level L-1, agg_1 at level L-2, ... (official names for L = 3).
+        for i, k in enumerate(range(levels - 1, 0, -1)):
+            setattr(
+                self,
+                f"agg_{i}",
+                nn.Sequential(
+                    BasicConv(w[k] * 2, w[k], is_3d=True, kernel_size=1, padding=0, stride=1),
+                    *[apc(w[k]) for _ in range(agg_blocks)],
+                ),
+            )
         if att_layers > 0:
             self.atts = nn.ModuleDict(
                 {
                     "4": CostVolumeDisparityAttention(
-                        d_model=c0,
+                        d_model=w[0],
                         nhead=att_heads,
-                        dim_feedforward=c0 if att_ff is None else att_ff,
+                        dim_feedforward=w[0] if att_ff is None else att_ff,
                         num_transformer=att_layers,
-                        max_len=max_disp // 16,
+                        max_len=max_disp // (base_scale * 4),
                         heads_as_sequence=heads_as_sequence,
                     )
                 }
             )
             self.conv_patch = nn.Sequential(
-                nn.Conv3d(c0, c0, kernel_size=4, stride=4, padding=0, groups=c0), nn.BatchNorm3d(c0)
+                nn.Conv3d(w[0], w[0], kernel_size=4, stride=4, padding=0, groups=w[0]), nn.BatchNorm3d(w[0])
             )
         else:
             self.atts = None
             self.conv_patch = None
-        self.feature_att_8 = FeatureAtt(c1, feat_dims[1])
-        self.feature_att_16 = FeatureAtt(c2, feat_dims[2])
-        self.feature_att_32 = FeatureAtt(c3, feat_dims[3])
-        self.feature_att_up_16 = FeatureAtt(c2, feat_dims[2])
-        self.feature_att_up_8 = FeatureAtt(c1, feat_dims[1])
+        for k in range(1, levels + 1):
+            setattr(self, f"feature_att_{base_scale * 2**k}", FeatureAtt(w[k], feat_dims[k]))
+        for k in range(levels - 1, 0, -1):
+            setattr(self, f"feature_att_up_{base_scale * 2**k}", FeatureAtt(w[k], feat_dims[k]))
 
     def forward(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
-        conv1 = self.feature_att_8(self.conv1(x), features[1])
-        conv2 = self.feature_att_16(self.conv2(conv1), features[2])
-        conv3 = self.feature_att_32(self.conv3(conv2), features[3])
-        conv2 = self.agg_0(torch.cat((self.conv3_up(conv3), conv2), dim=1))
-        conv2 = self.feature_att_up_16(conv2, features[2])
-        conv1 = self.agg_1(torch.cat((self.conv2_up(conv2), conv1), dim=1))
-        conv1 = self.feature_att_up_8(conv1, features[1])
-        conv = self.conv1_up(conv1)
+        s, n = self.base_scale, self.levels
+        downs = [x]
+        for k in range(1, n + 1):
+            y = getattr(self, f"conv{k}")(downs[-1])
+            downs.append(getattr(self, f"feature_att_{s * 2**k}")(y, features[k]))
+        y = downs[n]
+        for i, k in enumerate(range(n - 1, 0, -1)):
+            y = torch.cat((getattr(self, f"conv{k + 1}_up")(y), downs[k]), dim=1)
+            y = getattr(self, f"agg_{i}")(y)
+            y = getattr(self, f"feature_att_up_{s * 2**k}")(y, features[k])
+        conv = self.conv1_up(y)
         if self.atts is not None:
             att = self.atts["4"](self.conv_patch(x))
             conv = conv + F.interpolate(att, scale_factor=4, mode="trilinear", align_corners=False)

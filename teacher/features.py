@@ -65,6 +65,7 @@ class StereoFeature(nn.Module):
         vit_size: str | None = None,
         out4: int | None = None,
         refine_blocks: int = 2,
+        head: str = "refine",
     ) -> None:
         super().__init__()
         self.stem = backbone.stem
@@ -84,10 +85,15 @@ class StereoFeature(nn.Module):
         self.deconv8_4 = Conv2xIN(c1 * 2, c0)
         cin = c0 * 2 + vit_dim
         cout = cin if out4 is None else out4
-        self.conv4 = nn.Sequential(
-            BasicConv(cin, cout, kernel_size=3, stride=1, padding=1, norm="instance"),
-            *[ResidualBlock(cout, cout, norm_fn="instance") for _ in range(refine_blocks)],
-        )
+        if head == "refine":  # the teacher: 3x3 conv + residual blocks
+            self.conv4 = nn.Sequential(
+                BasicConv(cin, cout, kernel_size=3, stride=1, padding=1, norm="instance"),
+                *[ResidualBlock(cout, cout, norm_fn="instance") for _ in range(refine_blocks)],
+            )
+        elif head == "conv1x1":  # Fast-FoundationStereo's students: one projection
+            self.conv4 = nn.Conv2d(cin, cout, kernel_size=1)
+        else:
+            raise ValueError(f"unknown feature head {head!r}; expected 'refine' or 'conv1x1'")
         self.vit_dim = vit_dim
         self.d_out = [cout, c1 * 2, c2 * 2, c3]
 

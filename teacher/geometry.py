@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layers import fp32_region
+
 
 def _sample_rows(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of N x C x 1 x L rows at N x 1 x K x 1 pixel positions (zero outside).
@@ -19,7 +21,7 @@ def _sample_rows(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def all_pairs_correlation(fmap1: torch.Tensor, fmap2: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every left pixel with every right pixel of the same row: B x H x W1 x W2."""
-    with torch.autocast(device_type=fmap1.device.type, enabled=False):
+    with fp32_region(fmap1.device):
         f1 = F.normalize(fmap1.float(), dim=1)
         f2 = F.normalize(fmap2.float(), dim=1)
         return torch.einsum("bchw,bchv->bhwv", f1, f2)

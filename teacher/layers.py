@@ -7,11 +7,19 @@ official checkpoint's order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def fp32_region(device: torch.device):
+    """Disable autocast for a block that must run in float32 (correlation normalisation)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. the meta device used for counting has no autocast
 
 
 class LayerNorm2d(nn.LayerNorm):

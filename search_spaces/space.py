@@ -1,0 +1,232 @@
+"""Search spaces over StudentConfig, defined in YAML; Optuna trials sample valid configs from them.
+
+A space file has a ``base`` (a preset name) that fixes every field not searched, ``dimensions`` (each a
+StudentConfig field with ``choices``, an integer ``range`` with ``step``, or a fixed ``value``), and
+``constraints``. ``hourglass_widths`` is searched as ``multipliers`` of ``volume_dim``. Two repairs keep
+every sample valid: ``hourglass_levels`` and ``gru_levels`` are capped at what the volume resolution
+allows (2 at a 1/8 volume), and hourglass widths are truncated to the sampled number of levels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compress.errors import ConfigError
+
+from .config import StudentConfig
+from .presets import preset
+
+_WIDTH_FIELDS = ("feature_dim", "concat_dim", "volume_dim", "hidden_dim", "motion_dim", "motion_corr_dim",
+                 "motion_disp_dim", "hourglass_widths", "backbone_dims")
+# Dimensions whose values interact through the repairs above; enumerated together to count the space.
+_COUPLED = ("volume_scale", "hourglass_levels", "hourglass_widths", "volume_dim", "gru_levels")
+
+
+@dataclass
+class Dimension:
+    """One searched field: categorical ``choices`` or an integer range."""
+
+    name: str
+    choices: list[Any] | None = None
+    low: int | None = None
+    high: int | None = None
+    step: int = 1
+    multipliers: bool = False  # hourglass_widths given as multipliers of volume_dim
+
+    def values(self) -> list[Any]:
+        """Every value this dimension can take."""
+        if self.choices is not None:
+            return list(self.choices)
+        return list(range(self.low, self.high + 1, self.step))
+
+    def suggest(self, trial) -> Any:
+        """Ask an Optuna trial (or anything with suggest_* methods) for a value."""
+        if self.choices is not None:
+            # Optuna categoricals hold scalars only: lists travel as comma-joined strings.
+            encoded = [_encode(c) for c in self.choices]
+            return _decode(trial.suggest_categorical(self.name, encoded))
+        return trial.suggest_int(self.name, self.low, self.high, step=self.step)
+
+
+def _encode(value: Any) -> Any:
+    return ",".join(str(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, str) and "," in value:
+        return [float(v) if "." in v else int(v) for v in value.split(",")]
+    return value
+
+
+@dataclass
+class SearchSpace:
+    """A named set of dimensions over a base preset, with constraints."""
+
+    name: str
+    base: str
+    dimensions: list[Dimension]
+    channel_multiple: int = 8
+    base_overrides: dict[str, Any] = field(default_factory=dict)
+
+    # --- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SearchSpace:
+        """Read and validate a search-space file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"search space {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"search space {path} is not valid YAML: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> SearchSpace:
+        """Build from parsed YAML, checking every dimension against StudentConfig."""
+        if not isinstance(data, dict) or "dimensions" not in data:
+            raise ConfigError(f"search space {source}: expected a mapping with 'dimensions'")
+        known = {f.name for f in fields(StudentConfig)}
+        dims = []
+        for name, spec in (data.get("dimensions") or {}).items():
+            if name not in known:
+                raise ConfigError(f"search space {source}: dimension {name!r} is not a StudentConfig field")
+            if not isinstance(spec, dict):
+                raise ConfigError(f"search space {source}: dimension {name!r} needs choices, range or value")
+            multipliers = name == "hourglass_widths"
+            if multipliers:
+                spec = spec.get("multipliers", spec)
+            if "value" in spec:
+                dims.append(Dimension(name, choices=[spec["value"]], multipliers=multipliers))
+            elif "choices" in spec:
+                if not spec["choices"]:
+                    raise ConfigError(f"search space {source}: dimension {name!r} has no choices")
+                dims.append(Dimension(name, choices=list(spec["choices"]), multipliers=multipliers))
+            elif "range" in spec:
+                low, high = spec["range"]
+                dims.append(Dimension(name, low=int(low), high=int(high), step=int(spec.get("step", 1))))
+            else:
+                raise ConfigError(f"search space {source}: dimension {name!r} needs choices, range or value")
+        constraints = data.get("constraints") or {}
+        space = cls(
+            name=str(data.get("name", Path(source).stem)),
+            base=str(data.get("base", "fast_foundationstereo")),
+            dimensions=dims,
+            channel_multiple=int(constraints.get("channel_multiple", 8)),
+            base_overrides=dict(data.get("base_overrides") or {}),
+        )
+        space.check(source)
+        return space
+
+    def check(self, source: str) -> None:
+        """Static constraints: searched widths are multiples of channel_multiple, groups divide widths."""
+        m = self.channel_multiple
+        base = self._base()
+        for dim in self.dimensions:
+            if dim.name in _WIDTH_FIELDS and not dim.multipliers:
+                for v in dim.values():
+                    vals = v if isinstance(v, list) else [v]
+                    bad = [x for x in vals if x % m and x != 0]
+                    if bad and dim.name != "backbone_dims":
+                        raise ConfigError(
+                            f"search space {source}: {dim.name} choice {v} is not a multiple of {m} "
+                            "(tensor cores want channel counts in multiples of 8)"
+                        )
+        widths = self._values("feature_dim", base)
+        for g in self._values("cv_groups", base):
+            for w in widths:
+                if w % g:
+                    raise ConfigError(f"search space {source}: cv_groups {g} does not divide feature_dim {w}")
+        for h in self._values("transformer_heads", base):
+            for v in self._values("volume_dim", base):
+                if v % h:
+                    raise ConfigError(f"search space {source}: transformer_heads {h} does not divide volume_dim {v}")
+
+    def _base(self) -> StudentConfig:
+        return preset(self.base, **self.base_overrides)
+
+    def _values(self, name: str, base: StudentConfig) -> list[Any]:
+        for dim in self.dimensions:
+            if dim.name == name:
+                return dim.values()
+        return [getattr(base, name)]
+
+    # --- sampling --------------------------------------------------------------------------------
+    def config_from_values(self, values: dict[str, Any]) -> StudentConfig:
+        """The StudentConfig for one assignment of the dimensions (repairs applied)."""
+        base = self._base()
+        data = base.to_dict()
+        data.update({k: v for k, v in values.items() if k != "hourglass_widths"})
+        scale = data["volume_scale"]
+        cap = 3 if scale == 4 else 2
+        data["hourglass_levels"] = min(int(data["hourglass_levels"]), cap)
+        data["gru_levels"] = min(int(data["gru_levels"]), cap)
+        levels = data["hourglass_levels"]
+        if "hourglass_widths" in values:
+            mults = values["hourglass_widths"]
+            m = self.channel_multiple
+            data["hourglass_widths"] = [max(m, int(round(x * data["volume_dim"] / m)) * m) for x in mults[:levels]]
+        else:
+            widths = list(base.hourglass_widths)
+            while len(widths) < levels:
+                widths.append(widths[-1] + (widths[-1] - (widths[-2] if len(widths) > 1 else data["volume_dim"])))
+            data["hourglass_widths"] = widths[:levels]
+        data["name"] = f"{self.name}-sample"
+        data["layer_shapes"] = {}
+        return StudentConfig.from_dict(data)
+
+    def sample(self, trial) -> StudentConfig:
+        """Turn an Optuna trial into a valid StudentConfig."""
+        values = {dim.name: dim.suggest(trial) for dim in self.dimensions}
+        return self.config_from_values(values)
+
+    def enumerate(self, limit: int | None = None):
+        """Yield distinct configs (all of them, or the first ``limit``)."""
+        seen = set()
+        names = [d.name for d in self.dimensions]
+        for combo in itertools.product(*(d.values() for d in self.dimensions)):
+            cfg = self.config_from_values(dict(zip(names, combo, strict=True)))
+            key = cfg.to_json()
+            if key in seen:
+                continue
+            seen.add(key)
+            yield cfg
+            if limit is not None and len(seen) >= limit:
+                return
+
+    def size(self) -> int:
+        """Number of distinct valid configs: the coupled dimensions enumerated, the rest multiplied."""
+        coupled = [d for d in self.dimensions if d.name in _COUPLED]
+        free = [d for d in self.dimensions if d.name not in _COUPLED]
+        names = [d.name for d in coupled]
+        distinct = set()
+        for combo in itertools.product(*(d.values() for d in coupled)):
+            cfg = self.config_from_values(dict(zip(names, combo, strict=True)))
+            distinct.add(tuple(_encode(getattr(cfg, n)) for n in _COUPLED))
+        return len(distinct) * math.prod(len(d.values()) for d in free)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(dimension, its values) rows for display."""
+        rows = []
+        for d in self.dimensions:
+            if d.choices is not None:
+                vals = ", ".join(str(_encode(c)).replace(",", "/") for c in d.choices)
+                label = f"{d.name} (x volume_dim)" if d.multipliers else d.name
+                rows.append((label, vals))
+            else:
+                rows.append((d.name, f"{d.low}..{d.high} step {d.step}"))
+        return rows
+
+
+def load_space(name_or_path: str | Path) -> SearchSpace:
+    """A shipped space by name (``tiny``, ``fast_foundationstereo``) or any YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = Path(__file__).parent / f"{name_or_path}.yaml"
+    return SearchSpace.from_yaml(path)
