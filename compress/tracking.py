@@ -1,0 +1,370 @@
+"""A thin MLflow tracker: one parent run per study, one nested run per trial, artifacts beside the run dir."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compress.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "ffsc"
+RUN_RECORD = "mlflow_runs.json"
+ROLE_TAG = "ffsc.role"
+STUDY_TAG = "ffsc.study"
+STUDY_KEY_TAG = "ffsc.study_key"
+PARENT_TAG = "mlflow.parentRunId"
+
+# MLflow's documented limits, used when its validation module does not expose them.
+_FALLBACK_PARAM_VALUE_LEN = 6000
+_FALLBACK_KEY_LEN = 250
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+_LOCAL_SCHEMES = ("sqlite", "file", "")
+# MLflow accepts letters, digits, underscores, dashes, periods, spaces and slashes in keys.
+_KEY_UNSAFE = re.compile(r"[^\w\-. /]", re.ASCII)
+
+
+def _limits() -> tuple[int, int]:
+    try:
+        from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
+
+        return int(MAX_PARAM_VAL_LENGTH), int(MAX_ENTITY_KEY_LENGTH)
+    except ImportError:
+        return _FALLBACK_PARAM_VALUE_LEN, _FALLBACK_KEY_LEN
+
+
+def _quiet_mlflow_logging() -> None:
+    # MLflow and its migration tool announce every table they create at INFO, and a client of a
+    # tracking server prints two "View run" lines per finished run (one per trial) unless told not to.
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return json.dumps([v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for v in value])
+    return str(value)
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Return nested params as MLflow strings under dotted keys (dataclasses and mappings are expanded)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, Mapping):
+            if value:
+                flat.update(flatten_params(value, name))
+            else:
+                flat[name] = "{}"
+        else:
+            flat[name] = _scalar_text(value)
+    return flat
+
+
+def clip_params(flat: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Return params with keys MLflow accepts and clipped values, and the names of those changed."""
+    max_value, max_key = _limits()
+    clipped: dict[str, str] = {}
+    notes: list[str] = []
+    for key, value in flat.items():
+        new_key = _KEY_UNSAFE.sub("_", key)
+        new_key = new_key if len(new_key) <= max_key else new_key[: max_key - 3] + "..."
+        new_value = value if len(value) <= max_value else value[: max_value - 3] + "..."
+        if new_key != key or new_value != value:
+            notes.append(key)
+        clipped[new_key] = new_value
+    return clipped, notes
+
+
+def split_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """Return the finite numeric metrics as floats and the names of those skipped."""
+    kept: dict[str, float] = {}
+    skipped: list[str] = []
+    for key, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            skipped.append(str(key))
+            continue
+        if math.isfinite(number):
+            kept[str(key)] = number
+        else:
+            skipped.append(str(key))
+    return kept, skipped
+
+
+def teacher_tags(teacher: str | Mapping[str, Any] | None) -> dict[str, str]:
+    """Return tags naming the teacher (a name, or a mapping such as {"checkpoint": ..., "sha256": ...})."""
+    if teacher is None:
+        return {}
+    if isinstance(teacher, Mapping):
+        return {f"ffsc.teacher.{k}": str(v) for k, v in teacher.items()}
+    return {"ffsc.teacher": str(teacher)}
+
+
+class Tracker:
+    """MLflow tracking for one run dir; MLflow is imported only when something is logged."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        tracking_uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        *,
+        teacher: str | Mapping[str, Any] | None = None,
+        artifact_location: str | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if tracking_uri is None:
+            tracking_uri = f"sqlite:///{(self.run_dir / 'mlflow.db').resolve().as_posix()}"
+        self.tracking_uri = tracking_uri
+        scheme = tracking_uri.split("://", 1)[0] if "://" in tracking_uri else ""
+        if artifact_location is None and scheme in _LOCAL_SCHEMES:
+            artifact_location = (self.run_dir / "mlartifacts").resolve().as_uri()
+        self.artifact_location = artifact_location
+        self.experiment = experiment
+        self.teacher = teacher
+        self.parent_run_id: str | None = None
+        self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        """The MlflowClient bound to this tracker's URI (created on first use)."""
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            _quiet_mlflow_logging()
+            with warnings.catch_warnings():
+                # MLflow's own SQLAlchemy models use a loader option SQLAlchemy 2 deprecates; not ours to fix.
+                warnings.filterwarnings("ignore", message=".*noload.*")
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        """The id of the experiment, created on first use with artifacts under the run dir when local."""
+        if self._experiment_id is None:
+            from mlflow.exceptions import MlflowException
+
+            client = self.client
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                try:
+                    self._experiment_id = client.create_experiment(
+                        self.experiment, artifact_location=self.artifact_location
+                    )
+                except MlflowException:
+                    exp = client.get_experiment_by_name(self.experiment)  # created concurrently by another worker
+                    if exp is None:
+                        raise
+            if exp is not None:
+                if exp.lifecycle_stage == "deleted":
+                    client.restore_experiment(exp.experiment_id)
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def _record_path(self) -> Path:
+        return self.run_dir / RUN_RECORD
+
+    def _read_record(self) -> dict[str, Any]:
+        try:
+            return json.loads(self._record_path().read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_record(self, name: str, run_id: str) -> None:
+        from compress.nas.pareto import atomic_write_bytes
+
+        record = self._read_record()
+        record.setdefault(self.tracking_uri, {})[name] = run_id
+        atomic_write_bytes(self._record_path(), (json.dumps(record, indent=2) + "\n").encode())
+
+    def _usable_run(self, run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id
+
+    def _study_runs(self, study_key: str) -> list[Any]:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{STUDY_KEY_TAG}` = '{study_key}' and tags.`{ROLE_TAG}` = 'study'",
+            max_results=100,
+        )
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+    def start_study_run(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        *,
+        study_key: str | None = None,
+        run_id: str | None = None,
+        teacher: str | Mapping[str, Any] | None = None,
+    ) -> str:
+        """Start (or resume) the parent run of a study and return its id.
+
+        Resumes, in order: the given `run_id`; the run tagged with `study_key` (a study's unique id, so
+        concurrent workers converge on one run); the run this run dir recorded for `name`.
+        """
+        all_tags = {ROLE_TAG: "study", STUDY_TAG: name, **teacher_tags(teacher or self.teacher)}
+        if study_key:
+            all_tags[STUDY_KEY_TAG] = study_key
+        all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+
+        chosen = run_id if self._usable_run(run_id) else None
+        if chosen is None and study_key:
+            existing = self._study_runs(study_key)
+            chosen = existing[0].info.run_id if existing else None
+        if chosen is None and not study_key:
+            recorded = self._read_record().get(self.tracking_uri, {}).get(name)
+            chosen = recorded if self._usable_run(recorded) else None
+
+        client = self.client
+        if chosen is not None:
+            client.update_run(chosen, status="RUNNING")
+            self._log_batch(chosen, tags=all_tags)
+            _log.info("resuming MLflow run %s for study %s", chosen, name)
+        else:
+            run = client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+            chosen = run.info.run_id
+            if study_key:
+                # Two workers may both have found no run and created one: all keep the oldest.
+                oldest = self._study_runs(study_key)[0].info.run_id
+                if oldest != chosen:
+                    client.delete_run(chosen)
+                    chosen = oldest
+            if chosen == run.info.run_id and params:
+                flat, clipped = clip_params(flatten_params(params))
+                extra = {"ffsc.clipped_params": ",".join(clipped)} if clipped else {}
+                self._log_batch(chosen, params=flat, tags=extra)
+        self.parent_run_id = chosen
+        self._write_record(name, chosen)
+        return chosen
+
+    def _log_batch(
+        self,
+        run_id: str,
+        params: Mapping[str, str] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, str] | None = None,
+        step: int = 0,
+    ) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        param_list = [Param(k, v) for k, v in (params or {}).items()]
+        metric_list = [Metric(k, v, now, step) for k, v in (metrics or {}).items()]
+        tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
+        for i in range(0, len(param_list), _PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=param_list[i : i + _PARAMS_PER_BATCH])
+        for i in range(0, len(metric_list), _METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=metric_list[i : i + _METRICS_PER_BATCH])
+        for i in range(0, len(tag_list), _PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, tags=tag_list[i : i + _PARAMS_PER_BATCH])
+
+    def _require_parent(self) -> str:
+        if self.parent_run_id is None:
+            raise ConfigError("no study run is active; call Tracker.start_study_run() before logging to it")
+        return self.parent_run_id
+
+    def trial_run(
+        self,
+        trial_number: int,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, Any],
+        tags: Mapping[str, Any] | None = None,
+        *,
+        status: str = "FINISHED",
+    ) -> str:
+        """Log one trial as a finished run nested under the study run; return its id."""
+        parent = self._require_parent()
+        flat, clipped = clip_params(flatten_params(params))
+        kept, skipped = split_metrics(metrics)
+        run_name = f"trial-{trial_number:04d}"
+        run_tags = {PARENT_TAG: parent, "ffsc.trial": str(trial_number)}
+        run_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+        if skipped:
+            run_tags["ffsc.skipped_metrics"] = ",".join(skipped)
+            _log.warning("trial %d: skipped non-finite or non-numeric metrics %s", trial_number, skipped)
+        if clipped:
+            run_tags["ffsc.clipped_params"] = ",".join(clipped)
+        clip_tags, _ = clip_params(run_tags)  # tag values share the param length limit
+        run = self.client.create_run(self.experiment_id, tags=clip_tags, run_name=run_name)
+        self._log_batch(run.info.run_id, params=flat, metrics=kept)
+        self.client.set_terminated(run.info.run_id, status=status)
+        return run.info.run_id
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
+        """Log finite metrics on the study run."""
+        kept, _ = split_metrics(metrics)
+        self._log_batch(self._require_parent(), metrics=kept, step=step)
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Copy a file or folder into the study run's artifacts."""
+        parent = self._require_parent()
+        local = Path(path)
+        if not local.exists():
+            raise ConfigError(f"cannot log artifact {local}: it does not exist")
+        if local.is_dir():
+            self.client.log_artifacts(parent, str(local), artifact_path)
+        else:
+            self.client.log_artifact(parent, str(local), artifact_path)
+
+    def log_front(
+        self,
+        front_dir_or_files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+        plot_png: str | os.PathLike[str] | None = None,
+        artifact_path: str = "pareto",
+    ) -> None:
+        """Log the Pareto front files (pareto_front.* from a folder, or the given files) and its plot."""
+        from compress.nas.pareto import FRONT_CSV, FRONT_JSON
+
+        if isinstance(front_dir_or_files, (str, os.PathLike)) and Path(front_dir_or_files).is_dir():
+            folder = Path(front_dir_or_files)
+            files = [folder / n for n in (FRONT_CSV, FRONT_JSON) if (folder / n).exists()]
+        elif isinstance(front_dir_or_files, (str, os.PathLike)):
+            files = [Path(front_dir_or_files)]
+        else:
+            files = [Path(f) for f in front_dir_or_files]
+        if plot_png is not None:
+            files.append(Path(plot_png))
+        for f in dict.fromkeys(files):
+            self.log_artifact(f, artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the study run finished (or FAILED/KILLED); a later start_study_run resumes it."""
+        if self.parent_run_id is not None:
+            self.client.set_terminated(self.parent_run_id, status=status)
+            self.parent_run_id = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.end("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
