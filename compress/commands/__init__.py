@@ -1,0 +1,1 @@
+"""One module per stage; each has ``register(subparsers)`` adding its subcommands."""

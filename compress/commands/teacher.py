@@ -1,0 +1,145 @@
+"""Teacher subcommands: ``ffsc infer``, ``ffsc demo``, ``ffsc teacher inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from compress.errors import DataError
+
+from .common import console, pick_device, read_pair, save_map
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Disparity (and optionally depth) for one stereo pair with the teacher."""
+    import numpy as np
+
+    from teacher import infer, load_teacher
+
+    left_img, right_img = read_pair(args.left, args.right)
+    device = pick_device(args.device)
+    model = load_teacher(args.checkpoint, cfg=args.config, device=device, trust_pickle=args.trust_checkpoint)
+    start = time.perf_counter()
+    disp = infer(
+        model,
+        left_img,
+        right_img,
+        iters=args.iters,
+        mixed_precision=args.mixed_precision,
+        hierarchical=args.hierarchical,
+    )
+    seconds = time.perf_counter() - start
+    disp_np = disp[0, 0].cpu().numpy()
+    out = Path(args.out)
+    save_map(out, disp_np)
+    print(f"disparity {disp_np.shape[1]}x{disp_np.shape[0]} -> {out} ({seconds:.2f} s on {device})")
+    if args.fx is not None or args.baseline is not None:
+        if args.fx is None or args.baseline is None:
+            raise DataError("depth needs both --fx (focal length, pixels) and --baseline (metres)")
+        with np.errstate(divide="ignore"):
+            depth = np.where(disp_np > 0, args.fx * args.baseline / np.maximum(disp_np, 1e-6), 0.0)
+        depth_out = out.with_name(out.stem + "_depth" + (out.suffix if out.suffix != ".png" else ".npy"))
+        save_map(depth_out, depth.astype(np.float32), "depth")
+        print(f"depth (fx={args.fx}, baseline={args.baseline}) -> {depth_out}")
+    return 0
+
+
+def cmd_teacher_inspect(args: argparse.Namespace) -> int:
+    """Print a checkpoint's config, parameter counts per part and whether it loads strictly."""
+    from rich.table import Table
+
+    from teacher import TeacherConfig, load_teacher
+    from teacher.loading import teacher_summary
+
+    ckpt = Path(args.checkpoint)
+    cfg = TeacherConfig.from_yaml(args.config or ckpt.with_name("cfg.yaml"))
+    model = load_teacher(ckpt, cfg=cfg, trust_pickle=args.trust_checkpoint)
+    summary = teacher_summary(model)
+    if args.json:
+        print(json.dumps({**summary, "loads": True}, indent=2))
+        return 0
+    out = console()
+    out.print(f"[bold]{ckpt}[/bold] loads strictly as FoundationStereo ({cfg.vit_size})")
+    table = Table("config key", "value")
+    for k, v in summary["config"].items():
+        table.add_row(k, str(v))
+    out.print(table)
+    parts = Table("part", "parameters")
+    for k, v in summary["parts"].items():
+        parts.add_row(k, f"{v:,}")
+    parts.add_row("[bold]total[/bold]", f"[bold]{summary['parameters']:,}[/bold]")
+    out.print(parts)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Teacher inference on the bundled example pair, scored against its ground truth."""
+    from importlib.resources import files
+
+    import numpy as np
+    import torch
+
+    from compress.data.io import read_pfm, write_disparity_png
+    from compress.metrics import compute_metrics
+    from teacher import FoundationStereo, TeacherConfig, infer, load_teacher
+
+    examples = Path(str(files("teacher") / "examples"))
+    left_img, right_img = read_pair(str(examples / "im0.png"), str(examples / "im1.png"))
+    gt = read_pfm(examples / "disp0GT.pfm")
+    device = pick_device(args.device)
+    if args.checkpoint:
+        model = load_teacher(args.checkpoint, cfg=args.config, device=device, trust_pickle=args.trust_checkpoint)
+        what = f"checkpoint {args.checkpoint}"
+    else:
+        torch.manual_seed(0)
+        model = FoundationStereo(TeacherConfig(vit_size=args.vit, max_disp=192)).to(device).eval()
+        what = f"FoundationStereo {args.vit} with RANDOM weights (pass --checkpoint for meaningful output)"
+    print(f"demo: {what} on the bundled {left_img.shape[1]}x{left_img.shape[0]} synthetic pair, {device}")
+    start = time.perf_counter()
+    disp = infer(model, left_img, right_img, iters=args.iters)[0, 0].cpu().numpy()
+    seconds = time.perf_counter() - start
+    metrics = compute_metrics(disp, gt, np.isfinite(gt))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_disparity_png(out / "disparity.png", disp)
+    np.save(out / "disparity.npy", disp)
+    print(f"inference {seconds:.2f} s, EPE {metrics['epe']:.2f} px, D1 {metrics['d1']:.1f}% -> {out}/disparity.png")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the teacher subcommands."""
+    p = sub.add_parser("infer", help="disparity for a stereo pair with the teacher")
+    p.add_argument("--checkpoint", required=True, help="official model_best_bp2.pth (or .safetensors)")
+    p.add_argument("--config", help="cfg.yaml (default: the one beside the checkpoint)")
+    p.add_argument("--left", required=True)
+    p.add_argument("--right", required=True)
+    p.add_argument("--out", required=True, help="output .npy, .pfm or .png (colour map)")
+    p.add_argument("--iters", type=int, default=None, help="GRU iterations (default: valid_iters of the config)")
+    p.add_argument("--hierarchical", action="store_true", help="two-pass mode for large images")
+    p.add_argument("--mixed-precision", dest="mixed_precision", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--fx", type=float, default=None, help="focal length in pixels, for a depth map")
+    p.add_argument("--baseline", type=float, default=None, help="stereo baseline in metres, for a depth map")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in the checkpoint")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("demo", help="teacher inference on the bundled example pair")
+    p.add_argument("--checkpoint", default=None, help="official checkpoint (default: random weights)")
+    p.add_argument("--config", default=None)
+    p.add_argument("--vit", default="vits", choices=["vits", "vitb", "vitl"], help="ViT size without a checkpoint")
+    p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--trust-checkpoint", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("teacher", help="teacher checkpoints").add_subparsers(dest="teacher_cmd", required=True)
+    p = t.add_parser("inspect", help="config, parameter counts and a strict-load check")
+    p.add_argument("checkpoint")
+    p.add_argument("--config")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--trust-checkpoint", action="store_true")
+    p.set_defaults(func=cmd_teacher_inspect)
