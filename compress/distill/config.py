@@ -1,0 +1,415 @@
+"""Typed configs of a distillation run; a recipe is YAML merged over these dataclasses by OmegaConf.
+
+``load_recipe(path, ["key=value", ...])`` type-checks every key (unknown keys and wrong types are errors) and
+returns a plain :class:`DistillConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compress.errors import ConfigError
+
+__all__ = [
+    "AMP_MODES",
+    "CostVolumeLossConfig",
+    "DataConfig",
+    "DatasetSpec",
+    "DistillConfig",
+    "FeatureLossConfig",
+    "LabelCacheConfig",
+    "LossConfig",
+    "OptimConfig",
+    "OutputLossConfig",
+    "StudentSpec",
+    "SyntheticSpec",
+    "TeacherSpec",
+    "config_to_dict",
+    "load_recipe",
+]
+
+AMP_MODES = ("off", "bf16", "fp16")
+STUDENT_KINDS = ("search_space", "foundation_stereo", "factory")
+_DTYPES = ("float16", "float32")
+PROB_MODES = ("full", "topk", "none")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}: got {value}, expected a {'non-negative' if allow_zero else 'positive'} number")
+
+
+def _size(name: str, value: list[int] | None) -> None:
+    if value is None:
+        return
+    if len(value) != 2 or any(int(v) <= 0 or int(v) % 32 for v in value):
+        raise ConfigError(f"{name}: got {list(value)}, expected [height, width], both positive multiples of 32")
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+@dataclass
+class FeatureLossConfig:
+    """MSE between student and teacher left feature pyramids, levels matched by resolution."""
+
+    enabled: bool = True
+    weight: float = 0.1
+    levels: list[int] | None = None
+    """Teacher pyramid levels (0 = finest) to distil; None = every level the student has a match for."""
+    normalize: bool = False
+    """Standardise each pixel's feature vector (zero mean, unit variance over channels) before the MSE, so
+    levels of very different magnitude weigh alike."""
+
+    def __post_init__(self) -> None:
+        _positive("loss.feature.weight", self.weight, allow_zero=True)
+
+
+@dataclass
+class CostVolumeLossConfig:
+    """KL(teacher || student) between the disparity distributions (softmax over D of cost_logits)."""
+
+    enabled: bool = True
+    weight: float = 1.0
+    temperature: float = 1.0
+    """Both distributions are softened by this temperature; the loss is multiplied by its square so gradient
+    magnitudes stay comparable across temperatures."""
+
+    def __post_init__(self) -> None:
+        _positive("loss.cost_volume.weight", self.weight, allow_zero=True)
+        _positive("loss.cost_volume.temperature", self.temperature)
+
+
+@dataclass
+class OutputLossConfig:
+    """Sequence loss over the student's per-iteration disparities plus its initial disparity."""
+
+    enabled: bool = True
+    weight: float = 1.0
+    """Weight of the smooth-L1 to the teacher's final disparity."""
+    gt_weight: float = 1.0
+    """Weight of the smooth-L1 to ground truth (samples with has_gt only, masked by valid)."""
+    init_weight: float = 0.5
+    """Weight of the initial (cost-volume) disparity term, upsampled to full resolution."""
+    gamma: float = 0.9
+    """Prediction k of K weighs gamma ** (K - k): the last one 1."""
+    beta: float = 1.0
+    """Smooth-L1 transition point (pixels)."""
+    max_disp: float | None = None
+    """Ignore pixels whose target disparity is >= this (pixels); None = keep all."""
+
+    def __post_init__(self) -> None:
+        for key in ("weight", "gt_weight", "init_weight"):
+            _positive(f"loss.output.{key}", getattr(self, key), allow_zero=True)
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"loss.output.gamma: got {self.gamma}, expected 0 < gamma <= 1")
+        _positive("loss.output.beta", self.beta)
+        if self.max_disp is not None:
+            _positive("loss.output.max_disp", self.max_disp)
+
+
+@dataclass
+class LossConfig:
+    """The three distillation losses; each is logged on its own."""
+
+    feature: FeatureLossConfig = field(default_factory=FeatureLossConfig)
+    cost_volume: CostVolumeLossConfig = field(default_factory=CostVolumeLossConfig)
+    output: OutputLossConfig = field(default_factory=OutputLossConfig)
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+
+@dataclass
+class LabelCacheConfig:
+    """What the teacher pseudo-label cache stores (see compress.distill.label_cache for sizes per sample)."""
+
+    disp_dtype: str = "float16"
+    prob: str = "full"
+    """Disparity distribution: 'full' (every level), 'topk' (k most likely levels + indices) or 'none'."""
+    prob_topk: int = 8
+    prob_downsample: int = 1
+    """Average-pool the distribution spatially by this factor before storing (1 = volume resolution)."""
+    prob_dtype: str = "float16"
+    feature_levels: list[int] = field(default_factory=list)
+    """Teacher left-pyramid levels to store (0 = finest, 1/4); empty = none."""
+    feature_dtype: str = "float16"
+    iters: int | None = None
+    """Teacher GRU iterations; None = the teacher config's valid_iters."""
+    size: list[int] | None = None
+    """[height, width] every sample is centre-cropped to before labelling; None = the first sample's size
+    rounded down to multiples of 32 (the teacher's stride), which every sample must then share."""
+    batch_size: int = 1
+    flush_every: int = 16
+    """Persist the memory maps and the done-mask every this many samples (and at the end)."""
+
+    def __post_init__(self) -> None:
+        for key in ("disp_dtype", "prob_dtype", "feature_dtype"):
+            if getattr(self, key) not in _DTYPES:
+                raise ConfigError(f"label cache {key}: got {getattr(self, key)!r}, expected one of {_DTYPES}")
+        if self.prob not in PROB_MODES:
+            raise ConfigError(f"label cache prob: got {self.prob!r}, expected one of {PROB_MODES}")
+        if self.prob_topk < 1 or self.prob_downsample < 1 or self.batch_size < 1 or self.flush_every < 1:
+            raise ConfigError(
+                "label cache prob_topk, prob_downsample, batch_size and flush_every must all be >= 1; got "
+                f"{self.prob_topk}, {self.prob_downsample}, {self.batch_size}, {self.flush_every}"
+            )
+        if any(int(level) < 0 for level in self.feature_levels):
+            raise ConfigError(f"label cache feature_levels: got {list(self.feature_levels)}, expected indices >= 0")
+        self.feature_levels = sorted({int(level) for level in self.feature_levels})
+        if self.iters is not None and self.iters < 1:
+            raise ConfigError(f"label cache iters: got {self.iters}, expected >= 1 or null")
+        _size("label cache size", self.size)
+
+    def content_key(self) -> dict[str, Any]:
+        """The settings that change what is stored (a cache made with other ones must not be reused)."""
+        out = dataclasses.asdict(self)
+        unused = ["batch_size", "flush_every"]  # change how labels are made, not what they are
+        if self.prob != "topk":
+            unused.append("prob_topk")
+        if self.prob == "none":
+            unused += ["prob_downsample", "prob_dtype"]
+        if not self.feature_levels:
+            unused.append("feature_dtype")
+        for key in unused:
+            out.pop(key)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class StudentSpec:
+    """How to build the student.
+
+    kind 'search_space': ``search_spaces.build_student`` of ``preset`` (a ``search_spaces.PRESETS`` name) with
+    ``config`` overriding its fields, or of ``StudentConfig(**config)`` without a preset; 'foundation_stereo':
+    a (smaller) FoundationStereo from TeacherConfig fields in ``config``; 'factory': ``factory`` is
+    ``"package.module:function"`` called with ``**config``, returning an nn.Module with the model contract.
+    """
+
+    kind: str = "search_space"
+    preset: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    factory: str | None = None
+    init_checkpoint: str | None = None
+    """Start from saved weights: a saved search-space student folder (it also fixes the architecture, e.g.
+    pruned widths; leave preset/config empty), or a student/checkpoint file written by ``distill``."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STUDENT_KINDS:
+            raise ConfigError(f"student.kind: got {self.kind!r}, expected one of {STUDENT_KINDS}")
+        if self.preset is not None and self.kind != "search_space":
+            raise ConfigError(f"student.preset is only for kind 'search_space', got kind {self.kind!r}")
+        if self.kind == "factory" and (not self.factory or ":" not in self.factory):
+            raise ConfigError(
+                f"student.factory: got {self.factory!r}; kind 'factory' needs 'package.module:function'"
+            )
+
+
+@dataclass
+class TeacherSpec:
+    """The teacher: an official checkpoint (cfg.yaml beside it unless ``config`` is given), and/or a cache."""
+
+    checkpoint: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    """TeacherConfig fields; empty = read the cfg.yaml beside the checkpoint."""
+    trust_checkpoint: bool = False
+    allow_random_init: bool = False
+    """Build the teacher with random weights when no checkpoint is given (tests and smoke runs only)."""
+    init_seed: int = 0
+    label_cache: str | None = None
+    """Folder of a pseudo-label cache; when set, training reads labels from it and never runs the teacher."""
+    build_cache: bool = True
+    """Label the missing samples of ``label_cache`` with the teacher before training (else: error)."""
+    cache: LabelCacheConfig = field(default_factory=LabelCacheConfig)
+    iters: int | None = None
+    """Teacher GRU iterations for live labels and eval; None = the teacher config's valid_iters."""
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class SyntheticSpec:
+    """Settings of compress.data.SyntheticConfig that a recipe usually changes."""
+
+    height: int = 64
+    width: int = 128
+    max_disp: float = 32.0
+    num_objects: int = 4
+    seed: int = 0
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset: ``kind`` 'synthetic', 'auto' (detect the layout of ``path``) or a reader name."""
+
+    kind: str = "synthetic"
+    path: str | None = None
+    num_samples: int = 16
+    """Synthetic only: number of generated pairs."""
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    limit: int | None = None
+    """Use only the first this many samples."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the reader (e.g. split)."""
+
+    def __post_init__(self) -> None:
+        if self.kind != "synthetic" and not self.path:
+            raise ConfigError(f"dataset kind {self.kind!r} needs a path (the dataset's root folder)")
+        if self.num_samples < 1:
+            raise ConfigError(f"dataset num_samples: got {self.num_samples}, expected >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"dataset limit: got {self.limit}, expected >= 1 or null")
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data, and training augmentation."""
+
+    train: DatasetSpec = field(default_factory=DatasetSpec)
+    eval: DatasetSpec | None = None
+    """None = evaluate on the first ``eval_samples`` training samples, un-augmented."""
+    eval_samples: int = 4
+    crop_size: list[int] | None = None
+    """[height, width] random training crop (multiples of 32); applied to cached labels alike."""
+    vflip_prob: float = 0.0
+    jitter_prob: float = 0.0
+    """Colour jitter (photometric only, so cached labels stay valid)."""
+    scale_prob: float = 0.0
+    """Random rescaling; only with a live teacher (cached labels cannot follow a resize)."""
+
+    def __post_init__(self) -> None:
+        _size("data.crop_size", self.crop_size)
+        if self.eval_samples < 0:
+            raise ConfigError(f"data.eval_samples: got {self.eval_samples}, expected >= 0")
+        for key in ("vflip_prob", "jitter_prob", "scale_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"data.{key}: got {getattr(self, key)}, expected a probability in [0, 1]")
+
+
+# --------------------------------------------------------------------------------------------- optimiser
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this; None = no clipping."""
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: got {list(self.betas)}, expected two numbers in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: got {self.warmup_steps}, expected >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio: got {self.min_lr_ratio}, expected within [0, 1]")
+        if self.grad_clip is not None:
+            _positive("optim.grad_clip", self.grad_clip)
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class DistillConfig:
+    """A whole distillation run (``ffsc distill RECIPE.yaml key=value ...``)."""
+
+    run_dir: str = "runs/distill"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 2
+    """Per process: the global batch is batch_size * world size."""
+    train_iters: int = 4
+    """Student GRU iterations during training."""
+    eval_iters: int = 8
+    amp: str = "bf16"
+    """'off', 'bf16' or 'fp16' autocast of the student (and live teacher) forward; CUDA only, off on CPU."""
+    device: str | None = None
+    """None = cuda when available (cuda:LOCAL_RANK under torchrun), else cpu."""
+    num_workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    eval_every: int = 500
+    """0 = only at the end."""
+    resume: bool = True
+    """Continue from run_dir/checkpoint.pt when it exists."""
+    progress: bool = True
+    ddp_find_unused_parameters: bool = True
+    """Students may hold parameters a forward does not reach (e.g. unused GRU levels); DDP must be told."""
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentSpec = field(default_factory=StudentSpec)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "train_iters", "eval_iters", "log_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: got {getattr(self, key)}, expected >= 1")
+        if self.eval_every < 0 or self.num_workers < 0:
+            raise ConfigError(f"eval_every/num_workers: got {self.eval_every}/{self.num_workers}, expected >= 0")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp: got {self.amp!r}, expected one of {AMP_MODES}")
+        if self.teacher.label_cache is None and self.teacher.checkpoint is None and not self.teacher.allow_random_init:
+            raise ConfigError(
+                "no teacher: set teacher.checkpoint (official FoundationStereo .pth) or teacher.label_cache "
+                "(a pseudo-label folder)"
+            )
+        if self.teacher.label_cache is not None and (self.data.scale_prob > 0 or self.data.vflip_prob > 0):
+            raise ConfigError(
+                "data.scale_prob and data.vflip_prob need a live teacher: cached labels follow crops only; set "
+                "them to 0 or teacher.label_cache=null"
+            )
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (for YAML, checkpoints and MLflow params)."""
+    return dataclasses.asdict(cfg)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:
+    """DistillConfig from a YAML recipe plus ``key=value`` overrides, type-checked against the schema."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    layers = [OmegaConf.structured(DistillConfig)]
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"recipe {path} does not exist")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)  # runs every __post_init__ check
+    except OmegaConfBaseException as exc:
+        where = f"recipe {path}" if path is not None else "config"
+        key = getattr(exc, "full_key", None)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{where}: {'key ' + repr(key) + ': ' if key else ''}{first}") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # YAML syntax errors surface as scanner/parser errors
+        raise ConfigError(f"recipe {path} could not be read: {exc}") from None
