@@ -634,7 +634,8 @@ def _track_trial(tracker: Tracker, spec: StudySpec, trial: FrozenTrial, worker_i
     try:
         tracker.trial_run(
             trial.number,
-            params=dict(trial.params),
+            # The full student config when the objective recorded one (params = the student config).
+            params={**dict(trial.params), **dict(trial.user_attrs.get("student_config") or {})},
             metrics={k: v for k, v in metrics.items() if v is not None},
             tags=_trial_tags(trial, worker_id),
             status="FINISHED" if trial.state.name == "COMPLETE" else "FAILED",

@@ -1,0 +1,143 @@
+"""Recipe subcommands: ``ffsc run``, ``ffsc nas`` (workers), ``ffsc distill``, ``ffsc eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import console, pick_device
+
+
+def _recipe(args: argparse.Namespace):
+    from compress.pipeline import load_run_recipe
+
+    recipe_path = args.recipe
+    overrides = list(args.overrides)
+    if recipe_path and "=" in recipe_path and not Path(recipe_path).is_file():
+        overrides.insert(0, recipe_path)
+        recipe_path = None
+    return load_run_recipe(recipe_path, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a recipe's stages (teacher -> search -> prune -> distill -> export)."""
+    from compress.pipeline import run_recipe
+
+    run_recipe(_recipe(args))
+    return 0
+
+
+def cmd_nas(args: argparse.Namespace) -> int:
+    """Only the search stage: create the study, or join it as a worker (several processes or machines)."""
+    import dataclasses
+
+    from compress.pipeline.run import prepare_labels, quiet_third_party, resolve_run_dir, run_search
+    from compress.pipeline.teacher_stage import get_teacher
+    from compress.tracking import Tracker
+
+    quiet_third_party()
+    recipe = _recipe(args)
+    if args.run_dir:
+        recipe = dataclasses.replace(recipe, run_dir=args.run_dir)
+    if args.worker and not recipe.run_dir:
+        from compress.errors import ConfigError
+
+        raise ConfigError("--worker needs --run-dir (the run directory the study was created in, shared by workers)")
+    run_dir = resolve_run_dir(recipe)
+    recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
+    import torch
+
+    device = torch.device(pick_device(recipe.device))
+    teacher = get_teacher(recipe, run_dir, device)
+    labels_dir, eval_set = prepare_labels(recipe, run_dir, teacher, device)
+    tracker = Tracker(run_dir, tracking_uri=recipe.tracking.uri, experiment=recipe.tracking.experiment,
+                      teacher=teacher.identity)
+    n_trials = 0 if args.create_only else None
+    if n_trials == 0:
+        from compress.nas.storage import make_storage
+        from compress.nas.study import create_study
+        from compress.pipeline.run import study_spec
+
+        create_study(study_spec(recipe), make_storage(args.storage or recipe.search.storage, run_dir))
+        console().print(f"study {study_spec(recipe).name} ready in {args.storage or run_dir}; start workers with "
+                        f"ffsc nas ... --worker --run-dir {run_dir}")
+        return 0
+    result = run_search(recipe, run_dir, labels_dir, eval_set, device, tracker, teacher, args.storage,
+                        worker_id=args.worker_id)
+    console().print(f"{result.ran} trials run here; study has {result.n_complete} complete, {result.n_failed} "
+                    f"failed; front of {len(result.front.points)} in {run_dir / 'search'}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distil a student from the teacher as a distill recipe says."""
+    from compress.distill.trainer import main as distill_main
+
+    return distill_main([*( [args.recipe] if args.recipe else []), *args.overrides])
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """EPE/D1/bad-pixel of a model on a dataset; prints a table and writes JSON."""
+    from rich.table import Table
+
+    from compress.atomic import atomic_write_text
+    from compress.data.readers import open_dataset
+    from compress.distill.trainer import evaluate_student, load_distilled_student
+    from teacher import load_teacher
+
+    device = pick_device(args.device)
+    model_path = Path(args.model)
+    if model_path.suffix in (".pth", ".safetensors"):
+        model = load_teacher(model_path, device=device)
+        iters = args.iters or model.cfg.valid_iters
+    else:
+        model = load_distilled_student(model_path, device=device)
+        iters = args.iters or getattr(model.cfg, "iters", 8)
+    dataset = open_dataset(args.data, kind=args.kind)
+    if args.limit:
+        from torch.utils.data import Subset
+
+        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    metrics = evaluate_student(model, dataset, iters=iters, device=device, progress=True)
+    table = Table("metric", "value", title=f"{model_path.name} on {args.data} ({len(dataset)} pairs, {iters} iters)")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.3f}")
+    console().print(table)
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"model": str(model_path), "data": args.data, "iters": iters,
+                                                 "metrics": metrics}, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the recipe subcommands."""
+    p = sub.add_parser("run", help="run a recipe: teacher -> search -> prune -> distill -> export")
+    p.add_argument("recipe", help="recipes/*.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. search.n_trials=20")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("nas", help="the search stage alone; --worker joins a shared study")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--storage", help="Optuna storage: sqlite path, journal:PATH, or postgresql://...")
+    p.add_argument("--run-dir", help="run directory (shared by workers)")
+    p.add_argument("--worker", action="store_true", help="join an existing study and run trials")
+    p.add_argument("--worker-id", default=None)
+    p.add_argument("--create-only", action="store_true", help="create the study (and labels) and exit")
+    p.set_defaults(func=cmd_nas)
+
+    p = sub.add_parser("distill", help="distil a student (recipes/distill.yaml)")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="accuracy of a model on a dataset")
+    p.add_argument("--model", required=True, help="teacher .pth, or a student folder/file")
+    p.add_argument("--data", required=True, help="dataset root (layout detected)")
+    p.add_argument("--kind", default="auto")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="write the metrics here")
+    p.set_defaults(func=cmd_eval)

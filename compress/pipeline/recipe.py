@@ -1,0 +1,181 @@
+"""RunRecipe: the typed schema of ``recipes/*.yaml`` for ``ffsc run``, merged with key=value overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compress.distill.config import DatasetSpec, LabelCacheConfig, LossConfig, OptimConfig
+from compress.errors import ConfigError
+
+STAGES = ("teacher", "search", "prune", "distill", "export")
+
+
+@dataclass
+class TeacherStage:
+    """The teacher: an official checkpoint, or (without one) a small stand-in trained on ground truth."""
+
+    checkpoint: str | None = None
+    """Official FoundationStereo model_best_bp2.pth (cfg.yaml beside it)."""
+    config: str | None = None
+    """cfg.yaml when it is not beside the checkpoint."""
+    trust_checkpoint: bool = False
+    iters: int | None = None
+    """Teacher GRU iterations for labelling; None = valid_iters of its config."""
+    fallback_preset: str = "quickstart_teacher"
+    """Without a checkpoint: the search_spaces preset trained as the teacher."""
+    fallback_overrides: dict[str, Any] = field(default_factory=dict)
+    train_steps: int = 300
+    train_batch_size: int = 4
+    train_lr: float = 1e-3
+
+
+@dataclass
+class DataStage:
+    """Training data (labelled by the teacher) and held-out data (for scoring students)."""
+
+    train: DatasetSpec = field(default_factory=lambda: DatasetSpec(num_samples=48))
+    eval: DatasetSpec = field(default_factory=lambda: DatasetSpec(num_samples=8))
+    labels: LabelCacheConfig = field(default_factory=LabelCacheConfig)
+
+
+@dataclass
+class LatencyStage:
+    """How candidate latency is obtained: measured on this machine's backend, or predicted from tables."""
+
+    mode: str = "measured"
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    warmup: int = 2
+    repeats: int = 7
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("measured", "predicted"):
+            raise ConfigError(f"search.latency.mode: got {self.mode!r}, expected 'measured' or 'predicted'")
+
+
+@dataclass
+class SearchStage:
+    """The Optuna NAS over a search space: accuracy proxy (short distillation) vs latency."""
+
+    enabled: bool = True
+    space: str = "tiny"
+    n_trials: int = 12
+    sampler: str = "nsga2"
+    seed: int = 0
+    budget_ms: float | None = None
+    storage: str | None = None
+    """None = SQLite in the run directory; 'journal:PATH' for several processes; an RDB URL for machines."""
+    distill_steps: int = 40
+    batch_size: int = 4
+    error_metric: str = "teacher/epe"
+    """Held-out metric to minimise: 'teacher/epe' (agreement with the teacher) or 'gt/epe'."""
+    latency: LatencyStage = field(default_factory=LatencyStage)
+    timeout: float | None = None
+
+
+@dataclass
+class PruneStage:
+    """Optional structured pruning of the chosen student to a budget (see compress.prune)."""
+
+    enabled: bool = False
+    budget_ms: float | None = None
+    budget_gmacs: float | None = None
+    scope: list[str] = field(default_factory=lambda: ["refinement"])
+    importance: str = "taylor"
+    step_ratio: float = 0.2
+    round_to: int = 8
+    recovery_steps: int = 50
+
+
+@dataclass
+class DistillStage:
+    """Final distillation of the chosen student from the teacher's labels."""
+
+    enabled: bool = True
+    steps: int = 300
+    batch_size: int = 4
+    choose: str = "min_error"
+    """Which front student to finish: 'min_error' within the budget, or 'fastest'."""
+
+
+@dataclass
+class ExportStage:
+    """Deployment artifacts of the final student."""
+
+    enabled: bool = True
+    formats: list[str] = field(default_factory=lambda: ["onnx"])
+    opset: int = 17
+    precision: str = "fp16"
+    """TensorRT engine precision (engine format only)."""
+
+
+@dataclass
+class TrackingStage:
+    """MLflow: a local SQLite store in the run directory unless a tracking URI is given."""
+
+    uri: str | None = None
+    experiment: str = "ffsc"
+
+
+@dataclass
+class RunRecipe:
+    """One source of truth for a run (``ffsc run RECIPE key=value ...``)."""
+
+    name: str = "run"
+    run_dir: str | None = None
+    """None = runs/<name>-<time>; point at an existing run directory to resume it."""
+    seed: int = 0
+    device: str | None = None
+    height: int = 64
+    width: int = 128
+    """Working resolution: latency is measured and models are exported at this size."""
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    data: DataStage = field(default_factory=DataStage)
+    teacher: TeacherStage = field(default_factory=TeacherStage)
+    search: SearchStage = field(default_factory=SearchStage)
+    prune: PruneStage = field(default_factory=PruneStage)
+    distill: DistillStage = field(default_factory=DistillStage)
+    export: ExportStage = field(default_factory=ExportStage)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
+    tracking: TrackingStage = field(default_factory=TrackingStage)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.height % 32 or self.width % 32:
+            raise ConfigError(f"height/width: got {self.height}x{self.width}, expected multiples of 32")
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"stages: unknown {unknown}; expected a subset of {list(STAGES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML, MLflow params)."""
+        return dataclasses.asdict(self)
+
+
+def load_run_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RunRecipe:
+    """RunRecipe from YAML plus ``key=value`` overrides, type-checked by OmegaConf against the schema."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    layers = [OmegaConf.structured(RunRecipe)]
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"recipe {path} does not exist")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"recipe {path}: {'key ' + repr(key) + ': ' if key else ''}{first}") from None

@@ -1,0 +1,316 @@
+"""``ffsc run``: a recipe's stages in order, in one run directory, resumable, with a final table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from compress.atomic import atomic_write_text
+from compress.errors import ConfigError
+
+from .recipe import RunRecipe
+from .teacher_stage import get_teacher
+
+
+@dataclass
+class RunSummary:
+    """What a run produced (also written to run_dir/summary.json)."""
+
+    run_dir: Path
+    teacher: dict[str, Any] = field(default_factory=dict)
+    front: list[dict[str, Any]] = field(default_factory=list)
+    chosen: dict[str, Any] | None = None
+    final: dict[str, Any] | None = None
+    exports: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def quiet_third_party() -> None:
+    """Keep the console to ffsc's own progress: no per-trial Optuna lines, no tracer chatter on export."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", message=".*instance_norm.*train=True.*")
+
+
+def resolve_run_dir(recipe: RunRecipe) -> Path:
+    """The recipe's run directory (created), defaulting to runs/<name>-<time>."""
+    if recipe.run_dir:
+        path = Path(recipe.run_dir)
+    else:
+        path = Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _device(recipe: RunRecipe) -> torch.device:
+    if recipe.device:
+        return torch.device(recipe.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _say(recipe: RunRecipe, message: str) -> None:
+    if recipe.progress:
+        print(f"[ffsc] {message}", flush=True)
+
+
+def _labels_config(recipe: RunRecipe):
+    return dataclasses.replace(recipe.data.labels, iters=recipe.data.labels.iters or recipe.teacher.iters)
+
+
+def prepare_labels(recipe: RunRecipe, run_dir: Path, teacher, device: torch.device):
+    """Label the training and held-out sets once with the teacher; returns (train cache dir, eval dataset)."""
+    from compress.distill.label_cache import LabelledDataset, build_label_cache
+    from compress.distill.trainer import build_dataset
+
+    labels = _labels_config(recipe)
+    out = {}
+    for split, spec in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        dataset = build_dataset(spec, seed=recipe.seed + (0 if split == "train" else 1))
+        root = run_dir / "labels" / split
+        build_label_cache(teacher.model, dataset, root, labels, identity=teacher.identity, device=device,
+                          progress=recipe.progress)
+        out[split] = (root, dataset)
+    eval_set = LabelledDataset(out["eval"][1], out["eval"][0], seed=recipe.seed)
+    return out["train"][0], eval_set
+
+
+def teacher_scores(eval_set) -> dict[str, float]:
+    """The teacher's own accuracy on the held-out set (its cached disparity against ground truth)."""
+    from compress.metrics import MetricAccumulator
+
+    acc = MetricAccumulator()
+    for i in range(len(eval_set)):
+        item = eval_set[i]
+        if bool(item.get("has_gt", False)):
+            acc.update(item["teacher_disp"][None].float(), item["disp"][None], item["valid"][None])
+    return {f"gt/{k}": v for k, v in acc.compute().items()} if acc.num_images else {}
+
+
+def _settings(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, device: torch.device):
+    from compress.nas.objective import TrialSettings
+
+    s = recipe.search
+    table = None
+    if s.latency.mode == "predicted":
+        from compress.latency_predictor import LatencyTable  # built once per target by benchmarks/predictor.py
+
+        table = LatencyTable.load_or_build(run_dir / "latency_table.json", s.space, recipe.height, recipe.width,
+                                           backend=s.latency.backend)
+    return TrialSettings(
+        run_dir=run_dir, train_data=recipe.data.train, labels_dir=labels_dir, labels=_labels_config(recipe),
+        eval_set=eval_set,
+        height=recipe.height, width=recipe.width, distill_steps=s.distill_steps, batch_size=s.batch_size,
+        loss=recipe.loss, optim=recipe.optim, error_metric=s.error_metric, latency_mode=s.latency.mode,
+        backend=s.latency.backend, precision=s.latency.precision, warmup=s.latency.warmup,
+        repeats=s.latency.repeats, threads=s.latency.threads, device=str(device), seed=recipe.seed,
+        latency_table=table,
+    )
+
+
+def study_spec(recipe: RunRecipe):
+    """The Optuna study a recipe searches (same for every worker)."""
+    from compress.nas.study import StudySpec
+
+    s = recipe.search
+    return StudySpec(name=f"{recipe.name}-search", metrics=("epe", "latency_ms"), directions=("minimize", "minimize"),
+                     sampler=s.sampler, seed=s.seed, latency_budget_ms=s.budget_ms, n_trials=s.n_trials,
+                     timeout=s.timeout)
+
+
+def run_search(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, device, tracker, teacher_info,
+               storage_url: str | None = None, worker_id: str | None = None):
+    """The NAS stage: a multi-objective study whose trials distil sampled students briefly."""
+    from compress.nas.objective import StudentSearchObjective
+    from compress.nas.storage import make_storage
+    from compress.nas.study import run_study
+    from search_spaces import load_space
+
+    space = load_space(recipe.search.space)
+    objective = StudentSearchObjective(space, _settings(recipe, run_dir, labels_dir, eval_set, device))
+    storage = make_storage(storage_url or recipe.search.storage, run_dir)
+    tags = {"ffsc.teacher": teacher_info.description[:250], "ffsc.space": space.name}
+    return run_study(study_spec(recipe), storage, objective, tracker=tracker, worker_id=worker_id,
+                     run_dir=run_dir / "search", run_tags=tags)
+
+
+def choose_student(front, study, recipe: RunRecipe) -> dict[str, Any]:
+    """The front point the recipe asks for: lowest error within the budget, or the fastest."""
+    points = list(front.points)
+    if not points:
+        raise ConfigError(
+            "the search produced no feasible student (every trial failed or exceeded the latency budget); "
+            "raise search.budget_ms or search.n_trials"
+        )
+    key = (lambda p: p.metrics["latency_ms"]) if recipe.distill.choose == "fastest" else (lambda p: p.metrics["epe"])
+    best = min(points, key=key)
+    attrs = study.trials[best.number].user_attrs
+    return {"trial": best.number, "metrics": dict(best.metrics), "config": attrs.get("student_config"),
+            "student_path": attrs.get("student_path")}
+
+
+def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labels_dir: Path, device) -> Path:
+    """Distil the chosen student longer, starting from its search-trial weights."""
+    from compress.distill.config import DataConfig, DistillConfig, StudentSpec, TeacherSpec
+    from compress.distill.trainer import distill
+
+    d = recipe.distill
+    cfg_iters = int(chosen["config"]["iters"])
+    dc = DistillConfig(
+        run_dir=str(run_dir / "final"), seed=recipe.seed, steps=d.steps, batch_size=d.batch_size,
+        train_iters=cfg_iters, eval_iters=cfg_iters, amp="bf16", device=str(device),
+        log_every=max(1, d.steps // 10), checkpoint_every=max(1, d.steps // 4), eval_every=0,
+        progress=recipe.progress, data=DataConfig(train=recipe.data.train, eval=None, eval_samples=0),
+        student=StudentSpec(kind="search_space", init_checkpoint=chosen["student_path"]),
+        teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=_labels_config(recipe)),
+        loss=recipe.loss, optim=recipe.optim,
+    )
+    return Path(distill(dc).student_path)
+
+
+def score_student(path: Path, recipe: RunRecipe, eval_set, device) -> dict[str, Any]:
+    """Held-out accuracy, latency and cost of a saved student."""
+    from compress.distill.trainer import evaluate_student
+    from compress.latency import LatencyCache, measure
+    from search_spaces import count_macs, load_student
+
+    model = load_student(path, device=device)
+    iters = model.cfg.iters
+    scores = evaluate_student(model, eval_set, iters=iters, device=device)
+    lat = recipe.search.latency
+    stats = measure(model.cpu() if lat.backend == "onnxruntime" else model, lat.backend, recipe.height,
+                    recipe.width, iters=iters, warmup=lat.warmup, repeats=lat.repeats, precision=lat.precision,
+                    cache=LatencyCache(path.parent / "latency_cache.sqlite"), intra_op_threads=lat.threads)
+    cost = count_macs(model, recipe.height, recipe.width, iters=iters)
+    return {**scores, "latency_ms": stats.median_ms, "gmacs": cost.gmacs, "mparams": cost.params / 1e6,
+            "path": str(path)}
+
+
+def export_student(path: Path, recipe: RunRecipe, run_dir: Path) -> dict[str, str]:
+    """ONNX (and TensorRT when asked and available) of the final student."""
+    from compress.export import to_onnx
+    from search_spaces import load_student
+
+    model = load_student(path)
+    out: dict[str, str] = {}
+    onnx_path = run_dir / "export" / "student.onnx"
+    report = to_onnx(model, onnx_path, recipe.height, recipe.width, iters=model.cfg.iters, opset=recipe.export.opset)
+    out["onnx"] = str(report.path)
+    if "engine" in recipe.export.formats:
+        from compress.export import build_engine
+
+        info = build_engine(onnx_path, run_dir / "export" / "student.engine", precision=recipe.export.precision)
+        out["engine"] = str(info.engine_path) if hasattr(info, "engine_path") else str(run_dir / "export")
+    return out
+
+
+def _front_rows(front) -> list[dict[str, Any]]:
+    rows = []
+    for p in front.points:
+        m = p.metrics
+        rows.append({"trial": p.number, "epe_vs_teacher": m.get("teacher_epe"), "epe_vs_gt": m.get("gt_epe"),
+                     "latency_ms": m.get("latency_ms"), "gmacs": m.get("gmacs"), "mparams": m.get("mparams")})
+    return sorted(rows, key=lambda r: r["latency_ms"] or 0.0)
+
+
+def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
+    """The final table: teacher, every front student and the final student."""
+    from rich.table import Table
+
+    from compress.commands.common import console
+
+    def f(v, fmt="{:.2f}"):
+        return "-" if v is None else fmt.format(v)
+
+    t = summary.teacher
+    table = Table("model", "EPE vs GT (px)", "EPE vs teacher (px)", f"latency (ms, {recipe.search.latency.backend})",
+                  "GMACs", "params (M)", title=f"{recipe.name}: results at {recipe.height}x{recipe.width}")
+    table.add_row("teacher", f(t.get("gt/epe")), "0.00", f(t.get("latency_ms")), f(t.get("gmacs")),
+                  f(t.get("mparams")))
+    for row in summary.front:
+        table.add_row(f"front trial {row['trial']}", f(row["epe_vs_gt"]), f(row["epe_vs_teacher"]),
+                      f(row["latency_ms"]), f(row["gmacs"]), f(row["mparams"], "{:.3f}"))
+    if summary.final:
+        fz = summary.final
+        table.add_row(f"[bold]final (trial {summary.chosen['trial']} distilled)[/bold]", f(fz.get("gt/epe")),
+                      f(fz.get("teacher/epe")), f(fz.get("latency_ms")), f(fz.get("gmacs")),
+                      f(fz.get("mparams"), "{:.3f}"))
+    out = console()
+    out.print(table)
+    out.print(f"run directory: {summary.run_dir}")
+    for name in ("search/pareto_front.png", "search/pareto_front.csv", "final/student", "export/student.onnx",
+                 "mlflow.db"):
+        if (summary.run_dir / name).exists():
+            out.print(f"  {name}")
+    out.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{summary.run_dir / 'mlflow.db'}")
+    out.print(f"wall time {summary.seconds:.0f} s")
+
+
+def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
+    """Run every stage the recipe lists; a re-run on the same run directory resumes."""
+    from compress.latency import LatencyCache, measure
+    from compress.tracking import Tracker
+    from search_spaces import count_macs
+
+    start = time.perf_counter()
+    quiet_third_party()
+    run_dir = resolve_run_dir(recipe)
+    recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
+    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    device = _device(recipe)
+    torch.manual_seed(recipe.seed)
+    _say(recipe, f"run directory {run_dir} on {device}")
+    summary = RunSummary(run_dir=run_dir)
+
+    teacher = get_teacher(recipe, run_dir, device)
+    _say(recipe, f"teacher: {teacher.description}")
+    labels_dir, eval_set = prepare_labels(recipe, run_dir, teacher, device)
+    summary.teacher = {"description": teacher.description, **teacher_scores(eval_set)}
+    cost = count_macs(teacher.model, recipe.height, recipe.width)
+    summary.teacher.update({"gmacs": cost.gmacs, "mparams": cost.params / 1e6})
+    lat = recipe.search.latency
+    if lat.mode == "measured":
+        stats = measure(teacher.model.cpu() if lat.backend == "onnxruntime" else teacher.model, lat.backend,
+                        recipe.height, recipe.width, warmup=lat.warmup, repeats=lat.repeats,
+                        iters=getattr(teacher.model.cfg, "iters", None) or recipe.teacher.iters or 8,
+                        cache=LatencyCache(run_dir / "latency_cache.sqlite"), intra_op_threads=lat.threads)
+        summary.teacher["latency_ms"] = stats.median_ms
+        teacher.model.to(device)
+
+    tracker = Tracker(run_dir, tracking_uri=recipe.tracking.uri, experiment=recipe.tracking.experiment,
+                      teacher=teacher.identity)
+    if "search" in recipe.stages and recipe.search.enabled:
+        result = run_search(recipe, run_dir, labels_dir, eval_set, device, tracker, teacher, storage_url)
+        summary.front = _front_rows(result.front)
+        summary.chosen = choose_student(result.front, result.study, recipe)
+        _say(recipe, f"search: {result.n_complete} trials complete, {result.n_failed} failed, "
+                     f"front of {len(summary.front)}; chose trial {summary.chosen['trial']}")
+        final_path = Path(summary.chosen["student_path"])
+        if "distill" in recipe.stages and recipe.distill.enabled:
+            final_path = final_distill(recipe, run_dir, summary.chosen, labels_dir, device)
+        summary.final = score_student(final_path, recipe, eval_set, device)
+        if "export" in recipe.stages and recipe.export.enabled:
+            summary.exports = export_student(final_path, recipe, run_dir)
+        from compress.nas.study import UID_ATTR
+
+        parent = tracker.start_study_run(study_spec(recipe).name, params={}, tags={},
+                                         study_key=result.study.user_attrs.get(UID_ATTR))
+        if parent:
+            tracker.log_metrics({f"final/{k}".replace("/", "_"): v for k, v in summary.final.items()
+                                 if isinstance(v, float)})
+            tracker.log_artifact(final_path / "config.yaml", "final_student")
+        tracker.end()
+    summary.seconds = time.perf_counter() - start
+    atomic_write_text(run_dir / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2, default=str))
+    print_summary(summary, recipe)
+    return summary

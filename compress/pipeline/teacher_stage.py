@@ -1,0 +1,111 @@
+"""The teacher stage: load the official checkpoint, or train a small stand-in on ground truth."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from compress.distill.config import OutputLossConfig
+from compress.distill.losses import GroundTruth, TeacherTargets, output_loss
+from compress.distill.trainer import build_dataset
+from compress.errors import DataError
+
+from .recipe import RunRecipe
+
+
+@dataclass
+class TeacherInfo:
+    """The teacher model and how it was obtained."""
+
+    model: nn.Module
+    description: str
+    identity: dict[str, Any]
+    trained_here: bool
+    path: Path | None
+
+
+def _official(recipe: RunRecipe, device: torch.device) -> TeacherInfo:
+    from teacher import load_teacher
+
+    spec = recipe.teacher
+    model = load_teacher(spec.checkpoint, cfg=spec.config, device=device, trust_pickle=spec.trust_checkpoint)
+    identity = {"kind": "foundation_stereo", "checkpoint": str(spec.checkpoint), **model.cfg.to_dict()}
+    return TeacherInfo(model, f"FoundationStereo {model.cfg.vit_size} from {spec.checkpoint}", identity, False,
+                       Path(spec.checkpoint))
+
+
+def train_fallback_teacher(recipe: RunRecipe, out_dir: Path, device: torch.device) -> TeacherInfo:
+    """Train the stand-in teacher on the training set's ground truth (reused when already in ``out_dir``)."""
+    from search_spaces import build_student, load_student, preset, save_student
+
+    spec = recipe.teacher
+    done = out_dir / "teacher.json"
+    if done.is_file():
+        model = load_student(out_dir, device=device)
+        info = json.loads(done.read_text())
+        return TeacherInfo(model, info["description"], info["identity"], True, out_dir)
+
+    cfg = preset(spec.fallback_preset, **spec.fallback_overrides)
+    torch.manual_seed(recipe.seed)
+    model = build_student(cfg).to(device).train()
+    dataset = build_dataset(recipe.data.train, seed=recipe.seed)
+    probe = dataset[0]
+    if not bool(probe.get("has_gt", False)):
+        raise DataError(
+            "no teacher checkpoint and the training data has no ground truth to train a stand-in teacher on; "
+            "set teacher.checkpoint to the official FoundationStereo model"
+        )
+    loader = DataLoader(dataset, batch_size=spec.train_batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(recipe.seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.train_lr, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.train_lr, total_steps=spec.train_steps,
+                                                pct_start=0.05, anneal_strategy="cos")
+    loss_cfg = OutputLossConfig(weight=0.0, gt_weight=1.0, init_weight=0.5, max_disp=None)
+    start = time.perf_counter()
+    step, losses = 0, []
+    bar = tqdm(total=spec.train_steps, desc="teacher (ground truth)", disable=not recipe.progress)
+    while step < spec.train_steps:
+        for batch in loader:
+            if step >= spec.train_steps:
+                break
+            left, right = batch["left"].to(device), batch["right"].to(device)
+            gt = GroundTruth.from_batch({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            out = model(left, right, iters=cfg.iters, return_intermediates=True)
+            parts = output_loss(out, TeacherTargets(disp=gt.disp), gt, loss_cfg)
+            loss = parts["output_gt"] + parts["init"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    bar.close()
+    if not all(math.isfinite(x) for x in losses[-10:]):
+        raise DataError("the stand-in teacher's training diverged (non-finite loss); lower teacher.train_lr")
+    model.eval()
+    save_student(model, out_dir)
+    description = (f"stand-in teacher '{spec.fallback_preset}' trained here on ground truth for {spec.train_steps} "
+                   f"steps ({time.perf_counter() - start:.0f} s; no official checkpoint given)")
+    identity = {"kind": "stand_in", "preset": spec.fallback_preset, "steps": spec.train_steps, "seed": recipe.seed}
+    done.write_text(json.dumps({"description": description, "identity": identity,
+                                "final_loss": sum(losses[-10:]) / len(losses[-10:])}, indent=2))
+    return TeacherInfo(model, description, identity, True, out_dir)
+
+
+def get_teacher(recipe: RunRecipe, run_dir: Path, device: torch.device) -> TeacherInfo:
+    """The recipe's teacher: the official checkpoint when given, else the trained stand-in."""
+    if recipe.teacher.checkpoint:
+        return _official(recipe, device)
+    return train_fallback_teacher(recipe, run_dir / "teacher", device)
