@@ -4,7 +4,7 @@ from .config import StudentConfig
 from .counting import ModelCost, count_macs, count_params
 from .model import StudentStereo
 from .presets import PRESETS, preset
-from .serialization import build_student, load_student, save_student
+from .serialization import apply_layer_shapes, build_student, load_student, record_layer_shapes, save_student
 from .space import SearchSpace, load_space
 
 __all__ = [
@@ -13,11 +13,13 @@ __all__ = [
     "SearchSpace",
     "StudentConfig",
     "StudentStereo",
+    "apply_layer_shapes",
     "build_student",
     "count_macs",
     "count_params",
     "load_space",
     "load_student",
     "preset",
+    "record_layer_shapes",
     "save_student",
 ]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import ConfigError
+from compress.structured import load_structured
 
 __all__ = [
     "AMP_MODES",
@@ -387,29 +388,4 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:
     """DistillConfig from a YAML recipe plus ``key=value`` overrides, type-checked against the schema."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    layers = [OmegaConf.structured(DistillConfig)]
-    try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"recipe {path} does not exist")
-            layers.append(OmegaConf.load(path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
-        return OmegaConf.to_object(merged)  # runs every __post_init__ check
-    except OmegaConfBaseException as exc:
-        where = f"recipe {path}" if path is not None else "config"
-        key = getattr(exc, "full_key", None)
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{where}: {'key ' + repr(key) + ': ' if key else ''}{first}") from None
-    except ConfigError:
-        raise
-    except Exception as exc:  # YAML syntax errors surface as scanner/parser errors
-        raise ConfigError(f"recipe {path} could not be read: {exc}") from None
+    return load_structured(DistillConfig, path, overrides)

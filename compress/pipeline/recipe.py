@@ -9,6 +9,7 @@ from typing import Any
 
 from compress.distill.config import DatasetSpec, LabelCacheConfig, LossConfig, OptimConfig
 from compress.errors import ConfigError
+from compress.structured import load_structured
 
 STAGES = ("teacher", "search", "prune", "distill", "export")
 
@@ -158,24 +159,5 @@ class RunRecipe:
 
 
 def load_run_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RunRecipe:
-    """RunRecipe from YAML plus ``key=value`` overrides, type-checked by OmegaConf against the schema."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    layers = [OmegaConf.structured(RunRecipe)]
-    try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"recipe {path} does not exist")
-            layers.append(OmegaConf.load(path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(OmegaConf.merge(*layers))
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"recipe {path}: {'key ' + repr(key) + ': ' if key else ''}{first}") from None
+    """RunRecipe from YAML plus ``key=value`` overrides, type-checked against the schema."""
+    return load_structured(RunRecipe, path, overrides)
