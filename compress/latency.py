@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,8 @@ from compress.export.runtime import INPUT_NAMES, OUTPUT_NAME, make_session, rand
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+AUTOCAST_DTYPES = _AUTOCAST
+"""Autocast dtype of each reduced precision (fp32 runs without autocast)."""
 
 
 @dataclass
@@ -132,6 +135,30 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_info() -> dict[str, object]:
+    """The hardware and library versions latency numbers are measured with, for reports."""
+    import onnxruntime
+
+    try:
+        tensorrt = metadata.version("tensorrt")
+    except metadata.PackageNotFoundError:
+        tensorrt = None
+    return {
+        "cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "tensorrt": tensorrt,
+    }
+
+
+def machine_slug(info: dict[str, object] | None = None) -> str:
+    """A file-name-safe machine name for result files: the GPU if there is one, else the CPU and its cores."""
+    info = info or machine_info()
+    name = str(info["gpu"]) if info.get("gpu") else f"{info['cpu']}-{info['cores']}cores"
+    for noise in ("(R)", "(TM)", "CPU", "Processor", "NVIDIA"):
+        name = name.replace(noise, " ")
+    return "-".join("".join(c if c.isalnum() else " " for c in name).lower().split())
+
+
 def device_name(device: torch.device, threads: int | None = None) -> str:
     """Human-readable hardware name for reports and cache keys (CPU names include the thread count)."""
     if device.type == "cuda":
@@ -168,6 +195,12 @@ def _time(step: Callable[[], object], device: torch.device, warmup: int, repeats
         step()
         times.append((time.perf_counter() - t0) * 1000.0)
     return times
+
+
+def time_calls(step: Callable[[], object], device: torch.device, warmup: int, repeats: int, events: bool = True,
+               stream: torch.cuda.Stream | None = None) -> list[float]:
+    """Milliseconds of each of `repeats` calls of step() after `warmup` untimed calls, timed as measure() times."""
+    return _time(step, device, warmup, repeats, events, stream)
 
 
 def _torch_step(model: nn.Module, left: torch.Tensor, right: torch.Tensor, iters: int, device: torch.device,

@@ -8,12 +8,13 @@ from torch import nn
 
 from teacher.cost_volume import Hourglass, build_concat_volume, build_gwc_volume, disparity_regression
 from teacher.features import StereoFeature, build_edgenext, build_timm_backbone, normalize_image
-from teacher.geometry import GeometryEncoding
+from teacher.geometry import GeometryEncoding, PairCorrelation
 from teacher.layers import (
     BasicConv,
     BasicConvIN,
     ChannelAttentionEnhancement,
     FeatureAtt,
+    Float32Island,
     ResnetBasicBlock,
     SpatialAttentionExtractor,
 )
@@ -22,6 +23,22 @@ from teacher.outputs import StereoOutput
 from teacher.update import ConvexUpsampler, SelectiveMultiUpdateBlock
 
 from .config import StudentConfig
+
+
+class GroupwiseCorrelation(Float32Island):
+    """The group-wise correlation volume as a module, so pruning can see where feature channels end.
+
+    The correlation reduces over the channels of each group, so its output width is ``num_groups`` whatever
+    the feature width; ``in_channels`` records the feature width, which pruning changes in whole groups.
+    """
+
+    def __init__(self, in_channels: int, num_groups: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_groups = num_groups
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor, max_disp: int) -> torch.Tensor:
+        return build_gwc_volume(left, right, max_disp, self.num_groups)
 
 
 class SharedContext(nn.Module):
@@ -64,6 +81,7 @@ class StudentStereo(nn.Module):
         d_out = self.feature.d_out
         feats = d_out[self.base :]
         vd = cfg.volume_dim
+        self.correlation = GroupwiseCorrelation(feats[0], cfg.cv_groups)
         self.proj_cmb = nn.Conv2d(feats[0], cfg.concat_dim // 2, kernel_size=1) if cfg.concat_dim else None
         self.stem_2 = nn.Sequential(
             BasicConvIN(3, 32, kernel_size=3, stride=2, padding=1),
@@ -109,6 +127,7 @@ class StudentStereo(nn.Module):
             mask_dims=(64, 32),
         )
         self.upsampler = ConvexUpsampler(mask_dim=32, stem_dim=32, factor=s)
+        self.pair_correlation = PairCorrelation()  # a module so its float32 nodes are named in ONNX
 
     @property
     def volume_scale(self) -> int:
@@ -139,7 +158,7 @@ class StudentStereo(nn.Module):
             feats_r = [f[b:] for f in pyramid]
             fl, fr = feats_l[self.base], feats_r[self.base]
             stem_2x = self.stem_2(image1)
-            gwc = build_gwc_volume(fl, fr, nd, cfg.cv_groups)
+            gwc = self.correlation(fl, fr, nd)
             if self.proj_cmb is not None:
                 concat = build_concat_volume(self.proj_cmb(fl), self.proj_cmb(fr), nd)
                 cost_volume = torch.cat([gwc.to(concat.dtype), concat], dim=1)
@@ -157,7 +176,8 @@ class StudentStereo(nn.Module):
             inp_list = [self.cam(x) * x for x in inp_list]
             att = [self.sam(x) for x in inp_list]
 
-        geo = GeometryEncoding(fl.float(), fr.float(), vol.float(), cfg.corr_levels, cfg.corr_radius)
+        geo = GeometryEncoding(fl.float(), fr.float(), vol.float(), cfg.corr_levels, cfg.corr_radius,
+                               correlation=self.pair_correlation)
         disp = init_disp.float()
         disp_preds, hidden_states, disp_low = [], [], []
         upsample_every = return_intermediates or not test_mode

@@ -6,16 +6,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import BasicConv, Conv3dNormActReduced, CostVolumeDisparityAttention, FeatureAtt, fp32_region
+from .layers import (
+    BasicConv,
+    Conv3dNormActReduced,
+    CostVolumeDisparityAttention,
+    FeatureAtt,
+    Float32Island,
+    fp32_region,
+)
 
 
 def _shift_right(x: torch.Tensor, d: int) -> torch.Tensor:
     """x shifted right by d pixels along width, zero-filled on the left (x[..., w] -> x[..., w + d])."""
     if d == 0:
         return x
-    if d >= x.shape[-1]:
-        return torch.zeros_like(x)
-    return F.pad(x[..., :-d], (d, 0))
+    # Pad, then crop to the width: no branch on the width, so a traced graph is right at any width.
+    return F.pad(x, (d, 0))[..., : x.shape[-1]]
 
 
 def build_gwc_volume(left: torch.Tensor, right: torch.Tensor, max_disp: int, num_groups: int) -> torch.Tensor:
@@ -32,6 +38,18 @@ def build_gwc_volume(left: torch.Tensor, right: torch.Tensor, max_disp: int, num
         rn = F.normalize(right.float().reshape(b, num_groups, cg, h, w), dim=2)
         vol = [(ln * _shift_right(rn, d)).sum(dim=2) for d in range(max_disp)]
         return torch.stack(vol, dim=2)
+
+
+class GwcVolume(Float32Island):
+    """:func:`build_gwc_volume` as a module, so its exported nodes carry a name scope (kept float32 in fp16)."""
+
+    def __init__(self, num_groups: int) -> None:
+        super().__init__()
+        self.num_groups = num_groups
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor, max_disp: int) -> torch.Tensor:
+        """B x G x D x H x W cosine correlation volume."""
+        return build_gwc_volume(left, right, max_disp, self.num_groups)
 
 
 def build_concat_volume(left: torch.Tensor, right: torch.Tensor, max_disp: int) -> torch.Tensor:

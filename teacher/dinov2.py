@@ -6,11 +6,14 @@ so that FoundationStereo checkpoints load strictly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers import fp32_region
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,36 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _cubic_near(x: float, a: float) -> float:
+    """Cubic convolution kernel for |x| <= 1."""
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+
+def _cubic_far(x: float, a: float) -> float:
+    """Cubic convolution kernel for 1 < |x| < 2."""
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+
+def bicubic_matrix(out_size: int, in_size: int, scale: float, a: float = -0.75) -> torch.Tensor:
+    """out_size x in_size float32 matrix of PyTorch's bicubic resize along one axis.
+
+    Same sampling as ``F.interpolate(mode="bicubic", align_corners=False, scale_factor=scale)``: source
+    position ``(i + 0.5) / scale - 0.5``, four taps with coefficient ``a``, indices clamped to the border.
+    Built from Python numbers, so a traced graph holds it as one constant.
+    """
+    rows = []
+    for i in range(out_size):
+        real = (i + 0.5) / scale - 0.5
+        base = min(math.floor(real), in_size - 1)
+        t = min(max(real - base, 0.0), 1.0)
+        taps = (_cubic_far(t + 1, a), _cubic_near(t, a), _cubic_near(1 - t, a), _cubic_far(2 - t, a))
+        row = [0.0] * in_size
+        for k, weight in enumerate(taps):
+            row[min(max(base - 1 + k, 0), in_size - 1)] += weight
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32)
+
+
 class LayerScale(nn.Module):
     """Per-channel learned residual scale."""
 
@@ -131,15 +164,25 @@ class DinoVisionTransformer(nn.Module):
         cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
         m = PRETRAIN_GRID
         dim = pos.shape[-1]
-        # DINOv2 passes scale factors with a 0.1 offset, not a target size; the released weights were
-        # used this way, so the sampling positions must match it.
-        patch_pos = F.interpolate(
-            patch_pos.reshape(1, m, m, dim).permute(0, 3, 1, 2),
-            scale_factor=((rows + 0.1) / m, (cols + 0.1) / m),
-            mode="bicubic",
-            antialias=False,
-        )
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        scales = ((rows + 0.1) / m, (cols + 0.1) / m)
+        if torch.jit.is_tracing():
+            # The ONNX tracer cannot export a scale-factor bicubic resize; bicubic is separable, so the
+            # traced graph gets two matrix products instead (equal to float32 rounding, ~1e-5 relative).
+            # Eager runs keep F.interpolate, bit-identical to the official model.
+            with fp32_region(pos.device):
+                grid = torch.matmul(bicubic_matrix(rows, m, scales[0]).to(pos.device), patch_pos[0].reshape(m, -1))
+                grid = torch.matmul(bicubic_matrix(cols, m, scales[1]).to(pos.device), grid.reshape(rows, m, dim))
+            patch_pos = grid.reshape(1, rows * cols, dim)
+        else:
+            # DINOv2 passes scale factors with a 0.1 offset, not a target size; the released weights were
+            # used this way, so the sampling positions must match it.
+            patch_pos = F.interpolate(
+                patch_pos.reshape(1, m, m, dim).permute(0, 3, 1, 2),
+                scale_factor=scales,
+                mode="bicubic",
+                antialias=False,
+            )
+            patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
         return torch.cat((cls_pos, patch_pos), dim=1).to(self.pos_embed.dtype)
 
     def get_intermediate_layers(self, x: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:

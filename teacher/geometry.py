@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from .layers import fp32_region
+from .layers import Float32Island, fp32_region
 
 
 def _sample_rows(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -27,22 +29,37 @@ def all_pairs_correlation(fmap1: torch.Tensor, fmap2: torch.Tensor) -> torch.Ten
         return torch.einsum("bchw,bchv->bhwv", f1, f2)
 
 
+class PairCorrelation(Float32Island):
+    """:func:`all_pairs_correlation` as a module, so its exported nodes carry a name scope (kept float32 in fp16)."""
+
+    def forward(self, fmap1: torch.Tensor, fmap2: torch.Tensor) -> torch.Tensor:
+        """B x H x W1 x W2 cosine similarities."""
+        return all_pairs_correlation(fmap1, fmap2)
+
+
 class GeometryEncoding:
     """Builds the two lookup pyramids once per image pair; ``lookup(disp)`` samples them each iteration.
 
     Channels per level: the volume's C channels x (2r+1) taps (channel-major), then (2r+1) correlation
-    taps; levels concatenated finest first.
+    taps; levels concatenated finest first. ``correlation`` computes the all-pairs correlation (models pass
+    their :class:`PairCorrelation` module so the exported nodes are named after it).
     """
 
     def __init__(
-        self, fmap1: torch.Tensor, fmap2: torch.Tensor, volume: torch.Tensor, num_levels: int, radius: int
+        self,
+        fmap1: torch.Tensor,
+        fmap2: torch.Tensor,
+        volume: torch.Tensor,
+        num_levels: int,
+        radius: int,
+        correlation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = all_pairs_correlation,
     ) -> None:
         self.num_levels = num_levels
         self.radius = radius
         b, c, d, h, w = volume.shape
         self.shape = (b, h, w)
         vol = volume.permute(0, 3, 4, 1, 2).reshape(b * h * w, c, 1, d)
-        corr = all_pairs_correlation(fmap1, fmap2).reshape(b * h * w, 1, 1, -1)
+        corr = correlation(fmap1, fmap2).reshape(b * h * w, 1, 1, -1)
         self.volume_pyramid = [vol]
         self.corr_pyramid = [corr]
         for _ in range(num_levels - 1):

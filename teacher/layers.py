@@ -22,6 +22,15 @@ def fp32_region(device: torch.device):
     return contextlib.nullcontext()  # e.g. the meta device used for counting has no autocast
 
 
+class Float32Island(nn.Module):
+    """Base of the parameterless modules that must compute in float32 under mixed precision.
+
+    Their forward runs inside :func:`fp32_region`. Being modules (not bare functions) gives their exported
+    ONNX nodes a name scope, so deployment keeps the same nodes float32 in an fp16 graph
+    (``compress.export`` finds these modules and records their scopes at export).
+    """
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an N x C x H x W tensor."""
 

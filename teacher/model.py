@@ -10,10 +10,10 @@ from torch import nn
 
 from .config import TeacherConfig
 from .context import ContextNet
-from .cost_volume import Hourglass, build_concat_volume, build_gwc_volume, disparity_regression
+from .cost_volume import GwcVolume, Hourglass, build_concat_volume, disparity_regression
 from .dinov2 import VIT_SPECS
 from .features import StereoFeature, build_edgenext, normalize_image
-from .geometry import GeometryEncoding
+from .geometry import GeometryEncoding, PairCorrelation
 from .layers import (
     BasicConv,
     BasicConvIN,
@@ -105,6 +105,9 @@ class FoundationStereo(nn.Module):
             ResnetBasicBlock(vd // 2, vd // 2, is_3d=True),
             nn.Conv3d(vd // 2, 1, kernel_size=7, padding=3),
         )
+        # Parameterless float32 correlations (no checkpoint keys); modules so exported nodes are named.
+        self.gwc = GwcVolume(self.cv_group)
+        self.pair_correlation = PairCorrelation()
 
     @property
     def volume_scale(self) -> int:
@@ -140,7 +143,7 @@ class FoundationStereo(nn.Module):
             feats_l = [f[:b] for f in pyramid]
             feats_r = [f[b:] for f in pyramid]
             stem_2x = self.stem_2(image1)
-            gwc = build_gwc_volume(feats_l[0], feats_r[0], d4, self.cv_group)
+            gwc = self.gwc(feats_l[0], feats_r[0], d4)
             concat = build_concat_volume(self.proj_cmb(feats_l[0]), self.proj_cmb(feats_r[0]), d4)
             cost_volume = torch.cat([gwc.to(concat.dtype), concat], dim=1)
             vol = self.corr_stem(cost_volume)
@@ -157,7 +160,8 @@ class FoundationStereo(nn.Module):
             att = [self.sam(x) for x in inp_list]
 
         geo = GeometryEncoding(
-            feats_l[0].float(), feats_r[0].float(), vol.float(), self.cfg.corr_levels, self.cfg.corr_radius
+            feats_l[0].float(), feats_r[0].float(), vol.float(), self.cfg.corr_levels, self.cfg.corr_radius,
+            correlation=self.pair_correlation,
         )
         disp = init_disp.float()
         disp_preds, hidden_states, disp_low = [], [], []

@@ -19,19 +19,24 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from teacher import infer, load_teacher
 
     left_img, right_img = read_pair(args.left, args.right)
-    device = pick_device(args.device)
-    model = load_teacher(args.checkpoint, cfg=args.config, device=device, trust_pickle=args.trust_checkpoint)
-    start = time.perf_counter()
-    disp = infer(
-        model,
-        left_img,
-        right_img,
-        iters=args.iters,
-        mixed_precision=args.mixed_precision,
-        hierarchical=args.hierarchical,
-    )
-    seconds = time.perf_counter() - start
-    disp_np = disp[0, 0].cpu().numpy()
+    if args.onnx or args.engine:
+        from .deploy import infer_exported
+
+        disp_np, seconds, device = infer_exported(args, left_img, right_img)
+    else:
+        device = pick_device(args.device)
+        model = load_teacher(args.checkpoint, cfg=args.config, device=device, trust_pickle=args.trust_checkpoint)
+        start = time.perf_counter()
+        disp = infer(
+            model,
+            left_img,
+            right_img,
+            iters=args.iters,
+            mixed_precision=args.mixed_precision,
+            hierarchical=args.hierarchical,
+        )
+        seconds = time.perf_counter() - start
+        disp_np = disp[0, 0].cpu().numpy()
     out = Path(args.out)
     save_map(out, disp_np)
     print(f"disparity {disp_np.shape[1]}x{disp_np.shape[0]} -> {out} ({seconds:.2f} s on {device})")
@@ -111,8 +116,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the teacher subcommands."""
-    p = sub.add_parser("infer", help="disparity for a stereo pair with the teacher")
-    p.add_argument("--checkpoint", required=True, help="official model_best_bp2.pth (or .safetensors)")
+    p = sub.add_parser("infer", help="disparity for a stereo pair with the teacher or an exported model")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="official model_best_bp2.pth (or .safetensors)")
+    source.add_argument("--onnx", help="an exported .onnx model (ffsc export), run with ONNX Runtime")
+    source.add_argument("--engine", help="a TensorRT engine (ffsc export --format engine)")
     p.add_argument("--config", help="cfg.yaml (default: the one beside the checkpoint)")
     p.add_argument("--left", required=True)
     p.add_argument("--right", required=True)

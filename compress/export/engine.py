@@ -20,7 +20,7 @@ from compress.errors import ConfigError, ExportError
 from compress.export._files import atomic_write_bytes, atomic_write_text, sha256_file, staging_dir
 from compress.export._trt import gpu_identity, import_tensorrt, require_cuda, trt_major
 from compress.export.fp16 import DEFAULT_KEEP_FP32_OPS, cast_onnx_fp16, fp32_island_names
-from compress.export.onnx_export import ffsc_version, read_metadata
+from compress.export.onnx_export import ffsc_version, read_metadata, recorded_fp32_nodes
 from compress.export.runtime import INPUT_NAMES
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -227,13 +227,14 @@ def build_engine(
     cache: bool = True,
     strongly_typed: bool | None = None,
     keep_fp32_ops: tuple[str, ...] = DEFAULT_KEEP_FP32_OPS,
-    keep_fp32_nodes: tuple[str, ...] = (),
+    keep_fp32_nodes: tuple[str, ...] | None = None,
     verbose: bool = False,
 ) -> EngineInfo:
     """Build (or reuse from cache) a TensorRT engine for an ONNX model; writes engine + JSON sidecar.
 
     strongly_typed=None means: strongly typed on TensorRT >= 11 (the only mode there), weakly typed
     with precision flags on TensorRT 10. iters defaults to the value to_onnx stored in the ONNX.
+    keep_fp32_nodes=None keeps the float32 islands to_onnx recorded (the correlation normalisation).
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if precision not in PRECISIONS:
@@ -251,6 +252,8 @@ def build_engine(
     shapes = shapes if shapes is not None else _static_shapes(onnx_path)
     if iters is None and "iters" in (meta := read_metadata(onnx_path)):
         iters = int(meta["iters"])
+    if keep_fp32_nodes is None:
+        keep_fp32_nodes = recorded_fp32_nodes(onnx_path)
     gpu_name, capability = gpu_identity()
     keep = {"ops": list(keep_fp32_ops), "nodes": list(keep_fp32_nodes)} if precision != "fp32" else {}
     onnx_sha = sha256_file(onnx_path)

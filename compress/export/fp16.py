@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress.errors import ExportError
 from compress.export._files import publish, save_onnx, staging_dir
+from compress.export.onnx_export import recorded_fp32_nodes
 
 DEFAULT_KEEP_FP32_OPS: tuple[str, ...] = (
     "ReduceL2",
@@ -94,14 +95,14 @@ def is_fp32_island(node: onnx.NodeProto, keep_ops: set[str] | tuple[str, ...],
 def fp32_island_names(
     model_or_path: onnx.ModelProto | str | os.PathLike,
     keep_fp32_ops: tuple[str, ...] | list[str] = DEFAULT_KEEP_FP32_OPS,
-    keep_fp32_nodes: tuple[str, ...] | list[str] = (),
+    keep_fp32_nodes: tuple[str, ...] | list[str] | None = None,
 ) -> list[str]:
-    """Names of the (top-level) nodes cast_onnx_fp16 would keep in float32."""
+    """Names of the (top-level) nodes cast_onnx_fp16 would keep in float32 (same keep_fp32_nodes default)."""
     model = model_or_path
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model_or_path), load_external_data=False)
-    return [n.name for n in model.graph.node
-            if n.name and is_fp32_island(n, tuple(keep_fp32_ops), tuple(keep_fp32_nodes))]
+    patterns = recorded_fp32_nodes(model) if keep_fp32_nodes is None else tuple(keep_fp32_nodes)
+    return [n.name for n in model.graph.node if n.name and is_fp32_island(n, tuple(keep_fp32_ops), patterns)]
 
 
 class _Rewriter:
@@ -254,17 +255,20 @@ def cast_onnx_fp16(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     keep_fp32_ops: tuple[str, ...] | list[str] = DEFAULT_KEEP_FP32_OPS,
-    keep_fp32_nodes: tuple[str, ...] | list[str] = (),
+    keep_fp32_nodes: tuple[str, ...] | list[str] | None = None,
 ) -> Fp16CastReport:
     """Write an fp16 copy of the ONNX model src to dst with float32 I/O and float32 islands.
 
     keep_fp32_nodes are shell-style patterns (fnmatch, case-sensitive) over node names, e.g.
-    "*/corr/*" for every node the exporter named under a module called corr.
+    "*/corr/*" for every node the exporter named under a module called corr. None (the default) means
+    the patterns to_onnx recorded for the model's float32 modules (its correlation normalisation).
     """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise ExportError(f"ONNX file {src} does not exist; export the model first (to_onnx)")
     model = onnx.load(str(src))
+    if keep_fp32_nodes is None:
+        keep_fp32_nodes = recorded_fp32_nodes(model)
     where = _has_subgraph(model.graph)
     if where is not None:
         raise ExportError(f"node '{where}' holds a control-flow subgraph; fp16 casting needs a flat graph: export "

@@ -9,10 +9,12 @@ unrolled, 4-D GridSample, dynamic H/W/batch through `dynamic_axes`) that ONNX Ru
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from importlib import metadata
 from pathlib import Path
 
@@ -55,6 +57,8 @@ class ExportReport:
     lint: list[LintFinding] = field(default_factory=list)
     seconds: float = 0.0
     exporter: str = "torchscript"
+    keep_fp32_nodes: list[str] = field(default_factory=list)
+    """Node-name patterns of the model's float32 islands, stored in the ONNX for fp16 casting."""
 
 
 class DeployWrapper(nn.Module):
@@ -76,6 +80,29 @@ def ffsc_version() -> str:
         return metadata.version("ffsc")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def _scope_pattern(qualname: str) -> str:
+    """fnmatch pattern over the TorchScript exporter's node names for the nodes a module emits."""
+    parts = qualname.split(".")
+    if not any(p.isdigit() for p in parts):
+        return "/" + "/".join(parts) + "/*"
+    # Container items are scoped "<container>.<index>" with inconsistent nesting: match the innermost level.
+    leaf = f"{parts[-2]}.{parts[-1]}" if parts[-1].isdigit() else parts[-1]
+    return f"*/{leaf}/*"
+
+
+def fp32_node_patterns(module: nn.Module, prefix: str = "") -> list[str]:
+    """Node-name patterns of every :class:`teacher.layers.Float32Island` inside module (TorchScript exporter).
+
+    These are the computations the model runs in float32 under autocast (the correlation normalisation);
+    to_onnx stores the patterns in the ONNX so fp16 casting and engine building keep the same nodes float32.
+    """
+    from teacher.layers import Float32Island
+
+    names = [f"{prefix}.{name}" if prefix else name for name, m in module.named_modules()
+             if isinstance(m, Float32Island) and name]
+    return sorted({_scope_pattern(name) for name in names})
 
 
 def check_image_size(height: int, width: int) -> None:
@@ -131,8 +158,15 @@ def _torch_export(
         # The legacy exporter is chosen on purpose (module docstring); its notices are noise here.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*Constant folding.*")
+        # Shape checks in the model family trace as constants, and InstanceNorm always uses input statistics;
+        # the parity check, not these notices, decides whether the trace is right.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*instance_norm.*")
         try:
-            torch.onnx.export(wrapper, args, str(dest), dynamo=dynamo, **kwargs)
+            # No autograd while tracing: parameters require grad, and saved activations would multiply the
+            # exporter's memory (GBs for a 480x640 cost volume).
+            with torch.no_grad():
+                torch.onnx.export(wrapper, args, str(dest), dynamo=dynamo, **kwargs)
         except Exception as err:
             raise ExportError(f"torch.onnx.export failed for {type(wrapper.model).__name__}: "
                               f"{type(err).__name__}: {err}. The forward must be traceable: no data-dependent "
@@ -158,12 +192,32 @@ def _set_metadata(model: onnx.ModelProto, values: dict[str, object]) -> None:
 
 
 def read_metadata(model_or_path: onnx.ModelProto | str | os.PathLike) -> dict[str, str]:
-    """The ffsc.* metadata to_onnx stored (iters, height, width, dynamic, version), prefix stripped."""
+    """The ffsc.* metadata to_onnx stored (iters, height, width, dynamic, version, keep_fp32_nodes), prefix
+    stripped."""
     model = model_or_path
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model_or_path), load_external_data=False)
     n = len(METADATA_PREFIX)
     return {p.key[n:]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
+
+
+def _unmatched_patterns(model: onnx.ModelProto, patterns: list[str]) -> list[LintFinding]:
+    names = [n.name for n in model.graph.node]
+    return [LintFinding("warning", "fp32_island", "", "", f"float32-island pattern '{p}' matches no node, so an "
+                        "fp16 cast will not keep that module in float32 (was it called by the forward?)")
+            for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+
+
+def recorded_fp32_nodes(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[str, ...]:
+    """The float32-island node patterns to_onnx stored in an ONNX model (empty for other models)."""
+    value = read_metadata(model_or_path).get("keep_fp32_nodes")
+    if not value:
+        return ()
+    try:
+        patterns = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ExportError(f"metadata ffsc.keep_fp32_nodes is not a JSON list ({err}); re-export the model") from err
+    return tuple(str(p) for p in patterns)
 
 
 def _parity(
@@ -221,7 +275,10 @@ def to_onnx(
                           f"or move the model with model.to('{device}')")
     wrapper = DeployWrapper(model, iters)
     was_training = model.training
-    model.eval()
+    # The wrapper itself must be in eval mode too: the TorchScript exporter restores the *wrapper's*
+    # mode after tracing, recursively, which would otherwise switch BatchNorm to batch statistics
+    # (and update its running stats) for the parity run.
+    wrapper.eval()
     try:
         left, right = random_stereo_pair(batch, height, width, seed=0, device=device)
         with torch.no_grad():
@@ -236,15 +293,17 @@ def to_onnx(
             proto = onnx.load(str(raw))
             if simplify:
                 proto = _slim(proto)
+            # Scopes follow the TorchScript exporter's naming; DeployWrapper holds the model as .model.
+            keep_fp32 = [] if dynamo else fp32_node_patterns(model, prefix="model")
             _set_metadata(proto, {"iters": iters, "height": height, "width": width, "dynamic": dynamic,
-                                  "version": ffsc_version()})
+                                  "version": ffsc_version(), "keep_fp32_nodes": json.dumps(keep_fp32)})
             staged = save_onnx(proto, stage / path.name)
             try:
                 onnx.checker.check_model(str(staged[-1]))
             except onnx.checker.ValidationError as err:
                 raise ExportError(f"the simplified graph fails onnx.checker: {err}; retry with "
                                   "simplify=False") from err
-            findings = lint_onnx(proto)
+            findings = lint_onnx(proto) + _unmatched_patterns(proto, keep_fp32)
             errors = [f for f in findings if f.severity == "error"]
             if errors:
                 listing = "\n  ".join(str(f) for f in errors)
@@ -263,5 +322,5 @@ def to_onnx(
         path=path, opset=opset, iters=iters, inputs=_tensor_specs(proto.graph.input),
         outputs=_tensor_specs(proto.graph.output), max_abs_diff=diff, onnx_bytes=size,
         node_count=len(proto.graph.node), lint=findings, seconds=time.perf_counter() - start,
-        exporter="dynamo" if dynamo else "torchscript",
+        exporter="dynamo" if dynamo else "torchscript", keep_fp32_nodes=keep_fp32,
     )

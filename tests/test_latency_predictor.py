@@ -1,0 +1,135 @@
+"""Per-block latency tables: the block decomposition, variant keys, the JSON table and the predictor's report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.errors import ConfigError
+from compress.latency_predictor import (
+    BLOCKS,
+    OVERHEAD,
+    LatencyTable,
+    UpsamplerBlock,
+    block_variants,
+    evaluate_predictor,
+    run_blocks,
+    sample_configs,
+    space_block_variants,
+    student_blocks,
+    time_module,
+)
+from search_spaces import build_student, load_space, preset
+
+H, W = 64, 128
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    dict(volume_scale=8, hourglass_levels=2, gru_levels=2, concat_dim=0, transformer_layers=0),
+])
+def test_blocks_compose_to_the_student_forward(overrides: dict) -> None:
+    torch.manual_seed(0)
+    student = build_student(preset("tiny", **overrides)).eval()
+    left, right = torch.rand(1, 3, H, W) * 255, torch.rand(1, 3, H, W) * 255
+    with torch.no_grad():
+        expected = student(left, right, iters=3, test_mode=True)
+    got, inputs = run_blocks(student_blocks(student), left, right, iters=3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert set(inputs) == set(BLOCKS)
+
+
+def test_variants_depend_only_on_their_fields() -> None:
+    base = {v.block: v for v in block_variants(preset("tiny"), H, W)}
+    wider_gru = {v.block: v for v in block_variants(preset("tiny", hidden_dim=16), H, W)}
+    changed = {b for b in BLOCKS if base[b] != wider_gru[b]}
+    assert changed == {"context", "gru_iteration"}
+    assert block_variants(preset("tiny", iters=2), H, W) == list(base.values())
+    other_size = block_variants(preset("tiny"), H, 2 * W)
+    assert all(a.identity() != b.identity() for a, b in zip(base.values(), other_size, strict=True))
+
+
+def test_space_enumeration_covers_sampled_students() -> None:
+    space = load_space("tiny")
+    variants = space_block_variants(space, H, W)
+    assert {v.block for v, _ in variants.values()} == set(BLOCKS)
+    for cfg in sample_configs(space, 8, seed=3):
+        for variant in block_variants(cfg, H, W):
+            assert variant.identity() in variants, variant
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> LatencyTable:
+    path = tmp_path_factory.mktemp("table") / "table.json"
+    table = LatencyTable(path, backend="torch", warmup=1, repeats=3)
+    assert table.measure_config(preset("tiny"), H, W) == len(BLOCKS)
+    table.save()
+    return table
+
+
+def test_table_round_trips_through_json(table: LatencyTable) -> None:
+    data = json.loads(table.path.read_text())
+    assert data["format"] == "ffsc-latency-table/1" and data["machine"]["cores"] >= 1
+    assert {e["block"] for e in data["entries"].values()} == {*BLOCKS, OVERHEAD}
+    again = LatencyTable(table.path, backend="torch", warmup=1, repeats=3)
+    assert again.entries == table.entries and len(again) == len(BLOCKS) + 1
+    assert again.predict(preset("tiny"), H, W) == table.predict(preset("tiny"), H, W)
+    assert again.measure_config(preset("tiny"), H, W) == 0, "stored variants are not measured again"
+    # Another backend or size is another key: nothing to reuse.
+    other = LatencyTable(table.path, backend="onnxruntime")
+    assert len(other) == 0 and len(other.missing(preset("tiny"), H, W)) == len(BLOCKS)
+    assert len(table.missing(preset("tiny"), H, 2 * W)) == len(BLOCKS)
+
+
+def test_prediction_grows_with_iterations(table: LatencyTable) -> None:
+    cfg = preset("tiny")
+    p2, p4, p8 = (table.predict(cfg, H, W, iters=i) for i in (2, 4, 8))
+    assert 0 < p2 < p4 < p8
+    parts = table.breakdown(cfg, H, W, iters=1)
+    per_iteration = parts["gru_iteration"] - table.overhead_ms()
+    assert math.isclose(p4 - p2, 2 * per_iteration, rel_tol=1e-9)
+    assert math.isclose(sum(table.breakdown(cfg, H, W).values()), table.predict(cfg, H, W), rel_tol=1e-12)
+
+
+def test_missing_blocks_raise_with_the_fix(table: LatencyTable) -> None:
+    with pytest.raises(ConfigError, match="measure_config"):
+        table.predict(preset("tiny", hidden_dim=16), H, W)
+
+
+def test_predictor_evaluation_reports_finite_errors(table: LatencyTable) -> None:
+    space = load_space("tiny")
+    configs = sample_configs(space, 2, seed=1)
+    report = evaluate_predictor(space, 2, H, W, table, warmup=1, repeats=3, progress=False, configs=configs)
+    assert len(report.rows) == 2
+    for row in report.rows:
+        assert row.predicted_ms > 0 and row.measured_ms > 0 and math.isfinite(row.relative_error)
+        assert row.measured_p10_ms <= row.measured_ms <= row.measured_p90_ms
+    summary = report.to_dict()
+    assert math.isfinite(summary["median_abs_relative_error"]) and summary["n"] == 2
+    assert summary["max_abs_relative_error"] >= summary["median_abs_relative_error"]
+    assert len(LatencyTable(table.path, backend="torch")) >= len(BLOCKS) + 1  # new variants were saved
+
+
+def test_onnxruntime_block_timing() -> None:
+    torch.manual_seed(0)
+    student = build_student(preset("tiny")).eval()
+    _, inputs = run_blocks(student_blocks(student), torch.rand(1, 3, H, W) * 255, torch.rand(1, 3, H, W) * 255, 1)
+    timing = time_module(UpsamplerBlock(student), inputs["upsampler"], "onnxruntime", threads=1, warmup=1,
+                         repeats=3)
+    assert timing.repeats == 3 and 0 < timing.p10_ms <= timing.median_ms <= timing.p90_ms
+
+
+def test_invalid_tables_and_configs(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ConfigError, match="not an ffsc latency table"):
+        LatencyTable(bad)
+    with pytest.raises(ConfigError, match="backend"):
+        LatencyTable(backend="tvm")
+    pruned = preset("tiny").replace(layer_shapes={"cnet.net.0": {"attrs": {"out_channels": 24}}})
+    with pytest.raises(ConfigError, match="pruned"):
+        block_variants(pruned, H, W)
