@@ -1,14 +1,20 @@
-"""Save and load students as config + state dict (never a pickled module), pruned widths included."""
+"""Save and load stereo models as config + state dict (never a pickled module), pruned widths included.
+
+Students: ``config.yaml`` (a StudentConfig whose ``layer_shapes`` records every width pruning changed) and
+``model.safetensors``. Pruned teachers: the teacher's ``cfg.yaml``, ``layer_shapes.json`` and
+``model.safetensors``. Both rebuild from their config, resize the recorded layers, then load strictly.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from compress.atomic import atomic_write
+from compress.atomic import atomic_write, atomic_write_text
 from compress.errors import CheckpointError
 
 from .config import StudentConfig
@@ -16,6 +22,8 @@ from .model import StudentStereo
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
+TEACHER_CONFIG_NAME = "cfg.yaml"
+SHAPES_NAME = "layer_shapes.json"
 
 # Module attributes that carry a width; recorded when pruning changed them.
 _WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
@@ -30,25 +38,32 @@ def build_student(cfg: StudentConfig) -> StudentStereo:
     return model
 
 
-def record_layer_shapes(model: nn.Module, cfg: StudentConfig) -> dict[str, dict[str, Any]]:
-    """Per-module widths and tensor shapes that differ from a fresh build of ``cfg`` without overrides."""
-    with torch.device("meta"):
-        reference = StudentStereo(cfg.replace(layer_shapes={}))
+def record_layer_shapes(model: nn.Module, reference: StudentConfig | nn.Module) -> dict[str, dict[str, Any]]:
+    """Per-module widths and tensor shapes of ``model`` that differ from ``reference``.
+
+    ``reference`` is the unpruned architecture: a module built the way the loader will build it (on the meta
+    device is enough), or a StudentConfig, whose student is built without layer overrides.
+    """
+    if isinstance(reference, StudentConfig):
+        with torch.device("meta"):
+            reference = StudentStereo(reference.replace(layer_shapes={}))
     ref_modules = dict(reference.named_modules())
     shapes: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
         ref = ref_modules.get(name)
         if ref is None:
             continue
-        own = {k: list(v.shape) for k, v in list(module.named_parameters(recurse=False))
-               + list(module.named_buffers(recurse=False)) if v is not None}
-        ref_own = {k: list(v.shape) for k, v in list(ref.named_parameters(recurse=False))
-                   + list(ref.named_buffers(recurse=False)) if v is not None}
+        own = _own_shapes(module)
         attrs = {a: _plain(getattr(module, a)) for a in _WIDTH_ATTRS if hasattr(module, a)}
         ref_attrs = {a: _plain(getattr(ref, a)) for a in _WIDTH_ATTRS if hasattr(ref, a)}
-        if own != ref_own or attrs != ref_attrs:
+        if own != _own_shapes(ref) or attrs != ref_attrs:
             shapes[name] = {"tensors": own, "attrs": attrs}
     return shapes
+
+
+def _own_shapes(module: nn.Module) -> dict[str, list[int]]:
+    tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    return {k: list(v.shape) for k, v in tensors if v is not None}
 
 
 def _plain(value: Any) -> Any:
@@ -60,7 +75,7 @@ def apply_layer_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> N
     modules = dict(model.named_modules())
     for name, spec in shapes.items():
         if name not in modules:
-            raise CheckpointError(f"recorded layer {name!r} does not exist in this student architecture")
+            raise CheckpointError(f"recorded layer {name!r} does not exist in this {type(model).__name__} architecture")
         module = modules[name]
         for attr, value in spec.get("attrs", {}).items():
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)
@@ -106,3 +121,74 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     check_state_dict(model, state, str(weights))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # Cloned: safetensors refuses tensors that share memory (the teacher registers some norms twice).
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_pruned_teacher(model: nn.Module, path: str | Path) -> Path:
+    """Write a (pruned) FoundationStereo as ``cfg.yaml`` + ``layer_shapes.json`` + ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    from teacher.model import FoundationStereo
+
+    if not isinstance(model, FoundationStereo):
+        raise CheckpointError(f"save_pruned_teacher expects a FoundationStereo, got {type(model).__name__}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        reference = FoundationStereo(model.cfg)
+    shapes = record_layer_shapes(model, reference)
+    state = _tensors(model)
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
+    atomic_write_text(path / SHAPES_NAME, json.dumps(shapes, indent=1, sort_keys=True))
+    model.cfg.to_yaml(path / TEACHER_CONFIG_NAME)
+    return path
+
+
+def load_pruned_teacher(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a teacher saved by :func:`save_pruned_teacher` exactly and load its weights strictly."""
+    from safetensors.torch import load_file
+
+    from teacher.config import TeacherConfig
+    from teacher.loading import check_state_dict
+    from teacher.model import FoundationStereo
+
+    path = Path(path)
+    files = [path / TEACHER_CONFIG_NAME, path / SHAPES_NAME, path / WEIGHTS_NAME]
+    if not all(f.is_file() for f in files):
+        raise CheckpointError(
+            f"{path} is not a saved pruned teacher: expected {', '.join(f.name for f in files)} in that directory"
+        )
+    try:
+        shapes = json.loads(files[1].read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{files[1]} is not valid JSON: {exc}") from None
+    model = FoundationStereo(TeacherConfig.from_yaml(files[0]))
+    apply_layer_shapes(model, shapes)
+    state = load_file(str(files[2]))
+    check_state_dict(model, state, str(files[2]))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+def save_model(model: nn.Module, path: str | Path) -> Path:
+    """Save a student (:func:`save_student`) or a teacher (:func:`save_pruned_teacher`) into directory ``path``."""
+    if isinstance(model, StudentStereo):
+        return save_student(model, path)
+    return save_pruned_teacher(model, path)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load whatever :func:`save_model` wrote into ``path`` (a student or a pruned teacher)."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return load_student(path, device)
+    if (path / SHAPES_NAME).is_file():
+        return load_pruned_teacher(path, device)
+    raise CheckpointError(
+        f"{path} holds neither a saved student ({CONFIG_NAME} + {WEIGHTS_NAME}) nor a saved pruned teacher "
+        f"({TEACHER_CONFIG_NAME} + {SHAPES_NAME} + {WEIGHTS_NAME})"
+    )
