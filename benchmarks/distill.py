@@ -1,0 +1,138 @@
+"""Distil the Fast-FoundationStereo-shaped student from a teacher on synthetic stereo, for a fixed budget.
+
+Reports the student's EPE against ground truth and against the teacher before and after distillation,
+and plots every loss curve. The teacher is a stand-in trained here on the synthetic ground truth (no
+official checkpoint ships with ffsc), or the official one with --teacher-checkpoint.
+
+    python benchmarks/distill.py                        # 300 steps at 64x128 on this machine
+    python benchmarks/distill.py --steps 2000 --height 128 --width 256
+
+Writes benchmarks/results/distill-<machine>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _plot(metrics_file: Path, out_png: Path, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    keys = sorted({k for r in train for k in r if k.startswith("loss/")})
+    fig = Figure(figsize=(8, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in train if k in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=k.removeprefix("loss/"))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (weighted)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out_png)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write its JSON, Markdown and PNG."""
+    from compress.atomic import atomic_write_text
+    from compress.distill.config import DataConfig, DistillConfig, StudentSpec, TeacherSpec
+    from compress.distill.trainer import build_student, distill, evaluate_student, load_distilled_student
+    from compress.latency import machine_info, machine_slug
+    from compress.pipeline import load_run_recipe
+    from compress.pipeline.run import prepare_labels, quiet_third_party
+    from compress.pipeline.teacher_stage import get_teacher
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="fast_foundationstereo")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--train-samples", type=int, default=64)
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--teacher-checkpoint", default=None)
+    parser.add_argument("--teacher-steps", type=int, default=300, help="stand-in teacher training steps")
+    parser.add_argument("--work-dir", default="runs/bench-distill")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    quiet_third_party()
+    start = time.perf_counter()
+    synth = f"{{height: {args.height}, width: {args.width}, max_disp: {args.width // 5}, num_objects: 4"
+    overrides = [
+        f"run_dir={args.work_dir}", f"height={args.height}", f"width={args.width}",
+        f"data.train={{kind: synthetic, num_samples: {args.train_samples}, synthetic: {synth}, seed: 0}}}}",
+        f"data.eval={{kind: synthetic, num_samples: {args.eval_samples}, synthetic: {synth}, seed: 1000}}}}",
+        f"teacher.train_steps={args.teacher_steps}",
+    ]
+    if args.teacher_checkpoint:
+        overrides.append(f"teacher.checkpoint={args.teacher_checkpoint}")
+    recipe = load_run_recipe(Path(__file__).resolve().parent.parent / "recipes" / "quickstart_cpu.yaml", overrides)
+    run_dir = Path(args.work_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = get_teacher(recipe, run_dir, device)
+    labels_dir, eval_set = prepare_labels(recipe, run_dir, teacher, device)
+    from compress.pipeline.run import _labels_config, teacher_scores
+
+    spec = StudentSpec(kind="search_space", preset=args.preset)
+    torch.manual_seed(0)
+    before_model = build_student(spec).to(device)
+    iters = before_model.cfg.iters
+    before = evaluate_student(before_model, eval_set, iters=iters, device=device)
+    dc = DistillConfig(
+        run_dir=str(run_dir / "student"), seed=0, steps=args.steps, batch_size=args.batch_size, train_iters=iters,
+        eval_iters=iters, device=str(device), log_every=max(1, args.steps // 50),
+        checkpoint_every=max(1, args.steps // 4), eval_every=0, progress=True,
+        data=DataConfig(train=recipe.data.train, eval=None, eval_samples=0), student=spec,
+        teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=_labels_config(recipe)),
+        loss=recipe.loss, optim=dataclasses.replace(recipe.optim, lr=5e-4, warmup_steps=20),
+    )
+    t0 = time.perf_counter()
+    result = distill(dc)
+    train_s = time.perf_counter() - t0
+    after = evaluate_student(load_distilled_student(result.student_path, device=device), eval_set, iters=iters,
+                             device=device)
+    machine = machine_info()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"distill-{machine_slug(machine)}"
+    _plot(run_dir / "student" / "metrics.jsonl", stem.with_suffix(".png"),
+          f"{args.preset} distilled from {'official' if args.teacher_checkpoint else 'stand-in'} teacher")
+    report = {
+        "benchmark": "distill", "machine": machine, "preset": args.preset, "steps": args.steps,
+        "batch_size": args.batch_size, "size": [args.height, args.width], "iters": iters,
+        "teacher": teacher.description, "teacher_vs_gt": teacher_scores(eval_set),
+        "before": before, "after": after, "final_train_losses": result.train_losses,
+        "train_seconds": train_s, "total_seconds": time.perf_counter() - start,
+    }
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=2, default=str))
+    md = [
+        f"# Distillation benchmark ({machine.get('cpu', '?')}, {machine.get('gpu') or 'no GPU'})", "",
+        f"{args.preset}, {args.steps} steps x batch {args.batch_size} at {args.height}x{args.width}, "
+        f"{iters} GRU iterations, {train_s:.0f} s of training. Teacher: {teacher.description}.", "",
+        "| | EPE vs GT (px) | D1 vs GT (%) | EPE vs teacher (px) |", "|---|---|---|---|",
+        f"| teacher | {report['teacher_vs_gt'].get('gt/epe', float('nan')):.2f} | "
+        f"{report['teacher_vs_gt'].get('gt/d1', float('nan')):.1f} | 0 |",
+        f"| student before | {before['gt/epe']:.2f} | {before['gt/d1']:.1f} | {before['teacher/epe']:.2f} |",
+        f"| student after | {after['gt/epe']:.2f} | {after['gt/d1']:.1f} | {after['teacher/epe']:.2f} |",
+        "", f"Loss curves: `{stem.with_suffix('.png').name}`.",
+    ]
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
