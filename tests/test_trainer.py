@@ -112,16 +112,23 @@ def _state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
-def _assert_same_run(a: Path, b: Path) -> None:
+def _same(x: torch.Tensor, y: torch.Tensor, exact: bool) -> bool:
+    if exact:
+        return torch.equal(x, y)
+    # Across processes oneDNN may pick other kernels (memory alignment, thread pools): equal to float32 noise.
+    return torch.allclose(x.float(), y.float(), rtol=1e-5, atol=1e-6)
+
+
+def _assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
     sa, sb = _state(a), _state(b)
     assert sa["step"] == sb["step"]
     for part in ("model", "adapters"):
         assert sa[part].keys() == sb[part].keys()
         for k in sa[part]:
-            assert torch.equal(sa[part][k], sb[part][k]), f"{part}.{k} differs"
+            assert _same(sa[part][k], sb[part][k], exact), f"{part}.{k} differs"
     for k, v in sa["optimizer"]["state"].items():
         for name, t in v.items():
-            assert torch.equal(t, sb["optimizer"]["state"][k][name]), f"optimizer {k}.{name} differs"
+            assert _same(t, sb["optimizer"]["state"][k][name], exact), f"optimizer {k}.{name} differs"
 
 
 class _Crash(Exception):
@@ -181,7 +188,8 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path: Path, cache: Path) 
     resumed = distill(load_recipe(recipe, args))
     assert resumed.resumed_from is not None and 0 < resumed.resumed_from < 60
     distill(load_recipe(recipe, [*args, f"run_dir={tmp_path / 'whole'}"]))
-    _assert_same_run(tmp_path / "whole", tmp_path / "killed")
+    # The killed part ran in another process; the in-process crash test above checks bitwise equality.
+    _assert_same_run(tmp_path / "whole", tmp_path / "killed", exact=False)
 
 
 def test_recipe_loading_checks_types_and_keys() -> None:
