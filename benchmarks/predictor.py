@@ -44,7 +44,8 @@ def _markdown(data: dict) -> str:
         f"Machine: {m['cpu']} ({m['cores']} cores{', ' + s['note'] if s['note'] else ''}), GPU {m['gpu'] or 'none'}; "
         f"torch {m['torch']}, onnxruntime {m['onnxruntime']}.",
         f"Backend: {ev['backend']} on {ev['device']}, {ev['precision']}; medians of {s['repeats']} runs after "
-        f"{s['warmup']} warm-up runs (blocks and whole models alike).",
+        f"{s['warmup']} warm-up runs (blocks and whole models alike), "
+        + ("wall-clock time." if ev["clock"] == "wall" else "timed by the thread's CPU time (single-threaded runs)."),
         f"Table: {t['entries']} block variants stored ({t['measured_now']} measured in this run, "
         f"{t['build_seconds']:.0f} s); the space has {t['space_variants']} distinct block variants "
         f"(scope: {s['scope']}).",
@@ -52,15 +53,21 @@ def _markdown(data: dict) -> str:
         f"**Median absolute relative error: {100 * ev['median_abs_relative_error']:.1f}%** (goal: within "
         f"{100 * GOAL:.0f}%); mean {100 * ev['mean_abs_relative_error']:.1f}%, max "
         f"{100 * ev['max_abs_relative_error']:.1f}%.",
+        *([] if ev["median_abs_remeasure_error"] is None else [
+            "",
+            f"Noise floor: measuring each student a second time (after all first measurements) differs from its "
+            f"first measurement by a median {100 * ev['median_abs_remeasure_error']:.1f}% (column 'again').",
+        ]),
         "",
         "| # | backbone | depths | feat | volume | groups+concat | vol dim | hourglass | trf | GRU | hidden | radius "
-        "| iters | predicted ms | measured ms (p10-p90) | error |",
-        "|" + "---|" * 16,
+        "| iters | predicted ms | measured ms (p10-p90) | error | again ms |",
+        "|" + "---|" * 17,
     ]
     for i, row in enumerate(ev["rows"]):
+        again = "-" if row["remeasured_ms"] is None else f"{row['remeasured_ms']:.2f}"
         lines.append(f"| {i} | " + " | ".join(_shape(row["config"])) + f" | {row['predicted_ms']:.2f} | "
                      f"{row['measured_ms']:.2f} ({row['measured_p10_ms']:.2f}-{row['measured_p90_ms']:.2f}) | "
-                     f"{100 * row['relative_error']:+.1f}% |")
+                     f"{100 * row['relative_error']:+.1f}% | {again} |")
     lines += ["", f"Command: `{data['command']}`", ""]
     return "\n".join(lines)
 
@@ -77,11 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--threads", type=int, default=1,
                         help="ONNX Runtime intra-op threads (1 keeps a shared CPU's timings steady)")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="wall time, or the thread's CPU time (with --threads 1: steady on shared cores)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scope", choices=["space", "samples"], default="space",
                         help="measure every block variant of the space, or only those of the sampled students")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure every student twice: how much two measurements disagree on this machine")
     parser.add_argument("--table", default=None, help="table JSON (default: results/latency-table-<machine>.json)")
     parser.add_argument("--note", default="", help="a remark on the machine for the report (e.g. shared cores)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     table_path = Path(args.table) if args.table else out / f"latency-table-{slug}.json"
     space = load_space(args.space)
     table = LatencyTable(table_path, backend=args.backend, device=args.device, precision=args.precision,
-                         threads=args.threads, warmup=args.warmup, repeats=args.repeats)
+                         threads=args.threads, warmup=args.warmup, repeats=args.repeats, clock=args.clock)
     configs = sample_configs(space, args.n, seed=args.seed)
     start = time.perf_counter()
     measured = table.build(space, args.height, args.width, configs=None if args.scope == "space" else configs)
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"latency table: {measured} block variants measured in {build_seconds:.0f} s, {len(table)} stored",
           flush=True)
     evaluation = evaluate_predictor(space, args.n, args.height, args.width, table, warmup=args.warmup,
-                                    repeats=args.repeats, configs=configs)
+                                    repeats=args.repeats, configs=configs, remeasure=args.remeasure)
     data = {
         "machine": info,
         "settings": {**vars(args), "table": str(table_path)},
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation": evaluation.to_dict(),
         "command": " ".join(["python benchmarks/predictor.py", *(argv if argv is not None else sys.argv[1:])]),
     }
-    stem = f"predictor-{slug}"
+    stem = f"predictor-{slug}" + ("" if args.clock == "wall" else f"-{args.clock}-clock")
     atomic_write_text(out / f"{stem}.json", json.dumps(data, indent=2) + "\n")
     atomic_write_text(out / f"{stem}.md", _markdown(data))
     ev = evaluation

@@ -173,10 +173,15 @@ def _summarize(times_ms: list[float]) -> dict[str, float]:
             "std_ms": float(statistics.pstdev(times_ms)) if len(times_ms) > 1 else 0.0}
 
 
+CLOCKS = ("wall", "thread")
+"""Clocks for CPU timing: wall time, or the CPU time of the calling thread (single-threaded runs only)."""
+
+
 def _time(step: Callable[[], object], device: torch.device, warmup: int, repeats: int, events: bool,
-          stream: torch.cuda.Stream | None = None) -> list[float]:
+          stream: torch.cuda.Stream | None = None, clock: str = "wall") -> list[float]:
     """Per-run milliseconds: CUDA events around asynchronous GPU work, perf_counter otherwise
-    (CPU, and ONNX Runtime, whose run() returns only when its own stream is done)."""
+    (CPU, and ONNX Runtime, whose run() returns only when its own stream is done). clock="thread" times a
+    single-threaded CPU run by its thread's CPU time, which other processes sharing the cores do not inflate."""
     for _ in range(warmup):
         step()
     times = []
@@ -190,17 +195,27 @@ def _time(step: Callable[[], object], device: torch.device, warmup: int, repeats
             end.synchronize()
             times.append(start.elapsed_time(end))
         return times
+    now = time.thread_time if clock == "thread" else time.perf_counter
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         step()
-        times.append((time.perf_counter() - t0) * 1000.0)
+        times.append((now() - t0) * 1000.0)
     return times
 
 
+def check_clock(clock: str, device: torch.device, threads: int | None) -> None:
+    """Raise ConfigError unless the clock can time this run (the thread clock needs one CPU thread)."""
+    if clock not in CLOCKS:
+        raise ConfigError(f"unknown clock '{clock}'; valid: {', '.join(CLOCKS)}")
+    if clock == "thread" and (device.type != "cpu" or threads != 1):
+        raise ConfigError(f"clock='thread' times single-threaded CPU runs only (got device {device}, {threads} "
+                          "threads); use 1 thread (intra_op_threads=1, torch.set_num_threads(1)) or clock='wall'")
+
+
 def time_calls(step: Callable[[], object], device: torch.device, warmup: int, repeats: int, events: bool = True,
-               stream: torch.cuda.Stream | None = None) -> list[float]:
+               stream: torch.cuda.Stream | None = None, clock: str = "wall") -> list[float]:
     """Milliseconds of each of `repeats` calls of step() after `warmup` untimed calls, timed as measure() times."""
-    return _time(step, device, warmup, repeats, events, stream)
+    return _time(step, device, warmup, repeats, events, stream, clock)
 
 
 def _torch_step(model: nn.Module, left: torch.Tensor, right: torch.Tensor, iters: int, device: torch.device,
@@ -339,12 +354,14 @@ def measure(
     cuda_graph: bool = False,
     cache: LatencyCache | str | os.PathLike | None = None,
     intra_op_threads: int | None = None,
+    clock: str = "wall",
 ) -> LatencyStats:
     """Time one stereo forward (iters refinement iterations) on a backend; cached when cache is given.
 
     model_or_path: an nn.Module (torch; exported to ONNX / built to an engine for the other
     backends), an .onnx file (onnxruntime, tensorrt) or a TensorRT engine file (tensorrt).
     intra_op_threads applies to onnxruntime only; torch uses its current thread setting.
+    clock="thread" reports the CPU time of single-threaded CPU runs (steady on cores shared with other work).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown latency backend '{backend}'; valid backends: {', '.join(BACKENDS)}")
@@ -377,9 +394,12 @@ def measure(
 
     threads = torch.get_num_threads() if backend == "torch" else intra_op_threads
     shapes = {name: [batch, 3, height, width] for name in INPUT_NAMES}
+    check_clock(clock, device, threads)
     options = {"compile": compile, "cuda_graph": cuda_graph}
     if device.type == "cpu":
         options["threads"] = threads
+    if clock != "wall":  # only then: keys of wall-clock results stay as they were
+        options["clock"] = clock
     identity = model_hash(model_or_path)
     hw = device_name(device, threads)
     cache = LatencyCache(cache) if cache is not None and not isinstance(cache, LatencyCache) else cache
@@ -403,7 +423,8 @@ def measure(
             else:
                 step, stream = _trt_step(model_or_path, workdir, left, right, height, width, iters, batch,
                                          device, precision, cuda_graph)
-            times = _time(step, device, warmup, repeats, events=backend != "onnxruntime", stream=stream)
+            times = _time(step, device, warmup, repeats, events=backend != "onnxruntime", stream=stream,
+                          clock=clock)
     finally:
         if was_training:
             model_or_path.train()

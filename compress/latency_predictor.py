@@ -38,7 +38,15 @@ from torch import nn
 from compress.atomic import atomic_write_text
 from compress.errors import ConfigError
 from compress.export.onnx_export import check_image_size, fp32_node_patterns
-from compress.latency import AUTOCAST_DTYPES, BACKENDS, PRECISIONS, device_name, machine_info, time_calls
+from compress.latency import (
+    AUTOCAST_DTYPES,
+    BACKENDS,
+    PRECISIONS,
+    check_clock,
+    device_name,
+    machine_info,
+    time_calls,
+)
 from search_spaces import SearchSpace, StudentConfig, build_student
 from teacher.cost_volume import build_concat_volume, disparity_regression
 from teacher.features import normalize_image
@@ -388,11 +396,13 @@ def time_module(
     warmup: int = 3,
     repeats: int = 10,
     threads: int | None = None,
+    clock: str = "wall",
 ) -> BlockTiming:
     """Latency of ``module(*inputs)`` on a backend, timed as compress.latency.measure times whole models."""
     from compress.export.runtime import make_session
 
     device = torch.device(device)
+    check_clock(clock, device, torch.get_num_threads() if backend == "torch" else threads)
     inputs = tuple(t.to(device) for t in inputs)
     module = module.to(device).eval()
     if backend == "torch":
@@ -402,7 +412,7 @@ def time_module(
             with torch.inference_mode(), torch.autocast(device.type, **autocast):
                 return module(*inputs)
 
-        return _summary(time_calls(step, device, warmup, repeats, events=True))
+        return _summary(time_calls(step, device, warmup, repeats, events=True, clock=clock))
     with tempfile.TemporaryDirectory(prefix="ffsc-block-") as tmp:
         path = Path(tmp) / "block.onnx"
         present = set(_export_block(module, inputs, path))
@@ -418,7 +428,8 @@ def time_module(
             session = make_session(path, device, intra_op_threads=threads, require_device=True)
             if device.type == "cpu":
                 arrays = {k: v.cpu().numpy() for k, v in feeds.items()}
-                return _summary(time_calls(lambda: session.run(None, arrays), device, warmup, repeats, events=False))
+                return _summary(time_calls(lambda: session.run(None, arrays), device, warmup, repeats, events=False,
+                                           clock=clock))
             binding = session.io_binding()
             for name, tensor in feeds.items():
                 t = tensor.contiguous()
@@ -461,13 +472,15 @@ class TableEntry:
     p90_ms: float
     repeats: int
     input_shapes: list[list[int]] = field(default_factory=list)
+    clock: str = "wall"
 
 
 class LatencyTable:
     """Block latencies on one backend/device/precision, cached in a JSON file (several tables may share one).
 
     ``device`` is where blocks run ("cpu", "cuda"); entries are keyed by the hardware's name, so a file
-    copied to another machine does not serve its numbers there.
+    copied to another machine does not serve its numbers there. ``clock="thread"`` times single-threaded
+    CPU runs by thread CPU time (see compress.latency.measure), steadier on cores shared with other work.
     """
 
     def __init__(
@@ -479,6 +492,7 @@ class LatencyTable:
         threads: int | None = None,
         warmup: int = 3,
         repeats: int = 15,
+        clock: str = "wall",
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown latency backend '{backend}'; valid backends: {', '.join(BACKENDS)}")
@@ -492,6 +506,8 @@ class LatencyTable:
         self.warmup, self.repeats = warmup, repeats
         if backend == "torch" and self.device.type == "cpu":
             self.threads = torch.get_num_threads()  # torch times with its current setting; name it in the key
+        check_clock(clock, self.device, self.threads)
+        self.clock = clock
         self.hardware = device_name(self.device, self.threads)
         self.entries: dict[str, TableEntry] = {}
         if self.path is not None and self.path.is_file():
@@ -531,13 +547,16 @@ class LatencyTable:
         return sum(1 for e in self.entries.values() if self._mine(e))
 
     def _mine(self, entry: TableEntry) -> bool:
-        return (entry.backend, entry.device, entry.precision) == (self.backend, self.hardware, self.precision)
+        mine = (self.backend, self.hardware, self.precision, self.clock)
+        return (entry.backend, entry.device, entry.precision, entry.clock) == mine
 
     # --- keys ----------------------------------------------------------------------------------------
     def key(self, variant: BlockVariant) -> str:
         """Cache key: block, fields, image shape, backend, device (hardware name) and precision."""
         payload = {"variant": json.loads(variant.identity()), "backend": self.backend, "device": self.hardware,
                    "precision": self.precision}
+        if self.clock != "wall":
+            payload["clock"] = self.clock
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
     def _overhead_variant(self, batch: int = 1) -> BlockVariant:
@@ -561,11 +580,11 @@ class LatencyTable:
         self.entries[self.key(variant)] = TableEntry(
             block=variant.block, fields=variant.fields, image_shape=list(variant.image_shape), backend=self.backend,
             device=self.hardware, precision=self.precision, median_ms=timing.median_ms, p10_ms=timing.p10_ms,
-            p90_ms=timing.p90_ms, repeats=timing.repeats, input_shapes=input_shapes)
+            p90_ms=timing.p90_ms, repeats=timing.repeats, input_shapes=input_shapes, clock=self.clock)
 
     def _time(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> BlockTiming:
         return time_module(module, inputs, self.backend, self.device, self.precision, self.warmup, self.repeats,
-                           self.threads)
+                           self.threads, self.clock)
 
     def measure_overhead(self, batch: int = 1) -> float:
         """Measure (once) and return the per-call overhead of this backend."""
@@ -680,6 +699,8 @@ class PredictorRow:
     measured_p10_ms: float
     measured_p90_ms: float
     breakdown: dict[str, float]
+    remeasured_ms: float | None = None
+    """A second measurement of the same model, taken after all first ones (evaluate_predictor(remeasure=True))."""
 
     @property
     def relative_error(self) -> float:
@@ -697,6 +718,7 @@ class PredictorEvaluation:
     precision: str
     height: int
     width: int
+    clock: str = "wall"
 
     @property
     def abs_relative_errors(self) -> list[float]:
@@ -713,13 +735,22 @@ class PredictorEvaluation:
         """Mean |predicted - measured| / measured."""
         return float(statistics.fmean(self.abs_relative_errors))
 
+    @property
+    def median_abs_remeasure_error(self) -> float | None:
+        """Median |remeasured - measured| / measured: how well one measurement predicts another (the noise
+        floor of the predictor's error on this machine); None without remeasurements."""
+        pairs = [(r.remeasured_ms, r.measured_ms) for r in self.rows if r.remeasured_ms is not None]
+        return float(statistics.median(abs(a - b) / b for a, b in pairs)) if pairs else None
+
     def to_dict(self) -> dict:
         """JSON-ready summary and rows."""
-        return {"backend": self.backend, "device": self.device, "precision": self.precision, "height": self.height,
+        return {"backend": self.backend, "device": self.device, "precision": self.precision, "clock": self.clock,
+                "height": self.height,
                 "width": self.width, "n": len(self.rows),
                 "median_abs_relative_error": self.median_abs_relative_error,
                 "mean_abs_relative_error": self.mean_abs_relative_error,
                 "max_abs_relative_error": max(self.abs_relative_errors),
+                "median_abs_remeasure_error": self.median_abs_remeasure_error,
                 "rows": [{**asdict(r), "relative_error": r.relative_error} for r in self.rows]}
 
 
@@ -753,25 +784,38 @@ def evaluate_predictor(
     repeats: int = 15,
     progress: bool = True,
     configs: list[StudentConfig] | None = None,
+    remeasure: bool = False,
 ) -> PredictorEvaluation:
     """Predict n sampled students of a space with the table (measuring missing blocks) and compare with
-    direct measure() of each whole model on the table's backend/device/precision."""
+    direct measure() of each whole model on the table's backend/device/precision.
+
+    remeasure=True measures every model a second time after all first measurements, which tells how much
+    two measurements of one model disagree here (the error floor no predictor can beat on this machine).
+    """
     from tqdm import tqdm
 
     from compress.latency import measure
+
+    def whole(cfg: StudentConfig):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = build_student(cfg).eval().to(table.device)
+        return measure(model, table.backend, height, width, iters=cfg.iters, warmup=warmup, repeats=repeats,
+                       device=table.device, precision=table.precision, intra_op_threads=table.threads,
+                       clock=table.clock)
 
     configs = configs if configs is not None else sample_configs(space, n, seed)
     rows = []
     for cfg in tqdm(configs, desc="predictor vs measure", unit="student", disable=not progress):
         table.measure_config(cfg, height, width)
         breakdown = table.breakdown(cfg, height, width)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = build_student(cfg).eval().to(table.device)
-        stats = measure(model, table.backend, height, width, iters=cfg.iters, warmup=warmup, repeats=repeats,
-                        device=table.device, precision=table.precision, intra_op_threads=table.threads)
+        stats = whole(cfg)
         rows.append(PredictorRow(cfg.to_dict(), max(sum(breakdown.values()), 0.0), stats.median_ms, stats.p10_ms,
                                  stats.p90_ms, breakdown))
+    if remeasure:
+        for cfg, row in zip(tqdm(configs, desc="remeasure", unit="student", disable=not progress), rows,
+                            strict=True):
+            row.remeasured_ms = whole(cfg).median_ms
     if table.path is not None:
         table.save()
-    return PredictorEvaluation(rows, table.backend, table.hardware, table.precision, height, width)
+    return PredictorEvaluation(rows, table.backend, table.hardware, table.precision, height, width, table.clock)

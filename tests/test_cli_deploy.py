@@ -28,8 +28,8 @@ def work(tmp_path_factory):
     torch.manual_seed(0)
     save_student(build_student(preset("tiny")), d / "student")
     rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (100, 130, 3), dtype=np.uint8)
-    for name, (h, w) in {"": (60, 90), "small_": (40, 70), "big_": (100, 130)}.items():
+    img = rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)
+    for name, (h, w) in {"": (60, 90), "small_": (40, 70), "big_": (70, 100)}.items():
         Image.fromarray(img[:h, :w]).save(d / f"{name}left.png")
         Image.fromarray(np.roll(img, -3, axis=1)[:h, :w]).save(d / f"{name}right.png")
     code = main(["export", "--model", str(d / "student"), "--height", "64", "--width", "96", "--iters", str(ITERS),
@@ -75,8 +75,10 @@ def test_infer_onnx_matches_pytorch_inference(work: Path, tmp_path: Path) -> Non
 
 def test_infer_dynamic_onnx_matches_pytorch_inference(work: Path, tmp_path: Path) -> None:
     model = load_student(work / "student")
-    path = to_onnx(model, tmp_path / "dyn.onnx", 32, 64, ITERS, dynamic=True).path
-    left, right = _pair(work, "big_")  # 100x130 pads to 128x160
+    # The runner's padding is under test here, not the export: skip parity and onnxslim to keep it quick.
+    path = to_onnx(model, tmp_path / "dyn.onnx", 32, 64, ITERS, dynamic=True, check_parity=False,
+                   simplify=False).path
+    left, right = _pair(work, "big_")  # 70x100 pads to 96x128
     assert _infer(work, tmp_path / "disp.npy", ["--onnx", str(path)], "big_") == 0
     expected = infer(model, left, right, iters=ITERS)[0, 0].numpy()
     np.testing.assert_allclose(np.load(tmp_path / "disp.npy"), expected, atol=1e-3)
@@ -94,7 +96,7 @@ def test_static_onnx_pads_smaller_images_to_its_size(work: Path, tmp_path: Path)
 
 def test_static_onnx_refuses_larger_images(work: Path, tmp_path: Path, capsys) -> None:
     err = _one_line_error(capsys, _infer(work, tmp_path / "d.npy", ["--onnx", str(work / "static.onnx")], "big_"))
-    assert "130x100" in err and "static shape" in err and "--dynamic" in err
+    assert "100x70" in err and "static shape" in err and "--dynamic" in err
     assert not (tmp_path / "d.npy").exists()
 
 

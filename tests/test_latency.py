@@ -161,3 +161,17 @@ def test_torch_backend_cuda_graph_on_gpu() -> None:
     _sane(eager, 5)
     _sane(graphed, 5)
     assert graphed.options["cuda_graph"] and "threads" not in graphed.options
+
+
+def test_thread_clock_for_single_threaded_cpu_runs() -> None:
+    model = make_toy()
+    stats = measure(model, "onnxruntime", H, W, iters=1, warmup=1, repeats=3, device="cpu", intra_op_threads=1,
+                    clock="thread")
+    _sane(stats, 3)
+    assert stats.options["clock"] == "thread"
+    wall = measure(model, "onnxruntime", H, W, iters=1, warmup=0, repeats=2, device="cpu", intra_op_threads=1)
+    assert "clock" not in wall.options, "wall-clock results keep their earlier cache keys"
+    with pytest.raises(ConfigError, match="single-threaded"):
+        measure(model, "onnxruntime", H, W, iters=1, device="cpu", intra_op_threads=2, clock="thread")
+    with pytest.raises(ConfigError, match="clock"):
+        measure(model, "torch", H, W, iters=1, device="cpu", clock="cycles")

@@ -100,18 +100,23 @@ def test_missing_blocks_raise_with_the_fix(table: LatencyTable) -> None:
         table.predict(preset("tiny", hidden_dim=16), H, W)
 
 
-def test_predictor_evaluation_reports_finite_errors(table: LatencyTable) -> None:
+def test_predictor_evaluation_reports_finite_errors(tmp_path: Path) -> None:
     space = load_space("tiny")
+    table = LatencyTable(tmp_path / "table.json", backend="torch", warmup=0, repeats=2)
     configs = sample_configs(space, 2, seed=1)
-    report = evaluate_predictor(space, 2, H, W, table, warmup=1, repeats=3, progress=False, configs=configs)
+    report = evaluate_predictor(space, 2, 32, 64, table, warmup=0, repeats=2, progress=False, configs=configs,
+                                remeasure=True)
     assert len(report.rows) == 2
     for row in report.rows:
         assert row.predicted_ms > 0 and row.measured_ms > 0 and math.isfinite(row.relative_error)
+        assert row.remeasured_ms is not None and row.remeasured_ms > 0
         assert row.measured_p10_ms <= row.measured_ms <= row.measured_p90_ms
     summary = report.to_dict()
     assert math.isfinite(summary["median_abs_relative_error"]) and summary["n"] == 2
     assert summary["max_abs_relative_error"] >= summary["median_abs_relative_error"]
-    assert len(LatencyTable(table.path, backend="torch")) >= len(BLOCKS) + 1  # new variants were saved
+    assert math.isfinite(summary["median_abs_remeasure_error"])
+    # The blocks it measured on the way were saved.
+    assert len(LatencyTable(table.path, backend="torch")) >= len(BLOCKS) + 1
 
 
 def test_onnxruntime_block_timing() -> None:
@@ -121,6 +126,15 @@ def test_onnxruntime_block_timing() -> None:
     timing = time_module(UpsamplerBlock(student), inputs["upsampler"], "onnxruntime", threads=1, warmup=1,
                          repeats=3)
     assert timing.repeats == 3 and 0 < timing.p10_ms <= timing.median_ms <= timing.p90_ms
+
+
+def test_thread_clock_tables_are_separate(table: LatencyTable) -> None:
+    threaded = LatencyTable(table.path, backend="onnxruntime", threads=1, clock="thread")
+    wall = LatencyTable(table.path, backend="onnxruntime", threads=1)
+    variant = block_variants(preset("tiny"), H, W)[0]
+    assert threaded.key(variant) != wall.key(variant)
+    with pytest.raises(ConfigError, match="single-threaded"):
+        LatencyTable(backend="onnxruntime", threads=2, clock="thread")
 
 
 def test_invalid_tables_and_configs(tmp_path: Path) -> None:
