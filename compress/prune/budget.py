@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -138,19 +138,21 @@ class Distiller:
     """Teacher targets computed once per sample, and the distillation loss of ``compress.distill``.
 
     The feature loss is off (pruned widths differ from the teacher's; an adapter would have to be learned);
-    the cost-volume KL and the sequence loss to the teacher's disparity (plus ground truth where a sample has
-    it) drive both Taylor importance and the recovery.
+    the cost-volume KL and the sequence loss to the teacher's disparity drive both Taylor importance and the
+    recovery. Ground truth, where a sample has it, joins with weight ``gt_weight`` (0 by default: recovery
+    restores what the pruned model lost against its teacher; a ground-truth term pulls elsewhere).
     """
 
     def __init__(self, teacher: nn.Module, samples: list[dict], device: torch.device, teacher_iters: int,
-                 train_iters: int, progress: bool = False) -> None:
+                 train_iters: int, progress: bool = False, gt_weight: float = 0.0) -> None:
         from compress.distill import DistillLoss, LossConfig, TeacherTargets
-        from compress.distill.config import FeatureLossConfig
+        from compress.distill.config import FeatureLossConfig, OutputLossConfig
 
         self.samples = samples
         self.device = device
         self.train_iters = train_iters
-        self.loss = DistillLoss(LossConfig(feature=FeatureLossConfig(enabled=False))).to(device)
+        loss_cfg = LossConfig(feature=FeatureLossConfig(enabled=False), output=OutputLossConfig(gt_weight=gt_weight))
+        self.loss = DistillLoss(loss_cfg).to(device)
         self.targets = []
         teacher.eval()
         with torch.no_grad():
@@ -458,10 +460,10 @@ class PruneResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (without the model)."""
-        data = {k: v for k, v in asdict(self).items() if k != "model"}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
         data["steps"] = [asdict(s) for s in self.steps]
         data["measurement"] = self.measurement
-        return data
+        return copy.deepcopy(data)
 
 
 def _log(out: Path | None, callbacks: list[Callback], kind: str, step: int, metrics: dict[str, Any]) -> None:
@@ -536,6 +538,7 @@ def prune_to_budget(
 
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     model = (model if model is not None else load_any(cfg.model, device, seed=cfg.seed)).to(device).eval()
+    _check_scope(rules_for(model), cfg.scope)  # before the teacher runs over the data
     if teacher is None:
         teacher = load_any(cfg.teacher, device, seed=cfg.seed) if cfg.teacher else copy.deepcopy(model)
     teacher = teacher.to(device).eval().requires_grad_(False)
@@ -548,7 +551,7 @@ def prune_to_budget(
 
     samples = build_samples(cfg)
     distiller = Distiller(teacher, samples, device, cfg.distill.teacher_iters or deploy_iters(teacher),
-                          cfg.distill.train_iters, progress=cfg.progress)
+                          cfg.distill.train_iters, progress=cfg.progress, gt_weight=cfg.distill.gt_weight)
     eval_iters = deploy_iters(model)
     time_it = cfg.latency.measure == "always" or (cfg.latency.measure == "budget" and kind == "latency_ms")
     initial = measure_cost(model, cfg, latency=time_it)

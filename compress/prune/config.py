@@ -150,6 +150,8 @@ class DistillSpec:
     teacher_iters: int | None = None
     """Teacher GRU iterations for the targets; None = the teacher's deployment count."""
     grad_clip: float = 1.0
+    gt_weight: float = 0.0
+    """Weight of the smooth-L1 to ground truth where a sample has it (0 = distillation only)."""
     freeze_norm_stats: bool = True
     """Keep batch-norm running statistics fixed (small distillation batches would make them noisy)."""
     recipe: str | None = None
@@ -163,6 +165,8 @@ class DistillSpec:
                               f"{self.recovery_steps}, expected >= 0")
         if self.lr <= 0 or self.batch_size < 1 or self.train_iters < 1 or self.grad_clip <= 0:
             raise ConfigError("distill.lr, batch_size, train_iters and grad_clip must be positive")
+        if self.gt_weight < 0:
+            raise ConfigError(f"distill.gt_weight: got {self.gt_weight}, expected >= 0")
 
 
 @dataclass
@@ -217,28 +221,6 @@ class PruneConfig:
 
 def load_prune_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PruneConfig:
     """PruneConfig from a YAML recipe plus ``key=value`` overrides, type-checked against the schema."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from compress.structured import load_structured
 
-    layers = [OmegaConf.structured(PruneConfig)]
-    try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"recipe {path} does not exist")
-            layers.append(OmegaConf.load(path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(OmegaConf.merge(*layers))  # runs every __post_init__ check
-    except OmegaConfBaseException as exc:
-        where = f"recipe {path}" if path is not None else "prune config"
-        key = getattr(exc, "full_key", None)
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{where}: {'key ' + repr(key) + ': ' if key else ''}{first}") from None
-    except ConfigError:
-        raise
-    except Exception as exc:  # YAML syntax errors surface as scanner/parser errors
-        raise ConfigError(f"recipe {path} could not be read: {exc}") from None
+    return load_structured(PruneConfig, path, overrides, what="prune recipe")

@@ -22,8 +22,9 @@ The recurrent update is traced over several iterations, so every module reused a
 node: the GRU's hidden width couples the convz/convr/convq outputs, the r*h and hx inputs, conv1's input, the
 disparity and mask heads' inputs and the context network's initial state.
 
-Pruning is planned on the unpruned graph and applied once per layer (:func:`apply_plan`), so index mappings
-never go stale between groups.
+The graph is traced on a meta-device copy (shapes only, no arithmetic) and then pointed at the real model's
+layers by name. Pruning is planned on the unpruned graph and applied once per layer (:func:`apply_plan`), so
+index mappings never go stale between groups.
 """
 
 from __future__ import annotations
@@ -434,6 +435,7 @@ def _fix_concats(dg: tp.DependencyGraph, gradfn_module: dict) -> set:
             continue  # not the channel axis: every input keeps its channel numbering
         sizes: list[int | None] = []
         owners = []
+        lost = False
         for nxt, out_idx in fn.next_functions:
             if nxt is None:
                 sizes.append(None)
@@ -445,10 +447,14 @@ def _fix_concats(dg: tp.DependencyGraph, gradfn_module: dict) -> set:
                 continue
             sizes.append(int(nxt._input_metadata[out_idx].shape[dim]))
             owners.append(_node_of(dg, nxt, gradfn_module, by_gradfn))
+            lost |= owners[-1] is None
         unknown = [i for i, s in enumerate(sizes) if s is None]
         traced = [i for i, o in enumerate(owners) if o is not None]
         # The library still sizes concatenations itself before it looks at enable_index_mapping.
         node.module.concat_sizes = [sizes[i] or 0 for i in traced]
+        if lost:
+            unresolved.add(node)  # a traced input whose graph node we cannot name: its mapping would be a guess
+            continue
         if len(unknown) == 1:
             sizes[unknown[0]] = shape[dim] - sum(s for s in sizes if s is not None)
         elif unknown and traced and min(unknown) < max(traced):

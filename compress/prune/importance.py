@@ -81,13 +81,13 @@ def group_scores(
     estimator = make_importance(method)
     scores: dict[int, torch.Tensor] = {}
     for group in groups:
-        tp_group = coupling.tp_group(group.id)
-        if method == "taylor":
-            _ensure_grads(tp_group)
-        if method == "random":
+        if method == "random":  # seeded per group (the library's estimator draws from the global generator)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + group.id)
             imp = torch.rand(group.size, generator=gen)
         else:
+            tp_group = coupling.tp_group(group.id)
+            if method == "taylor":
+                _ensure_grads(tp_group)
             imp = estimator(tp_group)
         if imp is None:  # no weighted layer in the group: nothing to rank by, keep the order
             imp = torch.ones(group.size)

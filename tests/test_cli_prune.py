@@ -1,0 +1,77 @@
+"""``ffsc prune``: a run to a parameter budget on a dataset folder, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from compress.cli import main
+from compress.data import SyntheticConfig, write_synthetic_dataset
+from search_spaces import build_student, count_params, preset
+from search_spaces.serialization import load_model
+
+COMMON = ["--height", "64", "--width", "128", "--distill-steps", "1", "--recovery-steps", "1", "--samples", "2",
+          "--train-iters", "2", "--teacher-iters", "2", "--no-progress", "data.eval_samples=1",
+          "importance.calibration_batches=1"]
+
+
+def test_cli_prunes_to_a_parameter_budget(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, 2, SyntheticConfig(height=70, width=140, max_disp=16), progress=False)
+    params = count_params(build_student(preset("tiny")))
+    budget = 0.85 * params / 1e6
+    out = tmp_path / "run"
+    rc = main(["prune", "--model", "preset:tiny", "--budget-mparams", str(budget), "--out", str(out),
+               "--data", str(data), "--scope", "refinement,cost_filtering", "--importance", "taylor",
+               "--step-ratio", "0.2", *COMMON])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "budget mparams" in printed and "met" in printed and "parameters (M)" in printed
+    result = json.loads((out / "prune_result.json").read_text())
+    assert result["met"] and result["final"]["mparams"] <= budget < result["initial"]["mparams"]
+    assert result["config"]["data"]["path"] == str(data) and result["config"]["importance"]["method"] == "taylor"
+    saved_cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved_cfg["budget"]["mparams"] == pytest.approx(budget) and saved_cfg["scope"] == ["refinement",
+                                                                                              "cost_filtering"]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows][0] == "baseline" and rows[-1]["kind"] == "end" and rows[-1]["met"] is True
+    model = load_model(out / "model")
+    assert count_params(model) / 1e6 == pytest.approx(result["final"]["mparams"])
+    with torch.no_grad():
+        disp = model(255 * torch.rand(1, 3, 64, 128), 255 * torch.rand(1, 3, 64, 128), test_mode=True)
+    assert disp.shape == (1, 1, 64, 128)
+
+
+def test_cli_reports_an_unmet_budget(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["prune", "--model", "preset:tiny", "--budget-gmacs", "0.001", "--max-steps", "1", "--out", str(out),
+               "--importance", "random", "--scope", "refinement", "--height", "64", "--width", "128",
+               "--distill-steps", "0", "--recovery-steps", "0", "--samples", "1", "--teacher-iters", "1",
+               "--no-progress", "data.eval_samples=0"])
+    assert rc == 1
+    assert "NOT met" in capsys.readouterr().out
+    assert json.loads((out / "prune_result.json").read_text())["met"] is False
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budget-ms", "5", "--budget-gmacs", "1"], "pass one budget"),
+        ([], "no budget"),
+        (["--budget-gmacs", "1", "--scope", "refinement,decoder"], "scope"),
+        (["--budget-gmacs", "1", "--step-ratio", "1.5"], "step_ratio"),
+    ],
+)
+def test_cli_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path):
+    rc = main(["prune", "--model", "preset:tiny", "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_missing_model_is_a_checkpoint_error(tmp_path, capsys):
+    rc = main(["prune", "--model", str(tmp_path / "nowhere"), "--budget-gmacs", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not found" in err
