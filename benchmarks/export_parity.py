@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from compress.atomic import atomic_write_text
-from compress.commands.deploy import resolve_model
 from compress.export import to_onnx
 from compress.latency import machine_info, machine_slug
+from compress.models import resolve_model
 from search_spaces import PRESETS
 
 BAR_PX = 1e-2

@@ -44,26 +44,15 @@ def _epe(model, distiller, n: int, iters: int, reference: list[torch.Tensor] | N
     return evaluate_student(model, distiller.samples[:n], iters=iters, teacher_disps=disps[:n])["teacher/epe"]
 
 
-def _latency(model, args) -> dict:
-    from compress.latency import measure
+def _latencies(models: dict, args) -> dict[str, dict]:
+    from compress.latency import measure_together
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notices of the ONNX export behind the onnxruntime backend
-        stats = measure(model, args.backend, args.latency_height, args.latency_width, iters=args.iters,
-                        warmup=args.warmup, repeats=args.repeats, intra_op_threads=args.threads)
-    return stats.to_dict()
-
-
-def _pool(runs: list[dict]) -> dict:
-    """One latency summary from several measure() calls: medians of their medians and percentiles."""
-    import statistics
-
-    out = dict(runs[0])
-    for key in ("median_ms", "p10_ms", "p90_ms", "mean_ms"):
-        out[key] = statistics.median(r[key] for r in runs)
-    out["repeats"] = sum(r["repeats"] for r in runs)
-    out["round_medians_ms"] = [r["median_ms"] for r in runs]
-    return out
+        stats = measure_together(models, args.backend, args.latency_height, args.latency_width, iters=args.iters,
+                                 rounds=args.rounds, warmup=args.warmup, repeats=args.repeats,
+                                 intra_op_threads=args.threads, progress=True)
+    return {name: st.to_dict() for name, st in stats.items()}
 
 
 def _markdown(r: dict) -> str:
@@ -187,11 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     changed = prune_once(student, args.ratio, scope, importance=args.importance, round_to=args.round_to,
                          loss_fn=loss_fn, batches=calib)
     student.eval()
-    rounds = []
-    for _ in range(args.rounds):  # alternate, so both models see the same drift in machine load
-        rounds.append((_latency(unpruned, args), _latency(student, args)))
-    before["latency"] = _pool([r[0] for r in rounds])
-    after = {**cost(student), "latency": _pool([r[1] for r in rounds]),
+    latency = _latencies({"unpruned": unpruned, "pruned": student}, args)
+    before["latency"] = latency["unpruned"]
+    after = {**cost(student), "latency": latency["pruned"],
              "epe_teacher_before_recovery": _epe(student, distiller, n_eval, args.iters),
              "epe_unpruned_before_recovery": _epe(student, distiller, n_eval, args.iters, reference)}
     distiller.train(student, args.recovery_steps, args.lr, desc="recovery", progress=True)
@@ -214,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "unpruned": before,
         "pruned": after,
         "latency_ratio": after["latency"]["median_ms"] / before["latency"]["median_ms"],
-        "latency_ratio_per_round": [a["median_ms"] / b["median_ms"] for b, a in rounds],
+        "latency_ratio_per_round": [a / b for b, a in zip(before["latency"]["round_medians_ms"],
+                                                          after["latency"]["round_medians_ms"], strict=True)],
         "macs_ratio": after["gmacs"] / before["gmacs"],
         "groups_pruned": len(changed),
         "widths": {k: list(v) for k, v in changed.items()},

@@ -16,7 +16,7 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -56,6 +56,8 @@ class LatencyStats:
     model_hash: str
     options: dict = field(default_factory=dict)
     """Settings that change the number but not the model: compile, cuda_graph, threads."""
+    round_medians_ms: list[float] = field(default_factory=list)
+    """Per-round medians when pooled by :func:`measure_together` (empty for one measure())."""
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -433,3 +435,80 @@ def measure(
     if cache is not None:
         cache.put(key, stats)
     return stats
+
+
+def measure_together(
+    models: Mapping[str, nn.Module | str | os.PathLike],
+    backend: str,
+    height: int,
+    width: int,
+    iters: int | Mapping[str, int] = 8,
+    rounds: int = 3,
+    warmup: int = 5,
+    repeats: int = 20,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    intra_op_threads: int | None = None,
+    clock: str = "wall",
+    progress: bool = False,
+) -> dict[str, LatencyStats]:
+    """Time several models in alternating rounds (uncached), so that drift in machine load hits all alike.
+
+    Each model is exported (ONNX) or built (TensorRT) once, then every round times each model in turn with
+    :func:`measure`; a model's stats are the medians over rounds of its per-round median / p10 / p90 / mean,
+    with the per-round medians kept in ``round_medians_ms``. Compare models by these, not by numbers taken at
+    different times on a shared machine.
+    """
+    if rounds < 1:
+        raise ConfigError(f"rounds: got {rounds}, expected >= 1")
+    if not models:
+        raise ConfigError("measure_together needs at least one model")
+    per_model = {name: iters[name] if isinstance(iters, Mapping) else iters for name in models}
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if backend == "tensorrt" or torch.cuda.is_available() else "cpu")
+    runs: dict[str, list[LatencyStats]] = {name: [] for name in models}
+    with tempfile.TemporaryDirectory(prefix="ffsc-latency-together-") as tmp:
+        targets = {name: _deployable(model, backend, Path(tmp) / f"m{i}", height, width, per_model[name], dev,
+                                     precision)
+                   for i, (name, model) in enumerate(models.items())}
+        from tqdm.auto import tqdm
+
+        steps = tqdm(total=rounds * len(models), desc="latency (alternating rounds)", disable=not progress,
+                     leave=False)
+        for _ in range(rounds):
+            for name, target in targets.items():
+                runs[name].append(measure(target, backend, height, width, iters=per_model[name], warmup=warmup,
+                                          repeats=repeats, device=dev, precision=precision,
+                                          intra_op_threads=intra_op_threads, clock=clock))
+                steps.update()
+        steps.close()
+    return {name: _pool(stats, rounds) for name, stats in runs.items()}
+
+
+def _deployable(model: nn.Module | str | os.PathLike, backend: str, workdir: Path, height: int, width: int,
+                iters: int, device: torch.device, precision: str) -> nn.Module | Path:
+    """What measure() should time each round: the module (torch), or a file exported / built once."""
+    if backend == "torch" or (not isinstance(model, nn.Module) and Path(model).suffix != ".onnx"):
+        return model
+    workdir.mkdir(parents=True)
+    onnx_path = _onnx_file(model, workdir, height, width, iters, 1, device)
+    if backend == "onnxruntime":
+        return onnx_path
+    from compress.export.engine import build_engine
+
+    engine = workdir / "model.engine"
+    build_engine(onnx_path, engine, precision=precision, iters=iters, cache=False)
+    return engine
+
+
+def _pool(runs: list[LatencyStats], rounds: int) -> LatencyStats:
+    first = runs[0]
+    medians = [r.median_ms for r in runs]
+    return LatencyStats(
+        median_ms=statistics.median(medians), p10_ms=statistics.median(r.p10_ms for r in runs),
+        p90_ms=statistics.median(r.p90_ms for r in runs), mean_ms=statistics.fmean(r.mean_ms for r in runs),
+        std_ms=statistics.median(r.std_ms for r in runs), repeats=sum(r.repeats for r in runs),
+        backend=first.backend, device=first.device, precision=first.precision, shapes=first.shapes,
+        iters=first.iters, model_hash=first.model_hash, options={**first.options, "rounds": rounds},
+        round_medians_ms=medians,
+    )

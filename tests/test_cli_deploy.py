@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from compress.cli import main
-from compress.commands.deploy import resolve_model
 from compress.export import to_onnx
+from compress.models import resolve_model
 from search_spaces import build_student, load_student, preset, save_student
+from search_spaces.serialization import save_pruned_teacher
 from teacher import infer
 
 ITERS = 2
@@ -131,6 +132,17 @@ def test_bench_several_backends_with_cost(work: Path, tmp_path: Path) -> None:
     assert all(r["params"] == params and r["gmacs"] > 0 and r["median_ms"] > 0 for r in rows)
 
 
+def test_bench_thread_clock(work: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(work / "static.onnx"), "--backend", "onnxruntime", "--height", "64", "--width",
+            "96", "--repeats", "3", "--warmup", "1", "--clock", "thread"]
+    assert main([*args, "--threads", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["options"]["clock"] == "thread" and row["median_ms"] > 0
+    capsys.readouterr()
+    assert "single-threaded" in _one_line_error(capsys, main([*args, "--threads", "2"]))
+
+
 def test_model_resolution(work: Path, tmp_path: Path) -> None:
     assert resolve_model(str(work / "student")).kind == "student"
     assert resolve_model("tiny").kind == "preset"
@@ -141,6 +153,12 @@ def test_model_resolution(work: Path, tmp_path: Path) -> None:
     (tmp_path / "cfg.yaml").write_text("vit_size: vitt\nhidden_dims: [128, 128, 128]\n")
     resolved = resolve_model(str(ckpt))
     assert resolved.kind == "teacher" and "checkpoint" in resolved.description
+    save_pruned_teacher(resolved.module, tmp_path / "pruned")  # the directory layout ffsc prune writes for teachers
+    from_dir = resolve_model(str(tmp_path / "pruned"))
+    assert from_dir.is_teacher and "pruned teacher" in from_dir.description
+    assert from_dir.default_iters == resolved.module.cfg.valid_iters
+    for a, b in zip(from_dir.module.state_dict().values(), resolved.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -40,9 +40,25 @@ def test_cli_prunes_to_a_parameter_budget(tmp_path, capsys):
     assert [r["kind"] for r in rows][0] == "baseline" and rows[-1]["kind"] == "end" and rows[-1]["met"] is True
     model = load_model(out / "model")
     assert count_params(model) / 1e6 == pytest.approx(result["final"]["mparams"])
+    _check_mlflow_run(out, result)
     with torch.no_grad():
         disp = model(255 * torch.rand(1, 3, 64, 128), 255 * torch.rand(1, 3, 64, 128), test_mode=True)
     assert disp.shape == (1, 1, 64, 128)
+
+
+def _check_mlflow_run(out, result) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ffsc").experiment_id])
+    assert run.data.tags["ffsc.role"] == "prune" and run.info.status == "FINISHED"
+    assert run.data.params["budget.mparams"] == str(result["config"]["budget"]["mparams"])
+    assert run.data.metrics["met"] == 1.0 and run.data.metrics["final_mparams"] == pytest.approx(
+        result["final"]["mparams"])
+    history = client.get_metric_history(run.info.run_id, "prune/step/mparams")
+    assert [m.step for m in history] == list(range(1, len(result["steps"]) + 1))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"prune_result.json", "model"} <= artifacts
 
 
 def test_cli_reports_an_unmet_budget(tmp_path, capsys):
@@ -74,4 +90,4 @@ def test_cli_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path):
 def test_cli_missing_model_is_a_checkpoint_error(tmp_path, capsys):
     rc = main(["prune", "--model", str(tmp_path / "nowhere"), "--budget-gmacs", "1", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and "not found" in err
+    assert rc == 2 and "no such file or directory" in err

@@ -12,7 +12,15 @@ import torch
 
 from compress.errors import ConfigError, MissingDependencyError
 from compress.export import to_onnx
-from compress.latency import BACKENDS, LatencyCache, LatencyStats, latency_key, measure, model_hash
+from compress.latency import (
+    BACKENDS,
+    LatencyCache,
+    LatencyStats,
+    latency_key,
+    measure,
+    measure_together,
+    model_hash,
+)
 from tests.stereo_toy import ToyStereo, make_toy
 
 H, W = 32, 64
@@ -175,3 +183,33 @@ def test_thread_clock_for_single_threaded_cpu_runs() -> None:
         measure(model, "onnxruntime", H, W, iters=1, device="cpu", intra_op_threads=2, clock="thread")
     with pytest.raises(ConfigError, match="clock"):
         measure(model, "torch", H, W, iters=1, device="cpu", clock="cycles")
+
+
+def test_measure_together_alternates_rounds_and_pools_them() -> None:
+    small, counted = make_toy(), _CountingToy().eval()
+    stats = measure_together({"a": small, "b": counted}, "torch", H, W, iters={"a": 1, "b": 2}, rounds=3, warmup=1,
+                             repeats=2, device="cpu")
+    assert list(stats) == ["a", "b"] and counted.forwards == 3 * (1 + 2)  # uncached: every round runs
+    for name, st in stats.items():
+        assert len(st.round_medians_ms) == 3 and st.options["rounds"] == 3 and st.repeats == 6
+        assert st.median_ms == sorted(st.round_medians_ms)[1], name
+    assert stats["a"].iters == 1 and stats["b"].iters == 2
+    assert stats["b"].model_hash == model_hash(counted)
+
+
+def test_measure_together_exports_each_module_once_for_onnxruntime(monkeypatch) -> None:
+    import compress.latency as latency
+
+    exported = []
+    real = latency._onnx_file
+    def counting(model, *args, **kwargs):
+        if isinstance(model, torch.nn.Module):  # a path is passed through; a module is exported
+            exported.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(latency, "_onnx_file", counting)
+    stats = measure_together({"x": make_toy(), "y": make_toy()}, "onnxruntime", H, W, iters=1, rounds=2, warmup=0,
+                             repeats=2, device="cpu", intra_op_threads=1)
+    assert len(exported) == 2 and all(len(s.round_medians_ms) == 2 for s in stats.values())
+    with pytest.raises(ConfigError, match="rounds"):
+        measure_together({"x": make_toy()}, "torch", H, W, rounds=0)

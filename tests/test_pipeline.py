@@ -15,7 +15,9 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart_cpu.ya
 SMALL = [
     "teacher.train_steps=4", "teacher.train_batch_size=2", "search.n_trials=2", "search.distill_steps=2",
     "search.batch_size=2", "distill.steps=2", "distill.batch_size=2", "search.latency.repeats=2",
-    "search.latency.warmup=1", "data.train.num_samples=4", "data.eval.num_samples=2", "progress=false",
+    "search.latency.warmup=1", "search.latency.report_rounds=1", "data.train.num_samples=4",
+    "data.eval.num_samples=2", "prune.samples=2", "prune.steps_between=1", "prune.recovery_steps=1",
+    "progress=false",
 ]
 
 
@@ -38,7 +40,23 @@ def test_run_leaves_every_artifact(finished_run):
     for key in ("gt/epe", "teacher/epe", "latency_ms", "gmacs", "mparams"):
         assert final[key] > 0, key
     assert "stand-in teacher" in summary["teacher"]["description"]
-    assert summary["teacher"]["gt/epe"] > 0
+    assert summary["teacher"]["gt/epe"] > 0 and summary["teacher"]["latency_ms"] > 0
+
+
+def test_chosen_student_is_pruned_before_the_final_distillation(finished_run):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    pruned = summary["pruned"]
+    assert pruned["budget"] == "ratio <= 0.3" and pruned["met"] and pruned["steps"] >= 1
+    assert pruned["gmacs"][1] < pruned["gmacs"][0]
+    chosen = next(r for r in summary["front"] if r["trial"] == summary["chosen"]["trial"])
+    # The final student keeps the pruned widths through distillation and export.
+    assert summary["final"]["gmacs"] == pytest.approx(pruned["gmacs"][1])
+    assert summary["final"]["gmacs"] < chosen["gmacs"]
+    result = json.loads((finished_run / "prune" / "prune_result.json").read_text())
+    assert result["model_path"] == pruned["path"] and (finished_run / "prune" / "model" / "config.yaml").is_file()
+    # Every row of the final table was timed in the same side-by-side measurement.
+    for row in summary["front"]:
+        assert row["latency_ms"] > 0 and row["search_latency_ms"] > 0
 
 
 def test_mlflow_store_has_study_and_trials(finished_run):
@@ -54,6 +72,8 @@ def test_mlflow_store_has_study_and_trials(finished_run):
     child = children[0].data
     assert {"epe", "latency_ms", "gmacs"} <= set(child.metrics)
     assert "volume_scale" in child.params  # params = the sampled student's config
+    parent = client.get_run(parents[0].info.run_id).data.metrics
+    assert any(k.startswith("prune/") for k in parent) and "final_latency_ms" in parent
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
     assert any(p.endswith(".png") for p in artifacts) or any(
         a.path.endswith(".png") for d in artifacts for a in client.list_artifacts(parents[0].info.run_id, d)
@@ -62,10 +82,12 @@ def test_mlflow_store_has_study_and_trials(finished_run):
 
 def test_rerun_resumes_without_redoing_work(finished_run, capsys):
     before = (finished_run / "optuna.db").stat().st_mtime
+    pruned_at = (finished_run / "prune" / "prune_result.json").stat().st_mtime
     trials = sorted(p.name for p in (finished_run / "trials").iterdir())
     assert main(["run", str(RECIPE), f"run_dir={finished_run}", *SMALL]) == 0
     assert sorted(p.name for p in (finished_run / "trials").iterdir()) == trials
     assert (finished_run / "optuna.db").stat().st_mtime >= before
+    assert (finished_run / "prune" / "prune_result.json").stat().st_mtime == pruned_at  # pruning was reused
     assert "wall time" in capsys.readouterr().out
 
 

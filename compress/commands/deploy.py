@@ -1,9 +1,7 @@
 """Deployment subcommands: ``ffsc export`` and ``ffsc bench``, and the ONNX/TensorRT runner of ``ffsc infer``.
 
-``--model`` names what to deploy, resolved in this order: a directory holding ``config.yaml`` (a saved
-student), a ``.pth``/``.safetensors`` file (a teacher checkpoint with its ``cfg.yaml``), a student preset
-name, or ``teacher:<vit>`` (a teacher with random weights, for timing). ``ffsc bench`` also takes an
-``.onnx`` file or a TensorRT engine.
+``--model`` is resolved by :func:`compress.models.resolve_model`; ``ffsc bench`` also takes an ``.onnx``
+file or a TensorRT engine.
 """
 
 from __future__ import annotations
@@ -12,102 +10,13 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from compress.errors import CheckpointError, ConfigError, DataError, ExportError
+from compress.errors import ConfigError, DataError, ExportError
+from compress.models import ResolvedModel, resolve_model
 
 from .common import console, pick_device
-
-STUDENT_CONFIG = "config.yaml"
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-TEACHER_PREFIX = "teacher:"
-
-
-@dataclass
-class ResolvedModel:
-    """What a ``--model`` value named: a PyTorch module or an exported file, and how it was found."""
-
-    kind: str
-    """"student" (saved directory), "teacher" (checkpoint), "preset", "random-teacher", "onnx" or "engine"."""
-    description: str
-    module: object | None = None
-    path: Path | None = None
-    default_iters: int | None = None
-
-    @property
-    def is_teacher(self) -> bool:
-        """Whether the module is a FoundationStereo teacher."""
-        return self.kind in ("teacher", "random-teacher")
-
-
-def resolve_model(
-    spec: str,
-    config: str | None = None,
-    trust_checkpoint: bool = False,
-    allow_files: bool = False,
-    seed: int = 0,
-) -> ResolvedModel:
-    """Resolve a ``--model`` value (see the module docstring for the order); modules come back on the CPU."""
-    import torch
-
-    path = Path(spec)
-    if path.is_dir():
-        if not (path / STUDENT_CONFIG).is_file():
-            raise CheckpointError(f"--model {spec}: the directory has no {STUDENT_CONFIG}; expected a saved student "
-                                  "(config.yaml + model.safetensors, as save_student writes)")
-        from search_spaces import load_student
-
-        model = load_student(path)
-        return ResolvedModel("student", f"student directory {path} ({model.cfg.name})", model, path, model.cfg.iters)
-    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
-        from teacher import load_teacher
-
-        model = load_teacher(path, cfg=config, trust_pickle=trust_checkpoint)
-        return ResolvedModel("teacher", f"teacher checkpoint {path} (FoundationStereo {model.cfg.vit_size})", model,
-                             path, model.cfg.valid_iters)
-    if path.is_file() and allow_files and path.suffix == ".onnx":
-        return ResolvedModel("onnx", f"ONNX file {path}", path=path, default_iters=_onnx_iters(path))
-    if path.is_file() and allow_files and path.suffix in ENGINE_SUFFIXES:
-        return ResolvedModel("engine", f"TensorRT engine {path}", path=path, default_iters=_engine_iters(path))
-
-    from search_spaces import PRESETS, build_student, preset
-
-    if spec in PRESETS:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = build_student(preset(spec)).eval()
-        return ResolvedModel("preset", f"student preset {spec} (random weights, seed {seed})", model,
-                             default_iters=model.cfg.iters)
-    if spec.startswith(TEACHER_PREFIX):
-        from teacher import FoundationStereo, TeacherConfig
-
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = FoundationStereo(TeacherConfig(vit_size=spec[len(TEACHER_PREFIX):])).eval()
-        return ResolvedModel("random-teacher", f"FoundationStereo {model.cfg.vit_size} (random weights, seed {seed})",
-                             model, default_iters=model.cfg.valid_iters)
-    files = "an .onnx file, a TensorRT engine, " if allow_files else ""
-    if path.suffix or "/" in spec:
-        raise CheckpointError(f"--model {spec}: no such file or directory; expected {files}a saved student directory "
-                              f"or a teacher checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
-    raise ConfigError(f"--model {spec!r} is not {files}a saved student directory, a teacher checkpoint, a preset "
-                      f"({', '.join(PRESETS)}) or teacher:<vits|vitb|vitl>")
-
-
-def _onnx_iters(path: Path) -> int | None:
-    from compress.export import read_metadata
-
-    value = read_metadata(path).get("iters")
-    return int(value) if value else None
-
-
-def _engine_iters(path: Path) -> int | None:
-    from compress.export import read_sidecar
-
-    info = read_sidecar(path)
-    return info.iters if info is not None else None
 
 
 def _iters(args: argparse.Namespace, resolved: ResolvedModel) -> int:
@@ -299,6 +208,7 @@ def bench_model(
     threads: int | None = None,
     device: str | None = None,
     cache: str | None = None,
+    clock: str = "wall",
 ) -> dict:
     """Time a resolved model on each backend; returns machine, model cost and one row per backend."""
     import torch
@@ -321,7 +231,7 @@ def bench_model(
             torch.set_num_threads(threads)  # the user asked for this thread count for this run
         stats = measure(target, backend, height, width, iters=iters, warmup=warmup, repeats=repeats, device=dev,
                         precision=precision, compile=compile, cuda_graph=cuda_graph, cache=cache,
-                        intra_op_threads=threads)
+                        intra_op_threads=threads, clock=clock)
         rows.append({**stats.to_dict(), **cost})
     return {"machine": machine_info(), "model": resolved.description, "kind": resolved.kind, "height": height,
             "width": width, "iters": iters, "results": rows}
@@ -356,7 +266,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = bench_model(
         resolved, backends, args.height, args.width, _iters(args, resolved), warmup=args.warmup,
         repeats=args.repeats, precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
-        threads=args.threads, device=args.device, cache=args.cache,
+        threads=args.threads, device=args.device, cache=args.cache, clock=args.clock,
     )
     _print_bench(report)
     if args.json:
@@ -516,6 +426,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (torch backend)")
     p.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", help="replay a CUDA graph (GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and onnxruntime)")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="thread: CPU time of a single-threaded CPU run (needs --threads 1; steady on busy cores)")
     p.add_argument("--cache", default=None, help="SQLite latency cache file")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_bench)

@@ -35,7 +35,34 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
         out.append("importance.global_ranking=false")
     if args.no_progress:
         out.append("progress=false")
+    if args.no_mlflow:
+        out.append("mlflow=false")
+    if args.tracking_uri:
+        out.append(f"tracking_uri={args.tracking_uri}")
     return out + list(args.overrides)
+
+
+def _prune_tracked(cfg):
+    """prune_to_budget, logged to MLflow as one run (params: the config; metrics: every step) unless disabled."""
+    from pathlib import Path
+
+    from compress.prune import prune_to_budget, tracker_callback
+    from compress.prune.budget import RESULT_NAME
+    from compress.tracking import ROLE_TAG, Tracker
+
+    if not cfg.mlflow:
+        return prune_to_budget(cfg)
+    tracker = Tracker(cfg.out, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment)
+    tracker.start_study_run(f"prune-{Path(cfg.out).resolve().name}", params=cfg.to_dict(),
+                            tags={ROLE_TAG: "prune", "ffsc.model": cfg.model})
+    with tracker:  # ends the run FAILED (or KILLED on Ctrl-C) when pruning raises
+        result = prune_to_budget(cfg, callbacks=[tracker_callback(tracker)])
+        tracker.log_metrics({"met": float(result.met), "final_gmacs": result.final["gmacs"],
+                             "final_mparams": result.final["mparams"], "steps": float(len(result.steps))})
+        tracker.log_artifact(Path(cfg.out) / RESULT_NAME)
+        if result.model_path:
+            tracker.log_artifact(result.model_path, "model")
+    return result
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -43,7 +70,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from compress.errors import ConfigError
-    from compress.prune import load_prune_config, prune_to_budget
+    from compress.prune import load_prune_config
 
     given = [flag for flag in _BUDGETS if getattr(args, flag) is not None]
     if len(given) > 1:
@@ -52,7 +79,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if cfg.budget.kind is None:
         raise ConfigError("no budget: pass --budget-ms, --budget-gmacs, --budget-mparams or --ratio (or set budget.* "
                           "in the recipe)")
-    result = prune_to_budget(cfg)
+    result = _prune_tracked(cfg)
     out = console()
     table = Table("", "before", "after", title=f"pruned {cfg.model} ({', '.join(cfg.scope)})")
     for key, label in (("gmacs", "GMACs"), ("mparams", "parameters (M)")):
@@ -128,4 +155,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="device pruning and distillation run on (default: cuda if available)")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in --out)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     p.set_defaults(func=cmd_prune)

@@ -52,10 +52,14 @@ class LatencyStage:
     warmup: int = 2
     repeats: int = 7
     threads: int | None = None
+    report_rounds: int = 3
+    """Rounds of the final table's side-by-side timing of teacher, front and final student (0 = skip it)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("measured", "predicted"):
             raise ConfigError(f"search.latency.mode: got {self.mode!r}, expected 'measured' or 'predicted'")
+        if self.report_rounds < 0:
+            raise ConfigError(f"search.latency.report_rounds: got {self.report_rounds}, expected >= 0")
 
 
 @dataclass
@@ -84,12 +88,29 @@ class PruneStage:
 
     enabled: bool = False
     budget_ms: float | None = None
+    """Median latency on the search's latency settings (backend, precision, size)."""
     budget_gmacs: float | None = None
+    budget_mparams: float | None = None
+    ratio: float | None = None
+    """Fraction of the in-scope channels to remove (no measurement)."""
     scope: list[str] = field(default_factory=lambda: ["refinement"])
     importance: str = "taylor"
     step_ratio: float = 0.2
+    max_steps: int = 10
     round_to: int = 8
+    samples: int = 16
+    """Training pairs used for Taylor scores and for the distillation between and after steps."""
+    steps_between: int = 20
     recovery_steps: int = 50
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        budgets = [k for k in ("budget_ms", "budget_gmacs", "budget_mparams", "ratio") if getattr(self, k) is not None]
+        if self.enabled and len(budgets) != 1:
+            raise ConfigError(f"prune.enabled needs exactly one of prune.budget_ms, budget_gmacs, budget_mparams, "
+                              f"ratio; got {', '.join(budgets) or 'none'}")
+        if self.samples < 1:
+            raise ConfigError(f"prune.samples: got {self.samples}, expected >= 1")
 
 
 @dataclass

@@ -27,6 +27,7 @@ class RunSummary:
     teacher: dict[str, Any] = field(default_factory=dict)
     front: list[dict[str, Any]] = field(default_factory=list)
     chosen: dict[str, Any] | None = None
+    pruned: dict[str, Any] | None = None
     final: dict[str, Any] | None = None
     exports: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -159,8 +160,58 @@ def choose_student(front, study, recipe: RunRecipe) -> dict[str, Any]:
             "student_path": attrs.get("student_path")}
 
 
-def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labels_dir: Path, device) -> Path:
-    """Distil the chosen student longer, starting from its search-trial weights."""
+def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_model: torch.nn.Module, device,
+                 tracker) -> tuple[Path, dict[str, Any]]:
+    """Prune the chosen student to the recipe's budget, distilling from the teacher (reused on a re-run)."""
+    from compress.distill.trainer import build_dataset
+    from compress.prune import PruneConfig, crop_samples, prune_to_budget, tracker_callback
+    from compress.prune.budget import MODEL_DIR, RESULT_NAME
+    from compress.prune.config import BudgetConfig, DataSpec, DistillSpec, ImportanceConfig, LatencySpec
+
+    p, lat = recipe.prune, recipe.search.latency
+    out = run_dir / "prune"
+    cfg = PruneConfig(
+        model=str(student_path), out=str(out), scope=list(p.scope), round_to=p.round_to, step_ratio=p.step_ratio,
+        max_steps=p.max_steps, seed=recipe.seed, device=str(device), progress=recipe.progress,
+        budget=BudgetConfig(latency_ms=p.budget_ms, gmacs=p.budget_gmacs, mparams=p.budget_mparams, ratio=p.ratio),
+        latency=LatencySpec(backend=lat.backend, precision=lat.precision, height=recipe.height, width=recipe.width,
+                            warmup=lat.warmup, repeats=lat.repeats, threads=lat.threads),
+        importance=ImportanceConfig(method=p.importance),
+        data=DataSpec(num_samples=p.samples, size=[recipe.height, recipe.width], eval_samples=min(2, p.samples)),
+        distill=DistillSpec(steps_between=p.steps_between, recovery_steps=p.recovery_steps, lr=p.lr),
+    )
+    model_dir = out / MODEL_DIR
+    try:
+        previous = json.loads((out / RESULT_NAME).read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous is not None and previous.get("config") == cfg.to_dict() and (model_dir / "config.yaml").is_file():
+        _say(recipe, f"prune: reusing {model_dir} (same settings)")
+        return model_dir, _prune_summary(previous)
+    samples = crop_samples(build_dataset(recipe.data.train, seed=recipe.seed), p.samples,
+                           [recipe.height, recipe.width])
+    result = prune_to_budget(cfg, teacher=teacher_model, samples=samples,
+                             callbacks=[tracker_callback(tracker)] if tracker.parent_run_id else [])
+    summary = _prune_summary(result.to_dict())
+    if not result.met:
+        _say(recipe, f"prune: budget {result.budget_kind} <= {result.budget_value:g} NOT met after "
+                     f"{len(result.steps)} step(s); going on with the smallest model reached")
+    return Path(result.model_path), summary
+
+
+def _prune_summary(result: dict[str, Any]) -> dict[str, Any]:
+    ev = result.get("evaluation", {})
+    return {"budget": f"{result['budget_kind']} <= {result['budget_value']:g}", "met": result["met"],
+            "steps": len(result["steps"]), "gmacs": [result["initial"]["gmacs"], result["final"]["gmacs"]],
+            "mparams": [result["initial"]["mparams"], result["final"]["mparams"]],
+            "teacher_epe": [ev.get(k, {}).get("teacher/epe") for k in ("unpruned", "before_recovery",
+                                                                        "after_recovery")],
+            "path": result.get("model_path")}
+
+
+def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labels_dir: Path, device,
+                  start: Path | None = None) -> Path:
+    """Distil the chosen student longer, starting from its search-trial (or pruned) weights."""
     from compress.distill.config import DataConfig, DistillConfig, StudentSpec, TeacherSpec
     from compress.distill.trainer import distill
 
@@ -171,7 +222,7 @@ def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labe
         train_iters=cfg_iters, eval_iters=cfg_iters, amp="bf16", device=str(device),
         log_every=max(1, d.steps // 10), checkpoint_every=max(1, d.steps // 4), eval_every=0,
         progress=recipe.progress, data=DataConfig(train=recipe.data.train, eval=None, eval_samples=0),
-        student=StudentSpec(kind="search_space", init_checkpoint=chosen["student_path"]),
+        student=StudentSpec(kind="search_space", init_checkpoint=str(start or chosen["student_path"])),
         teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=_labels_config(recipe)),
         loss=recipe.loss, optim=recipe.optim,
     )
@@ -179,21 +230,47 @@ def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labe
 
 
 def score_student(path: Path, recipe: RunRecipe, eval_set, device) -> dict[str, Any]:
-    """Held-out accuracy, latency and cost of a saved student."""
+    """Held-out accuracy and cost of a saved student (latency: see report_latencies)."""
     from compress.distill.trainer import evaluate_student
-    from compress.latency import LatencyCache, measure
     from search_spaces import count_macs, load_student
 
     model = load_student(path, device=device)
     iters = model.cfg.iters
     scores = evaluate_student(model, eval_set, iters=iters, device=device)
-    lat = recipe.search.latency
-    stats = measure(model.cpu() if lat.backend == "onnxruntime" else model, lat.backend, recipe.height,
-                    recipe.width, iters=iters, warmup=lat.warmup, repeats=lat.repeats, precision=lat.precision,
-                    cache=LatencyCache(path.parent / "latency_cache.sqlite"), intra_op_threads=lat.threads)
     cost = count_macs(model, recipe.height, recipe.width, iters=iters)
-    return {**scores, "latency_ms": stats.median_ms, "gmacs": cost.gmacs, "mparams": cost.params / 1e6,
-            "path": str(path)}
+    return {**scores, "gmacs": cost.gmacs, "mparams": cost.params / 1e6, "path": str(path)}
+
+
+def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torch.nn.Module, device) -> None:
+    """Time the teacher, every front student and the final student together, in alternating rounds.
+
+    Search-time latencies were taken minutes apart on a machine whose load drifts; the final table compares
+    numbers measured side by side (the search-time ones stay in the front's CSV and in ``search_latency_ms``).
+    """
+    from compress.latency import measure_together
+    from search_spaces import load_student
+
+    lat = recipe.search.latency
+    if lat.mode != "measured" or lat.report_rounds == 0:
+        return
+    models = {"teacher": teacher_model.to(device).eval()}
+    iters = {"teacher": getattr(teacher_model.cfg, "iters", None) or recipe.teacher.iters or 8}
+    for row in summary.front:
+        if row.get("student_path"):
+            models[f"trial {row['trial']}"] = load_student(row["student_path"], device=device)
+    if summary.final:
+        models["final"] = load_student(summary.final["path"], device=device)
+    for name, model in models.items():
+        iters.setdefault(name, model.cfg.iters)
+    stats = measure_together(models, lat.backend, recipe.height, recipe.width, iters=iters,
+                             rounds=lat.report_rounds, warmup=lat.warmup, repeats=lat.repeats, device=device,
+                             precision=lat.precision, intra_op_threads=lat.threads, progress=recipe.progress)
+    summary.teacher["latency_ms"] = stats["teacher"].median_ms
+    for row in summary.front:
+        if (found := stats.get(f"trial {row['trial']}")) is not None:
+            row["search_latency_ms"], row["latency_ms"] = row["latency_ms"], found.median_ms
+    if summary.final:
+        summary.final["latency_ms"] = stats["final"].median_ms
 
 
 def export_student(path: Path, recipe: RunRecipe, run_dir: Path) -> dict[str, str]:
@@ -214,12 +291,13 @@ def export_student(path: Path, recipe: RunRecipe, run_dir: Path) -> dict[str, st
     return out
 
 
-def _front_rows(front) -> list[dict[str, Any]]:
+def _front_rows(front, study) -> list[dict[str, Any]]:
     rows = []
     for p in front.points:
         m = p.metrics
         rows.append({"trial": p.number, "epe_vs_teacher": m.get("teacher_epe"), "epe_vs_gt": m.get("gt_epe"),
-                     "latency_ms": m.get("latency_ms"), "gmacs": m.get("gmacs"), "mparams": m.get("mparams")})
+                     "latency_ms": m.get("latency_ms"), "gmacs": m.get("gmacs"), "mparams": m.get("mparams"),
+                     "student_path": study.trials[p.number].user_attrs.get("student_path")})
     return sorted(rows, key=lambda r: r["latency_ms"] or 0.0)
 
 
@@ -233,7 +311,10 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
         return "-" if v is None else fmt.format(v)
 
     t = summary.teacher
-    table = Table("model", "EPE vs GT (px)", "EPE vs teacher (px)", f"latency (ms, {recipe.search.latency.backend})",
+    lat = recipe.search.latency
+    together = lat.mode == "measured" and lat.report_rounds > 0
+    latency_header = f"latency (ms, {lat.backend}" + (", timed side by side)" if together else ")")
+    table = Table("model", "EPE vs GT (px)", "EPE vs teacher (px)", latency_header,
                   "GMACs", "params (M)", title=f"{recipe.name}: results at {recipe.height}x{recipe.width}")
     table.add_row("teacher", f(t.get("gt/epe")), "0.00", f(t.get("latency_ms")), f(t.get("gmacs")),
                   f(t.get("mparams")))
@@ -242,14 +323,17 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
                       f(row["latency_ms"]), f(row["gmacs"]), f(row["mparams"], "{:.3f}"))
     if summary.final:
         fz = summary.final
-        table.add_row(f"[bold]final (trial {summary.chosen['trial']} distilled)[/bold]", f(fz.get("gt/epe")),
+        done = (["pruned"] if summary.pruned else []) + (
+            ["distilled"] if "distill" in recipe.stages and recipe.distill.enabled else [])
+        label = f"final (trial {summary.chosen['trial']}{', ' + ' + '.join(done) if done else ''})"
+        table.add_row(f"[bold]{label}[/bold]", f(fz.get("gt/epe")),
                       f(fz.get("teacher/epe")), f(fz.get("latency_ms")), f(fz.get("gmacs")),
                       f(fz.get("mparams"), "{:.3f}"))
     out = console()
     out.print(table)
     out.print(f"run directory: {summary.run_dir}")
-    for name in ("search/pareto_front.png", "search/pareto_front.csv", "final/student", "export/student.onnx",
-                 "mlflow.db"):
+    for name in ("search/pareto_front.png", "search/pareto_front.csv", "prune/model", "final/student",
+                 "export/student.onnx", "mlflow.db"):
         if (summary.run_dir / name).exists():
             out.print(f"  {name}")
     out.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{summary.run_dir / 'mlflow.db'}")
@@ -258,7 +342,6 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
 
 def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
     """Run every stage the recipe lists; a re-run on the same run directory resumes."""
-    from compress.latency import LatencyCache, measure
     from compress.tracking import Tracker
     from search_spaces import count_macs
 
@@ -278,38 +361,36 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
     summary.teacher = {"description": teacher.description, **teacher_scores(eval_set)}
     cost = count_macs(teacher.model, recipe.height, recipe.width)
     summary.teacher.update({"gmacs": cost.gmacs, "mparams": cost.params / 1e6})
-    lat = recipe.search.latency
-    if lat.mode == "measured":
-        stats = measure(teacher.model.cpu() if lat.backend == "onnxruntime" else teacher.model, lat.backend,
-                        recipe.height, recipe.width, warmup=lat.warmup, repeats=lat.repeats,
-                        iters=getattr(teacher.model.cfg, "iters", None) or recipe.teacher.iters or 8,
-                        cache=LatencyCache(run_dir / "latency_cache.sqlite"), intra_op_threads=lat.threads)
-        summary.teacher["latency_ms"] = stats.median_ms
-        teacher.model.to(device)
 
     tracker = Tracker(run_dir, tracking_uri=recipe.tracking.uri, experiment=recipe.tracking.experiment,
                       teacher=teacher.identity)
     if "search" in recipe.stages and recipe.search.enabled:
         result = run_search(recipe, run_dir, labels_dir, eval_set, device, tracker, teacher, storage_url)
-        summary.front = _front_rows(result.front)
+        summary.front = _front_rows(result.front, result.study)
         summary.chosen = choose_student(result.front, result.study, recipe)
         _say(recipe, f"search: {result.n_complete} trials complete, {result.n_failed} failed, "
                      f"front of {len(summary.front)}; chose trial {summary.chosen['trial']}")
+        from compress.nas.study import UID_ATTR
+
+        tracker.start_study_run(study_spec(recipe).name, params={}, tags={},
+                                study_key=result.study.user_attrs.get(UID_ATTR))
         final_path = Path(summary.chosen["student_path"])
+        if "prune" in recipe.stages and recipe.prune.enabled:
+            final_path, summary.pruned = prune_chosen(recipe, run_dir, final_path, teacher.model, device, tracker)
+            g = summary.pruned["gmacs"]
+            _say(recipe, f"prune: {summary.pruned['budget']} {'met' if summary.pruned['met'] else 'NOT met'} in "
+                         f"{summary.pruned['steps']} step(s), {g[0]:.3g} -> {g[1]:.3g} GMACs")
         if "distill" in recipe.stages and recipe.distill.enabled:
-            final_path = final_distill(recipe, run_dir, summary.chosen, labels_dir, device)
+            final_path = final_distill(recipe, run_dir, summary.chosen, labels_dir, device, start=final_path)
         summary.final = score_student(final_path, recipe, eval_set, device)
         if "export" in recipe.stages and recipe.export.enabled:
             summary.exports = export_student(final_path, recipe, run_dir)
-        from compress.nas.study import UID_ATTR
-
-        parent = tracker.start_study_run(study_spec(recipe).name, params={}, tags={},
-                                         study_key=result.study.user_attrs.get(UID_ATTR))
-        if parent:
-            tracker.log_metrics({f"final/{k}".replace("/", "_"): v for k, v in summary.final.items()
-                                 if isinstance(v, float)})
-            tracker.log_artifact(final_path / "config.yaml", "final_student")
-        tracker.end()
+    report_latencies(summary, recipe, teacher.model, device)
+    if summary.final is not None and tracker.parent_run_id:
+        tracker.log_metrics({f"final/{k}".replace("/", "_"): v for k, v in summary.final.items()
+                             if isinstance(v, float)})
+        tracker.log_artifact(final_path / "config.yaml", "final_student")
+    tracker.end()
     summary.seconds = time.perf_counter() - start
     atomic_write_text(run_dir / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2, default=str))
     print_summary(summary, recipe)

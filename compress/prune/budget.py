@@ -50,25 +50,10 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def load_any(spec: str, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-    """A stereo model from ``preset:NAME`` (random student), a saved student / pruned-teacher folder, or an
-    official teacher checkpoint (its cfg.yaml beside it)."""
-    from search_spaces import build_student, preset
-    from search_spaces.serialization import load_model
-    from teacher import load_teacher
+    """The module a model spec names (see :func:`compress.models.resolve_model`), on ``device`` in eval mode."""
+    from compress.models import resolve_model
 
-    if spec.startswith("preset:"):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return build_student(preset(spec.split(":", 1)[1])).to(device).eval()
-    path = Path(spec)
-    if path.is_dir():
-        return load_model(path, device)
-    if path.is_file():
-        return load_teacher(path, device=device)
-    raise CheckpointError(
-        f"model {spec!r} not found: expected a saved student or pruned-teacher folder, an official teacher "
-        "checkpoint file, or preset:NAME"
-    )
+    return resolve_model(spec, seed=seed).module.to(device).eval()
 
 
 def deploy_iters(model: nn.Module) -> int:
@@ -109,14 +94,20 @@ def build_samples(cfg: PruneConfig) -> list[dict[str, Any]]:
         dataset = open_dataset(spec.path, kind=spec.kind, seed=cfg.seed)
     if len(dataset) == 0:
         raise DataError(f"dataset {spec.path} holds no samples")
+    return crop_samples(dataset, spec.num_samples, spec.size)
+
+
+def crop_samples(dataset, num_samples: int, size: list[int] | tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """The first ``num_samples`` items of a stereo dataset, centre-cropped to ``size`` (default: each image
+    rounded down to multiples of 32)."""
     samples = []
-    for i in range(min(spec.num_samples, len(dataset))):
+    for i in range(min(num_samples, len(dataset))):
         item = dataset[i]
         h, w = item["left"].shape[-2:]
-        size = tuple(spec.size) if spec.size else (h // 32 * 32, w // 32 * 32)
-        if size[0] < 32 or size[1] < 32 or size[0] > h or size[1] > w:
-            raise DataError(f"sample {item.get('name', i)} is {h}x{w}; it cannot be cropped to {size[0]}x{size[1]}")
-        samples.append({k: _crop(v, size) if k in ("left", "right", "disp", "valid", "nonocc") else v
+        crop = tuple(size) if size else (h // 32 * 32, w // 32 * 32)
+        if crop[0] < 32 or crop[1] < 32 or crop[0] > h or crop[1] > w:
+            raise DataError(f"sample {item.get('name', i)} is {h}x{w}; it cannot be cropped to {crop[0]}x{crop[1]}")
+        samples.append({k: _crop(v, crop) if k in ("left", "right", "disp", "valid", "nonocc") else v
                         for k, v in item.items()})
     return samples
 
@@ -140,18 +131,22 @@ class Distiller:
     The feature loss is off (pruned widths differ from the teacher's; an adapter would have to be learned);
     the cost-volume KL and the sequence loss to the teacher's disparity drive both Taylor importance and the
     recovery. Ground truth, where a sample has it, joins with weight ``gt_weight`` (0 by default: recovery
-    restores what the pruned model lost against its teacher; a ground-truth term pulls elsewhere).
+    restores what the pruned model lost against its teacher; a ground-truth term pulls elsewhere). The term
+    pulling the initial (cost-volume) disparity towards the teacher's final one has weight ``init_weight``
+    (0 by default: the cost-volume KL already supervises that branch, and the pull would move an unpruned
+    cost volume away from what the refinement was trained on).
     """
 
     def __init__(self, teacher: nn.Module, samples: list[dict], device: torch.device, teacher_iters: int,
-                 train_iters: int, progress: bool = False, gt_weight: float = 0.0) -> None:
+                 train_iters: int, progress: bool = False, gt_weight: float = 0.0, init_weight: float = 0.0) -> None:
         from compress.distill import DistillLoss, LossConfig, TeacherTargets
         from compress.distill.config import FeatureLossConfig, OutputLossConfig
 
         self.samples = samples
         self.device = device
         self.train_iters = train_iters
-        loss_cfg = LossConfig(feature=FeatureLossConfig(enabled=False), output=OutputLossConfig(gt_weight=gt_weight))
+        output = OutputLossConfig(gt_weight=gt_weight, init_weight=init_weight)
+        loss_cfg = LossConfig(feature=FeatureLossConfig(enabled=False), output=output)
         self.loss = DistillLoss(loss_cfg).to(device)
         self.targets = []
         teacher.eval()
@@ -520,8 +515,10 @@ def prune_to_budget(
     model: nn.Module | None = None,
     teacher: nn.Module | None = None,
     callbacks: Iterable[Callback] = (),
+    samples: list[dict[str, Any]] | None = None,
 ) -> PruneResult:
-    """Run a pruning recipe end to end (see the module docstring); ``model``/``teacher`` override the specs."""
+    """Run a pruning recipe end to end (see the module docstring); ``model``/``teacher``/``samples`` (as
+    :func:`crop_samples` returns them) override the recipe's specs."""
     from search_spaces.serialization import load_model, save_model
 
     callbacks = list(callbacks)
@@ -549,9 +546,10 @@ def prune_to_budget(
             if name.startswith(prefix + "."):
                 p.requires_grad_(False)
 
-    samples = build_samples(cfg)
+    samples = samples if samples is not None else build_samples(cfg)
     distiller = Distiller(teacher, samples, device, cfg.distill.teacher_iters or deploy_iters(teacher),
-                          cfg.distill.train_iters, progress=cfg.progress, gt_weight=cfg.distill.gt_weight)
+                          cfg.distill.train_iters, progress=cfg.progress, gt_weight=cfg.distill.gt_weight,
+                          init_weight=cfg.distill.init_weight)
     eval_iters = deploy_iters(model)
     time_it = cfg.latency.measure == "always" or (cfg.latency.measure == "budget" and kind == "latency_ms")
     initial = measure_cost(model, cfg, latency=time_it)

@@ -152,6 +152,8 @@ class DistillSpec:
     grad_clip: float = 1.0
     gt_weight: float = 0.0
     """Weight of the smooth-L1 to ground truth where a sample has it (0 = distillation only)."""
+    init_weight: float = 0.0
+    """Weight of the initial (cost-volume) disparity's smooth-L1 to the teacher's final disparity."""
     freeze_norm_stats: bool = True
     """Keep batch-norm running statistics fixed (small distillation batches would make them noisy)."""
     recipe: str | None = None
@@ -165,8 +167,9 @@ class DistillSpec:
                               f"{self.recovery_steps}, expected >= 0")
         if self.lr <= 0 or self.batch_size < 1 or self.train_iters < 1 or self.grad_clip <= 0:
             raise ConfigError("distill.lr, batch_size, train_iters and grad_clip must be positive")
-        if self.gt_weight < 0:
-            raise ConfigError(f"distill.gt_weight: got {self.gt_weight}, expected >= 0")
+        if self.gt_weight < 0 or self.init_weight < 0:
+            raise ConfigError(f"distill.gt_weight/init_weight: got {self.gt_weight}/{self.init_weight}, "
+                              "expected >= 0")
 
 
 @dataclass
@@ -194,6 +197,11 @@ class PruneConfig:
     progress: bool = True
     trace_size: list[int] = field(default_factory=lambda: [32, 64])
     """[height, width] of the (meta-device) forward that builds the dependency graph."""
+    mlflow: bool = True
+    """Log the run to MLflow (``ffsc prune``): config as params, every step's metrics, the result file."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; None = a SQLite store ``mlflow.db`` in the output folder."""
+    experiment: str = "ffsc"
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     latency: LatencySpec = field(default_factory=LatencySpec)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
