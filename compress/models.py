@@ -24,7 +24,8 @@ class ResolvedModel:
     """What a ``--model`` value named: a PyTorch module or an exported file, and how it was found."""
 
     kind: str
-    """"student" (saved directory), "teacher" (checkpoint), "preset", "random-teacher", "onnx" or "engine"."""
+    """"student" (saved directory), "teacher" (checkpoint or pruned-teacher directory), "preset", "random-teacher",
+    "onnx" or "engine"."""
     description: str
     module: object | None = None
     path: Path | None = None
@@ -86,6 +87,9 @@ def resolve_model(
         return ResolvedModel("random-teacher", f"FoundationStereo {model.cfg.vit_size} (random weights, seed {seed})",
                              model, default_iters=model.cfg.valid_iters)
     files = "an .onnx file, a TensorRT engine, " if allow_files else ""
+    if path.is_file():
+        raise CheckpointError(f"--model {spec}: unsupported file type '{path.suffix}'; expected {files}a teacher "
+                              f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) or a saved model directory")
     if path.suffix or "/" in spec:
         raise CheckpointError(f"--model {spec}: no such file or directory; expected {files}a saved student or "
                               f"pruned-teacher directory, or a teacher checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")

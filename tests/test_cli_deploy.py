@@ -175,6 +175,13 @@ def test_export_errors_are_one_line(args: list[str], message: str, tmp_path: Pat
     assert not list(tmp_path.iterdir())
 
 
+def test_export_unsupported_file_type(tmp_path: Path, capsys) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 8)
+    err = _one_line_error(capsys, main(["export", "--model", str(tmp_path / "weights.bin"), "--out",
+                                        str(tmp_path / "m.onnx")]))
+    assert "unsupported file type '.bin'" in err
+
+
 def test_export_directory_without_config(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     err = _one_line_error(capsys, main(["export", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "m")]))

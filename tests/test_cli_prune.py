@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -70,6 +71,18 @@ def test_cli_reports_an_unmet_budget(tmp_path, capsys):
     assert rc == 1
     assert "NOT met" in capsys.readouterr().out
     assert json.loads((out / "prune_result.json").read_text())["met"] is False
+    # A second prune into the same folder is a run of its own in MLflow, with its own params.
+    argv = ["prune", "--model", "preset:tiny", "--budget-mparams", "1000", "--out", str(out), "--height", "64",
+            "--width", "128", "--distill-steps", "0", "--recovery-steps", "0", "--samples", "1",
+            "--teacher-iters", "1", "--no-progress", "data.eval_samples=0"]
+    time.sleep(1.1)  # run names carry the second they start
+    assert main(argv) == 0
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ffsc").experiment_id], order_by=["start_time ASC"])
+    assert len(runs) == 2 and [r.data.metrics["met"] for r in runs] == [0.0, 1.0]
+    assert "budget.gmacs" in runs[0].data.params and runs[1].data.params["budget.mparams"] == "1000.0"
 
 
 @pytest.mark.parametrize(

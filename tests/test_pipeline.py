@@ -83,12 +83,28 @@ def test_mlflow_store_has_study_and_trials(finished_run):
 def test_rerun_resumes_without_redoing_work(finished_run, capsys):
     before = (finished_run / "optuna.db").stat().st_mtime
     pruned_at = (finished_run / "prune" / "prune_result.json").stat().st_mtime
+    timed_at = (finished_run / "report_latency.json").stat().st_mtime
     trials = sorted(p.name for p in (finished_run / "trials").iterdir())
     assert main(["run", str(RECIPE), f"run_dir={finished_run}", *SMALL]) == 0
     assert sorted(p.name for p in (finished_run / "trials").iterdir()) == trials
     assert (finished_run / "optuna.db").stat().st_mtime >= before
     assert (finished_run / "prune" / "prune_result.json").stat().st_mtime == pruned_at  # pruning was reused
+    assert (finished_run / "report_latency.json").stat().st_mtime == timed_at  # so was the side-by-side timing
     assert "wall time" in capsys.readouterr().out
+
+
+def test_rerun_with_other_prune_settings_prunes_and_distils_anew(finished_run):
+    before = json.loads((finished_run / "summary.json").read_text())
+    assert main(["run", str(RECIPE), f"run_dir={finished_run}", *SMALL, "prune.ratio=0.5"]) == 0
+    after = json.loads((finished_run / "summary.json").read_text())
+    assert after["pruned"]["budget"] == "ratio <= 0.5"
+    assert after["pruned"]["gmacs"][1] < before["pruned"]["gmacs"][1]
+    assert after["final"]["gmacs"] == pytest.approx(after["pruned"]["gmacs"][1])  # distilled from the new pruning
+
+
+def test_prune_stage_needs_the_search():
+    with pytest.raises(ConfigError, match="search stage is off"):
+        load_run_recipe(RECIPE, ["stages=[teacher,prune,distill]"])
 
 
 def test_recipe_overrides_are_type_checked():
@@ -107,3 +123,30 @@ def test_shipped_recipes_load():
         if path.name in ("distill.yaml", "prune_to_budget.yaml"):
             continue  # other schemas (ffsc distill / ffsc prune), checked in their own tests
         load_run_recipe(path)
+
+
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_report_latencies_side_by_side_or_cached_singly(rounds, tmp_path):
+    import torch
+
+    from compress.latency import LatencyCache
+    from compress.pipeline.run import RunSummary, report_latencies
+    from search_spaces import build_student, preset, save_student
+
+    torch.manual_seed(0)
+    save_student(build_student(preset("tiny")), tmp_path / "final")
+    teacher = build_student(preset("tiny")).eval()
+    recipe = load_run_recipe(RECIPE, [f"search.latency.report_rounds={rounds}", "search.latency.repeats=1",
+                                      "search.latency.warmup=0", "height=32", "width=64", "progress=false"])
+    summary = RunSummary(run_dir=tmp_path, teacher={}, final={"path": str(tmp_path / "final")})
+    report_latencies(summary, recipe, teacher, torch.device("cpu"), tmp_path)
+    assert summary.teacher["latency_ms"] > 0 and summary.final["latency_ms"] > 0
+    record = tmp_path / "report_latency.json"
+    if rounds == 0:  # each model once, through the run's latency cache
+        assert not record.exists() and len(LatencyCache(tmp_path / "latency_cache.sqlite")) == 2
+    else:
+        saved = json.loads(record.read_text())
+        assert saved["median_ms"] == {"teacher": summary.teacher["latency_ms"], "final": summary.final["latency_ms"]}
+        stamp = record.stat().st_mtime
+        report_latencies(summary, recipe, teacher, torch.device("cpu"), tmp_path)
+        assert record.stat().st_mtime == stamp  # same models and settings: reused, not re-timed

@@ -44,6 +44,7 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 def _prune_tracked(cfg):
     """prune_to_budget, logged to MLflow as one run (params: the config; metrics: every step) unless disabled."""
+    import time
     from pathlib import Path
 
     from compress.prune import prune_to_budget, tracker_callback
@@ -53,7 +54,9 @@ def _prune_tracked(cfg):
     if not cfg.mlflow:
         return prune_to_budget(cfg)
     tracker = Tracker(cfg.out, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment)
-    tracker.start_study_run(f"prune-{Path(cfg.out).resolve().name}", params=cfg.to_dict(),
+    # A new MLflow run per invocation: a second prune into the same folder has its own params and steps.
+    name = f"prune-{Path(cfg.out).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker.start_study_run(name, params=cfg.to_dict(),
                             tags={ROLE_TAG: "prune", "ffsc.model": cfg.model})
     with tracker:  # ends the run FAILED (or KILLED on Ctrl-C) when pruning raises
         result = prune_to_budget(cfg, callbacks=[tracker_callback(tracker)])

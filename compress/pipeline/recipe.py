@@ -173,6 +173,10 @@ class RunRecipe:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"stages: unknown {unknown}; expected a subset of {list(STAGES)}")
+        searching = "search" in self.stages and self.search.enabled
+        if "prune" in self.stages and self.prune.enabled and not searching:
+            raise ConfigError("prune.enabled prunes the student the search chose, but the search stage is off; "
+                              "use `ffsc prune` to prune a saved model on its own")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML, MLflow params)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,9 +187,14 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
         previous = json.loads((out / RESULT_NAME).read_text())
     except (OSError, ValueError):
         previous = None
-    if previous is not None and previous.get("config") == cfg.to_dict() and (model_dir / "config.yaml").is_file():
+    if (previous is not None and _prune_settings(previous.get("config", {})) == _prune_settings(cfg.to_dict())
+            and (model_dir / "config.yaml").is_file()):
         _say(recipe, f"prune: reusing {model_dir} (same settings)")
         return model_dir, _prune_summary(previous)
+    stale = run_dir / "final"
+    if stale.exists():  # it was distilled from another starting point; its checkpoints must not be resumed
+        _say(recipe, f"prune: pruning anew, so the final distillation in {stale} starts over")
+        shutil.rmtree(stale)
     samples = crop_samples(build_dataset(recipe.data.train, seed=recipe.seed), p.samples,
                            [recipe.height, recipe.width])
     result = prune_to_budget(cfg, teacher=teacher_model, samples=samples,
@@ -197,6 +204,11 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
         _say(recipe, f"prune: budget {result.budget_kind} <= {result.budget_value:g} NOT met after "
                      f"{len(result.steps)} step(s); going on with the smallest model reached")
     return Path(result.model_path), summary
+
+
+def _prune_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A prune config without the keys that do not change the pruned model (progress display, device name)."""
+    return {k: v for k, v in config.items() if k not in ("progress", "device")}
 
 
 def _prune_summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -217,12 +229,20 @@ def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labe
 
     d = recipe.distill
     cfg_iters = int(chosen["config"]["iters"])
+    start = Path(start or chosen["student_path"])
+    try:
+        previous = yaml.safe_load((run_dir / "final" / "config.yaml").read_text())["student"]["init_checkpoint"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        previous = None
+    if previous is not None and previous != str(start):  # e.g. pruning switched on or off since
+        _say(recipe, f"final distillation starts from {start} now (was {previous}); starting it over")
+        shutil.rmtree(run_dir / "final")
     dc = DistillConfig(
         run_dir=str(run_dir / "final"), seed=recipe.seed, steps=d.steps, batch_size=d.batch_size,
         train_iters=cfg_iters, eval_iters=cfg_iters, amp="bf16", device=str(device),
         log_every=max(1, d.steps // 10), checkpoint_every=max(1, d.steps // 4), eval_every=0,
         progress=recipe.progress, data=DataConfig(train=recipe.data.train, eval=None, eval_samples=0),
-        student=StudentSpec(kind="search_space", init_checkpoint=str(start or chosen["student_path"])),
+        student=StudentSpec(kind="search_space", init_checkpoint=str(start)),
         teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=_labels_config(recipe)),
         loss=recipe.loss, optim=recipe.optim,
     )
@@ -241,36 +261,63 @@ def score_student(path: Path, recipe: RunRecipe, eval_set, device) -> dict[str, 
     return {**scores, "gmacs": cost.gmacs, "mparams": cost.params / 1e6, "path": str(path)}
 
 
-def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torch.nn.Module, device) -> None:
-    """Time the teacher, every front student and the final student together, in alternating rounds.
+def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torch.nn.Module, device,
+                     run_dir: Path) -> None:
+    """Latency of the teacher, every front student and the final student for the final table.
 
-    Search-time latencies were taken minutes apart on a machine whose load drifts; the final table compares
-    numbers measured side by side (the search-time ones stay in the front's CSV and in ``search_latency_ms``).
+    With measured latency, all are timed together in alternating rounds: search-time latencies were taken minutes
+    apart on a machine whose load drifts (they stay in the front's CSV and in ``search_latency_ms``). The result
+    is kept in ``report_latency.json`` and reused while the models and settings are the same. With predicted
+    latency (or ``report_rounds: 0``) the teacher and the final student are measured once each, cached.
     """
-    from compress.latency import measure_together
+    from compress.latency import LatencyCache, measure, measure_together, model_hash
     from search_spaces import load_student
 
     lat = recipe.search.latency
-    if lat.mode != "measured" or lat.report_rounds == 0:
-        return
+    together = lat.mode == "measured" and lat.report_rounds > 0
     models = {"teacher": teacher_model.to(device).eval()}
     iters = {"teacher": getattr(teacher_model.cfg, "iters", None) or recipe.teacher.iters or 8}
-    for row in summary.front:
-        if row.get("student_path"):
-            models[f"trial {row['trial']}"] = load_student(row["student_path"], device=device)
+    if together:
+        for row in summary.front:
+            path = row.get("student_path")
+            if path and Path(path).is_dir():  # trials of other workers may live on other machines
+                models[f"trial {row['trial']}"] = load_student(path, device=device)
     if summary.final:
         models["final"] = load_student(summary.final["path"], device=device)
     for name, model in models.items():
         iters.setdefault(name, model.cfg.iters)
-    stats = measure_together(models, lat.backend, recipe.height, recipe.width, iters=iters,
-                             rounds=lat.report_rounds, warmup=lat.warmup, repeats=lat.repeats, device=device,
-                             precision=lat.precision, intra_op_threads=lat.threads, progress=recipe.progress)
-    summary.teacher["latency_ms"] = stats["teacher"].median_ms
+    settings = {"backend": lat.backend, "height": recipe.height, "width": recipe.width, "precision": lat.precision,
+                "warmup": lat.warmup, "repeats": lat.repeats, "threads": lat.threads, "device": str(device),
+                "iters": iters}
+    if together:
+        key = hashlib.sha256(json.dumps({"models": {n: model_hash(m) for n, m in models.items()}, "settings": settings,
+                                         "rounds": lat.report_rounds}, sort_keys=True).encode()).hexdigest()
+        record = run_dir / "report_latency.json"
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("key") == key:
+            medians = saved["median_ms"]
+        else:
+            stats = measure_together(models, lat.backend, recipe.height, recipe.width, iters=iters,
+                                     rounds=lat.report_rounds, warmup=lat.warmup, repeats=lat.repeats, device=device,
+                                     precision=lat.precision, intra_op_threads=lat.threads, progress=recipe.progress)
+            medians = {name: st.median_ms for name, st in stats.items()}
+            atomic_write_text(record, json.dumps({"key": key, "settings": settings, "median_ms": medians,
+                                                  "stats": {n: st.to_dict() for n, st in stats.items()}}, indent=2))
+    else:
+        cache = LatencyCache(run_dir / "latency_cache.sqlite")
+        medians = {name: measure(model, lat.backend, recipe.height, recipe.width, iters=iters[name],
+                                 warmup=lat.warmup, repeats=lat.repeats, device=device, precision=lat.precision,
+                                 cache=cache, intra_op_threads=lat.threads).median_ms
+                   for name, model in models.items()}
+    summary.teacher["latency_ms"] = medians["teacher"]
     for row in summary.front:
-        if (found := stats.get(f"trial {row['trial']}")) is not None:
-            row["search_latency_ms"], row["latency_ms"] = row["latency_ms"], found.median_ms
+        if (found := medians.get(f"trial {row['trial']}")) is not None:
+            row["search_latency_ms"], row["latency_ms"] = row["latency_ms"], found
     if summary.final:
-        summary.final["latency_ms"] = stats["final"].median_ms
+        summary.final["latency_ms"] = medians["final"]
 
 
 def export_student(path: Path, recipe: RunRecipe, run_dir: Path) -> dict[str, str]:
@@ -364,33 +411,33 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
 
     tracker = Tracker(run_dir, tracking_uri=recipe.tracking.uri, experiment=recipe.tracking.experiment,
                       teacher=teacher.identity)
-    if "search" in recipe.stages and recipe.search.enabled:
-        result = run_search(recipe, run_dir, labels_dir, eval_set, device, tracker, teacher, storage_url)
-        summary.front = _front_rows(result.front, result.study)
-        summary.chosen = choose_student(result.front, result.study, recipe)
-        _say(recipe, f"search: {result.n_complete} trials complete, {result.n_failed} failed, "
-                     f"front of {len(summary.front)}; chose trial {summary.chosen['trial']}")
-        from compress.nas.study import UID_ATTR
+    with tracker:  # a failing stage ends the study's MLflow run FAILED (KILLED on Ctrl-C)
+        if "search" in recipe.stages and recipe.search.enabled:
+            result = run_search(recipe, run_dir, labels_dir, eval_set, device, tracker, teacher, storage_url)
+            summary.front = _front_rows(result.front, result.study)
+            summary.chosen = choose_student(result.front, result.study, recipe)
+            _say(recipe, f"search: {result.n_complete} trials complete, {result.n_failed} failed, "
+                         f"front of {len(summary.front)}; chose trial {summary.chosen['trial']}")
+            from compress.nas.study import UID_ATTR
 
-        tracker.start_study_run(study_spec(recipe).name, params={}, tags={},
-                                study_key=result.study.user_attrs.get(UID_ATTR))
-        final_path = Path(summary.chosen["student_path"])
-        if "prune" in recipe.stages and recipe.prune.enabled:
-            final_path, summary.pruned = prune_chosen(recipe, run_dir, final_path, teacher.model, device, tracker)
-            g = summary.pruned["gmacs"]
-            _say(recipe, f"prune: {summary.pruned['budget']} {'met' if summary.pruned['met'] else 'NOT met'} in "
-                         f"{summary.pruned['steps']} step(s), {g[0]:.3g} -> {g[1]:.3g} GMACs")
-        if "distill" in recipe.stages and recipe.distill.enabled:
-            final_path = final_distill(recipe, run_dir, summary.chosen, labels_dir, device, start=final_path)
-        summary.final = score_student(final_path, recipe, eval_set, device)
-        if "export" in recipe.stages and recipe.export.enabled:
-            summary.exports = export_student(final_path, recipe, run_dir)
-    report_latencies(summary, recipe, teacher.model, device)
-    if summary.final is not None and tracker.parent_run_id:
-        tracker.log_metrics({f"final/{k}".replace("/", "_"): v for k, v in summary.final.items()
-                             if isinstance(v, float)})
-        tracker.log_artifact(final_path / "config.yaml", "final_student")
-    tracker.end()
+            tracker.start_study_run(study_spec(recipe).name, params={}, tags={},
+                                    study_key=result.study.user_attrs.get(UID_ATTR))
+            final_path = Path(summary.chosen["student_path"])
+            if "prune" in recipe.stages and recipe.prune.enabled:
+                final_path, summary.pruned = prune_chosen(recipe, run_dir, final_path, teacher.model, device, tracker)
+                g = summary.pruned["gmacs"]
+                _say(recipe, f"prune: {summary.pruned['budget']} {'met' if summary.pruned['met'] else 'NOT met'} in "
+                             f"{summary.pruned['steps']} step(s), {g[0]:.3g} -> {g[1]:.3g} GMACs")
+            if "distill" in recipe.stages and recipe.distill.enabled:
+                final_path = final_distill(recipe, run_dir, summary.chosen, labels_dir, device, start=final_path)
+            summary.final = score_student(final_path, recipe, eval_set, device)
+            if "export" in recipe.stages and recipe.export.enabled:
+                summary.exports = export_student(final_path, recipe, run_dir)
+        report_latencies(summary, recipe, teacher.model, device, run_dir)
+        if summary.final is not None and tracker.parent_run_id:
+            tracker.log_metrics({f"final/{k}".replace("/", "_"): v for k, v in summary.final.items()
+                                 if isinstance(v, float)})
+            tracker.log_artifact(final_path / "config.yaml", "final_student")
     summary.seconds = time.perf_counter() - start
     atomic_write_text(run_dir / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2, default=str))
     print_summary(summary, recipe)
