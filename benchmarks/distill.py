@@ -47,9 +47,12 @@ def _plot(metrics_file: Path, out_png: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON, Markdown and PNG."""
     from compress.atomic import atomic_write_text
+    from compress.device import pick_device
     from compress.distill.config import DataConfig, DistillConfig, StudentSpec, TeacherSpec
-    from compress.distill.trainer import build_student, distill, evaluate_student, load_distilled_student
+    from compress.distill.trainer import distill
+    from compress.evaluation import evaluate_student
     from compress.latency import machine_info, machine_slug
+    from compress.models import resolve_model, student_from_spec
     from compress.pipeline import load_run_recipe
     from compress.pipeline.run import prepare_labels, quiet_third_party
     from compress.pipeline.teacher_stage import get_teacher
@@ -81,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_run_recipe(Path(__file__).resolve().parent.parent / "recipes" / "quickstart_cpu.yaml", overrides)
     run_dir = Path(args.work_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(None)
     teacher = get_teacher(recipe, run_dir, device)
     labels_dir, eval_set = prepare_labels(recipe, run_dir, teacher, device)
     from compress.pipeline.run import _labels_config, teacher_scores
 
     spec = StudentSpec(kind="search_space", preset=args.preset)
     torch.manual_seed(0)
-    before_model = build_student(spec).to(device)
+    before_model = student_from_spec(spec).to(device)
     iters = before_model.cfg.iters
     before = evaluate_student(before_model, eval_set, iters=iters, device=device)
     dc = DistillConfig(
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = distill(dc)
     train_s = time.perf_counter() - t0
-    after = evaluate_student(load_distilled_student(result.student_path, device=device), eval_set, iters=iters,
+    after = evaluate_student(resolve_model(result.student_path).module.to(device), eval_set, iters=iters,
                              device=device)
     machine = machine_info()
     out = Path(args.out)

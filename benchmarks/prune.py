@@ -38,7 +38,7 @@ TEACHERS = {
 
 
 def _epe(model, distiller, n: int, iters: int, reference: list[torch.Tensor] | None = None) -> float:
-    from compress.distill import evaluate_student
+    from compress.evaluation import evaluate_student
 
     disps = reference if reference is not None else [t.disp for t in distiller.targets[:n]]
     return evaluate_student(model, distiller.samples[:n], iters=iters, teacher_disps=disps[:n])["teacher/epe"]

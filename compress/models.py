@@ -1,19 +1,35 @@
-"""What a ``--model`` value names, resolved to a module (or an exported file) in one place.
+"""Models in one place: what a ``--model`` value names, and the students and teachers a recipe spec describes.
 
-Resolved in this order: a directory (a saved student, or a teacher saved by ``ffsc prune``), a
-``.pth``/``.safetensors`` file (a teacher checkpoint with its ``cfg.yaml``), an ``.onnx`` file or a TensorRT
-engine (where files are allowed), a student preset (``NAME`` or ``preset:NAME``, random weights), or
-``teacher:<vit>`` (a teacher with random weights, for timing).
+``resolve_model`` resolves, in this order: a directory (a saved student, or a teacher saved by ``ffsc prune``),
+a ``.pt`` file written by ``ffsc distill`` (a non-search-space student or a distillation checkpoint), a
+``.pth``/``.pt``/``.safetensors`` file (a teacher checkpoint with its ``cfg.yaml``), an ``.onnx`` file or a
+TensorRT engine (where files are allowed), a student preset (``NAME`` or ``preset:NAME``, random weights), or
+``teacher:<vit>`` (a teacher with random weights, for timing). ``search_spaces.load_student`` is the low-level
+loader of a saved student folder underneath.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from compress.atomic import atomic_write
 from compress.errors import CheckpointError, ConfigError
 
+if TYPE_CHECKING:  # torch is imported where used: the command line resolves --model without it at start-up
+    import torch
+    from torch import nn
+
+    from compress.distill.config import StudentSpec, TeacherSpec  # lazily below: compress.distill imports us
+
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+STUDENT_FORMAT = "ffsc-student"
+DISTILL_CHECKPOINT_FORMAT = "ffsc-distill-checkpoint"
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 TEACHER_PREFIX = "teacher:"
 PRESET_PREFIX = "preset:"
@@ -38,7 +54,7 @@ class ResolvedModel:
 
 
 def resolve_model(
-    spec: str,
+    spec: str | os.PathLike,
     config: str | None = None,
     trust_checkpoint: bool = False,
     allow_files: bool = False,
@@ -47,6 +63,7 @@ def resolve_model(
     """Resolve a model spec (see the module docstring for the order); modules come back on the CPU, in eval mode."""
     import torch
 
+    spec = str(spec)
     path = Path(spec)
     if path.is_dir():
         from search_spaces import StudentStereo
@@ -58,6 +75,12 @@ def resolve_model(
                                  model.cfg.iters)
         return ResolvedModel("teacher", f"pruned teacher directory {path} (FoundationStereo {model.cfg.vit_size})",
                              model, path, model.cfg.valid_iters)
+    if path.is_file() and path.suffix == ".pt":
+        obj = torch_load(path)
+        if isinstance(obj, dict) and obj.get("format") in (STUDENT_FORMAT, DISTILL_CHECKPOINT_FORMAT):
+            model = _distilled_from_file(path, obj).eval()
+            iters = getattr(getattr(model, "cfg", None), "iters", None)
+            return ResolvedModel("student", f"distilled student {path}", model, path, iters)
     if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
         from teacher import load_teacher
 
@@ -110,3 +133,154 @@ def _engine_iters(path: Path) -> int | None:
 
     info = read_sidecar(path)
     return info.iters if info is not None else None
+
+
+# ------------------------------------------------------------------------------------- models of a recipe
+
+
+def student_from_spec(spec: StudentSpec) -> nn.Module:
+    """The student a StudentSpec describes (random init, or the weights of ``spec.init_checkpoint``)."""
+    from torch import nn
+
+    from search_spaces import StudentConfig, build_student, load_student, preset
+
+    init = Path(spec.init_checkpoint) if spec.init_checkpoint else None
+    try:
+        if spec.kind == "search_space":
+            if init is not None and init.is_dir():
+                if spec.preset or spec.config:
+                    raise ConfigError(
+                        f"student.init_checkpoint {init} is a saved student folder, which fixes the architecture; "
+                        "leave student.preset and student.config empty"
+                    )
+                return load_student(init)
+            cfg = preset(spec.preset, **spec.config) if spec.preset else StudentConfig.from_dict(dict(spec.config))
+            model = build_student(cfg)
+        elif spec.kind == "foundation_stereo":
+            from teacher import FoundationStereo, TeacherConfig
+
+            model = FoundationStereo(TeacherConfig(**spec.config))
+        else:
+            module_name, _, fn_name = (spec.factory or "").partition(":")
+            try:
+                fn = getattr(importlib.import_module(module_name), fn_name)
+            except (ImportError, AttributeError) as exc:
+                raise ConfigError(f"student.factory {spec.factory!r} cannot be imported: {exc}") from None
+            model = fn(**spec.config)
+    except TypeError as exc:
+        raise ConfigError(
+            f"student.config {dict(spec.config)} does not fit student.kind {spec.kind!r}: {exc}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"the student builder returned {type(model).__name__}, expected a torch nn.Module")
+    if init is not None:
+        load_strict(model, _student_state_dict(init), init)
+    return model
+
+
+def teacher_from_spec(spec: TeacherSpec, device: str | torch.device = "cpu") -> nn.Module:
+    """The frozen teacher of a TeacherSpec, in eval mode on ``device``."""
+    import torch
+
+    from teacher import FoundationStereo, TeacherConfig, load_teacher
+
+    try:
+        tcfg = TeacherConfig(**spec.config) if spec.config else None
+    except TypeError as exc:
+        raise ConfigError(f"teacher.config {dict(spec.config)}: {exc}") from None
+    # Building consumes the global RNG; keep the student's training stream independent of the teacher.
+    with torch.random.fork_rng(devices=[]):
+        if spec.checkpoint:
+            model = load_teacher(spec.checkpoint, cfg=tcfg, device=device, trust_pickle=spec.trust_checkpoint)
+        elif spec.allow_random_init:
+            torch.manual_seed(spec.init_seed)
+            model = FoundationStereo(tcfg or TeacherConfig()).to(device)
+        else:
+            raise ConfigError("teacher.checkpoint is not set (and teacher.allow_random_init is false)")
+    model.eval().requires_grad_(False)
+    return model
+
+
+def student_path(run_dir: str | os.PathLike, spec: StudentSpec) -> Path:
+    """Where ``distill`` writes the student: a search-space folder ``student/`` or a file ``student.pt``."""
+    return Path(run_dir) / ("student" if spec.kind == "search_space" else "student.pt")
+
+
+def save_distilled_student(model: nn.Module, spec: StudentSpec, path: str | os.PathLike) -> Path:
+    """Write the student for evaluation and deployment: search-space students as a ``save_student`` folder
+    (config with per-layer widths + safetensors), others as a torch file with their spec and weights."""
+    import torch
+
+    from search_spaces import save_student
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if spec.kind == "search_space":
+        # Write a complete folder beside the target, then swap it in, so a crash never leaves half a student.
+        tmp = path.with_name(f".{path.name}.tmp")
+        old = path.with_name(f".{path.name}.old")
+        for stale in (tmp, old):
+            if stale.exists():
+                shutil.rmtree(stale)
+        save_student(model, tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+        return path
+    spec_dict = dataclasses.asdict(dataclasses.replace(spec, init_checkpoint=None))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save(
+        {"format": STUDENT_FORMAT, "version": 1, "spec": spec_dict, "state_dict": state}, tmp))
+    return path
+
+
+def _distilled_from_file(path: Path, obj: dict[str, Any]) -> nn.Module:
+    """The student in a file ``ffsc distill`` wrote: a ``student.pt`` or a ``checkpoint.pt``."""
+    from compress.distill.config import StudentSpec
+    from search_spaces import StudentConfig, build_student
+
+    if obj["format"] == STUDENT_FORMAT:
+        model, state = student_from_spec(StudentSpec(**{**obj["spec"], "init_checkpoint": None})), obj["state_dict"]
+    elif obj.get("student_config") is not None:
+        model, state = build_student(StudentConfig.from_dict(obj["student_config"])), obj["model"]
+    else:
+        model = student_from_spec(StudentSpec(**{**obj["config"]["student"], "init_checkpoint": None}))
+        state = obj["model"]
+    load_strict(model, state, path)
+    return model
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load ``state`` into ``model`` exactly, or raise one CheckpointError naming the mismatch."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:4]
+        raise CheckpointError(f"{source} does not match the student: {' '.join(lines)}") from None
+
+
+def torch_load(path: Path) -> Any:
+    """A torch file of tensors (``weights_only``), or one CheckpointError when it is missing or unreadable."""
+    import torch
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged or foreign files
+        raise CheckpointError(f"{path} could not be read as a torch file: {exc}") from None
+
+
+def _student_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
+    obj = torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == STUDENT_FORMAT:
+        return obj["state_dict"]
+    if isinstance(obj, dict) and obj.get("format") == DISTILL_CHECKPOINT_FORMAT:
+        return obj["model"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise CheckpointError(f"{path} holds no student weights (expected a file written by ffsc distill)")

@@ -44,7 +44,7 @@ def test_torchrun_two_processes_train_one_student(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "compress.distill.trainer", str(recipe), f"run_dir={run_dir}",
+        "-m", "compress.cli", "distill", str(recipe), f"run_dir={run_dir}",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -14,18 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from compress.data.datasets import build_dataset
 from compress.distill.config import DistillConfig, LabelCacheConfig, TeacherSpec, load_recipe
 from compress.distill.label_cache import build_label_cache
-from compress.distill.trainer import (
-    Trainer,
-    build_dataset,
-    build_student,
-    build_teacher,
-    distill,
-    evaluate_student,
-    load_distilled_student,
-)
+from compress.distill.trainer import Trainer, distill
 from compress.errors import ConfigError
+from compress.evaluation import evaluate_student
+from compress.models import resolve_model, student_from_spec, teacher_from_spec
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TEACHER = [
@@ -58,7 +53,7 @@ def cache(tmp_path_factory) -> Path:
     """Labels of the tiny random teacher for the 4 synthetic training pairs (features at 1/4 and 1/8)."""
     root = tmp_path_factory.mktemp("labels")
     cfg = load_recipe(None, [*TINY_TEACHER, *DATA])
-    teacher = build_teacher(cfg.teacher)
+    teacher = teacher_from_spec(cfg.teacher)
     build_label_cache(
         teacher, build_dataset(cfg.data.train), root, LabelCacheConfig(feature_levels=[0, 1], iters=2),
         progress=False,
@@ -79,7 +74,7 @@ def test_distillation_lowers_every_loss_and_approaches_the_teacher(tmp_path: Pat
         "optim.lr=5e-3", "optim.min_lr_ratio=1.0", "loss.output.gt_weight=0", "checkpoint_every=30",
     )
     eval_set = Trainer(cfg).eval_set  # the first two training pairs with their cached teacher disparity
-    before = evaluate_student(build_student(cfg.student), eval_set, iters=2)
+    before = evaluate_student(student_from_spec(cfg.student), eval_set, iters=2)
     result = distill(cfg)
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 61))
@@ -91,7 +86,7 @@ def test_distillation_lowers_every_loss_and_approaches_the_teacher(tmp_path: Pat
     assert after["teacher/epe"] < 0.5 * before["teacher/epe"], (before, after)
     assert {"gt/epe", "gt/d1", "teacher/bp1"} <= set(after)
     # The saved student loads and reproduces the final evaluation.
-    loaded = load_distilled_student(result.student_path)
+    loaded = resolve_model(result.student_path).module
     assert evaluate_student(loaded, eval_set, iters=2) == pytest.approx(after)
     eval_rows = _rows(tmp_path / "run", "eval")
     assert eval_rows[-1]["step"] == 60 and eval_rows[-1]["eval/teacher/epe"] == pytest.approx(after["teacher/epe"])
@@ -164,7 +159,7 @@ def test_crashed_run_resumes_to_the_same_weights(tmp_path: Path, cache: Path, st
     assert [r["step"] for r in _rows(tmp_path / "crashed")] == [r["step"] for r in _rows(tmp_path / "whole")]
     if student == "tiny":
         assert (tmp_path / "crashed" / "student" / "model.safetensors").is_file()
-        loaded = load_distilled_student(resumed.student_path)
+        loaded = resolve_model(resumed.student_path).module
         ref = _state(tmp_path / "whole")["model"]
         assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
 
@@ -176,7 +171,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path: Path, cache: Path) 
     args = _overrides(tmp_path / "killed", cache, *TOY_STUDENT, "steps=60", "checkpoint_every=10", "train_iters=1",
                       "log_every=10")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "compress.distill.trainer", str(recipe), *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "distill", str(recipe), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.time() + 120

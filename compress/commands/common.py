@@ -1,4 +1,4 @@
-"""Helpers shared by the subcommands: consoles, devices, image pairs, disparity files."""
+"""Helpers shared by the subcommands: consoles, image pairs, disparity files."""
 
 from __future__ import annotations
 
@@ -13,14 +13,6 @@ def console():
 
     console = Console()
     return console if console.is_terminal else Console(width=160)
-
-
-def pick_device(name: str | None) -> str:
-    import torch
-
-    if name:
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def save_map(path: Path, disp, what: str = "disparity") -> None:

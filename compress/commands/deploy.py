@@ -13,10 +13,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from compress.device import pick_device
 from compress.errors import ConfigError, DataError, ExportError
 from compress.models import ResolvedModel, resolve_model
 
-from .common import console, pick_device
+from .common import console
 
 
 def _iters(args: argparse.Namespace, resolved: ResolvedModel) -> int:

@@ -6,10 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import console, pick_device
+from compress.device import pick_device
+
+from .common import console
 
 
-def _recipe(args: argparse.Namespace):
+def _recipe(args: argparse.Namespace, load=None):
     from compress.pipeline import load_run_recipe
 
     recipe_path = args.recipe
@@ -17,7 +19,7 @@ def _recipe(args: argparse.Namespace):
     if recipe_path and "=" in recipe_path and not Path(recipe_path).is_file():
         overrides.insert(0, recipe_path)
         recipe_path = None
-    return load_run_recipe(recipe_path, overrides)
+    return (load or load_run_recipe)(recipe_path, overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -46,9 +48,7 @@ def cmd_nas(args: argparse.Namespace) -> int:
         raise ConfigError("--worker needs --run-dir (the run directory the study was created in, shared by workers)")
     run_dir = resolve_run_dir(recipe)
     recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
-    import torch
-
-    device = torch.device(pick_device(recipe.device))
+    device = pick_device(recipe.device)
     teacher = get_teacher(recipe, run_dir, device)
     labels_dir, eval_set = prepare_labels(recipe, run_dir, teacher, device)
     tracker = Tracker(run_dir, tracking_uri=recipe.tracking.uri, experiment=recipe.tracking.experiment,
@@ -71,10 +71,16 @@ def cmd_nas(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    """Distil a student from the teacher as a distill recipe says."""
-    from compress.distill.trainer import main as distill_main
+    """Distil a student from the teacher as a distill recipe says (``torchrun ... -m compress.cli distill``: DDP)."""
+    import os
 
-    return distill_main([*( [args.recipe] if args.recipe else []), *args.overrides])
+    from compress.distill import distill, load_recipe
+
+    result = distill(_recipe(args, load_recipe))
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = {**result.train_losses, **{f"eval/{k}": v for k, v in result.eval_metrics.items()}}
+        print(json.dumps({"student": str(result.student_path), "steps": result.steps, **summary}, indent=2))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -83,17 +89,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from compress.atomic import atomic_write_text
     from compress.data.readers import open_dataset
-    from compress.distill.trainer import evaluate_student, load_distilled_student
-    from teacher import load_teacher
+    from compress.evaluation import evaluate_student
+    from compress.models import resolve_model
 
     device = pick_device(args.device)
     model_path = Path(args.model)
-    if model_path.suffix in (".pth", ".safetensors"):
-        model = load_teacher(model_path, device=device)
-        iters = args.iters or model.cfg.valid_iters
-    else:
-        model = load_distilled_student(model_path, device=device)
-        iters = args.iters or getattr(model.cfg, "iters", 8)
+    resolved = resolve_model(model_path)
+    model = resolved.module.to(device)
+    iters = args.iters or resolved.default_iters or 8
     dataset = open_dataset(args.data, kind=args.kind)
     if args.limit:
         from torch.utils.data import Subset
@@ -133,7 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="accuracy of a model on a dataset")
-    p.add_argument("--model", required=True, help="teacher .pth, or a student folder/file")
+    p.add_argument("--model", required=True, help="a saved student or teacher (see ffsc export --model)")
     p.add_argument("--data", required=True, help="dataset root (layout detected)")
     p.add_argument("--kind", default="auto")
     p.add_argument("--iters", type=int, default=None)

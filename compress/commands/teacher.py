@@ -7,9 +7,10 @@ import json
 import time
 from pathlib import Path
 
+from compress.device import pick_device
 from compress.errors import DataError
 
-from .common import console, pick_device, read_pair, save_map
+from .common import console, read_pair, save_map
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

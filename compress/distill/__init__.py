@@ -1,4 +1,12 @@
-"""Distillation of FoundationStereo into students: losses, a teacher pseudo-label cache, and the trainer."""
+"""Distillation of FoundationStereo into students: losses, a teacher pseudo-label cache, and the trainer.
+
+The datasets (``compress.data.datasets``), the evaluation (``compress.evaluation``) and the students and
+teachers of a recipe (``compress.models``) live with their concerns; the most used are re-exported here.
+"""
+
+from compress.data.datasets import build_dataset
+from compress.evaluation import evaluate_student
+from compress.models import save_distilled_student, student_from_spec, student_path, teacher_from_spec
 
 from .config import (
     CostVolumeLossConfig,
@@ -35,18 +43,7 @@ from .losses import (
     rebin_disparity,
     resample_distribution,
 )
-from .trainer import (
-    DistillResult,
-    Trainer,
-    build_dataset,
-    build_student,
-    build_teacher,
-    distill,
-    evaluate_student,
-    load_distilled_student,
-    save_distilled_student,
-    student_path,
-)
+from .trainer import DistillResult, Trainer, distill
 
 __all__ = [
     "CostVolumeLossConfig",
@@ -72,20 +69,19 @@ __all__ = [
     "Trainer",
     "build_dataset",
     "build_label_cache",
-    "build_student",
-    "build_teacher",
     "cache_progress",
     "cost_volume_loss",
     "dataset_fingerprint",
     "distill",
     "evaluate_student",
     "feature_loss",
-    "load_distilled_student",
     "load_recipe",
     "output_loss",
     "rebin_disparity",
     "resample_distribution",
     "save_distilled_student",
+    "student_from_spec",
     "student_path",
+    "teacher_from_spec",
     "teacher_identity",
 ]

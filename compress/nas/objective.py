@@ -74,8 +74,8 @@ class StudentSearchObjective:
         return float(stats.median_ms)
 
     def __call__(self, trial) -> dict[str, float]:
-        from compress.distill.trainer import distill, evaluate_student, load_distilled_student
-        from search_spaces import build_student, count_macs
+        from compress.distill import distill, evaluate_student
+        from search_spaces import build_student, count_macs, load_student
 
         s = self.s
         cfg = self.space.sample(trial)
@@ -104,7 +104,7 @@ class StudentSearchObjective:
             optim=dataclasses.replace(s.optim, warmup_steps=min(s.optim.warmup_steps, s.distill_steps // 4)),
         )
         result = distill(dc)
-        student = load_distilled_student(result.student_path, device=s.device)
+        student = load_student(result.student_path, device=s.device)
         scores = evaluate_student(student, s.eval_set, iters=cfg.iters, device=s.device)
         metrics = {
             "epe": scores[s.error_metric],

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from compress.atomic import atomic_write_text
+from compress.device import pick_device
 from compress.errors import ConfigError
 
 from .recipe import RunRecipe
@@ -56,12 +57,6 @@ def resolve_run_dir(recipe: RunRecipe) -> Path:
     return path
 
 
-def _device(recipe: RunRecipe) -> torch.device:
-    if recipe.device:
-        return torch.device(recipe.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _say(recipe: RunRecipe, message: str) -> None:
     if recipe.progress:
         print(f"[ffsc] {message}", flush=True)
@@ -73,8 +68,8 @@ def _labels_config(recipe: RunRecipe):
 
 def prepare_labels(recipe: RunRecipe, run_dir: Path, teacher, device: torch.device):
     """Label the training and held-out sets once with the teacher; returns (train cache dir, eval dataset)."""
+    from compress.data.datasets import build_dataset
     from compress.distill.label_cache import LabelledDataset, build_label_cache
-    from compress.distill.trainer import build_dataset
 
     labels = _labels_config(recipe)
     out = {}
@@ -165,7 +160,7 @@ def choose_student(front, study, recipe: RunRecipe) -> dict[str, Any]:
 def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_model: torch.nn.Module, device,
                  tracker) -> tuple[Path, dict[str, Any]]:
     """Prune the chosen student to the recipe's budget, distilling from the teacher (reused on a re-run)."""
-    from compress.distill.trainer import build_dataset
+    from compress.data.datasets import build_dataset
     from compress.prune import PruneConfig, crop_samples, prune_to_budget, tracker_callback
     from compress.prune.budget import MODEL_DIR, RESULT_NAME
     from compress.prune.config import BudgetConfig, DataSpec, DistillSpec, ImportanceConfig, LatencySpec
@@ -251,7 +246,7 @@ def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labe
 
 def score_student(path: Path, recipe: RunRecipe, eval_set, device) -> dict[str, Any]:
     """Held-out accuracy and cost of a saved student (latency: see report_latencies)."""
-    from compress.distill.trainer import evaluate_student
+    from compress.evaluation import evaluate_student
     from search_spaces import count_macs, load_student
 
     model = load_student(path, device=device)
@@ -397,7 +392,7 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
     run_dir = resolve_run_dir(recipe)
     recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    device = _device(recipe)
+    device = pick_device(recipe.device)
     torch.manual_seed(recipe.seed)
     _say(recipe, f"run directory {run_dir} on {device}")
     summary = RunSummary(run_dir=run_dir)

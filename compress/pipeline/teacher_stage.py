@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -12,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from compress.data.datasets import build_dataset
 from compress.distill.config import OutputLossConfig
 from compress.distill.losses import GroundTruth, TeacherTargets, output_loss
-from compress.distill.trainer import build_dataset
 from compress.errors import DataError
+from compress.training import fit, to_device
 
 from .recipe import RunRecipe
 
@@ -66,32 +67,30 @@ def train_fallback_teacher(recipe: RunRecipe, out_dir: Path, device: torch.devic
         )
     loader = DataLoader(dataset, batch_size=spec.train_batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(recipe.seed))
+    if len(loader) == 0:
+        raise DataError(f"the training set has {len(dataset)} samples, fewer than teacher.train_batch_size "
+                        f"{spec.train_batch_size}; lower it or add data")
     opt = torch.optim.AdamW(model.parameters(), lr=spec.train_lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.train_lr, total_steps=spec.train_steps,
                                                 pct_start=0.05, anneal_strategy="cos")
     loss_cfg = OutputLossConfig(weight=0.0, gt_weight=1.0, init_weight=0.5, max_disp=None)
     start = time.perf_counter()
-    step, losses = 0, []
-    bar = tqdm(total=spec.train_steps, desc="teacher (ground truth)", disable=not recipe.progress)
-    while step < spec.train_steps:
-        for batch in loader:
-            if step >= spec.train_steps:
-                break
-            left, right = batch["left"].to(device), batch["right"].to(device)
-            gt = GroundTruth.from_batch({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            out = model(left, right, iters=cfg.iters, return_intermediates=True)
-            parts = output_loss(out, TeacherTargets(disp=gt.disp), gt, loss_cfg)
-            loss = parts["output_gt"] + parts["init"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-    bar.close()
+    losses: list[float] = []
+
+    def loss_of(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = to_device(batch, device)
+        gt = GroundTruth.from_batch(batch)
+        out = model(batch["left"], batch["right"], iters=cfg.iters, return_intermediates=True)
+        parts = output_loss(out, TeacherTargets(disp=gt.disp), gt, loss_cfg)
+        return parts["output_gt"] + parts["init"], parts
+
+    def after_step(step: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, str]:
+        losses.append(float(total))
+        return {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}
+
+    epochs = itertools.chain.from_iterable(itertools.repeat(loader))  # reshuffled by the generator each pass
+    fit(model.parameters(), loss_of, epochs, opt, sched, steps=spec.train_steps, grad_clip=1.0, on_step=after_step,
+        desc="teacher (ground truth)", progress=recipe.progress)
     if not all(math.isfinite(x) for x in losses[-10:]):
         raise DataError("the stand-in teacher's training diverged (non-finite loss); lower teacher.train_lr")
     model.eval()

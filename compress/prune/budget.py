@@ -42,20 +42,6 @@ MODEL_DIR = "model"
 # ------------------------------------------------------------------------------------------------ models
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """``name``, or cuda when available, else cpu."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_any(spec: str, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-    """The module a model spec names (see :func:`compress.models.resolve_model`), on ``device`` in eval mode."""
-    from compress.models import resolve_model
-
-    return resolve_model(spec, seed=seed).module.to(device).eval()
-
-
 def deploy_iters(model: nn.Module) -> int:
     """The GRU iteration count a model is deployed with (student ``iters``, teacher ``valid_iters``)."""
     cfg = getattr(model, "cfg", None)
@@ -178,6 +164,8 @@ class Distiller:
     def train(self, model: nn.Module, steps: int, lr: float, batch_size: int = 1, grad_clip: float = 1.0,
               freeze_norm_stats: bool = True, desc: str = "distilling", progress: bool = False) -> float:
         """``steps`` AdamW steps (cosine decay); returns the mean loss of the last quarter of the steps."""
+        from compress.training import fit
+
         if steps <= 0:
             return float("nan")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -192,24 +180,23 @@ class Distiller:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         tail: list[float] = []
+
+        def loss_of(batch: tuple[int, list[int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            i, idxs = batch
+            total, parts = self.loss_of(model, idxs)
+            if not torch.isfinite(total):
+                raise FFSCError(f"the distillation loss became {float(total.detach())} at step {i}; lower distill.lr")
+            return total, parts
+
+        def after_step(step: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, str]:
+            if step > steps - max(1, steps // 4):
+                tail.append(float(total))
+            return {"loss": f"{float(total):.4g}"}
+
         try:
-            bar = tqdm(_batches(self.samples, batch_size, 0, steps), desc=desc, disable=not progress, leave=False)
-            for i, idxs in enumerate(bar):
-                total, _ = self.loss_of(model, idxs)
-                if not torch.isfinite(total):
-                    raise FFSCError(f"the distillation loss became {float(total.detach())} at step {i}; lower "
-                                    "distill.lr")
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                sched.step()
-                value = float(total.detach())
-                if i >= steps - max(1, steps // 4):
-                    tail.append(value)
-                bar.set_postfix(loss=f"{value:.4g}")
+            fit(params, loss_of, enumerate(_batches(self.samples, batch_size, 0, steps)), opt, sched, steps=steps,
+                grad_clip=grad_clip, on_step=after_step, desc=desc, progress=progress, leave=False)
         finally:
-            opt.zero_grad(set_to_none=True)
             model.train(was_training)
         return sum(tail) / len(tail)
 
@@ -480,7 +467,7 @@ def tracker_callback(tracker: Any, prefix: str = "prune") -> Callback:
 
 
 def _evaluate(model: nn.Module, distiller: Distiller, n: int, iters: int, device: torch.device) -> dict[str, float]:
-    from compress.distill import evaluate_student
+    from compress.evaluation import evaluate_student
 
     n = min(n, len(distiller.samples))
     if n == 0:
@@ -490,7 +477,8 @@ def _evaluate(model: nn.Module, distiller: Distiller, n: int, iters: int, device
 
 
 def _recover_with_recipe(model: nn.Module, cfg: PruneConfig, out: Path) -> tuple[nn.Module, dict[str, Any]]:
-    from compress.distill import distill, load_distilled_student, load_recipe
+    from compress.distill import distill, load_recipe
+    from compress.models import resolve_model
     from search_spaces import StudentStereo
     from search_spaces.serialization import save_model
 
@@ -505,7 +493,7 @@ def _recover_with_recipe(model: nn.Module, cfg: PruneConfig, out: Path) -> tuple
     overrides = [*student, f"run_dir={out / 'recovery'}", f"steps={cfg.distill.recovery_steps}",
                  f"progress={str(cfg.progress).lower()}", *cfg.distill.recipe_overrides]
     result = distill(load_recipe(cfg.distill.recipe, overrides))
-    recovered = load_distilled_student(result.student_path, device=next(model.parameters()).device)
+    recovered = resolve_model(result.student_path).module.to(next(model.parameters()).device)
     return recovered, {"recipe": cfg.distill.recipe, "run_dir": str(result.run_dir),
                        "train_losses": result.train_losses, "eval": result.eval_metrics}
 
@@ -525,8 +513,11 @@ def prune_to_budget(
     kind, value = cfg.budget.kind, cfg.budget.value
     if kind is None:
         raise ConfigError("no budget: set one of budget.latency_ms, budget.gmacs, budget.mparams, budget.ratio")
+    from compress.device import pick_device
+    from compress.models import resolve_model
+
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     out = Path(cfg.out) if cfg.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -534,10 +525,10 @@ def prune_to_budget(
         import yaml
 
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    model = (model if model is not None else load_any(cfg.model, device, seed=cfg.seed)).to(device).eval()
+    model = (model if model is not None else resolve_model(cfg.model, seed=cfg.seed).module).to(device).eval()
     _check_scope(rules_for(model), cfg.scope)  # before the teacher runs over the data
     if teacher is None:
-        teacher = load_any(cfg.teacher, device, seed=cfg.seed) if cfg.teacher else copy.deepcopy(model)
+        teacher = resolve_model(cfg.teacher, seed=cfg.seed).module if cfg.teacher else copy.deepcopy(model)
     teacher = teacher.to(device).eval().requires_grad_(False)
     for p in model.parameters():
         p.requires_grad_(True)
