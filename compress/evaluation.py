@@ -9,17 +9,8 @@ from tqdm import tqdm
 
 from compress.metrics import MetricAccumulator
 from compress.training import autocast
-from teacher.inference import InputPadder
+from teacher.inference import InputPadder, infer
 from teacher.outputs import StereoOutput
-
-
-def _disparity(model: nn.Module, left: torch.Tensor, right: torch.Tensor, iters: int) -> torch.Tensor:
-    padder = InputPadder(*left.shape[-2:])
-    lp, rp = padder(left, right)
-    out = model(lp, rp, iters=iters, test_mode=True)
-    if isinstance(out, StereoOutput):
-        out = out.disp
-    return padder.unpad(out).float()
 
 
 @torch.no_grad()
@@ -41,8 +32,6 @@ def evaluate_student(
     ``teacher_disps`` (one per item), or from running ``teacher``; without any, only 'gt/' metrics appear.
     Images of any size are padded to multiples of 32. The model's train/eval mode is restored afterwards.
     """
-    from teacher import infer
-
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -52,9 +41,10 @@ def evaluate_student(
             item = dataset[i]
             left = item["left"][None].to(device)
             right = item["right"][None].to(device)
+            padder = InputPadder(*left.shape[-2:])
             with autocast(device, amp_dtype):
-                pred = _disparity(model, left, right, iters)
-            pred = pred.cpu()
+                out = model(*padder(left, right), iters=iters, test_mode=True)
+            pred = padder.unpad(out.disp if isinstance(out, StereoOutput) else out).float().cpu()
             if bool(item.get("has_gt", False)):
                 gt_acc.update(pred, item["disp"][None], item["valid"][None])
             t_disp = None

@@ -168,9 +168,7 @@ def student_from_spec(spec: StudentSpec) -> nn.Module:
                 raise ConfigError(f"student.factory {spec.factory!r} cannot be imported: {exc}") from None
             model = fn(**spec.config)
     except TypeError as exc:
-        raise ConfigError(
-            f"student.config {dict(spec.config)} does not fit student.kind {spec.kind!r}: {exc}"
-        ) from None
+        raise ConfigError(f"student.config {dict(spec.config)} does not fit kind {spec.kind!r}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"the student builder returned {type(model).__name__}, expected a torch nn.Module")
     if init is not None:
@@ -241,14 +239,12 @@ def _distilled_from_file(path: Path, obj: dict[str, Any]) -> nn.Module:
     from compress.distill.config import StudentSpec
     from search_spaces import StudentConfig, build_student
 
-    if obj["format"] == STUDENT_FORMAT:
-        model, state = student_from_spec(StudentSpec(**{**obj["spec"], "init_checkpoint": None})), obj["state_dict"]
-    elif obj.get("student_config") is not None:
-        model, state = build_student(StudentConfig.from_dict(obj["student_config"])), obj["model"]
+    if obj.get("student_config") is not None:
+        model = build_student(StudentConfig.from_dict(obj["student_config"]))
     else:
-        model = student_from_spec(StudentSpec(**{**obj["config"]["student"], "init_checkpoint": None}))
-        state = obj["model"]
-    load_strict(model, state, path)
+        spec = obj["spec"] if obj["format"] == STUDENT_FORMAT else obj["config"]["student"]
+        model = student_from_spec(StudentSpec(**{**spec, "init_checkpoint": None}))
+    load_strict(model, _student_state_dict(path, obj), path)
     return model
 
 
@@ -273,14 +269,12 @@ def torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path} could not be read as a torch file: {exc}") from None
 
 
-def _student_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _student_state_dict(path: Path, obj: Any = None) -> dict[str, torch.Tensor]:
     import torch
 
-    obj = torch_load(path)
-    if isinstance(obj, dict) and obj.get("format") == STUDENT_FORMAT:
-        return obj["state_dict"]
-    if isinstance(obj, dict) and obj.get("format") == DISTILL_CHECKPOINT_FORMAT:
-        return obj["model"]
+    obj = torch_load(path) if obj is None else obj
+    if isinstance(obj, dict) and obj.get("format") in (STUDENT_FORMAT, DISTILL_CHECKPOINT_FORMAT):
+        return obj["state_dict" if obj["format"] == STUDENT_FORMAT else "model"]
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     raise CheckpointError(f"{path} holds no student weights (expected a file written by ffsc distill)")

@@ -86,8 +86,10 @@ def test_distillation_lowers_every_loss_and_approaches_the_teacher(tmp_path: Pat
     assert after["teacher/epe"] < 0.5 * before["teacher/epe"], (before, after)
     assert {"gt/epe", "gt/d1", "teacher/bp1"} <= set(after)
     # The saved student loads and reproduces the final evaluation.
-    loaded = resolve_model(result.student_path).module
-    assert evaluate_student(loaded, eval_set, iters=2) == pytest.approx(after)
+    for saved in (result.student_path, result.checkpoint_path):  # student.pt, and the last checkpoint
+        resolved = resolve_model(saved)
+        assert resolved.kind == "student"
+        assert evaluate_student(resolved.module, eval_set, iters=2) == pytest.approx(after)
     eval_rows = _rows(tmp_path / "run", "eval")
     assert eval_rows[-1]["step"] == 60 and eval_rows[-1]["eval/teacher/epe"] == pytest.approx(after["teacher/epe"])
 

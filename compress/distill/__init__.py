@@ -1,12 +1,8 @@
-"""Distillation of FoundationStereo into students: losses, a teacher pseudo-label cache, and the trainer.
-
-The datasets (``compress.data.datasets``), the evaluation (``compress.evaluation``) and the students and
-teachers of a recipe (``compress.models``) live with their concerns; the most used are re-exported here.
-"""
+"""Distillation of FoundationStereo into students: losses, a teacher pseudo-label cache, and the trainer."""
 
 from compress.data.datasets import build_dataset
 from compress.evaluation import evaluate_student
-from compress.models import save_distilled_student, student_from_spec, student_path, teacher_from_spec
+from compress.models import save_distilled_student, student_path
 
 from .config import (
     CostVolumeLossConfig,
@@ -80,8 +76,6 @@ __all__ = [
     "rebin_disparity",
     "resample_distribution",
     "save_distilled_student",
-    "student_from_spec",
     "student_path",
-    "teacher_from_spec",
     "teacher_identity",
 ]

@@ -8,6 +8,10 @@ Reproducibility: the data order is a function of (seed, step) only (a Distribute
 epoch, resumed mid-epoch by skipping the batches already seen), augmentation draws from (seed, epoch,
 index), and checkpoints hold the model, adapters, optimizer, scheduler, grad scaler and every RNG state. A
 run killed after a checkpoint and resumed therefore ends bitwise equal to an uninterrupted one on CPU.
+
+Over the project's ~500-line guide on purpose: the Trainer's set-up, DDP, checkpoint/resume and loop hooks share
+one state (student, adapters, optimizer, scheduler, scaler, sampler, step, RNG) that a checkpoint must capture
+whole. Datasets, evaluation, models and the step loop itself live in their own modules.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from compress.models import (
     torch_load,
 )
 from compress.training import autocast, fit, rng_state, seed_all, set_rng_state, to_device
+from teacher.inference import infer
 from teacher.outputs import StereoOutput
 
 from .config import DistillConfig, StudentSpec, config_to_dict
@@ -127,16 +132,9 @@ class _Distiller(nn.Module):
         self.student = student
         self.loss = loss
 
-    def forward(
-        self,
-        left: torch.Tensor,
-        right: torch.Tensor,
-        targets: TeacherTargets,
-        gt: GroundTruth | None,
-        iters: int,
-        autocast: Any,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with autocast():
+    def forward(self, left: torch.Tensor, right: torch.Tensor, targets: TeacherTargets, gt: GroundTruth | None,
+                iters: int, amp: Callable[[], Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with amp():
             out = self.student(left, right, iters=iters, test_mode=False, return_intermediates=True)
         if not isinstance(out, StereoOutput):
             raise ConfigError(
@@ -220,12 +218,9 @@ class Trainer:
                 find_unused_parameters=cfg.ddp_find_unused_parameters,
             )
         self.optimizer = self._optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            functools.partial(
-                _lr_factor, warmup=cfg.optim.warmup_steps, total=cfg.steps, min_ratio=cfg.optim.min_lr_ratio
-            ),
-        )
+        lr_factor = functools.partial(_lr_factor, warmup=cfg.optim.warmup_steps, total=cfg.steps,
+                                      min_ratio=cfg.optim.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.sampler = ResumableSampler(self.train_set, self.dist.world_size, self.dist.rank, cfg.seed)
         self.steps_per_epoch = len(self.sampler) // cfg.batch_size
@@ -309,8 +304,6 @@ class Trainer:
             teacher = self._teacher()
         if teacher is None:
             return subset, None
-        from teacher import infer
-
         # The eval set is fixed: run the teacher on it once, not at every evaluation.
         disps = []
         for i in range(len(subset)):
@@ -467,16 +460,13 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- training
 
-    def _autocast(self) -> Any:
-        return autocast(self.device, self.amp_dtype)
-
     def _targets(self, batch: dict[str, Any], left: torch.Tensor, right: torch.Tensor) -> TeacherTargets:
         if self.cache is not None:
             targets = TeacherTargets.from_batch(batch)
             allowed = set((self.feature_strides or {}).values())
             targets.features = {s: f for s, f in targets.features.items() if s in allowed}
             return targets
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), autocast(self.device, self.amp_dtype):
             out = self._teacher()(left, right, iters=self.teacher_iters, test_mode=True, return_intermediates=True)
         return TeacherTargets.from_output(out, self.cfg.loss.feature.levels)
 
@@ -490,7 +480,8 @@ class Trainer:
                 "(set data.crop_size)"
             )
         targets = self._targets(batch, left, right)
-        return self.model(left, right, targets, GroundTruth.from_batch(batch), self.cfg.train_iters, self._autocast)
+        return self.model(left, right, targets, GroundTruth.from_batch(batch), self.cfg.train_iters,
+                          functools.partial(autocast, self.device, self.amp_dtype))
 
     def batches(self) -> Iterator[dict[str, Any]]:
         """Training batches from the current step on, epoch after epoch: the order depends on (seed, step) only."""
@@ -501,15 +492,9 @@ class Trainer:
             self.sampler.set_start(offset * cfg.batch_size)
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(epoch)
-            yield from DataLoader(
-                self.train_set,
-                batch_size=cfg.batch_size,
-                sampler=self.sampler,
-                num_workers=cfg.num_workers,
-                drop_last=True,
-                pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
-            )
+            yield from DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
+                                  num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                                  generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
 
     def _reduce(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
         keys = sorted(sums)

@@ -25,7 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from compress.atomic import atomic_write_text
+from compress.device import pick_device
 from compress.errors import CheckpointError, ConfigError, DataError, FFSCError
+from compress.models import resolve_model
+from compress.training import fit
 
 from .config import PruneConfig
 from .coupling import Coupling, FamilyRules, analyze, apply_plan, rules_for
@@ -164,8 +167,6 @@ class Distiller:
     def train(self, model: nn.Module, steps: int, lr: float, batch_size: int = 1, grad_clip: float = 1.0,
               freeze_norm_stats: bool = True, desc: str = "distilling", progress: bool = False) -> float:
         """``steps`` AdamW steps (cosine decay); returns the mean loss of the last quarter of the steps."""
-        from compress.training import fit
-
         if steps <= 0:
             return float("nan")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -478,7 +479,6 @@ def _evaluate(model: nn.Module, distiller: Distiller, n: int, iters: int, device
 
 def _recover_with_recipe(model: nn.Module, cfg: PruneConfig, out: Path) -> tuple[nn.Module, dict[str, Any]]:
     from compress.distill import distill, load_recipe
-    from compress.models import resolve_model
     from search_spaces import StudentStereo
     from search_spaces.serialization import save_model
 
@@ -513,9 +513,6 @@ def prune_to_budget(
     kind, value = cfg.budget.kind, cfg.budget.value
     if kind is None:
         raise ConfigError("no budget: set one of budget.latency_ms, budget.gmacs, budget.mparams, budget.ratio")
-    from compress.device import pick_device
-    from compress.models import resolve_model
-
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     out = Path(cfg.out) if cfg.out else None

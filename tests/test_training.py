@@ -1,0 +1,75 @@
+"""The one optimisation loop (fit) and the one device picker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compress.device import pick_device
+from compress.errors import ConfigError
+from compress.training import fit
+
+
+def _regression(n: int = 32) -> tuple[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.3
+    torch.manual_seed(0)
+    return nn.Linear(3, 1), [(x[i : i + 4], y[i : i + 4]) for i in range(0, n, 4)]
+
+
+def _mse(model: nn.Module):
+    def loss_fn(batch):
+        x, y = batch
+        loss = ((model(x) - y) ** 2).mean()
+        return loss, {"mse": loss.detach()}
+
+    return loss_fn
+
+
+def test_fit_learns_and_stops_at_the_last_step_without_drawing_another_batch() -> None:
+    model, data = _regression()
+    drawn: list[int] = []
+
+    def batches():
+        for epoch in range(100):
+            for i, b in enumerate(data):
+                drawn.append(epoch * len(data) + i)
+                yield b
+
+    seen: list[tuple[int, float]] = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    reached = fit(model.parameters(), _mse(model), batches(), opt, sched, steps=60, start=10,
+                  on_step=lambda step, total, parts: seen.append((step, float(parts["mse"]))))
+    assert reached == 60 and [s for s, _ in seen] == list(range(11, 61))
+    assert len(drawn) == 50  # one batch per step, none past the last
+    assert seen[-1][1] < 0.01 * seen[0][1]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fit_stops_when_the_batches_run_out_and_clips_gradients() -> None:
+    model, data = _regression()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def huge(batch):
+        return ((1e3 * model(batch[0]) - batch[1]) ** 2).mean(), {}
+
+    assert fit(model.parameters(), huge, data[:1], opt, sched, steps=5, grad_clip=0.5) == 1
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    assert moved.norm() == pytest.approx(0.5, rel=1e-5)  # SGD with lr 1 moves by exactly the clipped gradient
+
+
+def test_pick_device_checks_what_it_is_given() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        pick_device("gpu0")
+    if torch.cuda.is_available():
+        assert pick_device(None).type == "cuda" and pick_device("cuda").index is not None
+    else:
+        assert pick_device(None) == torch.device("cpu")
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            pick_device("cuda:1")
