@@ -76,7 +76,10 @@ def resolve_model(
         return ResolvedModel("teacher", f"pruned teacher directory {path} (FoundationStereo {model.cfg.vit_size})",
                              model, path, model.cfg.valid_iters)
     if path.is_file() and path.suffix == ".pt":
-        obj = torch_load(path)
+        try:
+            obj = torch_load(path)
+        except CheckpointError:
+            obj = None  # not tensors only (e.g. a pickled teacher checkpoint): load_teacher decides below
         if isinstance(obj, dict) and obj.get("format") in (STUDENT_FORMAT, DISTILL_CHECKPOINT_FORMAT):
             model = _distilled_from_file(path, obj).eval()
             iters = getattr(getattr(model, "cfg", None), "iters", None)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """A batch -> (total loss with gradients, named loss parts)."""
 StepHook = Callable[[int, torch.Tensor, dict[str, torch.Tensor]], "dict[str, str] | None"]
-"""Called after each step as hook(step, total, parts) (both detached); a dict it returns goes on the progress bar."""
+"""Called after each step as hook(step, total.detach(), parts); a dict it returns goes on the progress bar."""
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
