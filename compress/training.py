@@ -76,22 +76,10 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def fit(
-    params: Iterable[nn.Parameter],
-    loss_fn: LossFn,
-    batches: Iterable[Any],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    *,
-    steps: int,
-    start: int = 0,
-    grad_clip: float | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    on_step: StepHook | None = None,
-    desc: str = "training",
-    progress: bool = False,
-    leave: bool = True,
-) -> int:
+def fit(params: Iterable[nn.Parameter], loss_fn: LossFn, batches: Iterable[Any], optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler, *, steps: int, start: int = 0, grad_clip: float | None = None,
+        scaler: torch.amp.GradScaler | None = None, on_step: StepHook | None = None, desc: str = "training",
+        progress: bool = False, leave: bool = True) -> int:
     """Optimise from step ``start`` to ``steps`` (or until ``batches`` runs out); returns the step reached.
 
     Each step: loss -> backward (scaled by ``scaler`` for fp16) -> clip the norm of ``params`` to ``grad_clip``
