@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compress.atomic import atomic_write_text
 from compress.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -192,11 +193,9 @@ class Tracker:
             return {}
 
     def _write_record(self, name: str, run_id: str) -> None:
-        from compress.nas.pareto import atomic_write_bytes
-
         record = self._read_record()
         record.setdefault(self.tracking_uri, {})[name] = run_id
-        atomic_write_bytes(self._record_path(), (json.dumps(record, indent=2) + "\n").encode())
+        atomic_write_text(self._record_path(), json.dumps(record, indent=2) + "\n")
 
     def _usable_run(self, run_id: str | None) -> bool:
         if not run_id:
@@ -336,25 +335,9 @@ class Tracker:
         else:
             self.client.log_artifact(parent, str(local), artifact_path)
 
-    def log_front(
-        self,
-        front_dir_or_files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
-        plot_png: str | os.PathLike[str] | None = None,
-        artifact_path: str = "pareto",
-    ) -> None:
-        """Log the Pareto front files (pareto_front.* from a folder, or the given files) and its plot."""
-        from compress.nas.pareto import FRONT_CSV, FRONT_JSON
-
-        if isinstance(front_dir_or_files, (str, os.PathLike)) and Path(front_dir_or_files).is_dir():
-            folder = Path(front_dir_or_files)
-            files = [folder / n for n in (FRONT_CSV, FRONT_JSON) if (folder / n).exists()]
-        elif isinstance(front_dir_or_files, (str, os.PathLike)):
-            files = [Path(front_dir_or_files)]
-        else:
-            files = [Path(f) for f in front_dir_or_files]
-        if plot_png is not None:
-            files.append(Path(plot_png))
-        for f in dict.fromkeys(files):
+    def log_files(self, files: Iterable[str | os.PathLike[str]], artifact_path: str | None = None) -> None:
+        """Copy each given file into the study run's artifacts under artifact_path (each file once)."""
+        for f in dict.fromkeys(Path(f) for f in files):
             self.log_artifact(f, artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:

@@ -352,7 +352,7 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
     """The final table: teacher, every front student and the final student."""
     from rich.table import Table
 
-    from compress.commands.common import console
+    from compress.terminal import console
 
     def f(v, fmt="{:.2f}"):
         return "-" if v is None else fmt.format(v)
