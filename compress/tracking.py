@@ -28,6 +28,14 @@ ROLE_TAG = "ffsc.role"
 STUDY_TAG = "ffsc.study"
 STUDY_KEY_TAG = "ffsc.study_key"
 PARENT_TAG = "mlflow.parentRunId"
+# The run's description, rendered as Markdown on its Overview tab.
+NOTE_TAG = "mlflow.note.content"
+# MLflow 3 marks an experiment's type with this tag (mlflow/demo/generators/traces.py sets "genai_development";
+# the UI's list of kinds holds "custom_model_development", shown as "Machine learning").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+OVERVIEW_ARTIFACTS = "overview"
+_FALLBACK_TAG_VALUE_LEN = 8000
 
 # MLflow's documented limits, used when its validation module does not expose them.
 _FALLBACK_PARAM_VALUE_LEN = 6000
@@ -37,6 +45,15 @@ _METRICS_PER_BATCH = 1000
 _LOCAL_SCHEMES = ("sqlite", "file", "")
 # MLflow accepts letters, digits, underscores, dashes, periods, spaces and slashes in keys.
 _KEY_UNSAFE = re.compile(r"[^\w\-. /]", re.ASCII)
+
+
+def _tag_value_limit() -> int:
+    try:
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+        return int(MAX_TAG_VAL_LENGTH)
+    except ImportError:
+        return _FALLBACK_TAG_VALUE_LEN
 
 
 def _limits() -> tuple[int, int]:
@@ -181,6 +198,8 @@ class Tracker:
                 if exp.lifecycle_stage == "deleted":
                     client.restore_experiment(exp.experiment_id)
                 self._experiment_id = exp.experiment_id
+            if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:  # a kind the user chose is kept
+                client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return self._experiment_id
 
     def _record_path(self) -> Path:
@@ -339,6 +358,45 @@ class Tracker:
         """Copy each given file into the study run's artifacts under artifact_path (each file once)."""
         for f in dict.fromkeys(Path(f) for f in files):
             self.log_artifact(f, artifact_path)
+
+    def log_overview(
+        self,
+        title: str,
+        metrics: Mapping[str, Any] | None = None,
+        config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        image: str | os.PathLike[str] | None = None,
+    ) -> str:
+        """Write the study run's description (its Overview): an image, a metrics table and a config; returns it.
+
+        The image is logged under ``overview/`` and shown through the tracking server's ``get-artifact`` URL.
+        """
+        from urllib.parse import quote
+
+        import yaml
+
+        parent = self._require_parent()
+        parts = [f"### {title}"]
+        if image is not None:
+            image = Path(image)
+            self.log_artifact(image, OVERVIEW_ARTIFACTS)
+            url = f"get-artifact?path={quote(f'{OVERVIEW_ARTIFACTS}/{image.name}')}&run_uuid={parent}"
+            parts.append(f"![{image.stem}]({url})")
+        kept, _ = split_metrics(metrics or {})
+        if kept:
+            rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in kept.items())
+            parts.append(f"| metric | value |\n|---|---|\n{rows}")
+        if config is not None:
+            if isinstance(config, Mapping):
+                text = yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)), sort_keys=False)
+            else:
+                text = Path(config).read_text(encoding="utf-8")
+            parts.append(f"Config:\n\n```yaml\n{text.rstrip()}\n```")
+        note = "\n\n".join(parts) + "\n"
+        limit = _tag_value_limit()
+        if len(note) > limit:  # the config is last: cut it, keeping the fence closed
+            note = note[: limit - 20].rstrip() + "\n...\n```\n"
+        self.client.set_tag(parent, NOTE_TAG, note)
+        return note
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the study run finished (or FAILED/KILLED); a later start_study_run resumes it."""

@@ -438,6 +438,9 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
             tracker.log_metrics({f"final/{k}".replace("/", "_"): v for k, v in summary.final.items()
                                  if isinstance(v, float)})
             tracker.log_artifact(final_path / "config.yaml", "final_student")
+            front_png = run_dir / "search" / "pareto_front.png"
+            tracker.log_overview(f"{recipe.name}: final student (front trial {summary.chosen['trial']})",
+                                 summary.final, final_path / "config.yaml", front_png if front_png.exists() else None)
     summary.seconds = time.perf_counter() - start
     atomic_write_text(run_dir / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2, default=str))
     print_summary(summary, recipe)
