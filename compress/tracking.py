@@ -366,7 +366,7 @@ class Tracker:
         config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         image: str | os.PathLike[str] | None = None,
     ) -> str:
-        """Write the study run's description (its Overview): an image, a metrics table and a config; returns it.
+        """Write the study run's description (its Overview): a metrics table, an image and a config; returns it.
 
         The image is logged under ``overview/`` and shown through the tracking server's ``get-artifact`` URL.
         """
@@ -376,15 +376,15 @@ class Tracker:
 
         parent = self._require_parent()
         parts = [f"### {title}"]
+        kept, _ = split_metrics(metrics or {})
+        if kept:
+            rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in kept.items())
+            parts.append(f"| metric | value |\n|---|---|\n{rows}")
         if image is not None:
             image = Path(image)
             self.log_artifact(image, OVERVIEW_ARTIFACTS)
             url = f"get-artifact?path={quote(f'{OVERVIEW_ARTIFACTS}/{image.name}')}&run_uuid={parent}"
             parts.append(f"![{image.stem}]({url})")
-        kept, _ = split_metrics(metrics or {})
-        if kept:
-            rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in kept.items())
-            parts.append(f"| metric | value |\n|---|---|\n{rows}")
         if config is not None:
             if isinstance(config, Mapping):
                 text = yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)), sort_keys=False)
@@ -397,6 +397,14 @@ class Tracker:
             note = note[: limit - 20].rstrip() + "\n...\n```\n"
         self.client.set_tag(parent, NOTE_TAG, note)
         return note
+
+    def ui_url(self, server: str = "http://127.0.0.1:5000") -> str:
+        """The `mlflow ui` address of this experiment, opened as model training.
+
+        MLflow 3.17's UI picks GenAI or model training from the page's ``workflowType`` (default GenAI), not
+        from the experiment's kind tag, so the address names it.
+        """
+        return f"{server.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the study run finished (or FAILED/KILLED); a later start_study_run resumes it."""

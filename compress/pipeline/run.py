@@ -383,7 +383,14 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
                  "export/student.onnx", "mlflow.db"):
         if (summary.run_dir / name).exists():
             out.print(f"  {name}")
-    out.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{summary.run_dir / 'mlflow.db'}")
+    from compress.tracking import Tracker
+
+    if recipe.tracking.uri is None and (summary.run_dir / "mlflow.db").exists():
+        tracker = Tracker(summary.run_dir, experiment=recipe.tracking.experiment)
+        out.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{summary.run_dir / 'mlflow.db'}, then open "
+                  f"{tracker.ui_url()}")
+    elif recipe.tracking.uri is not None:
+        out.print(f"MLflow: {recipe.tracking.uri}, experiment {recipe.tracking.experiment}")
     out.print(f"wall time {summary.seconds:.0f} s")
 
 
