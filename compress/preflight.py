@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,26 +124,9 @@ def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph
         raise ConfigError(f"{key}={backend!r}: expected one of {list(LATENCY_BACKENDS[1:])} (or 'auto')")
 
 
-def first_nonfinite(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """Name of the first floating-point tensor holding NaN or Inf, or None."""
-    for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
-
-
-def check_finite_weights(state_dict: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Raise CheckpointError naming the first tensor with NaN/Inf (a damaged file loads "strictly" otherwise)."""
-    bad = first_nonfinite(state_dict)
-    if bad is not None:
-        tensor = state_dict[bad]
-        count = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(f"checkpoint {source}: tensor {bad!r} holds {count} NaN/Inf value(s) of "
-                              f"{tensor.numel()}; the file is damaged (expected finite weights)")
-
-
 def check_checkpoint(path: str | os.PathLike, key: str = "checkpoint", trust_pickle: bool = False) -> None:
-    """The checkpoint file exists, reads as tensors, and every weight is finite."""
+    """The checkpoint file (or every weights file of a model folder) exists, reads as tensors, and every weight is
+    finite (read_state_dict checks that)."""
     from teacher.loading import read_state_dict
 
     path = Path(path)
@@ -152,10 +134,12 @@ def check_checkpoint(path: str | os.PathLike, key: str = "checkpoint", trust_pic
         raise CheckpointError(f"{key}: {path} does not exist (expected a .pth or .safetensors checkpoint)")
     if path.is_dir():
         weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
+        if not weights:
+            raise CheckpointError(f"{key}: {path} holds no weights file (expected *.safetensors or *.pth)")
         for file in weights:
-            check_finite_weights(read_state_dict(file, trust_pickle=trust_pickle), file)
+            read_state_dict(file, trust_pickle=trust_pickle)
         return
-    check_finite_weights(read_state_dict(path, trust_pickle=trust_pickle), path)
+    read_state_dict(path, trust_pickle=trust_pickle)
 
 
 def check_dataset(path: str | os.PathLike, kind: str = "auto", key: str = "data.path") -> None:

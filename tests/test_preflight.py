@@ -101,6 +101,21 @@ def test_corrupted_pth_named(tmp_path) -> None:
         preflight.check_checkpoint(path)
 
 
+def test_student_dir_with_nan_refuses_to_load(tmp_path) -> None:
+    from search_spaces import build_student, preset
+    from search_spaces.serialization import load_student, save_student
+
+    torch.manual_seed(0)
+    model = build_student(preset("tiny"))
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("inf")
+    save_student(model, tmp_path / "student")
+    with pytest.raises(CheckpointError, match="holds 1 NaN/Inf"):
+        load_student(tmp_path / "student")
+    with pytest.raises(CheckpointError, match="holds 1 NaN/Inf"):
+        preflight.check_checkpoint(tmp_path / "student")
+
+
 def test_checkpoint_missing(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"teacher\.checkpoint: .*does not exist"):
         preflight.check_checkpoint(tmp_path / "nope.pth", key="teacher.checkpoint")
