@@ -19,9 +19,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("teacher", ("teacher",)),
     ("search_spaces", ("search_spaces",)),
     ("core", ("compress.data", "compress.metrics", "compress.structured", "compress.tracking",
-              "compress.geometry")),
+              "compress.geometry", "compress.cuda_graph")),
     ("stages", ("compress.export", "compress.latency", "compress.latency_predictor", "compress.models",
-                "compress.distill", "compress.prune", "compress.nas", "compress.deploy")),
+                "compress.distill", "compress.prune", "compress.nas", "compress.deploy", "compress.preflight")),
     ("pipeline", ("compress.pipeline",)),
     ("cli", ("compress.commands", "compress.cli")),
 ]
