@@ -47,6 +47,11 @@ DEFAULT_OP_TYPES: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm", 
 Gemm) plus the numerically delicate Softmax and Resize, so that the sensitivity pass measures them too."""
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+TARGETS = ("cpu", "tensorrt")
+"""'cpu': ONNX Runtime on x86 CPUs: unsigned INT8 activations (its fastest integer kernels) and 3-D convolutions
+kept float (its INT8 3-D convolution has no fast path: measured 112 ms vs 9.8 ms fp32 for the tiny student's
+7x7x7 classifier at 64x128). 'tensorrt': signed symmetric INT8 everywhere (zero point 0, what TensorRT's explicit
+quantization accepts), 3-D convolutions quantized too; it also runs in ONNX Runtime, more slowly."""
 
 
 @dataclass
@@ -59,6 +64,7 @@ class QuantizeConfig:
     """Held-out frames (after the calibration frames) for the report's INT8-vs-fp32 EPE."""
     sensitivity_frames: int = 4
     method: str = "minmax"
+    target: str = "cpu"
     per_channel: bool = True
     op_types: list[str] = field(default_factory=lambda: list(DEFAULT_OP_TYPES))
     sensitivity: bool = True
@@ -77,6 +83,8 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"quantize.method: got {self.method!r}, expected one of {CALIBRATION_METHODS}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"quantize.target: got {self.target!r}, expected one of {TARGETS}")
         if self.calib_frames < 1 or self.sensitivity_frames < 1 or self.eval_frames < 0:
             raise ConfigError(f"quantize: calib_frames ({self.calib_frames}) and sensitivity_frames "
                               f"({self.sensitivity_frames}) must be >= 1, eval_frames ({self.eval_frames}) >= 0")
@@ -147,8 +155,10 @@ class QuantizeReport:
     def markdown(self, title: str | None = None) -> str:
         """The report as Markdown: the accuracy verdict, latency side by side and the sensitivity table."""
         h = self.heldout
+        act = "symmetric INT8" if self.calibration["target"] == "tensorrt" else "UINT8"
         lines = [f"# {title or f'INT8 quantization of {self.source.name}'}", "",
-                 f"`{self.path.name}`: {self.quantized_nodes} nodes quantized (Q/DQ, symmetric INT8, "
+                 f"`{self.path.name}` (target {self.calibration['target']}): {self.quantized_nodes} nodes "
+                 f"quantized (Q/DQ, {act} activations, INT8 "
                  f"{'per-channel' if self.calibration['per_channel'] else 'per-tensor'} weights), "
                  f"{self.excluded_nodes} candidate nodes kept in float; calibrated on "
                  f"{self.calibration['frames']} frames ({self.calibration['method']}) at {self.height}x{self.width}.",
@@ -160,7 +170,8 @@ class QuantizeReport:
                   f"| EPE INT8 vs fp32, calibration frames | {_fmt(self.calib_epe_px)} px |",
                   f"| accuracy check (held-out EPE <= {self.max_epe_px:g} px) | {verdict} |"]
         if h.get("fp32_epe_gt") is not None:
-            lines.append(f"| EPE vs ground truth: fp32 / INT8 | {_fmt(h['fp32_epe_gt'])} / {_fmt(h['int8_epe_gt'])} px |")
+            lines.append(f"| EPE vs ground truth: fp32 / INT8 | {_fmt(h['fp32_epe_gt'])} / "
+                         f"{_fmt(h['int8_epe_gt'])} px |")
         lat = self.latency
         if lat:
             lines.append(f"| latency fp32 / INT8 (median ms, {lat['threads']} thread, {lat['clock']} clock, "
@@ -269,9 +280,16 @@ def node_group(name: str, op_type: str, depth: int = 2) -> str:
     return "/".join(parts[:depth])
 
 
+def conv3d_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the 3-D (rank-5 weight) Conv/ConvTranspose nodes: the cost-volume filtering."""
+    ranks = {i.name: len(i.dims) for i in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 and ranks.get(n.input[1]) == 5]
+
+
 def quantizable_groups(model: onnx.ModelProto, op_types: Sequence[str], depth: int,
                        keep_float: Sequence[str] = ()) -> dict[str, list[onnx.NodeProto]]:
-    """Candidate nodes (op type listed, not matching keep_float patterns) grouped by :func:`node_group`."""
+    """Candidate nodes (op type listed, name not matching a keep_float pattern) grouped by :func:`node_group`."""
     groups: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         if node.op_type not in op_types or not node.name:
@@ -311,15 +329,17 @@ def _quantize(src: Path, dst: Path, cfg: QuantizeConfig, cache: Path, frames: li
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     reader = _Reader(frames) if frames is not None else None
-    # Symmetric signed INT8 with zero point 0 for activations and weights: what TensorRT's explicit
-    # quantization requires, and ONNX Runtime's recommended CPU setting for QDQ (S8S8).
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    # TensorRT takes symmetric signed INT8 only (zero point 0); ONNX Runtime's x86 kernels are fastest with
+    # unsigned asymmetric activations (U8S8). Weights are symmetric signed INT8 for both.
+    trt = cfg.target == "tensorrt"
+    extra = {"ActivationSymmetric": trt, "WeightSymmetric": True}
     if cfg.method == "percentile":
         extra["CalibPercentile"] = 99.999
     try:
         quantize_static(
             str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(cfg.op_types),
-            per_channel=cfg.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            per_channel=cfg.per_channel, activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude,
             calibrate_method=_method(cfg.method), calibration_cache_path=str(cache), extra_options=extra,
         )
@@ -389,6 +409,8 @@ def quantize_onnx(
     meta = read_metadata(model)
     iters = int(meta["iters"]) if meta.get("iters") else None
     islands = list(recorded_fp32_nodes(model)) + list(cfg.exclude)
+    if cfg.target == "cpu":
+        islands += conv3d_nodes(model)  # exact names: fnmatch treats them as literal patterns
 
     def say(msg: str) -> None:
         if progress:
@@ -421,9 +443,6 @@ def quantize_onnx(
                 score = _epe(_run(trial, sens_frames, cfg.threads), ref_sens)
                 table.append(GroupSensitivity(name, len(nodes), sorted({n.op_type for n in nodes}), score))
                 say(f"sensitivity {i}/{len(groups)}: {name} ({len(nodes)} nodes) EPE {score:.4f} px")
-        else:
-            table = [GroupSensitivity(name, len(nodes), sorted({n.op_type for n in nodes}), whole_epe)
-                     for name, nodes in groups.items()]
         for g in table:
             if cfg.sensitivity and g.epe_px > cfg.group_threshold_px:
                 g.kept_float, g.reason = True, f"> {cfg.group_threshold_px:g} px alone"
@@ -452,8 +471,9 @@ def quantize_onnx(
 
         proto = onnx.load(str(trial))
         _set_metadata(proto, {**meta, "quantization": json.dumps({
-            "format": "QDQ", "activations": "int8 symmetric", "weights": "int8 symmetric " + (
-                "per-channel" if cfg.per_channel else "per-tensor"), "method": cfg.method,
+            "format": "QDQ", "target": cfg.target,
+            "activations": "int8 symmetric" if cfg.target == "tensorrt" else "uint8 asymmetric",
+            "weights": "int8 symmetric " + ("per-channel" if cfg.per_channel else "per-tensor"), "method": cfg.method,
             "kept_float_groups": sorted(kept)})})
         from compress.export.trt_lint import lint_onnx
 
@@ -476,7 +496,7 @@ def quantize_onnx(
     return QuantizeReport(
         path=dst, source=src, height=height, width=width, iters=iters,
         calibration={"frames": len(calib_frames), "method": cfg.method, "per_channel": cfg.per_channel,
-                     "op_types": list(cfg.op_types), "sensitivity_frames": len(sens_frames),
+                     "op_types": list(cfg.op_types), "target": cfg.target, "sensitivity_frames": len(sens_frames),
                      "group_threshold_px": cfg.group_threshold_px, "whole_graph_epe_px": whole_epe},
         sensitivity=table, kept_float_groups=sorted(kept), excluded_nodes=kept_nodes + len(island_nodes),
         quantized_nodes=len(candidates) - kept_nodes, qdq_nodes=qdq,
@@ -524,6 +544,7 @@ def quantize_model_dir(onnx_path: str | os.PathLike, calib: Any, cfg: QuantizeCo
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "TARGETS",
     "DEFAULT_OP_TYPES",
     "Frame",
     "GroupSensitivity",
@@ -531,6 +552,7 @@ __all__ = [
     "QuantizeReport",
     "load_frames",
     "measure_int8_latency",
+    "conv3d_nodes",
     "node_group",
     "quantizable_groups",
     "quantize_model_dir",
