@@ -120,8 +120,10 @@ def test_report_files(quantized, tmp_path: Path) -> None:
 
 def test_tensorrt_target_uses_zero_points_of_zero_and_quantizes_3d_convs(fp32_onnx: Path, tmp_path: Path) -> None:
     out = tmp_path / "trt_int8.onnx"
-    quantize_onnx(fp32_onnx, out, "synthetic", QuantizeConfig(**{**FAST, "sensitivity": False, "target": "tensorrt"}),
-                  measure_latency=False)
+    report = quantize_onnx(fp32_onnx, out, "synthetic", QuantizeConfig(**{**FAST, "sensitivity": False,
+                                                                          "target": "tensorrt"}),
+                           measure_latency=False, heldout="synthetic")
+    assert report.heldout["frames"] == FAST["eval_frames"] and report.sensitivity == [] and report.latency == {}
     model = onnx.load(str(out))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]

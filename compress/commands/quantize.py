@@ -46,7 +46,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             print(f"--model {args.model}: {resolved.description}; exporting fp32 ONNX at {height}x{width}")
             export_model(resolved, fp32, "onnx", height, width, iters)
         report = quantize_onnx(fp32, out, args.calib, cfg, height=height, width=width,
-                               measure_latency=not args.no_latency, progress=True)
+                               measure_latency=not args.no_latency, progress=True, heldout=args.heldout)
     json_path = Path(args.report) if args.report else out.with_name(f"{out.stem}_report.json")
     _, md_path = write_report(report, json_path, title=f"INT8 quantization of {args.model}")
     console().print(report.markdown(title=f"INT8 quantization of {args.model}"))
@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", required=True,
                    help="calibration frames: a label cache folder (runs/<run>/labels/train), a stereo data folder, "
                         "or 'synthetic'")
+    p.add_argument("--heldout", default=None,
+                   help="held-out pairs for the accuracy report, same kinds as --calib (default: the --calib pairs "
+                        "after the calibration frames)")
     p.add_argument("--out", required=True, help="output INT8 .onnx")
     p.add_argument("--report", default=None, help="report JSON (default: <out stem>_report.json; Markdown beside)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the ONNX's static size, or 480)")

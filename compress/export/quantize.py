@@ -381,12 +381,14 @@ def quantize_onnx(
     width: int | None = None,
     measure_latency: bool = True,
     progress: bool = False,
+    heldout: Any = None,
 ) -> QuantizeReport:
     """Write an INT8 Q/DQ copy of the fp32 ONNX model src to dst, with sensitive groups kept float; report it.
 
     calib: a label cache folder (synthetic labels regenerate their frames), a stereo data folder, 'synthetic'
-    or a Dataset. The first cfg.calib_frames pairs calibrate; the next cfg.eval_frames are held out for the
-    report. height/width default to the model's static input size.
+    or a Dataset. The first cfg.calib_frames pairs calibrate; the report's cfg.eval_frames held-out pairs are
+    the next ones, or the first ones of ``heldout`` (same kinds of source) when given. height/width default to
+    the model's static input size.
     """
     start = time.perf_counter()
     cfg = cfg or QuantizeConfig()
@@ -416,8 +418,13 @@ def quantize_onnx(
         if progress:
             print(f"[ffsc quantize] {msg}", flush=True)
 
-    frames = load_frames(calib, cfg.calib_frames + cfg.eval_frames, height, width)
-    calib_frames, held_out = frames[: cfg.calib_frames], frames[cfg.calib_frames:]
+    if heldout is None:
+        frames = load_frames(calib, cfg.calib_frames + cfg.eval_frames, height, width)
+        calib_frames, held_out = frames[: cfg.calib_frames], frames[cfg.calib_frames:]
+    else:
+        calib_frames = load_frames(calib, cfg.calib_frames, height, width)
+        # A different seed: 'synthetic' as held-out source must not repeat the calibration pairs.
+        held_out = load_frames(heldout, cfg.eval_frames, height, width, seed=1) if cfg.eval_frames else []
     sens_frames = calib_frames[: cfg.sensitivity_frames]
     groups = quantizable_groups(model, cfg.op_types, cfg.group_depth, islands)
     if not groups:
@@ -532,12 +539,12 @@ def write_report(report: QuantizeReport, json_path: str | os.PathLike, title: st
     return json_path, md_path
 
 
-def quantize_model_dir(onnx_path: str | os.PathLike, calib: Any, cfg: QuantizeConfig | None = None,
-                       progress: bool = False) -> QuantizeReport:
+def quantize_beside(onnx_path: str | os.PathLike, calib: Any, cfg: QuantizeConfig | None = None,
+                    heldout: Any = None, progress: bool = False) -> QuantizeReport:
     """The pipeline's one call: ``<stem>_int8.onnx`` and ``<stem>_int8_report.{json,md}`` beside an fp32 export."""
     onnx_path = Path(onnx_path)
     out = onnx_path.with_name(f"{onnx_path.stem}_int8.onnx")
-    report = quantize_onnx(onnx_path, out, calib, cfg, progress=progress)
+    report = quantize_onnx(onnx_path, out, calib, cfg, progress=progress, heldout=heldout)
     write_report(report, out.with_name(f"{onnx_path.stem}_int8_report.json"))
     return report
 
@@ -555,7 +562,7 @@ __all__ = [
     "conv3d_nodes",
     "node_group",
     "quantizable_groups",
-    "quantize_model_dir",
+    "quantize_beside",
     "quantize_onnx",
     "write_report",
 ]
