@@ -40,7 +40,8 @@ def _recipe(work_dir: Path):
     return load_run_recipe(ROOT / "recipes" / "quickstart_cpu.yaml", [f"run_dir={work_dir}", "progress=true"])
 
 
-def prepare_models(work_dir: Path, ffs_steps: int) -> dict[str, dict]:
+def prepare_models(work_dir: Path, ffs_steps: int, names: tuple[str, ...] = ("quickstart", "fast_foundationstereo"),
+                   ) -> dict[str, dict]:
     """Train (or reuse) the stand-in teacher and the two distilled students; returns name -> info."""
     from compress.distill.config import DataConfig, DistillConfig, StudentSpec, TeacherSpec
     from compress.distill.trainer import distill
@@ -56,6 +57,8 @@ def prepare_models(work_dir: Path, ffs_steps: int) -> dict[str, dict]:
     models = {}
     for name, preset, steps, batch in (("quickstart", "tiny", recipe.distill.steps, recipe.distill.batch_size),
                                        ("fast_foundationstereo", "fast_foundationstereo", ffs_steps, 2)):
+        if name not in names:
+            continue
         out = work_dir / name
         spec = StudentSpec(kind="search_space", preset=preset)
         from search_spaces import preset as get_preset
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     work_dir = Path(args.work_dir)
-    models = prepare_models(work_dir, args.ffs_steps)
+    models = prepare_models(work_dir, args.ffs_steps, tuple(args.models))
     if args.prepare_only:
         print(json.dumps(models, indent=2))
         return 0

@@ -4,8 +4,9 @@ Quantizer: ONNX Runtime's static quantization (``onnxruntime.quantization.quanti
 symmetric signed INT8 activations and per-channel symmetric INT8 weights. Why this one:
 
 - it is already an ffsc dependency and runs here on the CPU; NVIDIA ModelOpt's ONNX PTQ
-  (``nvidia-modelopt[onnx]``) pulls in CUDA-only packages (cupy-cuda, onnxruntime-gpu, TensorRT bindings) and
-  is aimed at a TensorRT/GPU workflow, so it cannot be a CPU default (see the README for what was tried);
+  (``nvidia-modelopt[onnx]``) pulls in CUDA packages (cupy-cuda12x, onnxruntime-gpu) and is aimed at a
+  TensorRT/GPU workflow (its INT8 mode casts the rest of the graph to fp16), so it cannot be a CPU default
+  (see the README for what was tried);
 - QDQ with symmetric INT8 (zero point 0) everywhere is the form TensorRT's explicit quantization wants: a
   strongly typed TensorRT build takes each DequantizeLinear -> op -> QuantizeLinear as the layer's precision,
   and ONNX Runtime's CPU provider fuses the same pattern into integer kernels (QLinearConv, MatMulInteger);
@@ -436,7 +437,7 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix="ffsc-quantize-") as tmp:
         work = Path(tmp)
         cache = work / "calibration.json"
-        say(f"fp32 reference on {len(frames)} frames")
+        say(f"fp32 reference on {len(sens_frames)} frames")
         ref_sens = _run(src, sens_frames, cfg.threads)
         say(f"calibrating on {len(calib_frames)} frames ({cfg.method})")
         trial = work / "trial.onnx"
