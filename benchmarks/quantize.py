@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="runs/bench-quantize")
-    parser.add_argument("--ffs-steps", type=int, default=60)
+    parser.add_argument("--ffs-steps", type=int, default=30)
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--models", nargs="+", default=["quickstart", "fast_foundationstereo"])
     parser.add_argument("--height", type=int, default=256)
