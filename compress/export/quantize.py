@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from compress.errors import ConfigError, DataError, ExportError
+from compress.errors import ConfigError, DataError, ExportError, MissingDependencyError
 from compress.export._files import publish, save_onnx, staging_dir
 from compress.export.onnx_export import _set_metadata, read_metadata, recorded_fp32_nodes
 from compress.export.runtime import INPUT_NAMES, OUTPUT_NAME, make_session
@@ -327,8 +327,16 @@ def _method(name: str):
 
 def _quantize(src: Path, dst: Path, cfg: QuantizeConfig, cache: Path, frames: list[Frame] | None,
               nodes_to_quantize: list[str] | None, nodes_to_exclude: list[str]) -> None:
+    import inspect
+
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        import onnxruntime
+
+        raise MissingDependencyError(
+            f"onnxruntime {onnxruntime.__version__} cannot reuse calibration ranges (quantize_static has no "
+            "calibration_cache_path); the sensitivity pass needs a newer one: pip install -U onnxruntime (1.32 works)")
     reader = _Reader(frames) if frames is not None else None
     # TensorRT takes symmetric signed INT8 only (zero point 0); ONNX Runtime's x86 kernels are fastest with
     # unsigned asymmetric activations (U8S8). Weights are symmetric signed INT8 for both.
