@@ -177,3 +177,23 @@ def test_cli_quantize(fp32_onnx: Path, tmp_path: Path, capsys) -> None:
     assert main(["quantize", str(tmp_path / "nope.onnx"), "--calib", "synthetic", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file" in err[0]
+
+
+def test_recipe_export_formats_onnx_int8(tmp_path: Path) -> None:
+    from compress.pipeline import load_run_recipe
+    from compress.pipeline.run import export_student
+    from search_spaces import build_student, preset, save_student
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = load_run_recipe(root / "recipes" / "quickstart_cpu.yaml", [
+        "progress=false", "export.formats=[onnx,onnx_int8]", "export.quantize.calib_frames=3",
+        "export.quantize.eval_frames=2", "export.quantize.sensitivity_frames=1", "export.quantize.group_depth=1",
+        "export.quantize.latency_rounds=1", "export.quantize.latency_repeats=1"])
+    torch.manual_seed(0)
+    student = save_student(build_student(preset("tiny", iters=ITERS)), tmp_path / "student")
+    out = export_student(student, recipe, tmp_path)
+    assert Path(out["onnx_int8"]) == tmp_path / "export" / "student_int8.onnx"
+    report = json.loads((tmp_path / "export" / "student_int8_report.json").read_text())
+    assert report["heldout"]["frames"] == 2 and report["passed"] is True
+    with pytest.raises(ConfigError, match="quantize.method"):
+        load_run_recipe(root / "recipes" / "quickstart_cpu.yaml", ["export.quantize.method=kl"])
