@@ -330,6 +330,14 @@ def export_student(path: Path, recipe: RunRecipe, run_dir: Path) -> dict[str, st
     onnx_path = run_dir / "export" / "student.onnx"
     report = to_onnx(model, onnx_path, recipe.height, recipe.width, iters=model.cfg.iters, opset=recipe.export.opset)
     out["onnx"] = str(report.path)
+    if "onnx_int8" in recipe.export.formats:
+        from compress.distill.trainer import build_dataset
+        from compress.export.quantize import quantize_beside
+
+        calib = build_dataset(recipe.data.train, seed=recipe.seed)  # the frames the label cache was made from
+        heldout = build_dataset(recipe.data.eval, seed=recipe.seed + 1)
+        out["onnx_int8"] = str(quantize_beside(onnx_path, calib, recipe.export.quantize, heldout=heldout,
+                                               progress=recipe.progress).path)
     if "engine" in recipe.export.formats:
         from compress.export import build_engine
 
