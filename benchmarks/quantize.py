@@ -98,7 +98,7 @@ def quantize_one(name: str, info: dict, work_dir: Path, height: int, width: int,
     """Export the trained student at height x width, quantize it and return its report as plain data."""
     from compress.distill.trainer import load_distilled_student
     from compress.export import to_onnx
-    from compress.export.quantize import quantize_onnx, write_report
+    from compress.quantize import quantize_onnx, write_report
 
     model = load_distilled_student(info["student"], device="cpu")
     fp32 = work_dir / f"{name}_{height}x{width}.onnx"
@@ -116,7 +116,7 @@ def quantize_one(name: str, info: dict, work_dir: Path, height: int, width: int,
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON and Markdown."""
     from compress.atomic import atomic_write_text
-    from compress.export.quantize import QuantizeConfig
+    from compress.quantize import QuantizeConfig
     from compress.latency import machine_info, machine_slug
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from compress.cli import main
 from compress.errors import ConfigError, DataError, ExportError
 from compress.export import random_stereo_pair, run_onnx, to_onnx
-from compress.export.quantize import (
+from compress.quantize import (
     QuantizeConfig,
     conv3d_nodes,
     load_frames,

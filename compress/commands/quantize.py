@@ -14,7 +14,7 @@ from .common import console
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize an fp32 ONNX export (or a model, exported first) to a Q/DQ INT8 ONNX and write its report."""
     from compress.export import check_image_size
-    from compress.export.quantize import QuantizeConfig, quantize_onnx, write_report
+    from compress.quantize import QuantizeConfig, quantize_onnx, write_report
 
     out = Path(args.out)
     if out.suffix != ".onnx":

@@ -9,7 +9,7 @@ from typing import Any
 
 from compress.distill.config import DatasetSpec, LabelCacheConfig, LossConfig, OptimConfig
 from compress.errors import ConfigError
-from compress.export.quantize import QuantizeConfig
+from compress.quantize import QuantizeConfig
 from compress.structured import load_structured
 
 STAGES = ("teacher", "search", "prune", "distill", "export")

@@ -332,7 +332,7 @@ def export_student(path: Path, recipe: RunRecipe, run_dir: Path) -> dict[str, st
     out["onnx"] = str(report.path)
     if "onnx_int8" in recipe.export.formats:
         from compress.distill.trainer import build_dataset
-        from compress.export.quantize import quantize_beside
+        from compress.quantize import quantize_beside
 
         calib = build_dataset(recipe.data.train, seed=recipe.seed)  # the frames the label cache was made from
         heldout = build_dataset(recipe.data.eval, seed=recipe.seed + 1)
