@@ -116,8 +116,8 @@ def quantize_one(name: str, info: dict, work_dir: Path, height: int, width: int,
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON and Markdown."""
     from compress.atomic import atomic_write_text
-    from compress.quantize import QuantizeConfig
     from compress.latency import machine_info, machine_slug
+    from compress.quantize import QuantizeConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="runs/bench-quantize")

@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("compress.data", "compress.metrics", "compress.structured", "compress.tracking",
               "compress.geometry", "compress.cuda_graph")),
     ("stages", ("compress.export", "compress.latency", "compress.latency_predictor", "compress.models",
-                "compress.distill", "compress.prune", "compress.nas", "compress.deploy", "compress.preflight", "compress.quantize")),
+                "compress.distill", "compress.prune", "compress.nas", "compress.deploy", "compress.preflight",
+                "compress.quantize")),
     ("pipeline", ("compress.pipeline",)),
     ("cli", ("compress.commands", "compress.cli")),
 ]
