@@ -16,6 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from compress.atomic import atomic_write
@@ -24,8 +25,6 @@ from compress.errors import CheckpointError, ConfigError
 if TYPE_CHECKING:  # torch is imported where used: the command line resolves --model without it at start-up
     import torch
     from torch import nn
-
-    from compress.distill.config import StudentSpec, TeacherSpec  # lazily below: compress.distill imports us
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
 STUDENT_FORMAT = "ffsc-student"
@@ -141,8 +140,8 @@ def _engine_iters(path: Path) -> int | None:
 # ------------------------------------------------------------------------------------- models of a recipe
 
 
-def student_from_spec(spec: StudentSpec) -> nn.Module:
-    """The student a StudentSpec describes (random init, or the weights of ``spec.init_checkpoint``)."""
+def student_from_spec(spec: Any) -> nn.Module:
+    """The student a compress.distill StudentSpec describes (random init, or ``spec.init_checkpoint``'s weights)."""
     from torch import nn
 
     from search_spaces import StudentConfig, build_student, load_student, preset
@@ -179,8 +178,8 @@ def student_from_spec(spec: StudentSpec) -> nn.Module:
     return model
 
 
-def teacher_from_spec(spec: TeacherSpec, device: str | torch.device = "cpu") -> nn.Module:
-    """The frozen teacher of a TeacherSpec, in eval mode on ``device``."""
+def teacher_from_spec(spec: Any, device: str | torch.device = "cpu") -> nn.Module:
+    """The frozen teacher of a compress.distill TeacherSpec, in eval mode on ``device``."""
     import torch
 
     from teacher import FoundationStereo, TeacherConfig, load_teacher
@@ -202,12 +201,12 @@ def teacher_from_spec(spec: TeacherSpec, device: str | torch.device = "cpu") -> 
     return model
 
 
-def student_path(run_dir: str | os.PathLike, spec: StudentSpec) -> Path:
+def student_path(run_dir: str | os.PathLike, spec: Any) -> Path:
     """Where ``distill`` writes the student: a search-space folder ``student/`` or a file ``student.pt``."""
     return Path(run_dir) / ("student" if spec.kind == "search_space" else "student.pt")
 
 
-def save_distilled_student(model: nn.Module, spec: StudentSpec, path: str | os.PathLike) -> Path:
+def save_distilled_student(model: nn.Module, spec: Any, path: str | os.PathLike) -> Path:
     """Write the student for evaluation and deployment: search-space students as a ``save_student`` folder
     (config with per-layer widths + safetensors), others as a torch file with their spec and weights."""
     import torch
@@ -239,14 +238,13 @@ def save_distilled_student(model: nn.Module, spec: StudentSpec, path: str | os.P
 
 def _distilled_from_file(path: Path, obj: dict[str, Any]) -> nn.Module:
     """The student in a file ``ffsc distill`` wrote: a ``student.pt`` or a ``checkpoint.pt``."""
-    from compress.distill.config import StudentSpec
     from search_spaces import StudentConfig, build_student
 
     if obj.get("student_config") is not None:
         model = build_student(StudentConfig.from_dict(obj["student_config"]))
-    else:
+    else:  # the StudentSpec fields the file was written with
         spec = obj["spec"] if obj["format"] == STUDENT_FORMAT else obj["config"]["student"]
-        model = student_from_spec(StudentSpec(**{**spec, "init_checkpoint": None}))
+        model = student_from_spec(SimpleNamespace(**{**spec, "init_checkpoint": None}))
     load_strict(model, _student_state_dict(path, obj), path)
     return model
 

@@ -1,9 +1,9 @@
-"""Datasets from their recipe specs (training: augmented, or paired with cached teacher labels; evaluation), and
-the resumable sampler that makes the training data order a function of (seed, step) only."""
+"""Datasets from their recipe specs (a ``DatasetSpec``, the augmentation of a ``DataConfig``), and the resumable
+sampler that makes the training data order a function of (seed, step) only."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
@@ -12,13 +12,9 @@ from compress.data.readers import Transform, open_dataset
 from compress.data.synthetic import SyntheticConfig, SyntheticStereoDataset
 from compress.errors import ConfigError
 
-if TYPE_CHECKING:  # the recipe schema imports nothing from here; a runtime import would be circular
-    from compress.distill.config import DataConfig, DatasetSpec
-    from compress.distill.label_cache import LabelCache
 
-
-def build_dataset(spec: DatasetSpec, transform: Transform | None = None, seed: int = 0) -> Dataset:
-    """The dataset a DatasetSpec describes, with ``transform`` applied to every sample."""
+def build_dataset(spec: Any, transform: Transform | None = None, seed: int = 0) -> Dataset:
+    """The dataset a DatasetSpec (of compress.distill's recipes) describes, with ``transform`` on every sample."""
     if spec.kind == "synthetic":
         s = spec.synthetic
         n = spec.num_samples if spec.limit is None else min(spec.num_samples, spec.limit)
@@ -38,34 +34,13 @@ def build_dataset(spec: DatasetSpec, transform: Transform | None = None, seed: i
     return ds
 
 
-def augmentor(d: DataConfig) -> Transform | None:
+def augmentor(d: Any) -> Transform | None:
     """The training augmentation a DataConfig asks for (None: none)."""
     if d.crop_size is None and d.scale_prob == 0 and d.vflip_prob == 0 and d.jitter_prob == 0:
         return None
     crop = None if d.crop_size is None else tuple(d.crop_size)
     return StereoAugmentor(AugmentConfig(crop_size=crop, scale_prob=d.scale_prob, vflip_prob=d.vflip_prob,
                                          jitter_prob=d.jitter_prob))
-
-
-def training_set(d: DataConfig, cache: LabelCache | None, seed: int) -> Dataset:
-    """The training set: paired with the cache's teacher labels (cropped and jittered alike), or augmented."""
-    if cache is not None:
-        from compress.distill.label_cache import LabelledDataset
-
-        return LabelledDataset(build_dataset(d.train, seed=seed), cache, crop_size=d.crop_size,
-                               jitter_prob=d.jitter_prob, seed=seed)
-    return build_dataset(d.train, transform=augmentor(d), seed=seed)
-
-
-def eval_subset(d: DataConfig, cache: LabelCache | None, seed: int) -> Dataset:
-    """The first ``eval_samples`` of the eval set, un-augmented (of the training set, labelled, when none is set)."""
-    if d.eval is None and cache is not None:
-        from compress.distill.label_cache import LabelledDataset
-
-        base = LabelledDataset(build_dataset(d.train, seed=seed), cache, seed=seed)
-    else:
-        base = build_dataset(d.train if d.eval is None else d.eval, seed=seed)
-    return Subset(base, range(min(d.eval_samples, len(base))))
 
 
 class ResumableSampler(DistributedSampler):

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from compress.atomic import atomic_write, atomic_write_text
-from compress.data.datasets import ResumableSampler, build_dataset, eval_subset, training_set
+from compress.data.datasets import ResumableSampler, augmentor, build_dataset
 from compress.device import pick_device
 from compress.errors import CheckpointError, ConfigError, DataError, FFSCError
 from compress.evaluation import evaluate_student
@@ -53,7 +53,7 @@ from teacher.inference import infer
 from teacher.outputs import StereoOutput
 
 from .config import DistillConfig, StudentSpec, config_to_dict
-from .label_cache import LabelCache, build_label_cache, cache_progress, file_sha256
+from .label_cache import LabelCache, LabelledDataset, build_label_cache, cache_progress, file_sha256
 from .losses import DistillLoss, FeatureAdapters, GroundTruth, TeacherTargets
 
 __all__ = ["CHECKPOINT_NAME", "Callback", "DistillResult", "Trainer", "distill"]
@@ -204,7 +204,7 @@ class Trainer:
         self.cache = self._prepare_cache()
         if self.cache is None:
             self.teacher = self._teacher()
-        self.train_set = training_set(cfg.data, self.cache, seed=cfg.seed)
+        self.train_set = self._train_set()
         self.eval_set, self.eval_teacher_disps = self._eval_set()
         self.feature_strides = self._feature_strides()
         adapters = self._discover_adapters() if cfg.loss.feature.enabled else FeatureAdapters([])
@@ -293,12 +293,22 @@ class Trainer:
                 )
         return cache
 
+    def _train_set(self) -> Dataset:
+        d, seed = self.cfg.data, self.cfg.seed
+        if self.cache is not None:  # cached labels are cropped and jittered with their images
+            source = build_dataset(d.train, seed=seed)
+            return LabelledDataset(source, self.cache, crop_size=d.crop_size, jitter_prob=d.jitter_prob, seed=seed)
+        return build_dataset(d.train, transform=augmentor(d), seed=seed)
+
     def _eval_set(self) -> tuple[Dataset | None, list[torch.Tensor] | None]:
-        if self.cfg.data.eval_samples == 0 or not self.dist.is_main:
+        d, seed = self.cfg.data, self.cfg.seed
+        if d.eval_samples == 0 or not self.dist.is_main:
             return None, None
-        subset = eval_subset(self.cfg.data, self.cache, seed=self.cfg.seed)
-        if self.cache is not None and self.cfg.data.eval is None:
-            return subset, None  # the cached labels carry the teacher's disparity
+        if d.eval is None and self.cache is not None:  # the cached labels carry the teacher's disparity
+            base = LabelledDataset(build_dataset(d.train, seed=seed), self.cache, seed=seed)
+            return Subset(base, range(min(d.eval_samples, len(base)))), None
+        base = build_dataset(d.train if d.eval is None else d.eval, seed=seed)
+        subset = Subset(base, range(min(d.eval_samples, len(base))))
         teacher = self.teacher
         if teacher is None and (self.cfg.teacher.checkpoint or self.cfg.teacher.allow_random_init):
             teacher = self._teacher()

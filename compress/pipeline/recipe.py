@@ -9,6 +9,7 @@ from typing import Any
 
 from compress.distill.config import DatasetSpec, LabelCacheConfig, LossConfig, OptimConfig
 from compress.errors import ConfigError
+from compress.quantize import QuantizeConfig
 from compress.structured import load_structured
 
 STAGES = ("teacher", "search", "prune", "distill", "export")
@@ -130,6 +131,8 @@ class ExportStage:
 
     enabled: bool = True
     formats: list[str] = field(default_factory=lambda: ["onnx"])
+    """'onnx', 'onnx_int8' (INT8 Q/DQ ONNX + accuracy report, settings in ``quantize``), 'engine'."""
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     opset: int = 17
     precision: str = "fp16"
     """TensorRT engine precision (engine format only)."""
