@@ -11,7 +11,6 @@ from .config import (
     OptimConfig,
     OutputLossConfig,
     StudentSpec,
-    SyntheticSpec,
     TeacherSpec,
     load_recipe,
 )
@@ -66,7 +65,6 @@ __all__ = [
     "OptimConfig",
     "OutputLossConfig",
     "StudentSpec",
-    "SyntheticSpec",
     "TeacherSpec",
     "TeacherTargets",
     "Trainer",

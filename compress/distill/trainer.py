@@ -45,7 +45,7 @@ from tqdm import tqdm
 from compress.atomic import atomic_write, atomic_write_text
 from compress.data.augment import AugmentConfig, StereoAugmentor
 from compress.data.readers import Transform, open_dataset
-from compress.data.synthetic import SyntheticConfig, SyntheticStereoDataset
+from compress.data.synthetic import SyntheticStereoDataset
 from compress.errors import CheckpointError, ConfigError, DataError, FFSCError
 from compress.metrics import MetricAccumulator
 from teacher.inference import InputPadder
@@ -282,12 +282,8 @@ def build_teacher(spec: TeacherSpec, device: str | torch.device = "cpu") -> nn.M
 def build_dataset(spec: DatasetSpec, transform: Transform | None = None, seed: int = 0) -> Dataset:
     """The dataset a DatasetSpec describes, with ``transform`` applied to every sample."""
     if spec.kind == "synthetic":
-        s = spec.synthetic
         n = spec.num_samples if spec.limit is None else min(spec.num_samples, spec.limit)
-        cfg = SyntheticConfig(
-            height=s.height, width=s.width, max_disp=s.max_disp, num_objects=s.num_objects, seed=s.seed
-        )
-        return SyntheticStereoDataset(n, cfg, transform=transform, seed=seed)
+        return SyntheticStereoDataset(n, spec.synthetic, transform=transform, seed=seed)
     try:
         ds = open_dataset(spec.path, kind=spec.kind, transform=transform, seed=seed, **spec.options)
     except TypeError as exc:

@@ -20,6 +20,7 @@ from compress.distill.config import (
     StudentSpec,
     TeacherSpec,
 )
+from compress.latency import LatencyConfig
 
 
 @dataclass
@@ -39,17 +40,13 @@ class TrialSettings:
     batch_size: int
     loss: LossConfig
     optim: OptimConfig
+    latency: LatencyConfig
+    """How latency is obtained; its height and width are the size timed."""
     error_metric: str = "teacher/epe"
-    latency_mode: str = "measured"
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
-    warmup: int = 2
-    repeats: int = 7
-    threads: int | None = None
     device: str = "cpu"
     seed: int = 0
     latency_table: Any = None
-    """A compress.latency_predictor table when latency_mode is 'predicted'."""
+    """A compress.latency_predictor table when latency.mode is 'predicted'."""
 
 
 class StudentSearchObjective:
@@ -64,13 +61,13 @@ class StudentSearchObjective:
 
     def latency_ms(self, model: torch.nn.Module, cfg) -> float:
         """Median latency of the whole model at the working size (measured or predicted)."""
-        s = self.s
-        if s.latency_mode == "predicted":
-            return float(s.latency_table.predict(cfg))
+        lat = self.s.latency
+        if lat.mode == "predicted":
+            return float(self.s.latency_table.predict(cfg))
         from compress.latency import measure
 
-        stats = measure(model, s.backend, s.height, s.width, iters=cfg.iters, warmup=s.warmup, repeats=s.repeats,
-                        precision=s.precision, cache=self.latency_cache, intra_op_threads=s.threads)
+        stats = measure(model, lat.backend, lat.height, lat.width, iters=lat.iters or cfg.iters, device=lat.device,
+                        cache=self.latency_cache, **lat.timing())
         return float(stats.median_ms)
 
     def __call__(self, trial) -> dict[str, float]:

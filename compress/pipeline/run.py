@@ -16,6 +16,7 @@ import yaml
 
 from compress.atomic import atomic_write_text
 from compress.errors import ConfigError
+from compress.structured import dump_yaml
 
 from .recipe import RunRecipe
 from .teacher_stage import get_teacher
@@ -108,16 +109,13 @@ def _settings(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, devi
     if s.latency.mode == "predicted":
         from compress.latency_predictor import LatencyTable  # built once per target by benchmarks/predictor.py
 
-        table = LatencyTable.load_or_build(run_dir / "latency_table.json", s.space, recipe.height, recipe.width,
-                                           backend=s.latency.backend)
+        table = LatencyTable.load_or_build(run_dir / "latency_table.json", s.space, s.latency.height,
+                                           s.latency.width, backend=s.latency.backend)
     return TrialSettings(
         run_dir=run_dir, train_data=recipe.data.train, labels_dir=labels_dir, labels=_labels_config(recipe),
-        eval_set=eval_set,
-        height=recipe.height, width=recipe.width, distill_steps=s.distill_steps, batch_size=s.batch_size,
-        loss=recipe.loss, optim=recipe.optim, error_metric=s.error_metric, latency_mode=s.latency.mode,
-        backend=s.latency.backend, precision=s.latency.precision, warmup=s.latency.warmup,
-        repeats=s.latency.repeats, threads=s.latency.threads, device=str(device), seed=recipe.seed,
-        latency_table=table,
+        eval_set=eval_set, height=recipe.height, width=recipe.width, distill_steps=s.distill_steps,
+        batch_size=s.batch_size, loss=recipe.loss, optim=recipe.optim, error_metric=s.error_metric,
+        latency=s.latency, device=str(device), seed=recipe.seed, latency_table=table,
     )
 
 
@@ -127,7 +125,7 @@ def study_spec(recipe: RunRecipe):
 
     s = recipe.search
     return StudySpec(name=f"{recipe.name}-search", metrics=("epe", "latency_ms"), directions=("minimize", "minimize"),
-                     sampler=s.sampler, seed=s.seed, latency_budget_ms=s.budget_ms, n_trials=s.n_trials,
+                     sampler=s.sampler, seed=s.seed, budget_ms=s.budget_ms, n_trials=s.n_trials,
                      timeout=s.timeout)
 
 
@@ -166,21 +164,17 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
                  tracker) -> tuple[Path, dict[str, Any]]:
     """Prune the chosen student to the recipe's budget, distilling from the teacher (reused on a re-run)."""
     from compress.distill.trainer import build_dataset
-    from compress.prune import PruneConfig, crop_samples, prune_to_budget, tracker_callback
+    from compress.prune import PruneConfig, PruneSettings, crop_samples, prune_to_budget, tracker_callback
     from compress.prune.budget import MODEL_DIR, RESULT_NAME
-    from compress.prune.config import BudgetConfig, DataSpec, DistillSpec, ImportanceConfig, LatencySpec
+    from compress.prune.config import DataSpec
 
-    p, lat = recipe.prune, recipe.search.latency
+    p = recipe.prune
     out = run_dir / "prune"
     cfg = PruneConfig(
-        model=str(student_path), out=str(out), scope=list(p.scope), round_to=p.round_to, step_ratio=p.step_ratio,
-        max_steps=p.max_steps, seed=recipe.seed, device=str(device), progress=recipe.progress,
-        budget=BudgetConfig(latency_ms=p.budget_ms, gmacs=p.budget_gmacs, mparams=p.budget_mparams, ratio=p.ratio),
-        latency=LatencySpec(backend=lat.backend, precision=lat.precision, height=recipe.height, width=recipe.width,
-                            warmup=lat.warmup, repeats=lat.repeats, threads=lat.threads),
-        importance=ImportanceConfig(method=p.importance),
+        **{f.name: getattr(p, f.name) for f in dataclasses.fields(PruneSettings)},
+        model=str(student_path), out=str(out), seed=recipe.seed, device=str(device), progress=recipe.progress,
+        latency=recipe.search.latency,
         data=DataSpec(num_samples=p.samples, size=[recipe.height, recipe.width], eval_samples=min(2, p.samples)),
-        distill=DistillSpec(steps_between=p.steps_between, recovery_steps=p.recovery_steps, lr=p.lr),
     )
     model_dir = out / MODEL_DIR
     try:
@@ -207,8 +201,11 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
 
 
 def _prune_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """A prune config without the keys that do not change the pruned model (progress display, device name)."""
-    return {k: v for k, v in config.items() if k not in ("progress", "device")}
+    """A prune config without the keys that do not change the pruned model (progress display, device name, the
+    latency settings pruning does not read)."""
+    out = {k: v for k, v in config.items() if k not in ("progress", "device")}
+    out["latency"] = {k: v for k, v in out.get("latency", {}).items() if k not in ("mode", "report_rounds")}
+    return out
 
 
 def _prune_summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -286,9 +283,9 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
         models["final"] = load_student(summary.final["path"], device=device)
     for name, model in models.items():
         iters.setdefault(name, model.cfg.iters)
-    settings = {"backend": lat.backend, "height": recipe.height, "width": recipe.width, "precision": lat.precision,
+    settings = {"backend": lat.backend, "height": lat.height, "width": lat.width, "precision": lat.precision,
                 "warmup": lat.warmup, "repeats": lat.repeats, "threads": lat.threads, "device": str(device),
-                "iters": iters}
+                "iters": iters, **({"clock": lat.clock} if lat.clock != "wall" else {})}
     if together:
         key = hashlib.sha256(json.dumps({"models": {n: model_hash(m) for n, m in models.items()}, "settings": settings,
                                          "rounds": lat.report_rounds}, sort_keys=True).encode()).hexdigest()
@@ -300,17 +297,15 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
         if saved.get("key") == key:
             medians = saved["median_ms"]
         else:
-            stats = measure_together(models, lat.backend, recipe.height, recipe.width, iters=iters,
-                                     rounds=lat.report_rounds, warmup=lat.warmup, repeats=lat.repeats, device=device,
-                                     precision=lat.precision, intra_op_threads=lat.threads, progress=recipe.progress)
+            stats = measure_together(models, lat.backend, lat.height, lat.width, iters=iters, rounds=lat.report_rounds,
+                                     device=device, progress=recipe.progress, **lat.timing())
             medians = {name: st.median_ms for name, st in stats.items()}
             atomic_write_text(record, json.dumps({"key": key, "settings": settings, "median_ms": medians,
                                                   "stats": {n: st.to_dict() for n, st in stats.items()}}, indent=2))
     else:
         cache = LatencyCache(run_dir / "latency_cache.sqlite")
-        medians = {name: measure(model, lat.backend, recipe.height, recipe.width, iters=iters[name],
-                                 warmup=lat.warmup, repeats=lat.repeats, device=device, precision=lat.precision,
-                                 cache=cache, intra_op_threads=lat.threads).median_ms
+        medians = {name: measure(model, lat.backend, lat.height, lat.width, iters=iters[name], device=device,
+                                 cache=cache, **lat.timing()).median_ms
                    for name, model in models.items()}
     summary.teacher["latency_ms"] = medians["teacher"]
     for row in summary.front:
@@ -396,7 +391,7 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
     quiet_third_party()
     run_dir = resolve_run_dir(recipe)
     recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
-    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    dump_yaml(recipe, run_dir / "recipe.yaml")
     device = _device(recipe)
     torch.manual_seed(recipe.seed)
     _say(recipe, f"run directory {run_dir} on {device}")

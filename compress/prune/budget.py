@@ -234,7 +234,7 @@ def measure_cost(model: nn.Module, cfg: PruneConfig, latency: bool) -> dict[str,
             stats = measure(
                 model, spec.backend, spec.height, spec.width, iters=iters, warmup=spec.warmup, repeats=spec.repeats,
                 device=spec.device or (device if spec.backend != "tensorrt" else None), precision=spec.precision,
-                intra_op_threads=spec.threads,
+                intra_op_threads=spec.threads, clock=spec.clock,
             )
         out["latency"] = {**stats.to_dict(), "warmup": spec.warmup}
     return out
@@ -524,7 +524,7 @@ def prune_to_budget(
     callbacks = list(callbacks)
     kind, value = cfg.budget.kind, cfg.budget.value
     if kind is None:
-        raise ConfigError("no budget: set one of budget.latency_ms, budget.gmacs, budget.mparams, budget.ratio")
+        raise ConfigError("no budget: set one of budget_ms, budget_gmacs, budget_mparams, ratio")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out = Path(cfg.out) if cfg.out else None
