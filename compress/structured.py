@@ -63,8 +63,6 @@ def to_plain(value: Any) -> Any:
         return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [to_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
     return value
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "StudentSpec",
     "TeacherSpec",
     "config_to_dict",
+    "from_label_cache",
     "load_recipe",
 ]
 
@@ -230,7 +231,8 @@ class TeacherSpec:
 
 @dataclass
 class DatasetSpec:
-    """One dataset: ``kind`` 'synthetic', 'auto' (detect the layout of ``path``) or a reader name."""
+    """One dataset: ``kind`` 'synthetic', 'auto' (detect the layout of ``path``; synthetic without a path) or a
+    reader name. Every stage reads its data through this spec (compress.distill.build_dataset)."""
 
     kind: str = "synthetic"
     path: str | None = None
@@ -244,6 +246,8 @@ class DatasetSpec:
     """Extra keyword arguments of the reader (e.g. split)."""
 
     def __post_init__(self) -> None:
+        if self.kind == "auto" and not self.path:
+            self.kind = "synthetic"
         if self.kind != "synthetic" and not self.path:
             raise ConfigError(f"dataset kind {self.kind!r} needs a path (the dataset's root folder)")
         if self.num_samples < 1:
@@ -367,6 +371,14 @@ class DistillConfig:
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config dataclass (for YAML, checkpoints and MLflow params)."""
     return to_plain(cfg)
+
+
+def from_label_cache(run_dir: str | Path, student: StudentSpec, train: DatasetSpec, labels_dir: str | Path,
+                     labels: LabelCacheConfig, iters: int, **settings: Any) -> DistillConfig:
+    """A run that distils ``student`` from a finished label cache of ``train`` (no live teacher, no evaluation)."""
+    return DistillConfig(run_dir=str(run_dir), train_iters=iters, eval_iters=iters, eval_every=0, student=student,
+                         data=DataConfig(train=train, eval=None, eval_samples=0),
+                         teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=labels), **settings)
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:

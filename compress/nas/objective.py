@@ -11,14 +11,12 @@ import torch
 from torch.utils.data import Dataset
 
 from compress.distill.config import (
-    DataConfig,
     DatasetSpec,
-    DistillConfig,
     LabelCacheConfig,
     LossConfig,
     OptimConfig,
     StudentSpec,
-    TeacherSpec,
+    from_label_cache,
 )
 from compress.latency import LatencyConfig
 
@@ -81,23 +79,10 @@ class StudentSearchObjective:
         cost = count_macs(model, s.height, s.width, iters=cfg.iters)
         latency = self.latency_ms(model, cfg)
         trial_dir = s.run_dir / "trials" / f"{trial.number:04d}"
-        dc = DistillConfig(
-            run_dir=str(trial_dir),
-            seed=s.seed,
-            steps=s.distill_steps,
-            batch_size=s.batch_size,
-            train_iters=cfg.iters,
-            eval_iters=cfg.iters,
-            amp="off",
-            device=s.device,
-            log_every=max(1, s.distill_steps // 4),
-            checkpoint_every=s.distill_steps,
-            eval_every=0,
-            progress=False,
-            data=DataConfig(train=s.train_data, eval=None, eval_samples=0),
-            student=StudentSpec(kind="search_space", config=cfg.to_dict()),
-            teacher=TeacherSpec(label_cache=str(s.labels_dir), build_cache=False, cache=s.labels),
-            loss=s.loss,
+        dc = from_label_cache(
+            trial_dir, StudentSpec(kind="search_space", config=cfg.to_dict()), s.train_data, s.labels_dir, s.labels,
+            cfg.iters, seed=s.seed, steps=s.distill_steps, batch_size=s.batch_size, amp="off", device=s.device,
+            log_every=max(1, s.distill_steps // 4), checkpoint_every=s.distill_steps, progress=False, loss=s.loss,
             optim=dataclasses.replace(s.optim, warmup_steps=min(s.optim.warmup_steps, s.distill_steps // 4)),
         )
         result = distill(dc)

@@ -99,9 +99,7 @@ class StudySpec:
         if self.budget_ms is not None:
             budget = float(self.budget_ms)
             if not math.isfinite(budget) or budget <= 0:
-                raise ConfigError(
-                    f"StudySpec.budget_ms is {self.budget_ms!r}; expected milliseconds > 0"
-                )
+                raise ConfigError(f"StudySpec.budget_ms is {self.budget_ms!r}; expected milliseconds > 0")
             self.budget_ms = budget
             if self.budget_metric not in self.metrics:
                 raise ConfigError(

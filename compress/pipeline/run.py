@@ -163,18 +163,17 @@ def choose_student(front, study, recipe: RunRecipe) -> dict[str, Any]:
 def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_model: torch.nn.Module, device,
                  tracker) -> tuple[Path, dict[str, Any]]:
     """Prune the chosen student to the recipe's budget, distilling from the teacher (reused on a re-run)."""
-    from compress.distill.trainer import build_dataset
-    from compress.prune import PruneConfig, PruneSettings, crop_samples, prune_to_budget, tracker_callback
+    from compress.prune import DataSpec, PruneConfig, PruneSettings, prune_to_budget, tracker_callback
     from compress.prune.budget import MODEL_DIR, RESULT_NAME
-    from compress.prune.config import DataSpec
 
-    p = recipe.prune
+    p, train = recipe.prune, recipe.data.train
     out = run_dir / "prune"
-    cfg = PruneConfig(
+    cfg = PruneConfig(  # the stage's settings, on the recipe's training data (its first p.samples) and latency
         **{f.name: getattr(p, f.name) for f in dataclasses.fields(PruneSettings)},
         model=str(student_path), out=str(out), seed=recipe.seed, device=str(device), progress=recipe.progress,
         latency=recipe.search.latency,
-        data=DataSpec(num_samples=p.samples, size=[recipe.height, recipe.width], eval_samples=min(2, p.samples)),
+        data=DataSpec(**{**vars(train), "limit": min(p.samples, train.limit or p.samples)},
+                      size=[recipe.height, recipe.width], eval_samples=min(2, p.samples)),
     )
     model_dir = out / MODEL_DIR
     try:
@@ -189,9 +188,7 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
     if stale.exists():  # it was distilled from another starting point; its checkpoints must not be resumed
         _say(recipe, f"prune: pruning anew, so the final distillation in {stale} starts over")
         shutil.rmtree(stale)
-    samples = crop_samples(build_dataset(recipe.data.train, seed=recipe.seed), p.samples,
-                           [recipe.height, recipe.width])
-    result = prune_to_budget(cfg, teacher=teacher_model, samples=samples,
+    result = prune_to_budget(cfg, teacher=teacher_model,
                              callbacks=[tracker_callback(tracker)] if tracker.parent_run_id else [])
     summary = _prune_summary(result.to_dict())
     if not result.met:
@@ -221,7 +218,7 @@ def _prune_summary(result: dict[str, Any]) -> dict[str, Any]:
 def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labels_dir: Path, device,
                   start: Path | None = None) -> Path:
     """Distil the chosen student longer, starting from its search-trial (or pruned) weights."""
-    from compress.distill.config import DataConfig, DistillConfig, StudentSpec, TeacherSpec
+    from compress.distill.config import StudentSpec, from_label_cache
     from compress.distill.trainer import distill
 
     d = recipe.distill
@@ -234,14 +231,11 @@ def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labe
     if previous is not None and previous != str(start):  # e.g. pruning switched on or off since
         _say(recipe, f"final distillation starts from {start} now (was {previous}); starting it over")
         shutil.rmtree(run_dir / "final")
-    dc = DistillConfig(
-        run_dir=str(run_dir / "final"), seed=recipe.seed, steps=d.steps, batch_size=d.batch_size,
-        train_iters=cfg_iters, eval_iters=cfg_iters, amp="bf16", device=str(device),
-        log_every=max(1, d.steps // 10), checkpoint_every=max(1, d.steps // 4), eval_every=0,
-        progress=recipe.progress, data=DataConfig(train=recipe.data.train, eval=None, eval_samples=0),
-        student=StudentSpec(kind="search_space", init_checkpoint=str(start)),
-        teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=_labels_config(recipe)),
-        loss=recipe.loss, optim=recipe.optim,
+    dc = from_label_cache(
+        run_dir / "final", StudentSpec(kind="search_space", init_checkpoint=str(start)), recipe.data.train,
+        labels_dir, _labels_config(recipe), cfg_iters, seed=recipe.seed, steps=d.steps, batch_size=d.batch_size,
+        amp="bf16", device=str(device), log_every=max(1, d.steps // 10), checkpoint_every=max(1, d.steps // 4),
+        progress=recipe.progress, loss=recipe.loss, optim=recipe.optim,
     )
     return Path(distill(dc).student_path)
 

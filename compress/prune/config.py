@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from compress.distill.config import DatasetSpec
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
 from compress.structured import check_size, load_structured, to_plain
@@ -47,25 +48,22 @@ class ImportanceConfig:
 
 
 @dataclass
-class DataSpec:
+class DataSpec(DatasetSpec):
     """Calibration and distillation images: a dataset folder, or synthetic pairs when ``path`` is null."""
 
-    path: str | None = None
     kind: str = "auto"
-    """Reader name for ``path`` (auto = detect the layout)."""
     num_samples: int = 8
     """Samples used (synthetic: generated; folder: the first ones)."""
     size: list[int] | None = None
-    """[height, width] centre crop (multiples of 32); null = each image rounded down to multiples of 32
-    (synthetic: 64 x 128)."""
+    """[height, width] centre crop (multiples of 32); null = each image rounded down to multiples of 32."""
     eval_samples: int = 2
     """Samples (from the same set) the EPE against the teacher is reported on."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_size("data.size", self.size)
-        if self.num_samples < 1 or self.eval_samples < 0:
-            raise ConfigError(f"data.num_samples/eval_samples: got {self.num_samples}/{self.eval_samples}, "
-                              "expected >= 1 / >= 0")
+        if self.eval_samples < 0:
+            raise ConfigError(f"data.eval_samples: got {self.eval_samples}, expected >= 0")
 
 
 @dataclass
