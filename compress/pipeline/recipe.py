@@ -10,6 +10,7 @@ from compress.distill.config import DatasetSpec, LabelCacheConfig, LossConfig, O
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
 from compress.prune.config import BUDGETS, DistillSpec, PruneSettings
+from compress.quantize import QuantizeConfig
 from compress.structured import load_structured, to_plain
 
 STAGES = ("teacher", "search", "prune", "distill", "export")
@@ -100,6 +101,8 @@ class ExportStage:
 
     enabled: bool = True
     formats: list[str] = field(default_factory=lambda: ["onnx"])
+    """'onnx', 'onnx_int8' (INT8 Q/DQ ONNX + accuracy report, settings in ``quantize``), 'engine'."""
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     opset: int = 17
     precision: str = "fp16"
     """TensorRT engine precision (engine format only)."""
