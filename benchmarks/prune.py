@@ -104,6 +104,7 @@ def _markdown(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON and Markdown."""
     from compress.atomic import atomic_write_text
+    from compress.data import SyntheticConfig
     from compress.latency import machine_info, machine_slug
     from compress.prune import PruneConfig, build_samples, prune_once
     from compress.prune.budget import Distiller
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         teacher = FoundationStereo(TeacherConfig(vit_size="vitt", hidden_dims=[32, 32, 32],
                                                  max_disp=student.cfg.max_disp, mixed_precision=False)).eval()
-    cfg = PruneConfig(data=DataSpec(num_samples=args.samples, size=[args.height, args.width]))
+    synthetic = SyntheticConfig(height=args.height, width=args.width, max_disp=min(32.0, args.width / 4))
+    cfg = PruneConfig(data=DataSpec(num_samples=args.samples, size=[args.height, args.width], synthetic=synthetic))
     samples = build_samples(cfg)
     distiller = Distiller(teacher, samples, torch.device("cpu"), args.teacher_iters, args.train_iters,
                           progress=True)

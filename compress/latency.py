@@ -36,6 +36,56 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 AUTOCAST_DTYPES = _AUTOCAST
 """Autocast dtype of each reduced precision (fp32 runs without autocast)."""
+LATENCY_MODES = ("measured", "predicted")
+MEASURE_WHEN = ("budget", "always", "never")
+
+
+@dataclass
+class LatencyConfig:
+    """How latency is obtained, for the search, pruning and the run's final table alike (see measure)."""
+
+    mode: str = "measured"
+    """measured (timed on this machine's backend) or predicted (per-block tables, compress.latency_predictor)."""
+    backend: str = "onnxruntime"
+    """torch | onnxruntime | tensorrt."""
+    device: str | None = None
+    """None = cuda when available (always for tensorrt), else cpu."""
+    precision: str = "fp32"
+    height: int | None = None
+    width: int | None = None
+    """Input size timed (and MACs counted at); None = the run recipe's working height and width."""
+    iters: int | None = None
+    """GRU iterations of the timed forward; None = the model's deployment count."""
+    warmup: int = 3
+    repeats: int = 10
+    threads: int | None = None
+    """ONNX Runtime intra-op threads (None = its default)."""
+    clock: str = "wall"
+    """wall, or thread: the CPU time of one thread (needs threads=1), steady on shared cores."""
+    measure: str = "budget"
+    """Pruning: when to time, 'budget' (only for a latency budget), 'always' or 'never'."""
+    report_rounds: int = 3
+    """The run's final table: rounds of side-by-side timing of teacher and students (0 = time each once)."""
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("mode", LATENCY_MODES), ("backend", BACKENDS), ("precision", PRECISIONS),
+                             ("clock", CLOCKS), ("measure", MEASURE_WHEN)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"latency.{key}: got {getattr(self, key)!r}, expected one of {', '.join(allowed)}")
+        for key in ("height", "width"):
+            value = getattr(self, key)
+            if value is not None and (value <= 0 or value % 32):
+                raise ConfigError(f"latency.{key}: got {value}, expected a positive multiple of 32")
+        if self.iters is not None and self.iters < 1:
+            raise ConfigError(f"latency.iters: got {self.iters}, expected >= 1 or null")
+        if self.warmup < 0 or self.repeats < 1 or self.report_rounds < 0:
+            raise ConfigError(f"latency.warmup/repeats/report_rounds: got {self.warmup}/{self.repeats}/"
+                              f"{self.report_rounds}, expected >= 0 / >= 1 / >= 0")
+
+    def timing(self) -> dict[str, object]:
+        """The keyword arguments of measure() and measure_together() these settings fix."""
+        return {"warmup": self.warmup, "repeats": self.repeats, "precision": self.precision,
+                "intra_op_threads": self.threads, "clock": self.clock}
 
 
 @dataclass

@@ -1,20 +1,110 @@
-"""Typed YAML configs: a dataclass schema, a YAML file and ``key=value`` overrides, merged by OmegaConf."""
+"""Typed YAML configs: a dataclass schema, a YAML file and ``key=value`` overrides, merged by OmegaConf.
+
+The one place configs are read and written: ``load_structured`` (recipes), ``read_yaml`` (one YAML mapping,
+for configs that are not OmegaConf schemas), ``check_keys`` (unknown keys, with "did you mean") and
+``to_plain`` / ``dump_yaml`` (dataclasses to YAML-ready data). It depends on compress.errors only, so that
+teacher/ and search_spaces/ use it as they use compress.errors.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from compress.errors import ConfigError
 
 T = TypeVar("T")
 
 
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest known key, or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_keys(schema: type, data: Mapping[str, Any], what: str) -> None:
+    """Raise a ConfigError naming the first key of ``data`` that ``schema`` (a dataclass) has no field for."""
+    names = [f.name for f in dataclasses.fields(schema)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{what}: unknown field(s) {', '.join(unknown)}{did_you_mean(unknown[0], names)}")
+
+
+def check_size(name: str, value: list[int] | None) -> None:
+    """Raise a ConfigError unless ``value`` is None or [height, width], both positive multiples of 32."""
+    if value is not None and (len(value) != 2 or any(int(v) <= 0 or int(v) % 32 for v in value)):
+        raise ConfigError(f"{name}: got {list(value)}, expected [height, width], both positive multiples of 32")
+
+
+def read_yaml(path: str | Path, what: str, missing_hint: str = "") -> dict[str, Any]:
+    """The mapping a YAML (or JSON) file holds; a missing file, bad YAML or a non-mapping is a ConfigError."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist{missing_hint}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} should be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses as dicts and tuples as lists, recursively: data that yaml.safe_dump and JSON accept."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def dump_yaml(config: Any, path: str | Path, sort_keys: bool = False) -> None:
+    """Write a config (dataclass or mapping) as YAML, atomically."""
+    import yaml
+
+    from compress.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_plain(config), sort_keys=sort_keys))
+
+
+def _nested(schema: type) -> dict[str, type]:
+    """The fields of a dataclass schema that are themselves dataclasses (optional ones included)."""
+    import typing
+
+    out = {}
+    for name, hint in typing.get_type_hints(schema).items():
+        hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+        if dataclasses.is_dataclass(hint):
+            out[name] = hint
+    return out
+
+
+def _suggest(schema: type, key: str) -> str:
+    """A "did you mean" for an unknown dotted key: a close field name, or the same name one level down."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        schema = _nested(schema).get(part)
+        if schema is None:
+            return ""
+    close = did_you_mean(leaf, (f.name for f in dataclasses.fields(schema)))
+    moved = [f"{'.'.join([*parents, name, leaf])}" for name, sub in _nested(schema).items()
+             if leaf in {f.name for f in dataclasses.fields(sub)}]
+    return close or (f"; did you mean {moved[0]!r}?" if moved else "")
+
+
 def load_structured(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                     what: str = "recipe") -> T:
     """An instance of ``schema`` from YAML plus overrides; unknown keys and wrong types are ConfigErrors."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     layers = [OmegaConf.structured(schema)]
     where = f"{what} {path}" if path is not None else what
@@ -34,6 +124,8 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides: 
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if key and isinstance(exc, ConfigKeyError) and "did you mean" not in first.lower():
+            first += _suggest(schema, key)  # OmegaConf < 2.4 does not suggest; none suggests a nested key
         raise ConfigError(f"{where}: {'key ' + repr(key) + ': ' if key else ''}{first}") from None
     except ConfigError:
         raise

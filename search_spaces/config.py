@@ -8,10 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from compress.atomic import atomic_write_text
 from compress.errors import ConfigError
+from compress.structured import check_keys, dump_yaml, read_yaml
 
 BACKBONES = ("edgenext",)
 """Backbones built from explicit widths/depths; any other name must be a timm model with stem + 4 stages."""
@@ -138,30 +136,17 @@ class StudentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudentConfig:
         """Build from a mapping; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"StudentConfig: unknown field(s) {', '.join(unknown)}")
+        check_keys(cls, data, "StudentConfig")
         return cls(**data)
 
     def to_yaml(self, path: str | Path) -> None:
         """Write YAML atomically."""
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        dump_yaml(self, path)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> StudentConfig:
-        """Read a YAML (or JSON) StudentConfig."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"student config {path} does not exist")
-        text = path.read_text()
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (yaml.YAMLError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"student config {path} is not valid: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"student config {path} should be a mapping")
-        return cls.from_dict(data)
+        """Read a YAML (or JSON: a subset of YAML) StudentConfig."""
+        return cls.from_dict(read_yaml(path, "student config"))
 
     def to_json(self) -> str:
         """Compact JSON (for MLflow params and Optuna user attrs)."""

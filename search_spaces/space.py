@@ -15,9 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from compress.errors import ConfigError
+from compress.structured import did_you_mean, read_yaml
 
 from .config import StudentConfig
 from .presets import preset
@@ -78,14 +77,7 @@ class SearchSpace:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:
         """Read and validate a search-space file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"search space {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"search space {path} is not valid YAML: {exc}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path, "search space"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> SearchSpace:
@@ -96,7 +88,8 @@ class SearchSpace:
         dims = []
         for name, spec in (data.get("dimensions") or {}).items():
             if name not in known:
-                raise ConfigError(f"search space {source}: dimension {name!r} is not a StudentConfig field")
+                raise ConfigError(f"search space {source}: dimension {name!r} is not a StudentConfig field"
+                                  f"{did_you_mean(name, known)}")
             if not isinstance(spec, dict):
                 raise ConfigError(f"search space {source}: dimension {name!r} needs choices, range or value")
             multipliers = name == "hourglass_widths"

@@ -7,10 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from compress.atomic import atomic_write_text
 from compress.errors import ConfigError
+from compress.structured import dump_yaml, read_yaml
 
 VIT_SIZES = ("vits", "vitb", "vitl", "vitt")
 """vits/vitb/vitl are the official DepthAnythingV2 sizes; vitt is a tiny ffsc-only size for tests and CPU runs."""
@@ -72,16 +70,7 @@ class TeacherConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> TeacherConfig:
         """Read an official ``cfg.yaml``; a missing ``vit_size`` means ``vitl``, as the official demo does."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"teacher config {path} does not exist; expected the cfg.yaml beside the checkpoint")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"teacher config {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"teacher config {path} should be a YAML mapping, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml(path, "teacher config", "; expected the cfg.yaml beside the checkpoint"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, suitable for YAML and for MLflow params."""
@@ -89,4 +78,4 @@ class TeacherConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         """Write as a cfg.yaml that both ffsc and the official code can read."""
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
+        dump_yaml(self, path, sort_keys=True)

@@ -35,7 +35,7 @@ def test_cli_prunes_to_a_parameter_budget(tmp_path, capsys):
     assert result["met"] and result["final"]["mparams"] <= budget < result["initial"]["mparams"]
     assert result["config"]["data"]["path"] == str(data) and result["config"]["importance"]["method"] == "taylor"
     saved_cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved_cfg["budget"]["mparams"] == pytest.approx(budget) and saved_cfg["scope"] == ["refinement",
+    assert saved_cfg["budget_mparams"] == pytest.approx(budget) and saved_cfg["scope"] == ["refinement",
                                                                                               "cost_filtering"]
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows][0] == "baseline" and rows[-1]["kind"] == "end" and rows[-1]["met"] is True
@@ -53,7 +53,7 @@ def _check_mlflow_run(out, result) -> None:
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("ffsc").experiment_id])
     assert run.data.tags["ffsc.role"] == "prune" and run.info.status == "FINISHED"
-    assert run.data.params["budget.mparams"] == str(result["config"]["budget"]["mparams"])
+    assert run.data.params["budget_mparams"] == str(result["config"]["budget_mparams"])
     assert run.data.metrics["met"] == 1.0 and run.data.metrics["final_mparams"] == pytest.approx(
         result["final"]["mparams"])
     history = client.get_metric_history(run.info.run_id, "prune/step/mparams")
@@ -82,7 +82,7 @@ def test_cli_reports_an_unmet_budget(tmp_path, capsys):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ffsc").experiment_id], order_by=["start_time ASC"])
     assert len(runs) == 2 and [r.data.metrics["met"] for r in runs] == [0.0, 1.0]
-    assert "budget.gmacs" in runs[0].data.params and runs[1].data.params["budget.mparams"] == "1000.0"
+    assert "budget_gmacs" in runs[0].data.params and runs[1].data.params["budget_mparams"] == "1000.0"
 
 
 @pytest.mark.parametrize(

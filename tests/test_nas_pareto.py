@@ -65,7 +65,7 @@ def _analytic(trial: optuna.Trial) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def budget_study(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("budget")
-    spec = StudySpec("budgeted", sampler="random", seed=5, n_trials=30, latency_budget_ms=4.0)
+    spec = StudySpec("budgeted", sampler="random", seed=5, n_trials=30, budget_ms=4.0)
     result = run_study(spec, make_storage(None, run_dir), _analytic, run_dir=run_dir, plot_every=0)
     return result, run_dir
 

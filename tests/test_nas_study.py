@@ -30,11 +30,11 @@ def test_spec_rejects_inconsistent_settings():
     with pytest.raises(ConfigError, match="sampler"):
         StudySpec("s", sampler="cmaes")
     with pytest.raises(ConfigError, match="not one of the"):
-        StudySpec("s", metrics=("epe", "gflops"), latency_budget_ms=5.0)
+        StudySpec("s", metrics=("epe", "gflops"), budget_ms=5.0)
     with pytest.raises(ConfigError, match="n_trials"):
         StudySpec("s", n_trials=0)
     with pytest.raises(ConfigError, match="milliseconds"):
-        StudySpec("s", latency_budget_ms=-1.0)
+        StudySpec("s", budget_ms=-1.0)
     assert StudySpec("s", directions=["MINIMIZE", "maximize"]).directions == ("minimize", "maximize")
 
 
@@ -145,20 +145,20 @@ def test_same_seed_reproduces_a_fresh_study(tmp_path):
 
 def test_joining_a_study_with_other_objectives_or_budget_is_refused(tmp_path):
     storage = make_storage(None, tmp_path)
-    create_study(StudySpec("fixed", latency_budget_ms=5.0), storage)
+    create_study(StudySpec("fixed", budget_ms=5.0), storage)
     with pytest.raises(ConfigError, match="directions"):
-        create_study(StudySpec("fixed", directions=("maximize", "minimize"), latency_budget_ms=5.0), storage)
+        create_study(StudySpec("fixed", directions=("maximize", "minimize"), budget_ms=5.0), storage)
     with pytest.raises(ConfigError, match="metrics"):
-        create_study(StudySpec("fixed", metrics=("d1", "latency_ms"), latency_budget_ms=5.0), storage)
-    with pytest.raises(ConfigError, match="latency_budget_ms"):
-        create_study(StudySpec("fixed", latency_budget_ms=9.0), storage)
-    joined = create_study(StudySpec("fixed", latency_budget_ms=5.0, n_trials=99), storage)
+        create_study(StudySpec("fixed", metrics=("d1", "latency_ms"), budget_ms=5.0), storage)
+    with pytest.raises(ConfigError, match="budget_ms"):
+        create_study(StudySpec("fixed", budget_ms=9.0), storage)
+    joined = create_study(StudySpec("fixed", budget_ms=5.0, n_trials=99), storage)
     assert joined.user_attrs["ffsc.spec"]["n_trials"] == 50  # the creator's spec stays recorded
 
 
 @pytest.mark.parametrize("sampler", ["nsga2", "tpe"])
 def test_budget_constraint_reaches_the_sampler_and_the_front(tmp_path, sampler):
-    spec = StudySpec(f"budget-{sampler}", sampler=sampler, seed=0, n_trials=12, latency_budget_ms=4.0)
+    spec = StudySpec(f"budget-{sampler}", sampler=sampler, seed=0, n_trials=12, budget_ms=4.0)
     result = run_study(spec, make_storage(None, tmp_path), analytic)
     for t in result.study.trials:
         excess = t.user_attrs["metrics"]["latency_ms"] - 4.0

@@ -47,7 +47,7 @@ def _children(client, experiment_id: str, parent_id: str) -> list:
 
 def test_study_is_logged_as_one_parent_run_with_nested_trials_and_resumes_it(tmp_path):
     run_dir = tmp_path / "run"
-    spec = StudySpec("tracked", sampler="random", seed=2, n_trials=6, latency_budget_ms=4.0)
+    spec = StudySpec("tracked", sampler="random", seed=2, n_trials=6, budget_ms=4.0)
     storage = make_storage(None, run_dir)
     teacher = {"name": "foundation-stereo", "sha256": "0123abcd"}
     result = run_study(spec, storage, analytic, tracker=Tracker(run_dir, teacher=teacher), run_dir=run_dir)
@@ -62,7 +62,7 @@ def test_study_is_logged_as_one_parent_run_with_nested_trials_and_resumes_it(tmp
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["ffsc.teacher.sha256"] == "0123abcd"
-    assert parent.data.params["latency_budget_ms"] == "4.0" and parent.data.params["n_trials"] == "6"
+    assert parent.data.params["budget_ms"] == "4.0" and parent.data.params["n_trials"] == "6"
     assert result.study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
     children = _children(client, exp.experiment_id, parent.info.run_id)
     assert sorted(int(c.data.tags["ffsc.trial"]) for c in children) == list(range(6))

@@ -8,17 +8,17 @@ from .common import console
 
 # CLI flag -> PruneConfig key; values pass through as overrides on top of the recipe.
 _FLAGS = {
-    "model": "model", "teacher": "teacher", "out": "out", "backend": "latency.backend", "device": "device",
-    "latency_device": "latency.device", "precision": "latency.precision", "height": "latency.height",
-    "width": "latency.width", "iters": "latency.iters", "warmup": "latency.warmup", "repeats": "latency.repeats",
-    "threads": "latency.threads", "measure": "latency.measure", "data": "data.path", "data_kind": "data.kind",
+    "model": "model", "teacher": "teacher", "out": "out", "device": "device", "latency_device": "latency.device",
+    **{flag: f"latency.{flag}" for flag in ("backend", "precision", "height", "width", "iters", "warmup", "repeats",
+                                             "threads", "clock", "measure")},
+    "data": "data.path", "data_kind": "data.kind",
     "samples": "data.num_samples", "importance": "importance.method", "step_ratio": "step_ratio",
     "max_steps": "max_steps", "round_to": "round_to", "max_ratio": "max_ratio",
     "distill_steps": "distill.steps_between", "recovery_steps": "distill.recovery_steps", "lr": "distill.lr",
     "train_iters": "distill.train_iters", "teacher_iters": "distill.teacher_iters", "recovery_recipe": "distill.recipe",
     "seed": "seed",
 }
-_BUDGETS = {"budget_ms": "latency_ms", "budget_gmacs": "gmacs", "budget_mparams": "mparams", "ratio": "ratio"}
+_BUDGETS = ("budget_ms", "budget_gmacs", "budget_mparams", "ratio")  # flags named as PruneConfig's budget keys
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
@@ -27,7 +27,7 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     given = [flag for flag in _BUDGETS if getattr(args, flag) is not None]
     if given:
         # One budget on the command line replaces whatever budget the recipe set.
-        out += [f"budget.{key}={getattr(args, flag) if flag in given else 'null'}" for flag, key in _BUDGETS.items()]
+        out += [f"{flag}={getattr(args, flag) if flag in given else 'null'}" for flag in _BUDGETS]
     if args.scope is not None:
         parts = [p.strip() for p in args.scope.split(",") if p.strip()]
         out.append(f"scope=[{','.join(parts)}]")
@@ -80,8 +80,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ConfigError(f"pass one budget, got {', '.join('--' + g.replace('_', '-') for g in given)}")
     cfg = load_prune_config(args.recipe, overrides_from_args(args))
     if cfg.budget.kind is None:
-        raise ConfigError("no budget: pass --budget-ms, --budget-gmacs, --budget-mparams or --ratio (or set budget.* "
-                          "in the recipe)")
+        raise ConfigError("no budget: pass --budget-ms, --budget-gmacs, --budget-mparams or --ratio (or set one of "
+                          "budget_ms, budget_gmacs, budget_mparams, ratio in the recipe)")
     result = _prune_tracked(cfg)
     out = console()
     table = Table("", "before", "after", title=f"pruned {cfg.model} ({', '.join(cfg.scope)})")
@@ -136,6 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--warmup", type=int)
     lat.add_argument("--repeats", type=int)
     lat.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    lat.add_argument("--clock", choices=("wall", "thread"), help="thread: one thread's CPU time (with --threads 1)")
     lat.add_argument("--measure", choices=("budget", "always", "never"), help="when to time the model")
     prune = p.add_argument_group("pruning")
     prune.add_argument("--scope", help="comma-separated parts: backbone,cost_filtering,refinement")

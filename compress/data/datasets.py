@@ -9,19 +9,15 @@ from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from compress.data.augment import AugmentConfig, StereoAugmentor
 from compress.data.readers import Transform, open_dataset
-from compress.data.synthetic import SyntheticConfig, SyntheticStereoDataset
+from compress.data.synthetic import SyntheticStereoDataset
 from compress.errors import ConfigError
 
 
 def build_dataset(spec: Any, transform: Transform | None = None, seed: int = 0) -> Dataset:
     """The dataset a DatasetSpec (of compress.distill's recipes) describes, with ``transform`` on every sample."""
     if spec.kind == "synthetic":
-        s = spec.synthetic
         n = spec.num_samples if spec.limit is None else min(spec.num_samples, spec.limit)
-        cfg = SyntheticConfig(
-            height=s.height, width=s.width, max_disp=s.max_disp, num_objects=s.num_objects, seed=s.seed
-        )
-        return SyntheticStereoDataset(n, cfg, transform=transform, seed=seed)
+        return SyntheticStereoDataset(n, spec.synthetic, transform=transform, seed=seed)
     try:
         ds = open_dataset(spec.path, kind=spec.kind, transform=transform, seed=seed, **spec.options)
     except TypeError as exc:

@@ -15,7 +15,6 @@ from .config import (
     OptimConfig,
     OutputLossConfig,
     StudentSpec,
-    SyntheticSpec,
     TeacherSpec,
     load_recipe,
 )
@@ -59,7 +58,6 @@ __all__ = [
     "OptimConfig",
     "OutputLossConfig",
     "StudentSpec",
-    "SyntheticSpec",
     "TeacherSpec",
     "TeacherTargets",
     "Trainer",

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compress.data.synthetic import SyntheticConfig
 from compress.errors import ConfigError
-from compress.structured import load_structured
+from compress.structured import check_size, load_structured, to_plain
 
 __all__ = [
     "AMP_MODES",
@@ -26,9 +27,9 @@ __all__ = [
     "OptimConfig",
     "OutputLossConfig",
     "StudentSpec",
-    "SyntheticSpec",
     "TeacherSpec",
     "config_to_dict",
+    "from_label_cache",
     "load_recipe",
 ]
 
@@ -41,13 +42,6 @@ PROB_MODES = ("full", "topk", "none")
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}: got {value}, expected a {'non-negative' if allow_zero else 'positive'} number")
-
-
-def _size(name: str, value: list[int] | None) -> None:
-    if value is None:
-        return
-    if len(value) != 2 or any(int(v) <= 0 or int(v) % 32 for v in value):
-        raise ConfigError(f"{name}: got {list(value)}, expected [height, width], both positive multiples of 32")
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -163,7 +157,7 @@ class LabelCacheConfig:
         self.feature_levels = sorted({int(level) for level in self.feature_levels})
         if self.iters is not None and self.iters < 1:
             raise ConfigError(f"label cache iters: got {self.iters}, expected >= 1 or null")
-        _size("label cache size", self.size)
+        check_size("label cache size", self.size)
 
     def content_key(self) -> dict[str, Any]:
         """The settings that change what is stored (a cache made with other ones must not be reused)."""
@@ -236,31 +230,24 @@ class TeacherSpec:
 
 
 @dataclass
-class SyntheticSpec:
-    """Settings of compress.data.SyntheticConfig that a recipe usually changes."""
-
-    height: int = 64
-    width: int = 128
-    max_disp: float = 32.0
-    num_objects: int = 4
-    seed: int = 0
-
-
-@dataclass
 class DatasetSpec:
-    """One dataset: ``kind`` 'synthetic', 'auto' (detect the layout of ``path``) or a reader name."""
+    """One dataset: ``kind`` 'synthetic', 'auto' (detect the layout of ``path``; synthetic without a path) or a
+    reader name. Every stage reads its data through this spec (compress.distill.build_dataset)."""
 
     kind: str = "synthetic"
     path: str | None = None
     num_samples: int = 16
     """Synthetic only: number of generated pairs."""
-    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Synthetic only: the generator's settings."""
     limit: int | None = None
     """Use only the first this many samples."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the reader (e.g. split)."""
 
     def __post_init__(self) -> None:
+        if self.kind == "auto" and not self.path:
+            self.kind = "synthetic"
         if self.kind != "synthetic" and not self.path:
             raise ConfigError(f"dataset kind {self.kind!r} needs a path (the dataset's root folder)")
         if self.num_samples < 1:
@@ -286,7 +273,7 @@ class DataConfig:
     """Random rescaling; only with a live teacher (cached labels cannot follow a resize)."""
 
     def __post_init__(self) -> None:
-        _size("data.crop_size", self.crop_size)
+        check_size("data.crop_size", self.crop_size)
         if self.eval_samples < 0:
             raise ConfigError(f"data.eval_samples: got {self.eval_samples}, expected >= 0")
         for key in ("vflip_prob", "jitter_prob", "scale_prob"):
@@ -383,7 +370,15 @@ class DistillConfig:
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config dataclass (for YAML, checkpoints and MLflow params)."""
-    return dataclasses.asdict(cfg)
+    return to_plain(cfg)
+
+
+def from_label_cache(run_dir: str | Path, student: StudentSpec, train: DatasetSpec, labels_dir: str | Path,
+                     labels: LabelCacheConfig, iters: int, **settings: Any) -> DistillConfig:
+    """A run that distils ``student`` from a finished label cache of ``train`` (no live teacher, no evaluation)."""
+    return DistillConfig(run_dir=str(run_dir), train_iters=iters, eval_iters=iters, eval_every=0, student=student,
+                         data=DataConfig(train=train, eval=None, eval_samples=0),
+                         teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=labels), **settings)
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:

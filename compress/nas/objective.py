@@ -11,15 +11,14 @@ import torch
 from torch.utils.data import Dataset
 
 from compress.distill.config import (
-    DataConfig,
     DatasetSpec,
-    DistillConfig,
     LabelCacheConfig,
     LossConfig,
     OptimConfig,
     StudentSpec,
-    TeacherSpec,
+    from_label_cache,
 )
+from compress.latency import LatencyConfig
 
 
 @dataclass
@@ -39,17 +38,13 @@ class TrialSettings:
     batch_size: int
     loss: LossConfig
     optim: OptimConfig
+    latency: LatencyConfig
+    """How latency is obtained; its height and width are the size timed."""
     error_metric: str = "teacher/epe"
-    latency_mode: str = "measured"
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
-    warmup: int = 2
-    repeats: int = 7
-    threads: int | None = None
     device: str = "cpu"
     seed: int = 0
     latency_table: Any = None
-    """A compress.latency_predictor table when latency_mode is 'predicted'."""
+    """A compress.latency_predictor table when latency.mode is 'predicted'."""
 
 
 class StudentSearchObjective:
@@ -64,13 +59,13 @@ class StudentSearchObjective:
 
     def latency_ms(self, model: torch.nn.Module, cfg) -> float:
         """Median latency of the whole model at the working size (measured or predicted)."""
-        s = self.s
-        if s.latency_mode == "predicted":
-            return float(s.latency_table.predict(cfg))
+        lat = self.s.latency
+        if lat.mode == "predicted":
+            return float(self.s.latency_table.predict(cfg))
         from compress.latency import measure
 
-        stats = measure(model, s.backend, s.height, s.width, iters=cfg.iters, warmup=s.warmup, repeats=s.repeats,
-                        precision=s.precision, cache=self.latency_cache, intra_op_threads=s.threads)
+        stats = measure(model, lat.backend, lat.height, lat.width, iters=lat.iters or cfg.iters, device=lat.device,
+                        cache=self.latency_cache, **lat.timing())
         return float(stats.median_ms)
 
     def __call__(self, trial) -> dict[str, float]:
@@ -84,23 +79,10 @@ class StudentSearchObjective:
         cost = count_macs(model, s.height, s.width, iters=cfg.iters)
         latency = self.latency_ms(model, cfg)
         trial_dir = s.run_dir / "trials" / f"{trial.number:04d}"
-        dc = DistillConfig(
-            run_dir=str(trial_dir),
-            seed=s.seed,
-            steps=s.distill_steps,
-            batch_size=s.batch_size,
-            train_iters=cfg.iters,
-            eval_iters=cfg.iters,
-            amp="off",
-            device=s.device,
-            log_every=max(1, s.distill_steps // 4),
-            checkpoint_every=s.distill_steps,
-            eval_every=0,
-            progress=False,
-            data=DataConfig(train=s.train_data, eval=None, eval_samples=0),
-            student=StudentSpec(kind="search_space", config=cfg.to_dict()),
-            teacher=TeacherSpec(label_cache=str(s.labels_dir), build_cache=False, cache=s.labels),
-            loss=s.loss,
+        dc = from_label_cache(
+            trial_dir, StudentSpec(kind="search_space", config=cfg.to_dict()), s.train_data, s.labels_dir, s.labels,
+            cfg.iters, seed=s.seed, steps=s.distill_steps, batch_size=s.batch_size, amp="off", device=s.device,
+            log_every=max(1, s.distill_steps // 4), checkpoint_every=s.distill_steps, progress=False, loss=s.loss,
             optim=dataclasses.replace(s.optim, warmup_steps=min(s.optim.warmup_steps, s.distill_steps // 4)),
         )
         result = distill(dc)

@@ -211,8 +211,8 @@ def front_from_study(study: optuna.Study, feasible_only: bool = True) -> ParetoF
         n_complete=len(complete),
         n_failed=sum(1 for t in trials if _trial_state_name(t) == "FAIL"),
         n_infeasible=sum(1 for ok in feasible_flags if not ok),
-        budget=spec.get("latency_budget_ms"),
-        budget_metric=spec.get("budget_metric") if spec.get("latency_budget_ms") is not None else None,
+        budget=spec.get("budget_ms"),
+        budget_metric=spec.get("budget_metric") if spec.get("budget_ms") is not None else None,
         feasible_only=feasible_only,
     )
 
@@ -306,8 +306,8 @@ def plot_front(
         study_dirs = {}
     if directions is None:
         directions = (study_dirs.get(x, "minimize"), study_dirs.get(y, "minimize"))
-    if budget is None and spec.get("latency_budget_ms") is not None and spec.get("budget_metric") == x:
-        budget = float(spec["latency_budget_ms"])
+    if budget is None and spec.get("budget_ms") is not None and spec.get("budget_metric") == x:
+        budget = float(spec["budget_ms"])
 
     xs, ys, feasible, numbers = [], [], [], []
     for t in trials:

@@ -73,7 +73,7 @@ class StudySpec:
     directions: tuple[str, ...] = ("minimize", "minimize")
     sampler: str = "tpe"
     seed: int | None = 0
-    latency_budget_ms: float | None = None
+    budget_ms: float | None = None
     budget_metric: str = "latency_ms"
     n_trials: int = 50
     timeout: float | None = None
@@ -98,13 +98,11 @@ class StudySpec:
         self.n_trials = int(self.n_trials)
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"StudySpec.timeout is {self.timeout!r}; expected seconds > 0 or None")
-        if self.latency_budget_ms is not None:
-            budget = float(self.latency_budget_ms)
+        if self.budget_ms is not None:
+            budget = float(self.budget_ms)
             if not math.isfinite(budget) or budget <= 0:
-                raise ConfigError(
-                    f"StudySpec.latency_budget_ms is {self.latency_budget_ms!r}; expected milliseconds > 0"
-                )
-            self.latency_budget_ms = budget
+                raise ConfigError(f"StudySpec.budget_ms is {self.budget_ms!r}; expected milliseconds > 0")
+            self.budget_ms = budget
             if self.budget_metric not in self.metrics:
                 raise ConfigError(
                     f"the latency budget applies to {self.budget_metric!r}, which is not one of the "
@@ -164,7 +162,7 @@ def make_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampl
     import optuna
 
     legacy = (
-        {} if _has_set_constraint() or spec.latency_budget_ms is None else {"constraints_func": _legacy_constraints}
+        {} if _has_set_constraint() or spec.budget_ms is None else {"constraints_func": _legacy_constraints}
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -199,7 +197,9 @@ def _check_compatible(
     if have_metrics and have_metrics != list(spec.metrics):
         problems.append(f"metrics {have_metrics} (asked: {list(spec.metrics)})")
     if recorded:
-        budget_keys = ["latency_budget_ms"] + (["budget_metric"] if spec.latency_budget_ms is not None else [])
+        if "budget_ms" not in recorded:  # a study recorded before the budget had one name everywhere
+            recorded = {**recorded, "budget_ms": recorded.get("latency_budget_ms")}
+        budget_keys = ["budget_ms"] + (["budget_metric"] if spec.budget_ms is not None else [])
         for key in budget_keys:
             if recorded.get(key) != getattr(spec, key):
                 problems.append(f"{key} {recorded.get(key)!r} (asked: {getattr(spec, key)!r})")
@@ -466,8 +466,8 @@ class _TrialRunner:
             reason = "objective value(s) not finite: " + ", ".join(f"{m}={metrics[m]}" for m in bad)
             trial.set_user_attr(FAIL_REASON_ATTR, reason)
             raise FloatingPointError(reason)
-        if self.spec.latency_budget_ms is not None:
-            excess = metrics[self.spec.budget_metric] - self.spec.latency_budget_ms
+        if self.spec.budget_ms is not None:
+            excess = metrics[self.spec.budget_metric] - self.spec.budget_ms
             trial.set_user_attr(CONSTRAINT_ATTR, [excess])
             if self.set_constraint:
                 trial.set_constraint(CONSTRAINT_NAME, excess)

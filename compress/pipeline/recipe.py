@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from compress.distill.config import DatasetSpec, LabelCacheConfig, LossConfig, OptimConfig
 from compress.errors import ConfigError
+from compress.latency import LatencyConfig
+from compress.prune.config import BUDGETS, DistillSpec, PruneSettings
 from compress.quantize import QuantizeConfig
-from compress.structured import load_structured
+from compress.structured import load_structured, to_plain
 
 STAGES = ("teacher", "search", "prune", "distill", "export")
 
@@ -44,26 +45,6 @@ class DataStage:
 
 
 @dataclass
-class LatencyStage:
-    """How candidate latency is obtained: measured on this machine's backend, or predicted from tables."""
-
-    mode: str = "measured"
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
-    warmup: int = 2
-    repeats: int = 7
-    threads: int | None = None
-    report_rounds: int = 3
-    """Rounds of the final table's side-by-side timing of teacher, front and final student (0 = skip it)."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("measured", "predicted"):
-            raise ConfigError(f"search.latency.mode: got {self.mode!r}, expected 'measured' or 'predicted'")
-        if self.report_rounds < 0:
-            raise ConfigError(f"search.latency.report_rounds: got {self.report_rounds}, expected >= 0")
-
-
-@dataclass
 class SearchStage:
     """The Optuna NAS over a search space: accuracy proxy (short distillation) vs latency."""
 
@@ -73,43 +54,32 @@ class SearchStage:
     sampler: str = "nsga2"
     seed: int = 0
     budget_ms: float | None = None
+    """Latency budget of a front student (an Optuna constraint), in milliseconds on ``latency``."""
     storage: str | None = None
     """None = SQLite in the run directory; 'journal:PATH' for several processes; an RDB URL for machines."""
     distill_steps: int = 40
     batch_size: int = 4
     error_metric: str = "teacher/epe"
     """Held-out metric to minimise: 'teacher/epe' (agreement with the teacher) or 'gt/epe'."""
-    latency: LatencyStage = field(default_factory=LatencyStage)
+    latency: LatencyConfig = field(default_factory=lambda: LatencyConfig(warmup=2, repeats=7))
+    """Also the latency settings of the prune stage and of the final table."""
     timeout: float | None = None
 
 
 @dataclass
-class PruneStage:
-    """Optional structured pruning of the chosen student to a budget (see compress.prune)."""
+class PruneStage(PruneSettings):
+    """Optional structured pruning of the chosen student to a budget (see compress.prune), on the search's
+    latency settings and the recipe's training data."""
 
     enabled: bool = False
-    budget_ms: float | None = None
-    """Median latency on the search's latency settings (backend, precision, size)."""
-    budget_gmacs: float | None = None
-    budget_mparams: float | None = None
-    ratio: float | None = None
-    """Fraction of the in-scope channels to remove (no measurement)."""
-    scope: list[str] = field(default_factory=lambda: ["refinement"])
-    importance: str = "taylor"
-    step_ratio: float = 0.2
-    max_steps: int = 10
-    round_to: int = 8
     samples: int = 16
     """Training pairs used for Taylor scores and for the distillation between and after steps."""
-    steps_between: int = 20
-    recovery_steps: int = 50
-    lr: float = 1e-4
+    distill: DistillSpec = field(default_factory=lambda: DistillSpec(recovery_steps=50))
 
     def __post_init__(self) -> None:
-        budgets = [k for k in ("budget_ms", "budget_gmacs", "budget_mparams", "ratio") if getattr(self, k) is not None]
-        if self.enabled and len(budgets) != 1:
-            raise ConfigError(f"prune.enabled needs exactly one of prune.budget_ms, budget_gmacs, budget_mparams, "
-                              f"ratio; got {', '.join(budgets) or 'none'}")
+        super().__post_init__()
+        if self.enabled and self.budget.kind is None:
+            raise ConfigError(f"prune.enabled needs one of prune.{', '.join(BUDGETS)}")
         if self.samples < 1:
             raise ConfigError(f"prune.samples: got {self.samples}, expected >= 1")
 
@@ -173,6 +143,9 @@ class RunRecipe:
     def __post_init__(self) -> None:
         if self.height % 32 or self.width % 32:
             raise ConfigError(f"height/width: got {self.height}x{self.width}, expected multiples of 32")
+        for key in ("height", "width"):  # latency is timed at the working size unless the recipe says otherwise
+            if getattr(self.search.latency, key) is None:
+                setattr(self.search.latency, key, getattr(self, key))
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"stages: unknown {unknown}; expected a subset of {list(STAGES)}")
@@ -183,7 +156,7 @@ class RunRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML, MLflow params)."""
-        return dataclasses.asdict(self)
+        return to_plain(self)
 
 
 def load_run_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RunRecipe:

@@ -17,6 +17,7 @@ import yaml
 from compress.atomic import atomic_write_text
 from compress.device import pick_device
 from compress.errors import ConfigError
+from compress.structured import dump_yaml
 
 from .recipe import RunRecipe
 from .teacher_stage import get_teacher
@@ -103,16 +104,13 @@ def _settings(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, devi
     if s.latency.mode == "predicted":
         from compress.latency_predictor import LatencyTable  # built once per target by benchmarks/predictor.py
 
-        table = LatencyTable.load_or_build(run_dir / "latency_table.json", s.space, recipe.height, recipe.width,
-                                           backend=s.latency.backend)
+        table = LatencyTable.load_or_build(run_dir / "latency_table.json", s.space, s.latency.height,
+                                           s.latency.width, backend=s.latency.backend)
     return TrialSettings(
         run_dir=run_dir, train_data=recipe.data.train, labels_dir=labels_dir, labels=_labels_config(recipe),
-        eval_set=eval_set,
-        height=recipe.height, width=recipe.width, distill_steps=s.distill_steps, batch_size=s.batch_size,
-        loss=recipe.loss, optim=recipe.optim, error_metric=s.error_metric, latency_mode=s.latency.mode,
-        backend=s.latency.backend, precision=s.latency.precision, warmup=s.latency.warmup,
-        repeats=s.latency.repeats, threads=s.latency.threads, device=str(device), seed=recipe.seed,
-        latency_table=table,
+        eval_set=eval_set, height=recipe.height, width=recipe.width, distill_steps=s.distill_steps,
+        batch_size=s.batch_size, loss=recipe.loss, optim=recipe.optim, error_metric=s.error_metric,
+        latency=s.latency, device=str(device), seed=recipe.seed, latency_table=table,
     )
 
 
@@ -122,7 +120,7 @@ def study_spec(recipe: RunRecipe):
 
     s = recipe.search
     return StudySpec(name=f"{recipe.name}-search", metrics=("epe", "latency_ms"), directions=("minimize", "minimize"),
-                     sampler=s.sampler, seed=s.seed, latency_budget_ms=s.budget_ms, n_trials=s.n_trials,
+                     sampler=s.sampler, seed=s.seed, budget_ms=s.budget_ms, n_trials=s.n_trials,
                      timeout=s.timeout)
 
 
@@ -160,22 +158,17 @@ def choose_student(front, study, recipe: RunRecipe) -> dict[str, Any]:
 def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_model: torch.nn.Module, device,
                  tracker) -> tuple[Path, dict[str, Any]]:
     """Prune the chosen student to the recipe's budget, distilling from the teacher (reused on a re-run)."""
-    from compress.data.datasets import build_dataset
-    from compress.prune import PruneConfig, crop_samples, prune_to_budget, tracker_callback
+    from compress.prune import DataSpec, PruneConfig, PruneSettings, prune_to_budget, tracker_callback
     from compress.prune.budget import MODEL_DIR, RESULT_NAME
-    from compress.prune.config import BudgetConfig, DataSpec, DistillSpec, ImportanceConfig, LatencySpec
 
-    p, lat = recipe.prune, recipe.search.latency
+    p, train = recipe.prune, recipe.data.train
     out = run_dir / "prune"
-    cfg = PruneConfig(
-        model=str(student_path), out=str(out), scope=list(p.scope), round_to=p.round_to, step_ratio=p.step_ratio,
-        max_steps=p.max_steps, seed=recipe.seed, device=str(device), progress=recipe.progress,
-        budget=BudgetConfig(latency_ms=p.budget_ms, gmacs=p.budget_gmacs, mparams=p.budget_mparams, ratio=p.ratio),
-        latency=LatencySpec(backend=lat.backend, precision=lat.precision, height=recipe.height, width=recipe.width,
-                            warmup=lat.warmup, repeats=lat.repeats, threads=lat.threads),
-        importance=ImportanceConfig(method=p.importance),
-        data=DataSpec(num_samples=p.samples, size=[recipe.height, recipe.width], eval_samples=min(2, p.samples)),
-        distill=DistillSpec(steps_between=p.steps_between, recovery_steps=p.recovery_steps, lr=p.lr),
+    cfg = PruneConfig(  # the stage's settings, on the recipe's training data (its first p.samples) and latency
+        **{f.name: getattr(p, f.name) for f in dataclasses.fields(PruneSettings)},
+        model=str(student_path), out=str(out), seed=recipe.seed, device=str(device), progress=recipe.progress,
+        latency=recipe.search.latency,
+        data=DataSpec(**{**vars(train), "limit": min(p.samples, train.limit or p.samples)},
+                      size=[recipe.height, recipe.width], eval_samples=min(2, p.samples)),
     )
     model_dir = out / MODEL_DIR
     try:
@@ -190,9 +183,7 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
     if stale.exists():  # it was distilled from another starting point; its checkpoints must not be resumed
         _say(recipe, f"prune: pruning anew, so the final distillation in {stale} starts over")
         shutil.rmtree(stale)
-    samples = crop_samples(build_dataset(recipe.data.train, seed=recipe.seed), p.samples,
-                           [recipe.height, recipe.width])
-    result = prune_to_budget(cfg, teacher=teacher_model, samples=samples,
+    result = prune_to_budget(cfg, teacher=teacher_model,
                              callbacks=[tracker_callback(tracker)] if tracker.parent_run_id else [])
     summary = _prune_summary(result.to_dict())
     if not result.met:
@@ -202,8 +193,11 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
 
 
 def _prune_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """A prune config without the keys that do not change the pruned model (progress display, device name)."""
-    return {k: v for k, v in config.items() if k not in ("progress", "device")}
+    """A prune config without the keys that do not change the pruned model (progress display, device name, the
+    latency settings pruning does not read)."""
+    out = {k: v for k, v in config.items() if k not in ("progress", "device")}
+    out["latency"] = {k: v for k, v in out.get("latency", {}).items() if k not in ("mode", "report_rounds")}
+    return out
 
 
 def _prune_summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +213,7 @@ def _prune_summary(result: dict[str, Any]) -> dict[str, Any]:
 def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labels_dir: Path, device,
                   start: Path | None = None) -> Path:
     """Distil the chosen student longer, starting from its search-trial (or pruned) weights."""
-    from compress.distill.config import DataConfig, DistillConfig, StudentSpec, TeacherSpec
+    from compress.distill.config import StudentSpec, from_label_cache
     from compress.distill.trainer import distill
 
     d = recipe.distill
@@ -232,14 +226,11 @@ def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labe
     if previous is not None and previous != str(start):  # e.g. pruning switched on or off since
         _say(recipe, f"final distillation starts from {start} now (was {previous}); starting it over")
         shutil.rmtree(run_dir / "final")
-    dc = DistillConfig(
-        run_dir=str(run_dir / "final"), seed=recipe.seed, steps=d.steps, batch_size=d.batch_size,
-        train_iters=cfg_iters, eval_iters=cfg_iters, amp="bf16", device=str(device),
-        log_every=max(1, d.steps // 10), checkpoint_every=max(1, d.steps // 4), eval_every=0,
-        progress=recipe.progress, data=DataConfig(train=recipe.data.train, eval=None, eval_samples=0),
-        student=StudentSpec(kind="search_space", init_checkpoint=str(start)),
-        teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=_labels_config(recipe)),
-        loss=recipe.loss, optim=recipe.optim,
+    dc = from_label_cache(
+        run_dir / "final", StudentSpec(kind="search_space", init_checkpoint=str(start)), recipe.data.train,
+        labels_dir, _labels_config(recipe), cfg_iters, seed=recipe.seed, steps=d.steps, batch_size=d.batch_size,
+        amp="bf16", device=str(device), log_every=max(1, d.steps // 10), checkpoint_every=max(1, d.steps // 4),
+        progress=recipe.progress, loss=recipe.loss, optim=recipe.optim,
     )
     return Path(distill(dc).student_path)
 
@@ -281,9 +272,9 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
         models["final"] = load_student(summary.final["path"], device=device)
     for name, model in models.items():
         iters.setdefault(name, model.cfg.iters)
-    settings = {"backend": lat.backend, "height": recipe.height, "width": recipe.width, "precision": lat.precision,
+    settings = {"backend": lat.backend, "height": lat.height, "width": lat.width, "precision": lat.precision,
                 "warmup": lat.warmup, "repeats": lat.repeats, "threads": lat.threads, "device": str(device),
-                "iters": iters}
+                "iters": iters, **({"clock": lat.clock} if lat.clock != "wall" else {})}
     if together:
         key = hashlib.sha256(json.dumps({"models": {n: model_hash(m) for n, m in models.items()}, "settings": settings,
                                          "rounds": lat.report_rounds}, sort_keys=True).encode()).hexdigest()
@@ -295,17 +286,15 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
         if saved.get("key") == key:
             medians = saved["median_ms"]
         else:
-            stats = measure_together(models, lat.backend, recipe.height, recipe.width, iters=iters,
-                                     rounds=lat.report_rounds, warmup=lat.warmup, repeats=lat.repeats, device=device,
-                                     precision=lat.precision, intra_op_threads=lat.threads, progress=recipe.progress)
+            stats = measure_together(models, lat.backend, lat.height, lat.width, iters=iters, rounds=lat.report_rounds,
+                                     device=device, progress=recipe.progress, **lat.timing())
             medians = {name: st.median_ms for name, st in stats.items()}
             atomic_write_text(record, json.dumps({"key": key, "settings": settings, "median_ms": medians,
                                                   "stats": {n: st.to_dict() for n, st in stats.items()}}, indent=2))
     else:
         cache = LatencyCache(run_dir / "latency_cache.sqlite")
-        medians = {name: measure(model, lat.backend, recipe.height, recipe.width, iters=iters[name],
-                                 warmup=lat.warmup, repeats=lat.repeats, device=device, precision=lat.precision,
-                                 cache=cache, intra_op_threads=lat.threads).median_ms
+        medians = {name: measure(model, lat.backend, lat.height, lat.width, iters=iters[name], device=device,
+                                 cache=cache, **lat.timing()).median_ms
                    for name, model in models.items()}
     summary.teacher["latency_ms"] = medians["teacher"]
     for row in summary.front:
@@ -406,7 +395,7 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
     quiet_third_party()
     run_dir = resolve_run_dir(recipe)
     recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
-    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    dump_yaml(recipe, run_dir / "recipe.yaml")
     device = pick_device(recipe.device)
     torch.manual_seed(recipe.seed)
     _say(recipe, f"run directory {run_dir} on {device}")

@@ -22,12 +22,11 @@ from .budget import (
     tracker_callback,
 )
 from .config import (
-    BudgetConfig,
     DataSpec,
     DistillSpec,
     ImportanceConfig,
-    LatencySpec,
     PruneConfig,
+    PruneSettings,
     load_prune_config,
 )
 from .coupling import PARTS, ChannelGroup, Coupling, FamilyRules, analyze, apply_plan, rules_for
@@ -36,7 +35,6 @@ from .importance import METHODS, group_scores, plan_removals
 __all__ = [
     "METHODS",
     "PARTS",
-    "BudgetConfig",
     "Callback",
     "ChannelGroup",
     "Coupling",
@@ -45,8 +43,8 @@ __all__ = [
     "Distiller",
     "FamilyRules",
     "ImportanceConfig",
-    "LatencySpec",
     "PruneConfig",
+    "PruneSettings",
     "PruneResult",
     "StepRecord",
     "analyze",

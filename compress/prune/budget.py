@@ -71,16 +71,10 @@ def _crop(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def build_samples(cfg: PruneConfig) -> list[dict[str, Any]]:
     """The calibration / distillation samples: tensors cropped to multiples of 32 (see DataSpec)."""
-    from compress.data import SyntheticConfig, SyntheticStereoDataset, open_dataset
+    from compress.distill import build_dataset
 
     spec = cfg.data
-    if spec.path is None:
-        h, w = spec.size or (64, 128)
-        dataset = SyntheticStereoDataset(
-            spec.num_samples, SyntheticConfig(height=h, width=w, max_disp=min(32.0, w / 4), seed=cfg.seed)
-        )
-    else:
-        dataset = open_dataset(spec.path, kind=spec.kind, seed=cfg.seed)
+    dataset = build_dataset(spec, seed=cfg.seed)
     if len(dataset) == 0:
         raise DataError(f"dataset {spec.path} holds no samples")
     return crop_samples(dataset, spec.num_samples, spec.size)
@@ -219,11 +213,8 @@ def measure_cost(model: nn.Module, cfg: PruneConfig, latency: bool) -> dict[str,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the export for ONNX/TensorRT timing
             warnings.filterwarnings("ignore", message=".*instance_norm.*")
-            stats = measure(
-                model, spec.backend, spec.height, spec.width, iters=iters, warmup=spec.warmup, repeats=spec.repeats,
-                device=spec.device or (device if spec.backend != "tensorrt" else None), precision=spec.precision,
-                intra_op_threads=spec.threads,
-            )
+            stats = measure(model, spec.backend, spec.height, spec.width, iters=iters,
+                            device=spec.device or (device if spec.backend != "tensorrt" else None), **spec.timing())
         out["latency"] = {**stats.to_dict(), "warmup": spec.warmup}
     return out
 
@@ -512,7 +503,7 @@ def prune_to_budget(
     callbacks = list(callbacks)
     kind, value = cfg.budget.kind, cfg.budget.value
     if kind is None:
-        raise ConfigError("no budget: set one of budget.latency_ms, budget.gmacs, budget.mparams, budget.ratio")
+        raise ConfigError("no budget: set one of budget_ms, budget_gmacs, budget_mparams, ratio")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     out = Path(cfg.out) if cfg.out else None

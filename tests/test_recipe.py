@@ -1,0 +1,95 @@
+"""One config per concept: the typed loader's errors, one LatencyConfig, one budget name, one data spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.distill.config import DatasetSpec, load_recipe
+from compress.errors import ConfigError
+from compress.latency import LatencyConfig
+from compress.pipeline import load_run_recipe
+from compress.prune import build_samples, load_prune_config
+from compress.structured import dump_yaml
+from search_spaces import StudentConfig
+from teacher import TeacherConfig
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+QUICKSTART = RECIPES / "quickstart_cpu.yaml"
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("search.latncy.mode=measured", "'latency'"),          # a close name at the same level
+    ("prune.lr=1e-4", "'prune.distill.lr'"),               # a key that lives one level down
+    ("data.train.synthetic.heigt=64", "'height'"),
+])
+def test_unknown_keys_get_a_did_you_mean(override, suggestion):
+    with pytest.raises(ConfigError, match="(?i)did you mean") as err:
+        load_run_recipe(QUICKSTART, [override])
+    assert suggestion in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_student_and_teacher_configs_read_through_the_same_loader(tmp_path):
+    with pytest.raises(ConfigError, match="unknown field.*hiden_dim; did you mean 'hidden_dim'"):
+        StudentConfig.from_dict({"hiden_dim": 64})
+    (tmp_path / "cfg.yaml").write_text("vit_size: vits\nvalid_iters: 8\nofficial_only_key: 1\n")
+    assert TeacherConfig.from_yaml(tmp_path / "cfg.yaml").vit_size == "vits"  # official extra keys ignored
+    with pytest.raises(ConfigError, match="beside the checkpoint"):
+        TeacherConfig.from_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="should be a YAML mapping"):
+        StudentConfig.from_yaml(tmp_path / "list.yaml")
+
+
+def test_one_latency_config_for_search_prune_and_the_table():
+    recipe = load_run_recipe(QUICKSTART, ["height=96", "search.latency.clock=thread", "search.latency.threads=1"])
+    lat = recipe.search.latency
+    assert isinstance(lat, LatencyConfig) and (lat.height, lat.width) == (96, 128)  # the working size
+    assert lat.timing()["clock"] == "thread" and lat.timing()["intra_op_threads"] == 1
+    assert load_run_recipe(QUICKSTART, ["search.latency.height=480"]).search.latency.height == 480
+    prune = load_prune_config(None, ["latency.backend=torch", "budget_gmacs=1"])
+    assert isinstance(prune.latency, LatencyConfig) and (prune.latency.height, prune.latency.width) == (480, 640)
+    with pytest.raises(ConfigError, match="latency.clock"):
+        load_run_recipe(QUICKSTART, ["search.latency.clock=sundial"])
+    with pytest.raises(ConfigError, match="latency.mode"):
+        load_prune_config(None, ["latency.mode=guessed"])
+
+
+def test_budget_has_one_name_from_recipe_to_report():
+    recipe = load_run_recipe(QUICKSTART, ["prune.ratio=null", "prune.budget_ms=5", "search.budget_ms=9"])
+    assert recipe.prune.budget == ("latency_ms", 5.0) and recipe.search.budget_ms == 9.0
+    assert load_prune_config(None, ["budget_ms=5"]).budget == ("latency_ms", 5.0)
+    with pytest.raises(ConfigError, match="set exactly one of budget_ms"):
+        load_prune_config(None, ["budget_ms=5", "ratio=0.5"])
+    with pytest.raises(ConfigError, match="prune.enabled needs one of prune.budget_ms"):
+        load_run_recipe(QUICKSTART, ["prune.ratio=null"])
+    from compress.pipeline.run import study_spec
+
+    assert study_spec(recipe).budget_ms == 9.0
+
+
+def test_resolved_recipes_round_trip_through_yaml(tmp_path):
+    recipe = load_run_recipe(QUICKSTART, ["data.train.synthetic.object_size=[0.1,0.3]"])
+    assert recipe.data.train.synthetic.object_size == (0.1, 0.3)  # the generator's own config, tuples and all
+    dump_yaml(recipe, tmp_path / "recipe.yaml")
+    assert load_run_recipe(tmp_path / "recipe.yaml") == recipe
+    distill = load_recipe(RECIPES / "distill.yaml")
+    dump_yaml(distill, tmp_path / "distill.yaml")
+    assert load_recipe(tmp_path / "distill.yaml") == distill
+    prune = load_prune_config(RECIPES / "prune_to_budget.yaml")
+    dump_yaml(prune, tmp_path / "prune.yaml")
+    assert load_prune_config(tmp_path / "prune.yaml") == prune
+    assert yaml.safe_load((tmp_path / "prune.yaml").read_text())["budget_ms"] == 25.0
+
+
+def test_prune_data_is_a_dataset_spec():
+    cfg = load_prune_config(None, ["budget_gmacs=1", "data.num_samples=2", "data.size=[32,64]",
+                                   "data.synthetic.height=64", "data.synthetic.width=96"])
+    assert isinstance(cfg.data, DatasetSpec) and cfg.data.kind == "synthetic"  # auto without a path
+    samples = build_samples(cfg)
+    assert len(samples) == 2 and tuple(samples[0]["left"].shape) == (3, 32, 64)
+    assert DatasetSpec(kind="auto").kind == "synthetic"
+    with pytest.raises(ConfigError, match="needs a path"):
+        DatasetSpec(kind="middlebury")
