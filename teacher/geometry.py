@@ -54,23 +54,38 @@ class GeometryEncoding:
         radius: int,
         correlation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = all_pairs_correlation,
     ) -> None:
-        self.num_levels = num_levels
-        self.radius = radius
         b, c, d, h, w = volume.shape
-        self.shape = (b, h, w)
         vol = volume.permute(0, 3, 4, 1, 2).reshape(b * h * w, c, 1, d)
         corr = correlation(fmap1, fmap2).reshape(b * h * w, 1, 1, -1)
-        self.volume_pyramid = [vol]
-        self.corr_pyramid = [corr]
+        volume_pyramid, corr_pyramid = [vol], [corr]
         for _ in range(num_levels - 1):
             vol = F.avg_pool2d(vol, [1, 2], stride=[1, 2])
             corr = F.avg_pool2d(corr, [1, 2], stride=[1, 2])
-            self.volume_pyramid.append(vol)
-            self.corr_pyramid.append(corr)
+            volume_pyramid.append(vol)
+            corr_pyramid.append(corr)
+        self._set(volume_pyramid, corr_pyramid, radius, (b, h, w), volume.device)
+
+    @classmethod
+    def from_pyramids(
+        cls, volume_pyramid: list[torch.Tensor], corr_pyramid: list[torch.Tensor], radius: int, disp: torch.Tensor
+    ) -> GeometryEncoding:
+        """An encoding over pyramids built earlier (passed between separately run stages); ``disp`` is any
+        B x 1 x H x W disparity at the volume's resolution."""
+        geo = cls.__new__(cls)
+        b, _, h, w = disp.shape
+        geo._set(list(volume_pyramid), list(corr_pyramid), radius, (b, h, w), disp.device)
+        return geo
+
+    def _set(self, volume_pyramid: list[torch.Tensor], corr_pyramid: list[torch.Tensor], radius: int,
+             shape: tuple[int, int, int], device: torch.device) -> None:
+        self.num_levels = len(volume_pyramid)
+        self.radius = radius
+        self.shape = shape
+        self.volume_pyramid = volume_pyramid
+        self.corr_pyramid = corr_pyramid
         # Offsets built on the input's device: no host-to-device copy inside the iteration loop.
-        r = radius
-        self.dx = torch.linspace(-r, r, 2 * r + 1, device=volume.device).reshape(1, 1, 2 * r + 1, 1)
-        self.coords = torch.arange(w, dtype=torch.float32, device=volume.device).reshape(1, 1, w, 1)
+        self.dx = torch.linspace(-radius, radius, 2 * radius + 1, device=device).reshape(1, 1, 2 * radius + 1, 1)
+        self.coords = torch.arange(shape[2], dtype=torch.float32, device=device).reshape(1, 1, shape[2], 1)
 
     def lookup(self, disp: torch.Tensor) -> torch.Tensor:
         """Geometry feature B x C_geo x H x W around the current disparity (B x 1 x H x W, float32)."""
