@@ -22,7 +22,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .cost_volume import build_concat_volume, disparity_regression
 from .features import normalize_image
@@ -63,33 +63,14 @@ class StereoStages(nn.Module):
 
     A subclass builds ``cfg`` (``max_disp``, ``mixed_precision``, ``corr_levels``, ``corr_radius``),
     ``feature``, ``stem_2``, ``proj_cmb`` (or None), ``corr_stem``, ``corr_feature_att``, ``cost_agg``,
-    ``classifier``, ``cnet``, ``cam``, ``sam``, ``update_block`` and ``pair_correlation``, and provides
-    ``volume_scale``, ``group_correlation``, ``convex_upsampler`` and ``context_features``.
+    ``classifier``, ``cnet``, ``cam``, ``sam``, ``update_block`` and ``pair_correlation``, and provides the
+    properties ``volume_scale`` (4 or 8), ``group_correlation`` (the group-wise correlation module),
+    ``convex_upsampler`` and the method ``context_features(feats_l, image, vit_feat)`` (the raw
+    (hidden, context) pair per GRU level, finest first).
     """
 
     base: int = 0
     """Index of the pyramid level at the cost volume's resolution."""
-
-    @property
-    def volume_scale(self) -> int:
-        """Image-to-cost-volume resolution ratio."""
-        raise NotImplementedError
-
-    @property
-    def group_correlation(self) -> nn.Module:
-        """The group-wise correlation module: (left, right, disparities) -> B x G x D x h x w."""
-        raise NotImplementedError
-
-    @property
-    def convex_upsampler(self) -> nn.Module:
-        """The :class:`teacher.update.ConvexUpsampler` of this model."""
-        raise NotImplementedError
-
-    def context_features(
-        self, feats_l: list[torch.Tensor], image: torch.Tensor | None, vit_feat: torch.Tensor | None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Raw (hidden, context) pair per GRU level, finest first."""
-        raise NotImplementedError
 
     @property
     def volume_disparities(self) -> int:
@@ -101,7 +82,7 @@ class StereoStages(nn.Module):
         return autocast_ctx(self.cfg.mixed_precision, device)
 
     # --- stages ---------------------------------------------------------------------------------------
-    def encode(self, image1: torch.Tensor, image2: torch.Tensor):
+    def encode(self, image1: Tensor, image2: Tensor):
         """Normalised images -> left and right pyramids (finest first), left ViT feature (or None), stem."""
         b = image1.shape[0]
         with self.autocast(image1.device):
@@ -110,7 +91,7 @@ class StereoStages(nn.Module):
         vit_feat = None if vit_feat is None else vit_feat[:b]
         return [f[:b] for f in pyramid], [f[b:] for f in pyramid], vit_feat, stem_2x
 
-    def build_volume(self, fl: torch.Tensor, fr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def build_volume(self, fl: Tensor, fr: Tensor) -> tuple[Tensor, Tensor]:
         """Volume-resolution features -> the raw cost volume and the stemmed, feature-gated one."""
         nd = self.volume_disparities
         with self.autocast(fl.device):
@@ -120,20 +101,20 @@ class StereoStages(nn.Module):
                 cost_volume = torch.cat([cost_volume.to(concat.dtype), concat], dim=1)
             return cost_volume, self.corr_feature_att(self.corr_stem(cost_volume), fl)
 
-    def filter_volume(self, vol: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+    def filter_volume(self, vol: Tensor, feats: list[Tensor]) -> Tensor:
         """The hourglass; ``feats`` are the left features from the volume's resolution down."""
         with self.autocast(vol.device):
             return self.cost_agg(vol, feats)
 
-    def initial_disparity(self, vol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_disparity(self, vol: Tensor) -> tuple[Tensor, Tensor]:
         """Filtered volume -> classifier logits (B x D x h x w) and their soft-argmin disparity."""
         with self.autocast(vol.device):
             logits = self.classifier(vol).squeeze(1)
             return logits, disparity_regression(F.softmax(logits, dim=1), self.volume_disparities)
 
     def context(
-        self, feats_l: list[torch.Tensor], image: torch.Tensor | None = None, vit_feat: torch.Tensor | None = None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        self, feats_l: list[Tensor], image: Tensor | None = None, vit_feat: Tensor | None = None
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Initial hidden states, context features and spatial attention per GRU level.
 
         Students read the left pyramid; the teacher's context network reads the normalised left image and
@@ -146,19 +127,14 @@ class StereoStages(nn.Module):
             inp = [self.cam(x) * x for x in inp]
             return net, inp, [self.sam(x) for x in inp]
 
-    def geometry(self, fl: torch.Tensor, fr: torch.Tensor, vol: torch.Tensor) -> GeometryEncoding:
+    def geometry(self, fl: Tensor, fr: Tensor, vol: Tensor) -> GeometryEncoding:
         """Lookup pyramids of the filtered volume and the all-pairs correlation (float32)."""
         return GeometryEncoding(fl.float(), fr.float(), vol.float(), self.cfg.corr_levels, self.cfg.corr_radius,
                                 correlation=self.pair_correlation)
 
     def refine_step(
-        self,
-        geo: GeometryEncoding,
-        disp: torch.Tensor,
-        net: list[torch.Tensor],
-        inp: list[torch.Tensor],
-        att: list[torch.Tensor],
-    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        self, geo: GeometryEncoding, disp: Tensor, net: list[Tensor], inp: list[Tensor], att: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor], Tensor]:
         """One GRU iteration: the updated disparity (float32), hidden states and upsampling-mask feature."""
         disp = disp.detach()  # as the official model: no gradient through the disparity across iterations
         geo_feat = geo.lookup(disp)
@@ -166,23 +142,15 @@ class StereoStages(nn.Module):
             net, mask_feat, delta = self.update_block(net, inp, geo_feat, disp, att)
         return disp + delta.float(), net, mask_feat
 
-    def upsample(self, disp: torch.Tensor, mask_feat: torch.Tensor, stem_2x: torch.Tensor) -> torch.Tensor:
+    def upsample(self, disp: Tensor, mask_feat: Tensor, stem_2x: Tensor) -> Tensor:
         """Convex upsampling of a volume-resolution disparity to full resolution (float32 result)."""
         with self.autocast(disp.device):
             return self.convex_upsampler(disp, mask_feat.float(), stem_2x.float()).float()
 
     def refine(
-        self,
-        geo: GeometryEncoding,
-        disp: torch.Tensor,
-        net: list[torch.Tensor],
-        inp: list[torch.Tensor],
-        att: list[torch.Tensor],
-        stem_2x: torch.Tensor,
-        iters: int,
-        upsample_every: bool = True,
-        keep_states: bool = False,
-    ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], list[torch.Tensor]]:
+        self, geo: GeometryEncoding, disp: Tensor, net: list[Tensor], inp: list[Tensor], att: list[Tensor],
+        stem_2x: Tensor, iters: int, upsample_every: bool = True, keep_states: bool = False,
+    ) -> tuple[list[Tensor], list[list[Tensor]], list[Tensor]]:
         """``iters`` GRU iterations from ``disp``: the full-resolution predictions (every iteration's, or the
         last one only), and with ``keep_states`` the hidden states and low-resolution disparity of each."""
         disp = disp.float()
@@ -198,11 +166,11 @@ class StereoStages(nn.Module):
 
     def run(
         self,
-        image1: torch.Tensor,
-        image2: torch.Tensor,
+        image1: Tensor,
+        image2: Tensor,
         iters: int,
         test_mode: bool = False,
-        init_disp: torch.Tensor | None = None,
+        init_disp: Tensor | None = None,
         return_intermediates: bool = False,
     ):
         """The forward pass, composed of the stages; outputs as documented on the model's ``forward``."""

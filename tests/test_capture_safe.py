@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 from compress.prune import prune_once
 from search_spaces import PRESETS, build_student, load_space, preset
 from teacher import FoundationStereo, TeacherConfig
+from teacher.capture import CudaGraphForward
 
 H, W, ITERS = 64, 128, 2
 SPACES = ("tiny", "fast_foundationstereo")
@@ -193,29 +194,27 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-grap
 CUDA_MODELS = ["teacher", "preset:tiny", "preset:fast_foundationstereo", "pruned_student"]
 
 
+def test_graph_forward_calls_the_model_off_cuda():
+    model = _build("preset:tiny")
+    left, right = _pair()
+    with torch.no_grad():
+        expected = model(left, right, iters=ITERS, test_mode=True)
+    assert torch.equal(CudaGraphForward(model, ITERS)(left, right), expected)
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("name", CUDA_MODELS)
 def test_cuda_graph_capture_and_replay(name):
     model = copy.deepcopy(_build(name)).cuda()
-    static_l, static_r = _pair("cuda", seed=0)
-    with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream (cuDNN and allocator set-up)
-            for _ in range(2):
-                model(static_l, static_r, iters=ITERS, test_mode=True)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = model(static_l, static_r, iters=ITERS, test_mode=True)
-        for seed in (1, 2):  # new inputs copied into the captured buffers, then replayed
-            left, right = _pair("cuda", seed=seed)
-            static_l.copy_(left)
-            static_r.copy_(right)
-            graph.replay()
+    graphed = CudaGraphForward(model, ITERS)
+    for seed in (0, 1, 2):  # captured on the first pair, replayed on new inputs copied into its buffers
+        left, right = _pair("cuda", seed=seed)
+        got = graphed(left, right)
+        with torch.no_grad():
             expected = model(left, right, iters=ITERS, test_mode=True)
-            torch.testing.assert_close(static_out, expected, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert len(graphed._graphs) == 1
 
 
 @pytest.mark.cuda
