@@ -229,7 +229,7 @@ class GruIterationBlock(_Block):
         n, c = self.model.update_block.n_levels, self.model.cfg.corr_levels
         net, inp, att = list(state[:n]), list(state[n: 2 * n]), list(state[2 * n: 3 * n])
         pyramids = state[3 * n:]
-        geo = GeometryEncoding.from_pyramids(pyramids[:c], pyramids[c:], self.model.cfg.corr_radius, disp)
+        geo = GeometryEncoding(pyramids[:c], pyramids[c:], self.model.cfg.corr_radius)
         disp, net, mask_feat = self.model.refine_step(geo, disp, net, inp, att)
         return (disp, *net, mask_feat)
 

@@ -1,19 +1,10 @@
 """The stages every FoundationStereo-family model runs, and the one forward that composes them.
 
 Teacher and students differ in how they build a few modules (a ViT or not, the context network, widths),
-not in how a disparity is computed. :class:`StereoStages` holds that computation once, as methods:
-
-    encode          feature pyramids of both views (+ ViT feature) and the 1/2-resolution stem
-    build_volume    group-wise correlation (+ concatenation) volume, its 3-D stem and feature attention
-    filter_volume   the cost-filtering hourglass
-    initial_disparity  classifier logits and their soft-argmin
-    context         the GRU's initial hidden states, context features and spatial attention
-    geometry        the lookup pyramids the GRU samples around the current disparity
-    refine_step     one GRU iteration;  refine: the loop, with the predictions it keeps
-    upsample        convex upsampling to full resolution
-
-``forward`` composes them; the latency predictor times the same methods one by one. Nothing here builds
-a host tensor or reads a value back to Python, so one forward can be captured in a CUDA graph.
+not in how a disparity is computed: :class:`StereoStages` holds that computation once, one method per
+stage (encode, build_volume, filter_volume, initial_disparity, context, geometry, refine_step / refine,
+upsample). ``run`` composes them for ``forward``; the latency predictor times the same methods one by one.
+None of them makes a host tensor or reads a value back, so a whole forward can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -129,8 +120,8 @@ class StereoStages(nn.Module):
 
     def geometry(self, fl: Tensor, fr: Tensor, vol: Tensor) -> GeometryEncoding:
         """Lookup pyramids of the filtered volume and the all-pairs correlation (float32)."""
-        return GeometryEncoding(fl.float(), fr.float(), vol.float(), self.cfg.corr_levels, self.cfg.corr_radius,
-                                correlation=self.pair_correlation)
+        return GeometryEncoding.build(fl.float(), fr.float(), vol.float(), self.cfg.corr_levels,
+                                      self.cfg.corr_radius, correlation=self.pair_correlation)
 
     def refine_step(
         self, geo: GeometryEncoding, disp: Tensor, net: list[Tensor], inp: list[Tensor], att: list[Tensor]
