@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from compress.prune import prune_once
 from search_spaces import PRESETS, build_student, load_space, preset
-from teacher import FoundationStereo, TeacherConfig
+from teacher import TeacherConfig
 from teacher.capture import CudaGraphForward
 
 H, W, ITERS = 64, 128, 2
@@ -36,6 +36,8 @@ TINY_TEACHER = dict(vit_size="vitt", hidden_dims=[32, 32, 32], max_disp=64, mixe
 
 
 def _teacher() -> torch.nn.Module:
+    from teacher.model import FoundationStereo  # looked up now: tests/test_teacher_model.py reloads that module
+
     return FoundationStereo(TeacherConfig(**TINY_TEACHER))
 
 
