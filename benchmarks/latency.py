@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from compress.atomic import atomic_write_text
-from compress.commands.deploy import available_backends, backend_device
+from compress.deploy import available_backends, backend_device
 from compress.latency import machine_info, machine_slug, measure
 from compress.models import resolve_model
 from search_spaces import PRESETS, count_macs, count_params

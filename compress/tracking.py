@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compress.atomic import atomic_write_text
 from compress.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -27,6 +28,14 @@ ROLE_TAG = "ffsc.role"
 STUDY_TAG = "ffsc.study"
 STUDY_KEY_TAG = "ffsc.study_key"
 PARENT_TAG = "mlflow.parentRunId"
+# The run's description, rendered as Markdown on its Overview tab.
+NOTE_TAG = "mlflow.note.content"
+# MLflow 3 marks an experiment's type with this tag (mlflow/demo/generators/traces.py sets "genai_development";
+# the UI's list of kinds holds "custom_model_development", shown as "Machine learning").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+OVERVIEW_ARTIFACTS = "overview"
+_FALLBACK_TAG_VALUE_LEN = 8000
 
 # MLflow's documented limits, used when its validation module does not expose them.
 _FALLBACK_PARAM_VALUE_LEN = 6000
@@ -36,6 +45,15 @@ _METRICS_PER_BATCH = 1000
 _LOCAL_SCHEMES = ("sqlite", "file", "")
 # MLflow accepts letters, digits, underscores, dashes, periods, spaces and slashes in keys.
 _KEY_UNSAFE = re.compile(r"[^\w\-. /]", re.ASCII)
+
+
+def _tag_value_limit() -> int:
+    try:
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+        return int(MAX_TAG_VAL_LENGTH)
+    except ImportError:
+        return _FALLBACK_TAG_VALUE_LEN
 
 
 def _limits() -> tuple[int, int]:
@@ -180,6 +198,8 @@ class Tracker:
                 if exp.lifecycle_stage == "deleted":
                     client.restore_experiment(exp.experiment_id)
                 self._experiment_id = exp.experiment_id
+            if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:  # a kind the user chose is kept
+                client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return self._experiment_id
 
     def _record_path(self) -> Path:
@@ -192,11 +212,9 @@ class Tracker:
             return {}
 
     def _write_record(self, name: str, run_id: str) -> None:
-        from compress.nas.pareto import atomic_write_bytes
-
         record = self._read_record()
         record.setdefault(self.tracking_uri, {})[name] = run_id
-        atomic_write_bytes(self._record_path(), (json.dumps(record, indent=2) + "\n").encode())
+        atomic_write_text(self._record_path(), json.dumps(record, indent=2) + "\n")
 
     def _usable_run(self, run_id: str | None) -> bool:
         if not run_id:
@@ -336,26 +354,57 @@ class Tracker:
         else:
             self.client.log_artifact(parent, str(local), artifact_path)
 
-    def log_front(
-        self,
-        front_dir_or_files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
-        plot_png: str | os.PathLike[str] | None = None,
-        artifact_path: str = "pareto",
-    ) -> None:
-        """Log the Pareto front files (pareto_front.* from a folder, or the given files) and its plot."""
-        from compress.nas.pareto import FRONT_CSV, FRONT_JSON
-
-        if isinstance(front_dir_or_files, (str, os.PathLike)) and Path(front_dir_or_files).is_dir():
-            folder = Path(front_dir_or_files)
-            files = [folder / n for n in (FRONT_CSV, FRONT_JSON) if (folder / n).exists()]
-        elif isinstance(front_dir_or_files, (str, os.PathLike)):
-            files = [Path(front_dir_or_files)]
-        else:
-            files = [Path(f) for f in front_dir_or_files]
-        if plot_png is not None:
-            files.append(Path(plot_png))
-        for f in dict.fromkeys(files):
+    def log_files(self, files: Iterable[str | os.PathLike[str]], artifact_path: str | None = None) -> None:
+        """Copy each given file into the study run's artifacts under artifact_path (each file once)."""
+        for f in dict.fromkeys(Path(f) for f in files):
             self.log_artifact(f, artifact_path)
+
+    def log_overview(
+        self,
+        title: str,
+        metrics: Mapping[str, Any] | None = None,
+        config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        image: str | os.PathLike[str] | None = None,
+    ) -> str:
+        """Write the study run's description (its Overview): a metrics table, an image and a config; returns it.
+
+        The image is logged under ``overview/`` and shown through the tracking server's ``get-artifact`` URL.
+        """
+        from urllib.parse import quote
+
+        import yaml
+
+        parent = self._require_parent()
+        parts = [f"### {title}"]
+        kept, _ = split_metrics(metrics or {})
+        if kept:
+            rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in kept.items())
+            parts.append(f"| metric | value |\n|---|---|\n{rows}")
+        if image is not None:
+            image = Path(image)
+            self.log_artifact(image, OVERVIEW_ARTIFACTS)
+            url = f"get-artifact?path={quote(f'{OVERVIEW_ARTIFACTS}/{image.name}')}&run_uuid={parent}"
+            parts.append(f"![{image.stem}]({url})")
+        if config is not None:
+            if isinstance(config, Mapping):
+                text = yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)), sort_keys=False)
+            else:
+                text = Path(config).read_text(encoding="utf-8")
+            parts.append(f"Config:\n\n```yaml\n{text.rstrip()}\n```")
+        note = "\n\n".join(parts) + "\n"
+        limit = _tag_value_limit()
+        if len(note) > limit:  # the config is last: cut it, keeping the fence closed
+            note = note[: limit - 20].rstrip() + "\n...\n```\n"
+        self.client.set_tag(parent, NOTE_TAG, note)
+        return note
+
+    def ui_url(self, server: str = "http://127.0.0.1:5000") -> str:
+        """The `mlflow ui` address of this experiment, opened as model training.
+
+        MLflow 3.17's UI picks GenAI or model training from the page's ``workflowType`` (default GenAI), not
+        from the experiment's kind tag, so the address names it.
+        """
+        return f"{server.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the study run finished (or FAILED/KILLED); a later start_study_run resumes it."""

@@ -105,8 +105,6 @@ def save_student(model: StudentStereo, path: str | Path) -> Path:
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> StudentStereo:
     """Rebuild a saved student exactly (also after pruning) and load its weights strictly."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not cfg_file.is_file() or not weights.is_file():
@@ -115,8 +113,9 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
         )
     cfg = StudentConfig.from_yaml(cfg_file)
     model = build_student(cfg)
-    state = load_file(str(weights))
-    from teacher.loading import check_state_dict
+    from teacher.loading import check_state_dict, read_state_dict
+
+    state = read_state_dict(weights)  # clear errors for damaged files, NaN/Inf weights named
 
     check_state_dict(model, state, str(weights))
     model.load_state_dict(state, strict=True)
@@ -150,10 +149,8 @@ def save_pruned_teacher(model: nn.Module, path: str | Path) -> Path:
 
 def load_pruned_teacher(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a teacher saved by :func:`save_pruned_teacher` exactly and load its weights strictly."""
-    from safetensors.torch import load_file
-
     from teacher.config import TeacherConfig
-    from teacher.loading import check_state_dict
+    from teacher.loading import check_state_dict, read_state_dict
     from teacher.model import FoundationStereo
 
     path = Path(path)
@@ -168,7 +165,7 @@ def load_pruned_teacher(path: str | Path, device: str | torch.device = "cpu") ->
         raise CheckpointError(f"{files[1]} is not valid JSON: {exc}") from None
     model = FoundationStereo(TeacherConfig.from_yaml(files[0]))
     apply_layer_shapes(model, shapes)
-    state = load_file(str(files[2]))
+    state = read_state_dict(files[2])
     check_state_dict(model, state, str(files[2]))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

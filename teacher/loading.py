@@ -28,9 +28,11 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            tensors = load_file(str(path))
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
+        check_finite_weights(tensors, path)
+        return tensors
     with path.open("rb") as f:
         head = f.read(2)
     if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
@@ -60,7 +62,18 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     # Checkpoints saved from DataParallel/DDP prefix every key with "module.".
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
+    check_finite_weights(obj, path)
     return obj
+
+
+def check_finite_weights(state_dict: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Raise CheckpointError naming the first tensor holding NaN or Inf: bytes damaged in the middle of a file
+    still unpickle, and would load "strictly" into a model that outputs NaN."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"checkpoint {source}: tensor {name!r} holds {count} NaN/Inf value(s) of "
+                                  f"{tensor.numel()}; the file is damaged (expected finite weights)")
 
 
 def guess_vit_size(state_dict: dict[str, torch.Tensor]) -> str | None:

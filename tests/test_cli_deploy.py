@@ -105,7 +105,7 @@ def test_infer_onnx_rejects_other_iteration_counts(work: Path, tmp_path: Path, c
     code = _infer(work, tmp_path / "d.npy", ["--onnx", str(work / "static.onnx")], "", "--iters", "5")
     assert "fixed at export" in _one_line_error(capsys, code)
     code = _infer(work, tmp_path / "d.npy", ["--onnx", str(work / "static.onnx")], "", "--hierarchical")
-    assert "--checkpoint" in _one_line_error(capsys, code)
+    assert "PyTorch model" in _one_line_error(capsys, code)
 
 
 def test_bench_prints_table_and_writes_json(work: Path, tmp_path: Path, capsys) -> None:
@@ -195,3 +195,104 @@ def test_engine_export_without_tensorrt_fails_before_exporting(tmp_path: Path, c
     err = _one_line_error(capsys, code)
     assert "TensorRT" in err or "CUDA" in err
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------- infer: depth, clouds, folders
+
+FX, BASELINE = 40.0, 0.2
+
+
+def _intrinsics(d: Path) -> Path:
+    path = d / "K.txt"
+    path.write_text(f"{FX} 0 45 0 {FX} 30 0 0 1\n{BASELINE}\n")
+    return path
+
+
+def test_infer_student_writes_disparity_depth_and_cloud(work: Path, tmp_path: Path, capsys) -> None:
+    from compress.geometry import point_cloud, read_ply
+
+    out = tmp_path / "out"
+    code = main(["infer", "--model", str(work / "student"), "--left", str(work / "left.png"), "--right",
+                 str(work / "right.png"), "--intrinsics", str(_intrinsics(tmp_path)), "--out", str(out)])
+    assert code == 0
+    assert "student directory" in capsys.readouterr().out
+    left, right = _pair(work)
+    student = load_student(work / "student")
+    expected = infer(student, left, right, iters=student.cfg.iters)[0, 0].numpy()  # the student's own count
+    disp = np.load(out / "disparity.npy")
+    np.testing.assert_allclose(disp, expected, atol=1e-4)
+    assert Image.open(out / "disparity.png").mode == "RGB"
+    depth = np.load(out / "depth.npy")
+    pos = disp > 0
+    np.testing.assert_allclose(depth[pos], FX * BASELINE / disp[pos], rtol=1e-5)
+    assert np.all(depth[~pos] == 0)
+    mm = np.asarray(Image.open(out / "depth.png"))
+    assert mm.dtype == np.uint16 and mm.shape == (60, 90)
+    points, colors = read_ply(out / "cloud.ply")
+    K = np.array([[FX, 0, 45], [0, FX, 30], [0, 0, 1]])
+    want_points, want_colors = point_cloud(depth, K, left, zfar=10.0)
+    assert len(points) == int(((depth > 0) & (depth <= 10.0)).sum()) > 0
+    np.testing.assert_allclose(points, want_points, rtol=1e-6)
+    np.testing.assert_array_equal(colors, want_colors)
+
+
+def test_infer_scale_and_remove_invisible(work: Path, tmp_path: Path) -> None:
+    from compress.geometry import invisible_mask
+
+    out = tmp_path / "out"
+    code = main(["infer", "--model", str(work / "student"), "--left", str(work / "left.png"), "--right",
+                 str(work / "right.png"), "--intrinsics", str(_intrinsics(tmp_path)), "--scale", "0.5",
+                 "--remove-invisible", "--formats", "npy,pfm", "--out", str(out)])
+    assert code == 0
+    disp, depth = np.load(out / "disparity.npy"), np.load(out / "depth.npy")
+    assert disp.shape == depth.shape == (30, 45) and (out / "depth.pfm").is_file()
+    keep = (disp > 0) & ~invisible_mask(disp)
+    np.testing.assert_allclose(depth[keep], FX * 0.5 * BASELINE / disp[keep], rtol=1e-5)
+    assert np.all(depth[~keep] == 0)
+
+
+def test_infer_folders_skip_a_bad_frame_and_go_on(work: Path, tmp_path: Path, capsys) -> None:
+    left_dir, right_dir = tmp_path / "L", tmp_path / "R"
+    left_dir.mkdir(), right_dir.mkdir()
+    for name, prefix in (("a", ""), ("b", "small_"), ("c", "")):
+        Image.open(work / f"{prefix}left.png").save(left_dir / f"{name}.png")
+        right = work / (f"{prefix}right.png" if name != "c" else "big_right.png")  # c: sizes differ
+        Image.open(right).save(right_dir / f"{name}.png")
+    out = tmp_path / "out"
+    code = main(["infer", "--model", str(work / "student"), "--left", str(left_dir), "--right", str(right_dir),
+                 "--intrinsics", str(_intrinsics(tmp_path)), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1  # one frame skipped
+    assert "skipped c:" in captured.err and "90x60" in captured.err and "2 of 3 pairs" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    for name, shape in (("a", (60, 90)), ("b", (40, 70))):
+        assert np.load(out / name / "disparity.npy").shape == shape
+        assert (out / name / "depth.png").is_file() and (out / name / "cloud.ply").is_file()
+
+
+def test_infer_pairs_folder_with_an_onnx_model(work: Path, tmp_path: Path, capsys) -> None:
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for name in ("x", "y"):
+        Image.open(work / "left.png").save(pairs / f"{name}_left.png")
+        Image.open(work / "right.png").convert("L").save(pairs / f"{name}_right.png")  # grey: converted
+    out = tmp_path / "out"
+    assert main(["infer", "--model", str(work / "static.onnx"), "--pairs", str(pairs), "--out", str(out)]) == 0
+    assert "ONNX file" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["x", "y"]
+    assert sorted(p.name for p in (out / "x").iterdir()) == ["disparity.npy", "disparity.png"]
+
+
+def test_infer_checks_outputs_before_inference(work: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    base = ["infer", "--model", str(work / "student"), "--left", str(work / "left.png"), "--right",
+            str(work / "right.png")]
+    err = _one_line_error(capsys, main([*base, "--out", str(blocker / "out")]))
+    assert "is a file" in err
+    err = _one_line_error(capsys, main([*base, "--out", str(tmp_path / "o.tif")]))
+    assert "o.tif" in err
+    err = _one_line_error(capsys, main([*base, "--out", str(tmp_path / "o"), "--formats", "jpg"]))
+    assert "--formats" in err
+    assert "pass the model once" in _one_line_error(
+        capsys, main([*base, "--onnx", str(work / "static.onnx"), "--out", str(tmp_path / "o")]))

@@ -72,14 +72,22 @@ def test_errors_are_one_line(ckpt_dir, tmp_path, capsys):
     assert "90x60" in err and "80x60" in err
     err = _one_line_error(capsys, main(base + ["--left", str(d / "broken.png"), "--right", str(d / "left.png")]))
     assert "broken.png" in err
-    err = _one_line_error(capsys, main(base + ["--left", str(d / "grey.png"), "--right", str(d / "left.png")]))
-    assert "grey.png" in err and "RGB" in err
     (tmp_path / "lone").mkdir()
     lone = tmp_path / "lone" / "model.pth"
     lone.write_bytes((d / "model_best_bp2.pth").read_bytes())
     err = _one_line_error(capsys, main(["infer", "--checkpoint", str(lone), "--left", str(d / "left.png"),
                                         "--right", str(d / "right.png"), "--out", str(tmp_path / "y.npy")]))
     assert "cfg.yaml" in err
+
+
+def test_grey_pairs_are_converted_as_the_readers_convert_them(ckpt_dir, tmp_path):
+    grey = np.asarray(Image.open(ckpt_dir / "grey.png"))
+    Image.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(tmp_path / "grey_rgb.png")
+    for name in ("grey", "grey_rgb"):
+        src = ckpt_dir / "grey.png" if name == "grey" else tmp_path / "grey_rgb.png"
+        assert main(["infer", "--checkpoint", str(ckpt_dir / "model_best_bp2.pth"), "--left", str(src),
+                     "--right", str(src), "--out", str(tmp_path / f"{name}.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "grey.npy"), np.load(tmp_path / "grey_rgb.npy"))
 
 
 def test_teacher_inspect_json(ckpt_dir, capsys):

@@ -74,6 +74,10 @@ def test_mlflow_store_has_study_and_trials(finished_run):
     assert "volume_scale" in child.params  # params = the sampled student's config
     parent = client.get_run(parents[0].info.run_id).data.metrics
     assert any(k.startswith("prune/") for k in parent) and "final_latency_ms" in parent
+    # The parent's Overview: the final student's metrics, the front's plot and the chosen config.
+    note = client.get_run(parents[0].info.run_id).data.tags["mlflow.note.content"]
+    assert "| teacher/epe |" in note and "get-artifact?path=overview/pareto_front.png" in note and "```yaml" in note
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
     assert any(p.endswith(".png") for p in artifacts) or any(
         a.path.endswith(".png") for d in artifacts for a in client.list_artifacts(parents[0].info.run_id, d)

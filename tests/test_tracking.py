@@ -77,6 +77,8 @@ def test_study_is_logged_as_one_parent_run_with_nested_trials_and_resumes_it(tmp
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
     assert {"pareto/pareto_front.png", "pareto/pareto_front.csv", "pareto/pareto_front.json"} <= artifacts
     assert parent.data.metrics["front_size"] == len(result.front.points)
+    # MLflow 3 shows the experiment as model training, not as a GenAI app.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
     # A second invocation (a resume, or a larger budget) continues the same parent run.
     more = run_study(spec, storage, analytic, n_trials=9, tracker=Tracker(run_dir, teacher=teacher))
@@ -133,6 +135,49 @@ def test_study_key_and_run_record_resume_the_same_parent(tmp_path, shared_store)
     )
     assert other != run_a
     assert _client(shared_store).get_run(run_a).info.status == "RUNNING"  # resumed runs are open again
+
+
+def test_overview_shows_the_image_metrics_and_config(tmp_path, shared_store):
+    from PIL import Image
+
+    tracker = Tracker(tmp_path, tracking_uri=shared_store, experiment="overview")
+    parent = tracker.start_study_run("overview")
+    png = tmp_path / "pareto_front.png"
+    Image.new("RGB", (8, 8), (0, 128, 255)).save(png)
+    config = tmp_path / "config.yaml"
+    config.write_text("name: tiny\niters: 4\n")
+    note = tracker.log_overview("final student", {"gt/epe": 1.23456, "latency_ms": 7.0, "label": "x"}, config, png)
+    client = _client(shared_store)
+    run = client.get_run(parent)
+    assert run.data.tags["mlflow.note.content"] == note
+    assert f"get-artifact?path=overview/pareto_front.png&run_uuid={parent}" in note
+    assert "| gt/epe | 1.235 |" in note and "| latency_ms | 7 |" in note and "label" not in note
+    assert "```yaml\nname: tiny\niters: 4\n```" in note
+    assert [a.path for a in client.list_artifacts(parent, "overview")] == ["overview/pareto_front.png"]
+    # A long config is cut to MLflow's tag limit with its code fence still closed.
+    long_note = tracker.log_overview("big", config={f"key{i}": "v" * 50 for i in range(400)})
+    assert len(long_note) <= 8000 and long_note.endswith("...\n```\n")
+    assert client.get_run(parent).data.tags["mlflow.note.content"] == long_note
+
+
+def test_experiment_kind_chosen_by_the_user_is_kept(tmp_path, shared_store):
+    client = _client(shared_store)
+    exp_id = client.create_experiment("genai-kept")
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "genai_development")
+    Tracker(tmp_path, tracking_uri=shared_store, experiment="genai-kept").start_study_run("s")
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_log_files_logs_each_given_file_once(tmp_path, shared_store):
+    tracker = Tracker(tmp_path, tracking_uri=shared_store, experiment="files")
+    parent = tracker.start_study_run("files")
+    a, b = tmp_path / "a.csv", tmp_path / "b.json"
+    a.write_text("x\n"), b.write_text("{}\n")
+    tracker.log_files([a, b, a], "front")
+    assert sorted(x.path for x in _client(shared_store).list_artifacts(parent, "front")) == ["front/a.csv",
+                                                                                             "front/b.json"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        tracker.log_files([tmp_path / "missing.png"])
 
 
 def test_flatten_params_expands_nested_mappings():

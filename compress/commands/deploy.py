@@ -1,22 +1,21 @@
-"""Deployment subcommands: ``ffsc export`` and ``ffsc bench``, and the ONNX/TensorRT runner of ``ffsc infer``.
+"""Deployment subcommands: ``ffsc export``, ``ffsc bench`` and ``ffsc infer``; the work is in compress.deploy.
 
-``--model`` is resolved by :func:`compress.models.resolve_model`; ``ffsc bench`` also takes an ``.onnx``
-file or a TensorRT engine.
+``--model`` is resolved by :func:`compress.models.resolve_model`; ``ffsc bench`` and ``ffsc infer`` also take an
+``.onnx`` file or a TensorRT engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from compress.errors import ConfigError, DataError, ExportError
+from compress.deploy import available_backends, bench_model, export_model
+from compress.errors import ConfigError, DataError
 from compress.models import ResolvedModel, resolve_model
-
-from .common import console, pick_device
+from compress.terminal import console
 
 
 def _iters(args: argparse.Namespace, resolved: ResolvedModel) -> int:
@@ -33,74 +32,6 @@ def _iters(args: argparse.Namespace, resolved: ResolvedModel) -> int:
 
 def _export_device(name: str | None) -> str:
     return name or "cpu"  # export and its parity check run on the CPU unless asked otherwise
-
-
-def _fp16_drift(fp32_path: Path, fp16_path: Path, height: int, width: int) -> float:
-    """Largest |fp16 graph - fp32 graph| disparity on one random pair (ONNX Runtime, CPU)."""
-    import numpy as np
-
-    from compress.export import random_stereo_pair, run_onnx
-
-    left, right = random_stereo_pair(1, height, width, seed=1)
-    return float(np.max(np.abs(run_onnx(fp16_path, left, right) - run_onnx(fp32_path, left, right))))
-
-
-def export_model(
-    resolved: ResolvedModel,
-    out: Path,
-    fmt: str,
-    height: int,
-    width: int,
-    iters: int,
-    dynamic: bool = False,
-    opset: int = 17,
-    precision: str = "fp32",
-    workspace_gb: float = 4.0,
-    device: str = "cpu",
-    check_parity: bool = True,
-) -> dict:
-    """Export a resolved module to ONNX (fp32/fp16) or a TensorRT engine; returns the report as plain data."""
-    from compress.export import build_engine, cast_onnx_fp16, make_shape_profiles, to_onnx
-
-    if resolved.module is None:
-        raise ConfigError(f"{resolved.description} is already exported; `ffsc export` takes a PyTorch model")
-    if resolved.is_teacher and dynamic:
-        raise ConfigError("the teacher exports with a static image size only: its ViT input size and positional "
-                          "table are fixed per size at export; export one model per size (drop --dynamic)")
-    if (fmt == "onnx") != (out.suffix == ".onnx"):
-        wanted = "end in .onnx" if fmt == "onnx" else "not end in .onnx (the ONNX source is written beside it)"
-        raise ConfigError(f"--out {out}: with --format {fmt} the output must {wanted}")
-    if fmt == "onnx" and precision == "bf16":
-        raise ConfigError("--format onnx supports --precision fp32 or fp16 (an fp16 graph); bf16 is for engines")
-    if fmt == "engine":  # fail before the (slow) ONNX export when no engine can be built here
-        from compress.export._trt import import_tensorrt, require_cuda
-
-        import_tensorrt()
-        require_cuda("building a TensorRT engine")
-    model = resolved.module.to(device)
-    report: dict = {"model": resolved.description, "kind": resolved.kind, "format": fmt, "precision": precision,
-                    "output": str(out)}
-    with tempfile.TemporaryDirectory(prefix="ffsc-export-") as tmp:
-        if fmt == "onnx":
-            onnx_path = out if precision == "fp32" else Path(tmp) / "model_fp32.onnx"
-        else:
-            onnx_path = out.with_suffix(".onnx")  # kept beside the engine: its source, and ORT-runnable
-        exported = to_onnx(model, onnx_path, height, width, iters, opset=opset, dynamic=dynamic,
-                           check_parity=check_parity, device=device)
-        report["onnx"] = {**asdict(exported), "path": str(onnx_path if fmt == "engine" else out),
-                          "lint": [asdict(f) for f in exported.lint]}
-        if fmt == "onnx" and precision == "fp16":
-            cast = cast_onnx_fp16(onnx_path, out)
-            report["fp16"] = {"kept_fp32_nodes": len(cast.kept_fp32_nodes), "casts_inserted": cast.casts_inserted,
-                              "max_abs_diff_vs_fp32": _fp16_drift(onnx_path, out, height, width),
-                              "bytes": out.stat().st_size}
-        if fmt == "engine":
-            shapes = make_shape_profiles(height, width, dynamic=dynamic)
-            info = build_engine(onnx_path, out, precision=precision, workspace_gb=workspace_gb, shapes=shapes,
-                                iters=iters)
-            report["engine"] = {**info.to_dict(), "path": str(out), "bytes": out.stat().st_size,
-                                "cached": info.cached}
-    return report
 
 
 def _print_export(report: dict) -> None:
@@ -165,78 +96,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------- bench
 
 
-def available_backends() -> list[str]:
-    """Latency backends usable here: torch and onnxruntime always, tensorrt with TensorRT and a CUDA GPU."""
-    import importlib.util
-
-    import torch
-
-    found = ["torch", "onnxruntime"]
-    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
-        found.append("tensorrt")
-    return found
-
-
-def backend_device(backend: str, requested: str | None) -> str:
-    """Device a backend runs on: the requested one, else CUDA where that backend can use it, else the CPU."""
-    import torch
-
-    if requested:
-        return requested
-    if backend == "tensorrt":
-        return "cuda"
-    if not torch.cuda.is_available():
-        return "cpu"
-    if backend == "onnxruntime":
-        import onnxruntime as ort
-
-        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-    return "cuda"
-
-
-def bench_model(
-    resolved: ResolvedModel,
-    backends: list[str],
-    height: int,
-    width: int,
-    iters: int,
-    warmup: int = 5,
-    repeats: int = 20,
-    precision: str = "fp32",
-    compile: bool = False,
-    cuda_graph: bool = False,
-    threads: int | None = None,
-    device: str | None = None,
-    cache: str | None = None,
-    clock: str = "wall",
-) -> dict:
-    """Time a resolved model on each backend; returns machine, model cost and one row per backend."""
-    import torch
-
-    from compress.latency import machine_info, measure
-    from search_spaces import count_macs, count_params
-
-    unknown = sorted(set(backends) - {"torch", "onnxruntime", "tensorrt"})
-    if unknown:
-        raise ConfigError(f"unknown --backend {', '.join(unknown)}; valid: torch, onnxruntime, tensorrt")
-    cost = {"params": None, "gmacs": None}
-    if resolved.module is not None:
-        macs = count_macs(resolved.module, height, width, iters=iters)
-        cost = {"params": count_params(resolved.module), "gmacs": macs.gmacs}
-    rows = []
-    for backend in backends:
-        dev = backend_device(backend, device)
-        target = resolved.module.to(dev) if resolved.module is not None else resolved.path
-        if backend == "torch" and threads is not None:
-            torch.set_num_threads(threads)  # the user asked for this thread count for this run
-        stats = measure(target, backend, height, width, iters=iters, warmup=warmup, repeats=repeats, device=dev,
-                        precision=precision, compile=compile, cuda_graph=cuda_graph, cache=cache,
-                        intra_op_threads=threads, clock=clock)
-        rows.append({**stats.to_dict(), **cost})
-    return {"machine": machine_info(), "model": resolved.description, "kind": resolved.kind, "height": height,
-            "width": width, "iters": iters, "results": rows}
-
-
 def _print_bench(report: dict) -> None:
     from rich.table import Table
 
@@ -274,117 +133,130 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------- exported-model runner
+# ------------------------------------------------------------------------------------------------- infer
 
 
-def _pad_amounts(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) replicate padding from size to target, split as InputPadder splits it."""
-    pad_h, pad_w = target[0] - size[0], target[1] - size[1]
-    return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+_LEGACY_SOURCES = (("checkpoint", "a FoundationStereo checkpoint"), ("onnx", "an .onnx file"),
+                   ("engine", "a TensorRT engine"))
 
 
-class ExportedStereo:
-    """An exported stereo model (ONNX or TensorRT engine) run on images of any size.
+def _model_spec(args: argparse.Namespace) -> str:
+    """--model, or the older --checkpoint / --onnx / --engine (each checked against the file it names)."""
+    from compress.models import ENGINE_SUFFIXES
 
-    Images are padded as PyTorch inference pads them (replicate, to a multiple of 32); a model exported
-    with a static shape gets exactly that shape (smaller images are padded up to it, larger ones refused).
-    """
-
-    def __init__(self, path: str | Path, device: str | None = None) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ExportError(f"{self.path} does not exist; export a model with `ffsc export`")
-        self.is_engine = self.path.suffix != ".onnx"
-        self.device = device or ("cuda" if self.is_engine else "cpu")
-        self.min_size: tuple[int, int] | None = None
-        self.max_size: tuple[int, int] | None = None
-        if self.is_engine:
-            from compress.export import TensorRTRunner
-
-            self.runner = TensorRTRunner(self.path, device=self.device)
-            self.iters = self.runner.info.iters if self.runner.info is not None else None
-            if self.runner.info is not None:
-                low, _, high = next(iter(self.runner.info.shapes.values()))
-                self.min_size, self.max_size = (low[2], low[3]), (high[2], high[3])
-        else:
-            import onnx
-
-            from compress.export import read_metadata
-
-            proto = onnx.load(str(self.path), load_external_data=False)
-            shape = proto.graph.input[0].type.tensor_type.shape
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
-            if len(dims) == 4 and dims[2] and dims[3]:
-                self.min_size = self.max_size = (dims[2], dims[3])
-            stored = read_metadata(proto).get("iters")
-            self.iters = int(stored) if stored else None
-
-    @property
-    def static_size(self) -> tuple[int, int] | None:
-        """(height, width) the model accepts when it has a single input size, else None."""
-        return self.min_size if self.min_size is not None and self.min_size == self.max_size else None
-
-    def _target(self, height: int, width: int) -> tuple[int, int]:
-        static = self.static_size
-        if static is not None:
-            if height > static[0] or width > static[1]:
-                raise DataError(
-                    f"the images are {width}x{height} but {self.path} was exported for exactly {static[1]}x{static[0]} "
-                    f"(a static shape); re-export with --height {-(-height // 32) * 32} --width "
-                    f"{-(-width // 32) * 32} or with --dynamic")
-            return static
-        target = (-(-height // 32) * 32, -(-width // 32) * 32)
-        low, high = self.min_size, self.max_size
-        if low is not None and high is not None and not (
-                low[0] <= target[0] <= high[0] and low[1] <= target[1] <= high[1]):
-            raise DataError(f"the padded images are {target[1]}x{target[0]}, outside the engine's size range "
-                            f"{self.min_size[1]}x{self.min_size[0]}..{self.max_size[1]}x{self.max_size[0]}; rebuild "
-                            "it with a profile that covers this size")
-        return target
-
-    def __call__(self, left, right):
-        """Disparity (H x W float32 numpy) of an RGB pair (H x W x 3 arrays or 3 x H x W tensors, 0..255)."""
-        import torch
-        import torch.nn.functional as F
-
-        from teacher.inference import to_image_batch
-
-        left_t, right_t = to_image_batch(left, torch.device("cpu")), to_image_batch(right, torch.device("cpu"))
-        if left_t.shape != right_t.shape:
-            raise DataError(f"left and right images differ in size: {tuple(left_t.shape)} vs {tuple(right_t.shape)}")
-        h, w = left_t.shape[-2:]
-        pad = _pad_amounts((h, w), self._target(h, w))
-        if any(pad):
-            left_t, right_t = (F.pad(t, pad, mode="replicate") for t in (left_t, right_t))
-        if self.is_engine:
-            disp = self.runner.run(left_t, right_t)
-        else:
-            from compress.export import run_onnx
-
-            disp = run_onnx(self.path, left_t, right_t, device=self.device)
-        return disp[0, 0, pad[2]: pad[2] + h, pad[0]: pad[0] + w]
+    given = [(name, getattr(args, name)) for name, _ in _LEGACY_SOURCES if getattr(args, name)]
+    if args.model and given:
+        raise ConfigError(f"pass the model once: --model or --{given[0][0]}, not both")
+    if args.model:
+        return args.model
+    if not given:
+        raise ConfigError("no model: pass --model (a checkpoint, student directory, .onnx file or TensorRT engine)")
+    name, value = given[0]
+    suffix = Path(value).suffix
+    if name == "onnx" and suffix != ".onnx":
+        raise ConfigError(f"--onnx {value} does not end in .onnx; pass TensorRT engines with --engine")
+    if name == "engine" and suffix == ".onnx":
+        raise ConfigError(f"--engine {value} is an ONNX file; pass it with --onnx")
+    if name == "engine" and suffix not in ENGINE_SUFFIXES:
+        raise ConfigError(f"--engine {value}: expected a TensorRT engine ({', '.join(ENGINE_SUFFIXES)})")
+    return value
 
 
-def infer_exported(args: argparse.Namespace, left_img, right_img):
-    """``ffsc infer --onnx/--engine``: (H x W disparity, seconds, where it ran) for one image pair."""
-    path = args.onnx or args.engine
-    if args.hierarchical:
-        raise ConfigError("--hierarchical runs two passes of the PyTorch model; use --checkpoint for it")
-    if args.mixed_precision is not None:
-        raise ConfigError("--mixed-precision does not apply to an exported model: its precision is fixed at export")
-    if args.engine and Path(path).suffix == ".onnx":
-        raise ConfigError(f"--engine {path} is an ONNX file; pass it with --onnx")
-    if args.onnx and Path(path).suffix != ".onnx":
-        raise ConfigError(f"--onnx {path} does not end in .onnx; pass TensorRT engines with --engine")
-    model = ExportedStereo(path, pick_device(args.device) if args.engine else (args.device or "cpu"))
-    if args.iters is not None and model.iters is not None and args.iters != model.iters:
-        raise ConfigError(f"{path} was exported with {model.iters} iterations (fixed at export), --iters {args.iters} "
-                          "was asked; drop --iters or re-export")
-    start = time.perf_counter()
-    disp = model(left_img, right_img)
-    where = f"{'TensorRT' if model.is_engine else 'ONNX Runtime'} on {model.device}"
-    return disp, time.perf_counter() - start, where
+def _frames(args: argparse.Namespace):
+    """(frames, folder mode?) from --left/--right (files or folders) or --pairs."""
+    from compress.deploy import Frame, frames_from_dataset, frames_from_folders
 
+    if args.pairs:
+        if args.left or args.right:
+            raise ConfigError("pass either --pairs DIR or --left and --right, not both")
+        return frames_from_dataset(args.pairs), True
+    if not (args.left and args.right):
+        raise ConfigError("no input: pass --left and --right (two images or two folders), or --pairs DIR")
+    left, right = Path(args.left), Path(args.right)
+    if left.is_dir():
+        return frames_from_folders(left, right), True
+    if right.is_dir():
+        raise DataError(f"--right {right} is a folder but --left {left} is not; pass two images or two folders")
+    return [Frame(left.stem, left, right)], False
+
+
+def _calibration(args: argparse.Namespace):
+    """(StereoCalibration or None, (fx, baseline) or None), scaled with the images."""
+    from compress.geometry import read_intrinsics
+
+    if args.intrinsics and (args.fx is not None or args.baseline is not None):
+        raise ConfigError("--intrinsics already holds fx and the baseline; drop --fx/--baseline")
+    if args.intrinsics:
+        return read_intrinsics(args.intrinsics).scaled(args.scale), None
+    if args.fx is not None or args.baseline is not None:
+        if args.fx is None or args.baseline is None:
+            raise DataError("depth needs both --fx (focal length, pixels) and --baseline (metres), or --intrinsics")
+        return None, (args.fx * args.scale, args.baseline)
+    if args.remove_invisible:
+        raise ConfigError("--remove-invisible drops points of the depth map and cloud; it needs --intrinsics")
+    return None, None
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Disparity (and with a calibration depth and a coloured point cloud) for a pair or a folder of pairs."""
+    from tqdm import tqdm
+
+    from compress.deploy import (
+        check_writable,
+        disparity_to_geometry,
+        open_predictor,
+        plan_outputs,
+        read_stereo_pair,
+        write_outputs,
+    )
+    from compress.deploy.infer import parse_formats
+
+    if not 0 < args.scale <= 1:
+        raise ConfigError(f"--scale {args.scale}: expected 0 < scale <= 1 (the images are shrunk by it)")
+    spec = _model_spec(args)
+    frames, folder_mode = _frames(args)
+    calib, fx_baseline = _calibration(args)
+    formats = parse_formats(args.formats)
+    out = Path(args.out)
+    with_depth = calib is not None or fx_baseline is not None
+    plans = [plan_outputs(out, f.name if folder_mode else None, formats, with_depth, calib is not None)
+             for f in frames]
+    check_writable([p for plan in plans for p in plan.all()])
+
+    predictor = open_predictor(spec, args.config, args.device, args.iters, args.hierarchical, args.mixed_precision,
+                               args.trust_checkpoint)
+    print(f"--model {spec}: {predictor.description}, {predictor.where}")
+    done, skipped, seconds = 0, [], 0.0
+    for frame, plan in tqdm(list(zip(frames, plans, strict=True)), desc="infer", unit="pair",
+                            disable=not folder_mode, file=sys.stderr):
+        try:
+            left, right = read_stereo_pair(frame.left, frame.right, args.scale)
+            start = time.perf_counter()
+            disp = predictor(left, right)
+            seconds += time.perf_counter() - start
+            result = disparity_to_geometry(disp, left, calib, fx_baseline, args.zfar, args.remove_invisible)
+            written = write_outputs(result, plan)
+        except DataError as exc:
+            if not folder_mode:
+                raise
+            skipped.append(frame.name)
+            tqdm.write(f"skipped {frame.name}: {exc}", file=sys.stderr)
+            continue
+        done += 1
+        if not folder_mode:
+            h, w = disp.shape
+            print(f"disparity {w}x{h} in {seconds:.2f} s")
+            for path in written:
+                print(f"  -> {path}")
+            if result.points is not None:
+                print(f"  point cloud: {len(result.points)} points (zfar {args.zfar:g} m)")
+    if folder_mode:
+        print(f"{done} of {len(frames)} pairs -> {out} ({seconds:.1f} s of inference)"
+              + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ""))
+        if done == 0:
+            raise DataError(f"every pair failed ({len(frames)}); see the messages above")
+        return 1 if skipped else 0
+    return 0
 
 # ---------------------------------------------------------------------------------------------- register
 
@@ -431,3 +303,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default=None, help="SQLite latency cache file")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("infer", help="disparity, depth and point clouds with any model kind, for a pair or folders")
+    p.add_argument("--model", default=None,
+                   help="FoundationStereo checkpoint (.pth/.safetensors, cfg.yaml beside it), student directory, "
+                        ".onnx file or TensorRT engine")
+    for name, what in _LEGACY_SOURCES:
+        p.add_argument(f"--{name}", default=None, help=f"{what} (same as --model)")
+    p.add_argument("--config", default=None, help="teacher cfg.yaml (default: the one beside the checkpoint)")
+    p.add_argument("--left", help="left image, or a folder of left images")
+    p.add_argument("--right", help="right image, or a folder of right images with the same names")
+    p.add_argument("--pairs", help="a folder of pairs in any layout the dataset readers know")
+    p.add_argument("--out", required=True,
+                   help="output folder; or, for one pair, a .npy/.pfm/.png disparity file (depth and cloud beside)")
+    p.add_argument("--formats", default="npy,png",
+                   help="map formats in an output folder: npy, pfm, png (disparity colour map, 16-bit mm depth)")
+    p.add_argument("--intrinsics", help="K.txt: the 3x3 camera matrix row by row on line 1, baseline (m) on line 2")
+    p.add_argument("--scale", type=float, default=1.0, help="shrink the images by this factor (K scaled with them)")
+    p.add_argument("--zfar", type=float, default=10.0, help="drop cloud points farther than this (metres)")
+    p.add_argument("--remove-invisible", dest="remove_invisible", action="store_true",
+                   help="no depth where the match falls outside the right image")
+    p.add_argument("--fx", type=float, default=None, help="focal length in pixels, for depth without --intrinsics")
+    p.add_argument("--baseline", type=float, default=None, help="baseline in metres, with --fx")
+    p.add_argument("--iters", type=int, default=None, help="GRU iterations (default: the model's own)")
+    p.add_argument("--hierarchical", action="store_true", help="two-pass mode for large images (PyTorch models)")
+    p.add_argument("--mixed-precision", dest="mixed_precision", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in the checkpoint")
+    p.set_defaults(func=cmd_infer)

@@ -1,4 +1,5 @@
-"""Teacher subcommands: ``ffsc infer``, ``ffsc demo``, ``ffsc teacher inspect``."""
+"""Teacher subcommands: ``ffsc demo`` and ``ffsc teacher inspect`` (``ffsc infer``, for every model kind, is in
+deploy.py)."""
 
 from __future__ import annotations
 
@@ -7,48 +8,10 @@ import json
 import time
 from pathlib import Path
 
-from compress.errors import DataError
+from compress.deploy.infer import read_stereo_pair
+from compress.terminal import console
 
-from .common import console, pick_device, read_pair, save_map
-
-
-def cmd_infer(args: argparse.Namespace) -> int:
-    """Disparity (and optionally depth) for one stereo pair with the teacher."""
-    import numpy as np
-
-    from teacher import infer, load_teacher
-
-    left_img, right_img = read_pair(args.left, args.right)
-    if args.onnx or args.engine:
-        from .deploy import infer_exported
-
-        disp_np, seconds, device = infer_exported(args, left_img, right_img)
-    else:
-        device = pick_device(args.device)
-        model = load_teacher(args.checkpoint, cfg=args.config, device=device, trust_pickle=args.trust_checkpoint)
-        start = time.perf_counter()
-        disp = infer(
-            model,
-            left_img,
-            right_img,
-            iters=args.iters,
-            mixed_precision=args.mixed_precision,
-            hierarchical=args.hierarchical,
-        )
-        seconds = time.perf_counter() - start
-        disp_np = disp[0, 0].cpu().numpy()
-    out = Path(args.out)
-    save_map(out, disp_np)
-    print(f"disparity {disp_np.shape[1]}x{disp_np.shape[0]} -> {out} ({seconds:.2f} s on {device})")
-    if args.fx is not None or args.baseline is not None:
-        if args.fx is None or args.baseline is None:
-            raise DataError("depth needs both --fx (focal length, pixels) and --baseline (metres)")
-        with np.errstate(divide="ignore"):
-            depth = np.where(disp_np > 0, args.fx * args.baseline / np.maximum(disp_np, 1e-6), 0.0)
-        depth_out = out.with_name(out.stem + "_depth" + (out.suffix if out.suffix != ".png" else ".npy"))
-        save_map(depth_out, depth.astype(np.float32), "depth")
-        print(f"depth (fx={args.fx}, baseline={args.baseline}) -> {depth_out}")
-    return 0
+from .common import pick_device
 
 
 def cmd_teacher_inspect(args: argparse.Namespace) -> int:
@@ -91,7 +54,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from teacher import FoundationStereo, TeacherConfig, infer, load_teacher
 
     examples = Path(str(files("teacher") / "examples"))
-    left_img, right_img = read_pair(str(examples / "im0.png"), str(examples / "im1.png"))
+    left_img, right_img = read_stereo_pair(examples / "im0.png", examples / "im1.png")
     gt = read_pfm(examples / "disp0GT.pfm")
     device = pick_device(args.device)
     if args.checkpoint:
@@ -116,24 +79,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the teacher subcommands."""
-    p = sub.add_parser("infer", help="disparity for a stereo pair with the teacher or an exported model")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="official model_best_bp2.pth (or .safetensors)")
-    source.add_argument("--onnx", help="an exported .onnx model (ffsc export), run with ONNX Runtime")
-    source.add_argument("--engine", help="a TensorRT engine (ffsc export --format engine)")
-    p.add_argument("--config", help="cfg.yaml (default: the one beside the checkpoint)")
-    p.add_argument("--left", required=True)
-    p.add_argument("--right", required=True)
-    p.add_argument("--out", required=True, help="output .npy, .pfm or .png (colour map)")
-    p.add_argument("--iters", type=int, default=None, help="GRU iterations (default: valid_iters of the config)")
-    p.add_argument("--hierarchical", action="store_true", help="two-pass mode for large images")
-    p.add_argument("--mixed-precision", dest="mixed_precision", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--fx", type=float, default=None, help="focal length in pixels, for a depth map")
-    p.add_argument("--baseline", type=float, default=None, help="stereo baseline in metres, for a depth map")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in the checkpoint")
-    p.set_defaults(func=cmd_infer)
-
     p = sub.add_parser("demo", help="teacher inference on the bundled example pair")
     p.add_argument("--checkpoint", default=None, help="official checkpoint (default: random weights)")
     p.add_argument("--config", default=None)

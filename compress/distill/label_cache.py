@@ -51,6 +51,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from compress.atomic import atomic_write_bytes, sha256_file
+from compress.cuda_graph import GraphedForward
 from compress.data.augment import AugmentConfig, colour_jitter, crop_sample
 from compress.data.readers import StereoDataset, StereoSample, sample_to_tensors
 from compress.data.synthetic import SyntheticStereoDataset
@@ -384,6 +385,13 @@ def build_label_cache(
     pending = np.flatnonzero(~done).tolist()
     teacher_was_training = teacher.training
     teacher.eval()
+
+    def label(left: torch.Tensor, right: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            return teacher(left, right, iters=iters, test_mode=True, return_intermediates=True)
+
+    # On a GPU the whole teacher forward replays from one CUDA graph per batch shape (launch-bound otherwise).
+    forward = GraphedForward(label)
     bar = tqdm(total=n, initial=n - len(pending), desc="labelling with the teacher", disable=not progress)
     since_flush = 0
     try:
@@ -393,8 +401,7 @@ def build_label_cache(
             items = [_as_tensors(b) for b in bases]
             left = torch.stack([it["left"] for it in items]).to(device)
             right = torch.stack([it["right"] for it in items]).to(device)
-            with torch.inference_mode():
-                out = teacher(left, right, iters=iters, test_mode=True, return_intermediates=True)
+            out = forward(left, right)
             batch_arrays = _teacher_arrays(out, cfg)
             if arrays is None:
                 manifest["fields"] = _describe_fields(batch_arrays, size)

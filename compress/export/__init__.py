@@ -2,7 +2,8 @@
 
 Modules, one job each: onnx_export (to_onnx), runtime (ONNX Runtime sessions, run_onnx, random
 inputs), trt_lint (lint_onnx), fp16 (cast_onnx_fp16), engine (build_engine, sidecar, cache key,
-shape profiles), trt_runner (TensorRTRunner). TensorRT is imported lazily, only by the last two.
+shape profiles), trt_runner (TensorRTRunner), exported (ExportedStereo: an ONNX file or engine run on
+images of any size). TensorRT is imported lazily, only by engine, trt_runner and exported.
 """
 
 from compress.export.engine import (
@@ -16,6 +17,7 @@ from compress.export.engine import (
     sidecar_path,
     write_sidecar,
 )
+from compress.export.exported import ExportedStereo
 from compress.export.fp16 import DEFAULT_KEEP_FP32_OPS, Fp16CastReport, cast_onnx_fp16, fp32_island_names
 from compress.export.onnx_export import (
     DeployWrapper,
@@ -40,6 +42,7 @@ __all__ = [
     "DeployWrapper",
     "EngineInfo",
     "ExportReport",
+    "ExportedStereo",
     "Fp16CastReport",
     "LintFinding",
     "TensorRTRunner",

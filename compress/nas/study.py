@@ -23,6 +23,8 @@ from compress.errors import ConfigError
 from compress.nas.pareto import (
     CONSTRAINT_ATTR,
     FAIL_REASON_ATTR,
+    FRONT_CSV,
+    FRONT_JSON,
     FRONT_PNG,
     METRICS_ATTR,
     SPEC_ATTR,
@@ -608,8 +610,8 @@ def run_study(
         if tracker is not None:
             try:
                 if out_dir is not None:
-                    png = out_dir / FRONT_PNG
-                    tracker.log_front(out_dir, png if png.exists() else None)
+                    files = [out_dir / name for name in (FRONT_CSV, FRONT_JSON, FRONT_PNG)]
+                    tracker.log_files([f for f in files if f.exists()], "pareto")
                 tracker.log_metrics(
                     {"n_complete": counts["complete"], "n_failed": counts["failed"], "front_size": len(front.points)}
                 )

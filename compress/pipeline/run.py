@@ -352,7 +352,7 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
     """The final table: teacher, every front student and the final student."""
     from rich.table import Table
 
-    from compress.commands.common import console
+    from compress.terminal import console
 
     def f(v, fmt="{:.2f}"):
         return "-" if v is None else fmt.format(v)
@@ -383,7 +383,14 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
                  "export/student.onnx", "mlflow.db"):
         if (summary.run_dir / name).exists():
             out.print(f"  {name}")
-    out.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{summary.run_dir / 'mlflow.db'}")
+    from compress.tracking import Tracker
+
+    if recipe.tracking.uri is None and (summary.run_dir / "mlflow.db").exists():
+        tracker = Tracker(summary.run_dir, experiment=recipe.tracking.experiment)
+        out.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{summary.run_dir / 'mlflow.db'}, then open "
+                  f"{tracker.ui_url()}")
+    elif recipe.tracking.uri is not None:
+        out.print(f"MLflow: {recipe.tracking.uri}, experiment {recipe.tracking.experiment}")
     out.print(f"wall time {summary.seconds:.0f} s")
 
 
@@ -438,6 +445,9 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
             tracker.log_metrics({f"final/{k}".replace("/", "_"): v for k, v in summary.final.items()
                                  if isinstance(v, float)})
             tracker.log_artifact(final_path / "config.yaml", "final_student")
+            front_png = run_dir / "search" / "pareto_front.png"
+            tracker.log_overview(f"{recipe.name}: final student (front trial {summary.chosen['trial']})",
+                                 summary.final, final_path / "config.yaml", front_png if front_png.exists() else None)
     summary.seconds = time.perf_counter() - start
     atomic_write_text(run_dir / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2, default=str))
     print_summary(summary, recipe)

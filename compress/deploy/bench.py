@@ -1,0 +1,78 @@
+"""Time a resolved model on torch, ONNX Runtime and TensorRT; which backends and devices this machine offers."""
+
+from __future__ import annotations
+
+from compress.errors import ConfigError
+from compress.models import ResolvedModel
+
+
+def available_backends() -> list[str]:
+    """Latency backends usable here: torch and onnxruntime always, tensorrt with TensorRT and a CUDA GPU."""
+    import importlib.util
+
+    import torch
+
+    found = ["torch", "onnxruntime"]
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        found.append("tensorrt")
+    return found
+
+
+def backend_device(backend: str, requested: str | None) -> str:
+    """Device a backend runs on: the requested one, else CUDA where that backend can use it, else the CPU."""
+    import torch
+
+    if requested:
+        return requested
+    if backend == "tensorrt":
+        return "cuda"
+    if not torch.cuda.is_available():
+        return "cpu"
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    return "cuda"
+
+
+def bench_model(
+    resolved: ResolvedModel,
+    backends: list[str],
+    height: int,
+    width: int,
+    iters: int,
+    warmup: int = 5,
+    repeats: int = 20,
+    precision: str = "fp32",
+    compile: bool = False,
+    cuda_graph: bool = False,
+    threads: int | None = None,
+    device: str | None = None,
+    cache: str | None = None,
+    clock: str = "wall",
+) -> dict:
+    """Time a resolved model on each backend; returns machine, model cost and one row per backend."""
+    import torch
+
+    from compress.latency import machine_info, measure
+    from search_spaces import count_macs, count_params
+
+    unknown = sorted(set(backends) - {"torch", "onnxruntime", "tensorrt"})
+    if unknown:
+        raise ConfigError(f"unknown --backend {', '.join(unknown)}; valid: torch, onnxruntime, tensorrt")
+    cost = {"params": None, "gmacs": None}
+    if resolved.module is not None:
+        macs = count_macs(resolved.module, height, width, iters=iters)
+        cost = {"params": count_params(resolved.module), "gmacs": macs.gmacs}
+    rows = []
+    for backend in backends:
+        dev = backend_device(backend, device)
+        target = resolved.module.to(dev) if resolved.module is not None else resolved.path
+        if backend == "torch" and threads is not None:
+            torch.set_num_threads(threads)  # the user asked for this thread count for this run
+        stats = measure(target, backend, height, width, iters=iters, warmup=warmup, repeats=repeats, device=dev,
+                        precision=precision, compile=compile, cuda_graph=cuda_graph, cache=cache,
+                        intra_op_threads=threads, clock=clock)
+        rows.append({**stats.to_dict(), **cost})
+    return {"machine": machine_info(), "model": resolved.description, "kind": resolved.kind, "height": height,
+            "width": width, "iters": iters, "results": rows}

@@ -1,0 +1,206 @@
+"""Inference on stereo pairs and folders of pairs: reading frames, disparity -> depth -> point cloud, outputs.
+
+Images are read by the dataset readers (:func:`compress.data.io.read_image`: grey becomes RGB, alpha is
+dropped); a folder of pairs may be any layout :func:`compress.data.readers.open_dataset` knows, or a left
+and a right folder with matching file names.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import DataError
+from compress.geometry import (
+    DEPTH_FORMATS,
+    StereoCalibration,
+    depth_from_disparity,
+    invisible_mask,
+    point_cloud,
+    write_depth,
+    write_ply,
+)
+
+MAP_FORMATS = DEPTH_FORMATS  # .npy, .pfm, .png (a turbo colour map for disparity, 16-bit millimetres for depth)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One stereo pair to run: a name for its outputs and the two image files."""
+
+    name: str
+    left: Path
+    right: Path
+
+
+def frames_from_folders(left_dir: str | os.PathLike, right_dir: str | os.PathLike) -> list[Frame]:
+    """Pairs from a left and a right folder, matched by file name without extension (a missing match stays,
+    to be reported as a bad frame)."""
+    from compress.data.readers import IMAGE_EXTENSIONS
+
+    left_dir, right_dir = Path(left_dir), Path(right_dir)
+    if not right_dir.is_dir():
+        raise DataError(f"--left {left_dir} is a folder but --right {right_dir} is not; pass two folders")
+
+    def images(folder: Path) -> dict[str, Path]:
+        return {p.stem: p for p in sorted(folder.iterdir())
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")}
+
+    lefts, rights = images(left_dir), images(right_dir)
+    if not lefts:
+        raise DataError(f"{left_dir}: holds no images (expected {', '.join(IMAGE_EXTENSIONS)})")
+    return [Frame(stem, path, rights.get(stem, right_dir / path.name)) for stem, path in lefts.items()]
+
+
+def frames_from_dataset(root: str | os.PathLike) -> list[Frame]:
+    """Pairs of a dataset folder in any layout the readers detect (KITTI, Middlebury, SceneFlow, left/right...)."""
+    from compress.data.readers import open_dataset
+
+    dataset = open_dataset(root)
+    return [Frame(rec.name, rec.left, rec.right) for rec in dataset.records]
+
+
+def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """An RGB image resized by ``scale`` (bilinear, like the official demo's cv2.resize)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def read_stereo_pair(left: str | os.PathLike, right: str | os.PathLike, scale: float = 1.0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Both views as uint8 H x W x 3 RGB (grey converted as the dataset readers do), resized by ``scale``."""
+    from compress.data.io import read_image
+
+    left_img, right_img = read_image(left), read_image(right)
+    if left_img.shape != right_img.shape:
+        raise DataError(
+            f"left image {left} is {left_img.shape[1]}x{left_img.shape[0]} but right image {right} is "
+            f"{right_img.shape[1]}x{right_img.shape[0]}; a rectified stereo pair has equal sizes")
+    if scale != 1.0:
+        left_img, right_img = resize_image(left_img, scale), resize_image(right_img, scale)
+    return left_img, right_img
+
+
+@dataclass
+class FrameResult:
+    """What one pair produced: disparity (pixels), and with a calibration depth (metres) and a coloured cloud."""
+
+    disparity: np.ndarray
+    depth: np.ndarray | None = None
+    points: np.ndarray | None = None
+    colors: np.ndarray | None = None
+
+
+def disparity_to_geometry(
+    disp: np.ndarray,
+    left: np.ndarray,
+    calib: StereoCalibration | None = None,
+    fx_baseline: tuple[float, float] | None = None,
+    zfar: float = np.inf,
+    remove_invisible: bool = False,
+) -> FrameResult:
+    """Depth from the calibration (or fx and baseline alone) and, with a full calibration, the point cloud."""
+    result = FrameResult(disp)
+    if calib is None and fx_baseline is None:
+        return result
+    fx, baseline = (calib.fx, calib.baseline) if calib is not None else fx_baseline
+    depth = depth_from_disparity(disp, fx, baseline)
+    if remove_invisible:
+        depth[invisible_mask(disp)] = 0.0
+    result.depth = depth
+    if calib is not None:
+        result.points, result.colors = point_cloud(depth, calib.K, left, zfar=zfar)
+    return result
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``npy,png`` -> ('.npy', '.png'), checked against the map formats."""
+    formats = tuple(dict.fromkeys("." + f.strip().lower().lstrip(".") for f in text.split(",") if f.strip()))
+    bad = [f for f in formats if f not in MAP_FORMATS]
+    if bad or not formats:
+        raise DataError(f"--formats {text!r}: expected a comma-separated list of {', '.join(MAP_FORMATS)}")
+    return formats
+
+
+@dataclass
+class OutputPlan:
+    """Where one frame's outputs go."""
+
+    disparity: list[Path] = field(default_factory=list)
+    depth: list[Path] = field(default_factory=list)
+    cloud: Path | None = None
+
+    def all(self) -> list[Path]:
+        """Every output path of the frame."""
+        return [*self.disparity, *self.depth, *([self.cloud] if self.cloud else [])]
+
+
+def plan_outputs(out: Path, name: str | None, formats: tuple[str, ...], depth: bool, cloud: bool) -> OutputPlan:
+    """Output paths: ``out`` itself when it names a map file (one pair), else files in ``out`` (or ``out/name``)."""
+    if name is None and out.suffix.lower() in MAP_FORMATS:
+        # The single-file form: disparity at out, depth and cloud beside it.
+        depth_suffix = out.suffix if out.suffix.lower() != ".png" else ".npy"
+        return OutputPlan([out], [out.with_name(f"{out.stem}_depth{depth_suffix}")] if depth else [],
+                          out.with_name(f"{out.stem}_cloud.ply") if cloud else None)
+    if name is None and out.suffix and not out.is_dir() and out.suffix.lower() != ".ply":
+        raise DataError(f"--out {out}: unknown disparity format {out.suffix!r}; expected {', '.join(MAP_FORMATS)} "
+                        "or a folder")
+    if out.suffix.lower() == ".ply" or (name is not None and out.suffix.lower() in MAP_FORMATS):
+        raise DataError(f"--out {out}: expected a folder (one sub-folder per frame for a folder of pairs) or, "
+                        f"for one pair, a disparity file ({', '.join(MAP_FORMATS)})")
+    folder = out / name if name else out
+    return OutputPlan([folder / f"disparity{f}" for f in formats],
+                      [folder / f"depth{f}" for f in formats] if depth else [],
+                      folder / "cloud.ply" if cloud else None)
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Fail before any inference when an output cannot be written (a file in the way, no permission)."""
+    for folder in dict.fromkeys(p.parent for p in paths):
+        existing = folder
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise DataError(f"cannot write {folder}: {existing} is a file, not a folder")
+        if existing == folder:
+            try:
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as exc:
+                raise DataError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise DataError(f"cannot create {folder}: {existing} is not writable")
+    for path in paths:
+        if path.is_dir():
+            raise DataError(f"cannot write {path}: a folder of that name is in the way")
+
+
+def write_disparity(path: Path, disp: np.ndarray) -> Path:
+    """Write a disparity map as .npy, .pfm or a colour-mapped .png, by extension."""
+    from compress.atomic import atomic_write
+    from compress.data.io import write_disparity_png, write_pfm
+
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return atomic_write(path, lambda tmp: np.save(tmp, disp.astype(np.float32), allow_pickle=False))
+    if suffix == ".pfm":
+        return write_pfm(path, disp.astype(np.float32))
+    if suffix == ".png":
+        return write_disparity_png(path, disp)
+    raise DataError(f"--out {path}: unknown disparity format {suffix!r}; expected {', '.join(MAP_FORMATS)}")
+
+
+def write_outputs(result: FrameResult, plan: OutputPlan) -> list[Path]:
+    """Write what the plan asks for and the result has; returns the files written."""
+    written = [write_disparity(p, result.disparity) for p in plan.disparity]
+    if result.depth is not None:
+        written += [write_depth(p, result.depth) for p in plan.depth]
+    if plan.cloud is not None and result.points is not None:
+        written.append(write_ply(plan.cloud, result.points, result.colors))
+    return written

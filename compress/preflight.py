@@ -1,0 +1,176 @@
+"""Cheap checks before expensive work: numeric ranges, latency backends, checkpoints, data, output locations.
+
+Every stage entry point (``ffsc run``, ``nas``, ``prune``, ``distill``, ``export``, ``infer``) calls these
+before it creates anything: a user mistake found after hours of labelling costs those hours, and a
+half-made run directory confuses the next resume. Each check raises one of the errors in
+:mod:`compress.errors` with a one-line message naming the key or path and what was expected; none
+of them writes anything that stays behind.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
+
+LATENCY_BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+
+
+def require_positive(key: str, value: float | None, allow_none: bool = False) -> None:
+    """`key` must be a finite number > 0 (or None when allow_none)."""
+    if value is None and allow_none:
+        return
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value <= 0:
+        raise ConfigError(f"{key}={value!r}: expected a number > 0")
+
+
+def require_at_least(key: str, value: int | None, minimum: int, why: str = "") -> None:
+    """`key` must be an integer >= minimum."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        reason = f" ({why})" if why else ""
+        raise ConfigError(f"{key}={value!r}: expected an integer >= {minimum}{reason}")
+
+
+def require_fraction(key: str, value: float | None, allow_none: bool = False, closed: bool = False) -> None:
+    """`key` must lie in (0, 1), or (0, 1] when closed."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value and (
+        value <= 1 if closed else value < 1)
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected a number in (0, {'1]' if closed else '1)'}")
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The latency backend a run uses, and why (logged, written to summary.json and MLflow)."""
+
+    backend: str
+    device: str
+    reason: str
+    compile: bool = False
+    cuda_graph: bool = False
+
+
+def _tensorrt_importable() -> str | None:
+    """None when TensorRT imports, else the reason it does not."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as err:
+        return f"TensorRT does not import ({err})"
+    except Exception as err:  # a broken install raises other types (missing libnvinfer, wrong CUDA)
+        return f"TensorRT fails to import ({type(err).__name__}: {err})"
+    return None
+
+
+def resolve_backend(backend: str, device: str | None = None) -> BackendChoice:
+    """Pick the backend for 'auto' (TensorRT, else PyTorch on CUDA compiled with CUDA graphs, else ONNX Runtime
+    on CPU); other names pass through with their reason."""
+    if backend not in LATENCY_BACKENDS:
+        raise ConfigError(f"latency backend {backend!r}: expected one of {list(LATENCY_BACKENDS)}")
+    cuda = torch.cuda.is_available()
+    if backend != "auto":
+        dev = device or ("cuda" if cuda and backend != "onnxruntime" else "cpu")
+        return BackendChoice(backend, dev, "named in the config")
+    if device is not None and torch.device(device).type == "cpu":
+        return BackendChoice("onnxruntime", "cpu", "auto: the config names device 'cpu'")
+    if not cuda:
+        return BackendChoice("onnxruntime", "cpu", "auto: no CUDA GPU visible to PyTorch, so ONNX Runtime on CPU")
+    trt_problem = _tensorrt_importable()
+    gpu = torch.cuda.get_device_name(0)
+    if trt_problem is None:
+        return BackendChoice("tensorrt", device or "cuda", f"auto: TensorRT imports and CUDA is present ({gpu})")
+    return BackendChoice("torch", device or "cuda",
+                         f"auto: {trt_problem}; PyTorch on CUDA ({gpu}) with torch.compile and CUDA graphs",
+                         compile=True, cuda_graph=True)
+
+
+def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph: bool = False,
+                  key: str = "latency.backend") -> None:
+    """Raise unless `backend` can run on `device` here (imports, CUDA, execution providers, precision)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MissingDependencyError(f"{key}={backend!r} on device {device!r}: PyTorch sees no CUDA GPU here "
+                                     "(torch.cuda.is_available() is False); use device 'cpu' or backend 'auto'")
+    if cuda_graph and dev.type != "cuda":
+        raise ConfigError(f"{key}: CUDA graphs need device 'cuda', got {device!r}")
+    if backend == "tensorrt":
+        problem = _tensorrt_importable()
+        if problem:
+            raise MissingDependencyError(f"{key}='tensorrt': {problem}; install it with "
+                                         "`pip install -e \".[tensorrt]\"` on a CUDA machine, or use backend 'auto'")
+        if not torch.cuda.is_available():
+            raise MissingDependencyError(f"{key}='tensorrt' needs a CUDA GPU, and PyTorch sees none here")
+    elif backend == "onnxruntime":
+        import onnxruntime as ort
+
+        wanted = "CUDAExecutionProvider" if dev.type == "cuda" else "CPUExecutionProvider"
+        if wanted not in ort.get_available_providers():
+            raise MissingDependencyError(
+                f"{key}='onnxruntime' on {device!r}: ONNX Runtime has no {wanted} here (it has "
+                f"{ort.get_available_providers()}); install onnxruntime-gpu for CUDA")
+    elif backend == "torch":
+        if precision == "fp16" and dev.type == "cpu":
+            raise ConfigError(f"{key}='torch' with precision 'fp16' on CPU: CPU autocast has no fp16; "
+                              "use 'fp32' or 'bf16'")
+    else:
+        raise ConfigError(f"{key}={backend!r}: expected one of {list(LATENCY_BACKENDS[1:])} (or 'auto')")
+
+
+def check_checkpoint(path: str | os.PathLike, key: str = "checkpoint", trust_pickle: bool = False) -> None:
+    """The checkpoint file (or every weights file of a model folder) exists, reads as tensors, and every weight is
+    finite (read_state_dict checks that)."""
+    from teacher.loading import read_state_dict
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{key}: {path} does not exist (expected a .pth or .safetensors checkpoint)")
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
+        if not weights:
+            raise CheckpointError(f"{key}: {path} holds no weights file (expected *.safetensors or *.pth)")
+        for file in weights:
+            read_state_dict(file, trust_pickle=trust_pickle)
+        return
+    read_state_dict(path, trust_pickle=trust_pickle)
+
+
+def check_dataset(path: str | os.PathLike, kind: str = "auto", key: str = "data.path") -> None:
+    """The dataset folder exists and has a layout the readers know (no image is decoded)."""
+    from compress.data.readers import open_dataset
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{key}: {root} is not a folder (expected a stereo dataset folder)")
+    try:
+        dataset = open_dataset(root, kind=kind)
+    except DataError as err:
+        raise DataError(f"{key}: {str(err).splitlines()[0]}") from None
+    if len(dataset) == 0:
+        raise DataError(f"{key}: {root} holds no stereo pairs")
+
+
+def check_writable(path: str | os.PathLike, key: str = "output") -> None:
+    """`path` (a file or folder, existing or not) can be written: probe the nearest existing folder above it,
+    leaving nothing behind."""
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not target.is_dir() and not os.access(target, os.W_OK):
+        raise ConfigError(f"{key}: {target} exists and is not writable")
+    probe_dir = target if target.is_dir() else target.parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ConfigError(f"{key}: {target} cannot be created because {probe_dir} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ffsc-probe-", dir=probe_dir)
+    except OSError as err:
+        raise ConfigError(f"{key}: {target} is not writable ({probe_dir}: {err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(name)

@@ -1,0 +1,147 @@
+"""Preflight checks: each bad case raises one error naming the key or path, and nothing is left behind."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compress import preflight
+from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
+
+
+@pytest.mark.parametrize("value", [0, -5, math.nan, math.inf, None, True, "3"])
+def test_require_positive_names_key(value) -> None:
+    with pytest.raises(ConfigError, match=r"search\.budget_ms=.*expected a number > 0"):
+        preflight.require_positive("search.budget_ms", value)
+
+
+def test_require_positive_accepts() -> None:
+    preflight.require_positive("search.budget_ms", 12.5)
+    preflight.require_positive("prune.budget_ms", None, allow_none=True)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, None])
+def test_require_at_least(value) -> None:
+    with pytest.raises(ConfigError, match=r"teacher\.train_steps=.*expected an integer >= 1 \(the stand-in"):
+        preflight.require_at_least("teacher.train_steps", value, 1, why="the stand-in teacher must train")
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.2, -0.1])
+def test_require_fraction(value) -> None:
+    with pytest.raises(ConfigError, match=r"prune\.ratio"):
+        preflight.require_fraction("prune.ratio", value)
+    preflight.require_fraction("prune.ratio", 0.3)
+
+
+def test_resolve_backend_auto_on_cpu_machine() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the CPU fallback is what is checked here")
+    choice = preflight.resolve_backend("auto")
+    assert (choice.backend, choice.device) == ("onnxruntime", "cpu")
+    assert "no CUDA GPU" in choice.reason
+
+
+def test_resolve_backend_auto_with_cpu_device() -> None:
+    choice = preflight.resolve_backend("auto", device="cpu")
+    assert choice.backend == "onnxruntime" and "device 'cpu'" in choice.reason
+
+
+def test_resolve_backend_named_and_unknown() -> None:
+    assert preflight.resolve_backend("torch", "cpu").reason == "named in the config"
+    with pytest.raises(ConfigError, match="latency backend 'tensorflow'"):
+        preflight.resolve_backend("tensorflow")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is absent")
+def test_check_backend_tensorrt_without_it() -> None:
+    with pytest.raises(MissingDependencyError, match=r"search\.latency\.backend='tensorrt'"):
+        preflight.check_backend("tensorrt", "cuda", key="search.latency.backend")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is absent")
+def test_check_backend_cuda_missing() -> None:
+    with pytest.raises(MissingDependencyError, match="sees no CUDA GPU"):
+        preflight.check_backend("torch", "cuda")
+
+
+def test_check_backend_cuda_graph_needs_cuda() -> None:
+    with pytest.raises(ConfigError, match="CUDA graphs need device 'cuda'"):
+        preflight.check_backend("torch", "cpu", cuda_graph=True)
+
+
+def test_check_backend_fp16_cpu() -> None:
+    with pytest.raises(ConfigError, match="CPU autocast has no fp16"):
+        preflight.check_backend("torch", "cpu", precision="fp16")
+
+
+def test_check_backend_ort_cpu_ok() -> None:
+    preflight.check_backend("onnxruntime", "cpu")
+
+
+def test_checkpoint_with_nan_named(tmp_path) -> None:
+    path = tmp_path / "model.safetensors"
+    weights = {"a.weight": torch.ones(3), "b.weight": torch.tensor([1.0, float("nan"), float("inf")])}
+    save_file(weights, str(path))
+    with pytest.raises(CheckpointError, match=r"'b\.weight' holds 2 NaN/Inf"):
+        preflight.check_checkpoint(path)
+
+
+def test_corrupted_pth_named(tmp_path) -> None:
+    """Bytes overwritten in the middle of a .pth: the file still unpickles, with NaN weights."""
+    path = tmp_path / "model.pth"
+    torch.save({"model": {"x.weight": torch.zeros(4096), "y.bias": torch.zeros(8)}}, path)
+    raw = bytearray(path.read_bytes())
+    start = raw.find(bytes(4096 * 4)) + 4000  # inside x.weight's zero bytes
+    raw[start:start + 8] = b"\xff" * 8  # 0xffffffff is a NaN in float32
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"'x\.weight' holds 2 NaN/Inf"):
+        preflight.check_checkpoint(path)
+
+
+def test_student_dir_with_nan_refuses_to_load(tmp_path) -> None:
+    from search_spaces import build_student, preset
+    from search_spaces.serialization import load_student, save_student
+
+    torch.manual_seed(0)
+    model = build_student(preset("tiny"))
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("inf")
+    save_student(model, tmp_path / "student")
+    with pytest.raises(CheckpointError, match="holds 1 NaN/Inf"):
+        load_student(tmp_path / "student")
+    with pytest.raises(CheckpointError, match="holds 1 NaN/Inf"):
+        preflight.check_checkpoint(tmp_path / "student")
+
+
+def test_checkpoint_missing(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match=r"teacher\.checkpoint: .*does not exist"):
+        preflight.check_checkpoint(tmp_path / "nope.pth", key="teacher.checkpoint")
+
+
+def test_dataset_missing_and_unknown_layout(tmp_path) -> None:
+    with pytest.raises(DataError, match=r"data\.path: .* is not a folder"):
+        preflight.check_dataset(tmp_path / "missing")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match=r"data\.path: .*no known stereo dataset layout"):
+        preflight.check_dataset(tmp_path / "junk")
+
+
+def test_writable_probe_leaves_nothing(tmp_path) -> None:
+    preflight.check_writable(tmp_path / "deep" / "run", key="run_dir")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_under_a_file(tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"export\.out: .*is a file, not a folder"):
+        preflight.check_writable(tmp_path / "file" / "student.onnx", key="export.out")
+
+
+def test_unwritable_filesystem() -> None:
+    # /proc refuses new files even to root, which permission bits do not stop.
+    with pytest.raises(ConfigError, match=r"out: /proc/ffsc-out\.png is not writable"):
+        preflight.check_writable("/proc/ffsc-out.png", key="out")
