@@ -132,21 +132,13 @@ class StudentStereo(StereoStages):
         """The convex upsampler (its factor is the volume scale)."""
         return self.upsampler
 
-    def context_features(
-        self, feats_l: list[torch.Tensor], image: torch.Tensor | None = None, vit_feat: torch.Tensor | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def context_features(self, feats_l: list[torch.Tensor], image: torch.Tensor | None = None,
+                         vit_feat: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The shared context reads the left pyramid from the volume's resolution, one level per GRU level."""
         return self.cnet(feats_l[self.base : self.base + self.cfg.gru_levels])
 
-    def forward(
-        self,
-        image1: torch.Tensor,
-        image2: torch.Tensor,
-        iters: int | None = None,
-        test_mode: bool = False,
-        init_disp: torch.Tensor | None = None,
-        return_intermediates: bool = False,
-    ):
+    def forward(self, image1: torch.Tensor, image2: torch.Tensor, iters: int | None = None, test_mode: bool = False,
+                init_disp: torch.Tensor | None = None, return_intermediates: bool = False):
         """Disparity of the left view; outputs as FoundationStereo.forward."""
         iters = self.cfg.iters if iters is None else iters
         return self.run(image1, image2, iters, test_mode, init_disp, return_intermediates)

@@ -54,15 +54,9 @@ class GeometryEncoding:
         self.coords = torch.arange(width, dtype=torch.float32, device=device).reshape(1, 1, width, 1)
 
     @classmethod
-    def build(
-        cls,
-        fmap1: torch.Tensor,
-        fmap2: torch.Tensor,
-        volume: torch.Tensor,
-        num_levels: int,
-        radius: int,
-        correlation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = all_pairs_correlation,
-    ) -> GeometryEncoding:
+    def build(cls, fmap1: torch.Tensor, fmap2: torch.Tensor, volume: torch.Tensor, num_levels: int, radius: int,
+              correlation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = all_pairs_correlation,
+              ) -> GeometryEncoding:
         """Pyramids of the filtered volume and of the features' all-pairs ``correlation`` (models pass their
         :class:`PairCorrelation` module so the exported nodes are named after it)."""
         b, c, d, h, w = volume.shape

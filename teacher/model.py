@@ -96,21 +96,12 @@ class FoundationStereo(StereoStages):
         """The upsampler whose modules sit at the top level of the official checkpoint."""
         return self._upsampler[0]
 
-    def context_features(
-        self, feats_l: list[torch.Tensor], image: torch.Tensor | None, vit_feat: torch.Tensor | None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def context_features(self, feats_l: list[torch.Tensor], image: torch.Tensor,
+                         vit_feat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The context network reads the normalised left image and the ViT feature."""
         return self.cnet(image, vit_feat)
 
-    def forward(
-        self,
-        image1: torch.Tensor,
-        image2: torch.Tensor,
-        iters: int = 12,
-        test_mode: bool = False,
-        init_disp: torch.Tensor | None = None,
-        low_memory: bool = False,
-        return_intermediates: bool = False,
-    ):
+    def forward(self, image1: torch.Tensor, image2: torch.Tensor, iters: int = 12, test_mode: bool = False,
+                init_disp: torch.Tensor | None = None, low_memory: bool = False, return_intermediates: bool = False):
         """Estimate the left-view disparity; see the class docstring for the outputs."""
         return self.run(image1, image2, iters, test_mode, init_disp, return_intermediates)

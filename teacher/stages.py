@@ -155,15 +155,8 @@ class StereoStages(nn.Module):
                 preds.append(self.upsample(disp, mask_feat, stem_2x))
         return preds, states, lowres
 
-    def run(
-        self,
-        image1: Tensor,
-        image2: Tensor,
-        iters: int,
-        test_mode: bool = False,
-        init_disp: Tensor | None = None,
-        return_intermediates: bool = False,
-    ):
+    def run(self, image1: Tensor, image2: Tensor, iters: int, test_mode: bool = False,
+            init_disp: Tensor | None = None, return_intermediates: bool = False):
         """The forward pass, composed of the stages; outputs as documented on the model's ``forward``."""
         image1, image2 = normalize_image(image1), normalize_image(image2)
         feats_l, feats_r, vit_feat, stem_2x = self.encode(image1, image2)
