@@ -24,18 +24,23 @@ def _shift_right(x: torch.Tensor, d: int) -> torch.Tensor:
     return F.pad(x, (d, 0))[..., : x.shape[-1]]
 
 
-def build_gwc_volume(left: torch.Tensor, right: torch.Tensor, max_disp: int, num_groups: int) -> torch.Tensor:
+def build_gwc_volume(
+    left: torch.Tensor, right: torch.Tensor, max_disp: int, num_groups: int, normalize: bool = True
+) -> torch.Tensor:
     """Cosine correlation per channel group: B x G x D x H x W, zero where x < d.
 
     Computed in float32 even under autocast (the normalised products lose too much in fp16).
+    ``normalize=False`` sums the raw products per group (some released Fast-FoundationStereo students).
     """
     b, c, h, w = left.shape
     if c % num_groups:
         raise ValueError(f"feature width {c} is not divisible by {num_groups} correlation groups")
     cg = c // num_groups
     with fp32_region(left.device):
-        ln = F.normalize(left.float().reshape(b, num_groups, cg, h, w), dim=2)
-        rn = F.normalize(right.float().reshape(b, num_groups, cg, h, w), dim=2)
+        ln = left.float().reshape(b, num_groups, cg, h, w)
+        rn = right.float().reshape(b, num_groups, cg, h, w)
+        if normalize:
+            ln, rn = F.normalize(ln, dim=2), F.normalize(rn, dim=2)
         vol = [(ln * _shift_right(rn, d)).sum(dim=2) for d in range(max_disp)]
         return torch.stack(vol, dim=2)
 
