@@ -1,0 +1,199 @@
+"""``ffsc import fast-foundationstereo``: parity with the official code, round trips, and one-line errors.
+
+The checkpoints in tests/data/ffs were built and run with the official code (tests/data/ffs/make_reference.py,
+pinned commit in tests/data/ffs/COMMIT): ``code_topology`` is the topology the code builds, ``released_like``
+has pruned widths and the correlation without normalisation, as the smaller releases do.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from compress.cli import main
+from compress.errors import CheckpointError
+from compress.importers import import_fast_foundationstereo
+from search_spaces import load_student
+from search_spaces.serialization import load_model
+
+DATA = Path(__file__).parent / "data" / "ffs"
+CKPT = "model_best_bp2_serialize.pth"
+
+
+def _reference():
+    ref = np.load(DATA / "reference.npz")
+    return torch.from_numpy(ref["left"]), torch.from_numpy(ref["right"]), int(ref["iters"]), ref
+
+
+@pytest.mark.parametrize("case", ["code_topology", "released_like"])
+def test_imported_model_matches_the_official_forward(case: str, tmp_path: Path) -> None:
+    left, right, iters, ref = _reference()
+    import_fast_foundationstereo(DATA / case / CKPT, tmp_path / "student")
+    model = load_student(tmp_path / "student")  # what every other command loads
+    with torch.no_grad():
+        out = model(left, right, iters=iters, return_intermediates=True)
+    init_err = (out.init_disp - torch.from_numpy(ref[f"{case}/init_disp"])).abs().max().item()
+    disp_err = (out.disp - torch.from_numpy(ref[f"{case}/disp"])).abs().max().item()
+    assert init_err < 1e-4 and disp_err < 1e-4, (init_err, disp_err)
+    assert float(out.disp.std()) > 1.0  # a real disparity map, not a constant both sides agree on
+
+
+def test_released_widths_and_flags_are_recorded(tmp_path: Path) -> None:
+    model = import_fast_foundationstereo(DATA / "released_like" / CKPT, tmp_path / "s", name="mine")
+    cfg = model.cfg
+    assert cfg.name == "mine" and cfg.gwc_normalize is False and cfg.attention_heads_as_sequence
+    assert cfg.motion_conv_kernel == 1 and cfg.hidden_dim == 16 and cfg.max_disp == 64
+    enc = model.update_block.encoder
+    assert (enc.convc1.out_channels, enc.convc2.out_channels, enc.convd2.out_channels) == (24, 40, 8)
+    assert model.cost_agg.conv_out[0].conv1[0].out_channels == 4  # a pruned APC hidden width
+    report = json.loads((tmp_path / "s" / "import_report.json").read_text())
+    assert "update_block.encoder.convc2" in report["pruned_layers"]  # 24 -> 40, unlike the code's equal pair
+    assert report["dropped_unused_layers"] == ["context_zqr_convs"]
+    # Same tensors after a save/load round trip through the generic loader.
+    again = load_model(tmp_path / "s")
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    code = import_fast_foundationstereo(DATA / "code_topology" / CKPT, tmp_path / "c").cfg
+    assert code.gwc_normalize and code.motion_corr_dim == 256 and code.volume_dim == 8
+
+
+def _pair(d: Path) -> None:
+    left, right, _, _ = _reference()
+    for name, img in (("left", left), ("right", right)):
+        Image.fromarray(img[0].permute(1, 2, 0).numpy().astype(np.uint8)).save(d / f"{name}.png")
+
+
+def test_cli_import_then_export_and_infer(tmp_path: Path, capsys) -> None:
+    student = tmp_path / "imported"
+    assert main(["import", "fast-foundationstereo", str(DATA / "released_like" / CKPT), str(student)]) == 0
+    assert "correlation not normalised" in capsys.readouterr().out
+    onnx = tmp_path / "s.onnx"
+    # The export runs its ONNX Runtime parity check against PyTorch (fails above 1e-2 px).
+    assert main(["export", "--model", str(student), "--height", "64", "--width", "128", "--iters", "2",
+                 "--out", str(onnx), "--json", str(tmp_path / "e.json")]) == 0
+    parity = json.loads((tmp_path / "e.json").read_text())
+    assert parity["kind"] == "student" and parity["onnx"]["max_abs_diff"] < 1e-3
+    _pair(tmp_path)
+    out = tmp_path / "disp.npy"
+    assert main(["infer", "--onnx", str(onnx), "--left", str(tmp_path / "left.png"), "--right",
+                 str(tmp_path / "right.png"), "--out", str(out)]) == 0
+    model = load_student(student)
+    left, right, _, _ = _reference()
+    with torch.no_grad():
+        expected = model(left, right, iters=2, test_mode=True)[0, 0].numpy()
+    assert np.abs(np.load(out) - expected).max() < 1e-2
+
+
+def test_prune_an_imported_model(tmp_path: Path, capsys) -> None:
+    from compress.data import SyntheticConfig, write_synthetic_dataset
+    from search_spaces import count_params
+
+    student = tmp_path / "imported"
+    import_fast_foundationstereo(DATA / "released_like" / CKPT, student)
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, 2, SyntheticConfig(height=70, width=140, max_disp=16), progress=False)
+    before = count_params(load_student(student))
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", str(student), "--ratio", "0.3", "--scope", "refinement", "--out", str(out),
+               "--data", str(data), "--height", "64", "--width", "128", "--distill-steps", "1",
+               "--recovery-steps", "1", "--samples", "2", "--train-iters", "2", "--teacher-iters", "2",
+               "--no-progress", "data.eval_samples=1", "importance.calibration_batches=1"])
+    assert rc == 0, capsys.readouterr()
+    pruned = load_model(out / "model")
+    assert count_params(pruned) < before
+    assert pruned.cfg.gwc_normalize is False and pruned.cfg.attention_heads_as_sequence
+    with torch.no_grad():
+        disp = pruned(255 * torch.rand(1, 3, 64, 128), 255 * torch.rand(1, 3, 64, 128), test_mode=True)
+    assert disp.shape == (1, 1, 64, 128) and torch.isfinite(disp).all()
+
+
+# --- bad input: one line, exit status 2 ----------------------------------------------------------------------
+def _one_line_error(capsys, argv: list[str]) -> str:
+    assert main(["import", "fast-foundationstereo", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    return err
+
+
+def _with_cfg(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DATA / "released_like" / "cfg.yaml", folder / "cfg.yaml")
+    return folder / CKPT
+
+
+class _Payload:
+    """Pickles as a call to os.system: loading it with torch.load(weights_only=False) would run a command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_naming_an_unknown_class_is_refused_without_running_it(tmp_path: Path, capsys) -> None:
+    ckpt = _with_cfg(tmp_path / "evil")
+    marker = tmp_path / "ran"
+    torch.save({"model": _Payload(marker)}, ckpt)
+    err = _one_line_error(capsys, [str(ckpt), str(tmp_path / "out")])
+    assert "names class posix.system" in err or "names class os.system" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_unknown_official_block_names_the_layer(tmp_path: Path, capsys) -> None:
+    # The released-like pickle with one class renamed (same length, so the pickle stays valid).
+    ckpt = _with_cfg(tmp_path / "variant")
+    with zipfile.ZipFile(DATA / "released_like" / CKPT) as src, zipfile.ZipFile(ckpt, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("data.pkl"):
+                data = data.replace(b"\nSpatialAttentionExtractor\n", b"\nSpatialAttentionExtractoX\n")
+                data = data.replace(b"SpatialAttentionExtractor", b"SpatialAttentionExtractoX")
+            dst.writestr(item, data)
+    err = _one_line_error(capsys, [str(ckpt), str(tmp_path / "out")])
+    assert "layer sam is a core.submodule.SpatialAttentionExtractoX" in err
+
+
+def test_plain_state_dict_without_cfg(tmp_path: Path, capsys) -> None:
+    student = import_fast_foundationstereo(DATA / "released_like" / CKPT, tmp_path / "s")
+    ckpt = tmp_path / "sd" / "weights.pth"
+    ckpt.parent.mkdir()
+    torch.save(student.state_dict(), ckpt)
+    err = _one_line_error(capsys, [str(ckpt), str(tmp_path / "out")])
+    assert "plain state dict" in err and "no cfg.yaml beside it" in err
+
+
+def test_truncated_file(tmp_path: Path, capsys) -> None:
+    ckpt = _with_cfg(tmp_path / "cut")
+    data = (DATA / "released_like" / CKPT).read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    assert "truncated" in _one_line_error(capsys, [str(ckpt), str(tmp_path / "out")])
+
+
+def test_foundationstereo_teacher_checkpoint(tmp_path: Path, capsys) -> None:
+    ckpt = _with_cfg(tmp_path / "teacher")
+    # The official FoundationStereo layout: {"model": state_dict} with the DepthAnything ViT under feature.dino.
+    state = {"feature.dino.pretrained.cls_token": torch.zeros(1, 1, 8), "feature.conv4.0.conv.weight":
+             torch.zeros(4, 4, 3, 3), "cost_agg.conv1.0.conv.weight": torch.zeros(4, 4, 3, 3, 3)}
+    buf = io.BytesIO()
+    torch.save({"model": state, "epoch": 3}, buf)
+    ckpt.write_bytes(buf.getvalue())
+    err = _one_line_error(capsys, [str(ckpt), str(tmp_path / "out")])
+    assert "FoundationStereo teacher checkpoint" in err
+
+
+def test_missing_cfg_yaml(tmp_path: Path) -> None:
+    ckpt = tmp_path / "alone" / CKPT
+    ckpt.parent.mkdir()
+    shutil.copy(DATA / "released_like" / CKPT, ckpt)
+    with pytest.raises(CheckpointError, match="no cfg.yaml beside it"):
+        import_fast_foundationstereo(ckpt, tmp_path / "out")
