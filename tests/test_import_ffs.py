@@ -114,6 +114,17 @@ def test_prune_an_imported_model(tmp_path: Path, capsys) -> None:
     with torch.no_grad():
         disp = pruned(255 * torch.rand(1, 3, 64, 128), 255 * torch.rand(1, 3, 64, 128), test_mode=True)
     assert disp.shape == (1, 1, 64, 128) and torch.isfinite(disp).all()
+    # A latency budget on the imported model: timed on this CPU (generous, so shared cores cannot flake it).
+    out_ms = tmp_path / "pruned_ms"
+    rc = main(["prune", "--model", str(student), "--budget-ms", "60000", "--backend", "torch", "--out", str(out_ms),
+               "--data", str(data), "--height", "64", "--width", "128", "--iters", "2", "--warmup", "1",
+               "--repeats", "2", "--distill-steps", "1", "--recovery-steps", "1", "--samples", "2",
+               "--train-iters", "2", "--teacher-iters", "2", "--no-progress", "--no-mlflow", "data.eval_samples=1",
+               "importance.calibration_batches=1"])
+    assert rc == 0, capsys.readouterr()
+    result = json.loads((out_ms / "prune_result.json").read_text())
+    latency = result["initial"]["latency"]
+    assert result["met"] and latency["backend"] == "torch" and 0 < latency["median_ms"] < 60000
 
 
 # --- bad input: one line, exit status 2 ----------------------------------------------------------------------
