@@ -61,6 +61,8 @@ class StudentConfig:
     gwc_normalize: bool = True
     attention_heads_as_sequence: bool = False
     motion_conv_kernel: int = 3
+    # Searched block variants of the cost-volume stages, by slot (see search_spaces/blocks.py).
+    volume_blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
     layer_shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -131,6 +131,10 @@ class StudentStereo(nn.Module):
         )
         self.upsampler = ConvexUpsampler(mask_dim=32, stem_dim=32, factor=s)
         self.pair_correlation = PairCorrelation()  # a module so its float32 nodes are named in ONNX
+        if cfg.volume_blocks:
+            from .blocks import apply_volume_blocks
+
+            apply_volume_blocks(self, cfg.volume_blocks)
 
     @property
     def volume_scale(self) -> int:

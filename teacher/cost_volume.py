@@ -160,10 +160,18 @@ class Hourglass(nn.Module):
             downs.append(getattr(self, f"feature_att_{s * 2**k}")(y, features[k]))
         y = downs[n]
         for i, k in enumerate(range(n - 1, 0, -1)):
+            # A searched student may replace an up step by one merge block (upsample, merge, refine).
+            merge = getattr(self, f"post{s * 2 ** (k + 1)}_to_{s * 2**k}", None)
+            if merge is not None:
+                y = merge(downs[k], y, features[k])
+                continue
             y = torch.cat((getattr(self, f"conv{k + 1}_up")(y), downs[k]), dim=1)
             y = getattr(self, f"agg_{i}")(y)
             y = getattr(self, f"feature_att_up_{s * 2**k}")(y, features[k])
         conv = self.conv1_up(y)
+        merge = getattr(self, f"post{2 * s}_to_{s}", None)
+        if merge is not None:
+            return merge(x, conv)
         if self.atts is not None:
             att = self.atts["4"](self.conv_patch(x))
             conv = conv + F.interpolate(att, scale_factor=4, mode="trilinear", align_corners=False)

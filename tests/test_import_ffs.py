@@ -2,7 +2,8 @@
 
 The checkpoints in tests/data/ffs were built and run with the official code (tests/data/ffs/make_reference.py,
 pinned commit in tests/data/ffs/COMMIT): ``code_topology`` is the topology the code builds, ``released_like``
-has pruned widths and the correlation without normalisation, as the smaller releases do.
+has pruned widths and the correlation without normalisation, as the smaller releases do; ``searched_variant``
+has cost-volume stages replaced by the official searched blocks (ForwardHelper / PostForwardHelper).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _reference():
     return torch.from_numpy(ref["left"]), torch.from_numpy(ref["right"]), int(ref["iters"]), ref
 
 
-@pytest.mark.parametrize("case", ["code_topology", "released_like"])
+@pytest.mark.parametrize("case", ["code_topology", "released_like", "searched_variant"])
 def test_imported_model_matches_the_official_forward(case: str, tmp_path: Path) -> None:
     left, right, iters, ref = _reference()
     import_fast_foundationstereo(DATA / case / CKPT, tmp_path / "student")
@@ -66,6 +67,25 @@ def test_released_widths_and_flags_are_recorded(tmp_path: Path) -> None:
     assert code.gwc_normalize and code.motion_corr_dim == 256 and code.volume_dim == 8
 
 
+def test_searched_blocks_become_volume_blocks_and_round_trip(tmp_path: Path) -> None:
+    model = import_fast_foundationstereo(DATA / "searched_variant" / CKPT, tmp_path / "s")
+    blocks = model.cfg.volume_blocks
+    assert blocks["corr_stem"] == {"kind": "identity"} and blocks["cost_agg.conv1"] == {"kind": "identity"}
+    assert blocks["cost_agg.post8_to_4"]["kind"] == "merge" and blocks["cost_agg.agg_0"] == {"kind": "absent"}
+    kernels = [layer["kernel_disp"] for layer in blocks["cost_agg.feature_att_16"]["layers"] if layer["type"] == "apc"]
+    assert kernels == [13, 3]
+    up = blocks["cost_agg.post32_to_16"]["upsample"][0]
+    assert up["deconv"] and up["output_padding"] == [1, 1, 1]
+    assert blocks["cost_agg.post8_to_4"]["upsample"][0]["relu"] is False
+    assert model.cost_agg.agg_0 is None and "cost_agg.agg_0.0.conv.weight" not in model.state_dict()
+    again = load_model(tmp_path / "s")
+    assert again.cfg.volume_blocks == blocks
+    left, right, iters, _ = _reference()
+    with torch.no_grad():
+        assert torch.equal(model(left, right, iters=iters, test_mode=True), again(left, right, iters=iters,
+                                                                                  test_mode=True))
+
+
 def _pair(d: Path) -> None:
     left, right, _, _ = _reference()
     for name, img in (("left", left), ("right", right)):
@@ -74,8 +94,8 @@ def _pair(d: Path) -> None:
 
 def test_cli_import_then_export_and_infer(tmp_path: Path, capsys) -> None:
     student = tmp_path / "imported"
-    assert main(["import", "fast-foundationstereo", str(DATA / "released_like" / CKPT), str(student)]) == 0
-    assert "correlation not normalised" in capsys.readouterr().out
+    assert main(["import", "fast-foundationstereo", str(DATA / "searched_variant" / CKPT), str(student)]) == 0
+    assert "15 searched blocks" in capsys.readouterr().out
     onnx = tmp_path / "s.onnx"
     # The export runs its ONNX Runtime parity check against PyTorch (fails above 1e-2 px).
     assert main(["export", "--model", str(student), "--height", "64", "--width", "128", "--iters", "2",

@@ -16,7 +16,8 @@ def cmd_import_ffs(args: argparse.Namespace) -> int:
     report = json.loads((Path(args.out_dir) / REPORT_NAME).read_text())
     cfg = model.cfg
     print(f"imported {args.checkpoint} -> {args.out_dir} ({report['parameters'] / 1e6:.2f}M parameters, "
-          f"{len(report['pruned_layers'])} layers with pruned widths, correlation "
+          f"{len(report['pruned_layers'])} layers with pruned widths, {len(report['searched_blocks'])} searched "
+          f"blocks, correlation "
           f"{'normalised' if cfg.gwc_normalize else 'not normalised'}, {cfg.iters} iterations)")
     if report["dropped_unused_layers"]:
         print(f"left out (never used by the official forward): {', '.join(report['dropped_unused_layers'])}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ _CLASS_MAP = {
     "SpatialAttentionExtractor": "SpatialAttentionExtractor", "EdgeNextConvEncoder": "EdgeNextConvEncoder",
     "DispHead": "DispHead", "BasicMotionEncoder": "BasicMotionEncoder", "RaftConvGRU": "RaftConvGRU",
     "SelectiveConvGRU": "SelectiveConvGRU", "BasicSelectiveMultiUpdateBlock": "SelectiveMultiUpdateBlock",
+    "ForwardHelper": "FeatureChain", "PostForwardHelper": "MergeBlock",
 }
 # Official parameterless modules that ffsc computes functionally (or that do nothing in eval mode).
 _FUNCTIONAL = {"LeakyReLU", "Dropout", "Sigmoid", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "PositionalEmbedding",
@@ -225,20 +227,16 @@ def student_config(root: Node, args: dict[str, Any], ckpt: str, name: str = "imp
         raise CheckpointError(f"{ckpt}: layer feature.stages uses {sorted(heads)} attention heads in different "
                               "stages; the student family's EdgeNeXt has one head count for all stages")
     agg = _need(root, "cost_agg", ckpt)
-    for slot in ("post32_to_16", "post16_to_8", "post8_to_4"):
-        if slot in agg.children:
-            raise CheckpointError(
-                f"{ckpt}: layer cost_agg.{slot} is a {agg.children[slot].name} (a searched up-path block "
-                "variant); the ffsc hourglass has only the code's conv_up + agg path, so this release cannot be "
-                "imported yet"
-            )
-    apc = {n.children["conv2"].children["0"].attrs["kernel_size"][0]
-           for n in agg.walk() if n.name == "Conv3dNormActReduced"}
-    if len(apc) != 1:
-        raise CheckpointError(f"{ckpt}: the hourglass uses disparity kernels {sorted(apc)}; the student family "
-                              "has one APC disparity kernel")
+    # Searched stages carry their own kernels (as volume blocks); the default APC kernel is the commonest.
+    apc = Counter(n.children["conv2"].children["0"].attrs["kernel_size"][0]
+                  for n in agg.walk() if n.name == "Conv3dNormActReduced")
     att = agg.get("atts.4")
     corr_stem = _need(root, "corr_stem", ckpt)
+    vd = int(root.attrs.get("volume_dim", 28))
+
+    def width(k: int) -> int:
+        node = agg.get(f"conv{k}.0.conv")
+        return node.attrs["out_channels"] if node is not None else vd * (2, 4, 6)[k - 1]
     enc = _need(root, "update_block.encoder", ckpt)
     levels = [k for k in ("gru04", "gru08", "gru16") if k in _need(root, "update_block", ckpt).children]
     head_blocks = sum(1 for n in _need(root, "update_block.disp_head", ckpt).walk() if n.name == "EdgeNextConvEncoder")
@@ -254,12 +252,12 @@ def student_config(root: Node, args: dict[str, Any], ckpt: str, name: str = "imp
             max_disp=int(args.get("max_disp", 192)),
             cv_groups=int(root.attrs.get("cv_group", args.get("cv_group", 8))),
             concat_dim=2 * _conv(root, "proj_cmb", ckpt)["out_channels"],
-            volume_dim=int(root.attrs.get("volume_dim", _conv(root, "corr_stem.0", ckpt)["out_channels"])),
-            stem_blocks=len(corr_stem.children) - 2,
+            volume_dim=vd,
+            stem_blocks=len(corr_stem.children) - 2 if corr_stem.name == "Sequential" else 2,
             hourglass_levels=3,
-            hourglass_widths=[_conv(root, f"cost_agg.conv{k}.0.conv", ckpt)["out_channels"] for k in (1, 2, 3)],
-            apc_kernel=apc.pop(),
-            agg_blocks=len(_need(agg, "agg_0", ckpt).children) - 1,
+            hourglass_widths=[width(k) for k in (1, 2, 3)],
+            apc_kernel=apc.most_common(1)[0][0] if apc else 17,
+            agg_blocks=len(agg.children["agg_0"].children) - 1 if "agg_0" in agg.children else 2,
             transformer_layers=len(att.children["sa"].children) if att is not None else 0,
             transformer_heads=(att.get("sa.0.self_attn").attrs["num_heads"] if att is not None else 4),
             gru_levels=len(levels),
@@ -281,6 +279,137 @@ def student_config(root: Node, args: dict[str, Any], ckpt: str, name: str = "imp
     return cfg
 
 
+# --- searched block variants -------------------------------------------------------------------------------
+_SLOTS = ("corr_stem", "corr_feature_att", "classifier") + tuple(
+    f"cost_agg.{n}" for n in ("conv1", "conv2", "conv3", "conv1_up", "conv2_up", "conv3_up", "agg_0", "agg_1",
+                              "conv_out", "feature_att_8", "feature_att_16", "feature_att_32", "feature_att_up_8",
+                              "feature_att_up_16"))
+_MERGES = {"cost_agg.post32_to_16": ("cost_agg.conv3_up", "cost_agg.agg_0", "cost_agg.feature_att_up_16"),
+           "cost_agg.post16_to_8": ("cost_agg.conv2_up", "cost_agg.agg_1", "cost_agg.feature_att_up_8"),
+           "cost_agg.post8_to_4": ("cost_agg.conv_out", "cost_agg.atts", "cost_agg.conv_patch")}
+
+
+def _unsupported(node: Node, ckpt: str, why: str) -> CheckpointError:
+    return CheckpointError(f"{ckpt}: layer {node.path} ({node.cls}) {why}; the student family cannot express it")
+
+
+def layer_spec(node: Node, ckpt: str) -> dict[str, Any]:
+    """The volume-block layer spec (search_spaces.blocks) of one official layer."""
+    a, kids = node.attrs, node.children
+    if node.name == "BasicConv":
+        conv, bn, relu = kids.get("conv"), kids.get("bn"), kids.get("relu")
+        if conv is None or conv.name not in ("Conv3d", "ConvTranspose3d"):
+            raise _unsupported(node, ckpt, "is not a 3D convolution")
+        if bn is not None and bn.name not in ("BatchNorm3d", "Identity"):
+            raise _unsupported(node, ckpt, f"normalises with {bn.name}")
+        if relu is not None and relu.name == "LeakyReLU" and relu.attrs.get("negative_slope", 0.01) != 0.01:
+            raise _unsupported(node, ckpt, "uses a LeakyReLU slope other than 0.01")
+        c = conv.attrs
+        if c.get("groups", 1) != 1 or conv.params.get("bias") is not None:
+            raise _unsupported(node, ckpt, "has a grouped or biased convolution")
+        spec = {"type": "conv3d", "in": c["in_channels"], "out": c["out_channels"],
+                "deconv": conv.name == "ConvTranspose3d", "kernel_size": _hp(c["kernel_size"]),
+                "stride": _hp(c["stride"]), "padding": _hp(c["padding"]), "dilation": _hp(c["dilation"]),
+                "bn": bool(a.get("use_bn", True)) and bn is not None and bn.name == "BatchNorm3d",
+                "relu": relu is not None and relu.name == "LeakyReLU"}
+        if spec["deconv"]:
+            spec["output_padding"] = _hp(c["output_padding"])
+        return spec
+    if node.name == "Conv3dNormActReduced":
+        c1, c2 = node.get("conv1.0"), node.get("conv2.0")
+        if c1 is None or c2 is None or _hp(c1.attrs["stride"]) != [1, 1, 1] or _hp(c2.attrs["stride"]) != [1, 1, 1]:
+            raise _unsupported(node, ckpt, "is strided")
+        return {"type": "apc", "in": c1.attrs["in_channels"], "hidden": c1.attrs["out_channels"],
+                "out": c2.attrs["out_channels"], "kernel_size": c1.attrs["kernel_size"][1],
+                "kernel_disp": c2.attrs["kernel_size"][0]}
+    if node.name in ("ResnetBasicBlock3D", "ResnetBasicBlock"):
+        c1 = node.get("conv1")
+        if (c1 is None or c1.name != "Conv3d" or kids.get("downsample") is not None
+                or c1.attrs["in_channels"] != c1.attrs["out_channels"] or _hp(c1.attrs["kernel_size"]) != [3, 3, 3]):
+            raise _unsupported(node, ckpt, "is not a 3x3x3 residual block of one width")
+        return {"type": "res3d", "channels": c1.attrs["out_channels"]}
+    if node.name == "FeatureAtt":
+        c0, c1 = node.get("feat_att.0.conv"), node.get("feat_att.1")
+        return {"type": "feature_att", "cv": c1.attrs["out_channels"], "feat": c0.attrs["in_channels"],
+                "hidden": c0.attrs["out_channels"]}
+    if node.name == "CostVolumeDisparityAttention":
+        layers = node.get("sa")
+        first = layers.children["0"]
+        pe = node.get("pos_embed0")
+        if a.get("resize_embed"):
+            raise _unsupported(node, ckpt, "resizes its positional table")
+        return {"type": "disparity_attention", "d_model": first.get("linear1").attrs["in_features"],
+                "heads": first.get("self_attn").attrs["num_heads"], "ff": first.get("linear1").attrs["out_features"],
+                "layers": len(layers.children), "max_len": int(pe.attrs["pe"].shape[1]), "heads_as_sequence": True}
+    if node.name == "Upsample":
+        if a.get("size") is not None:
+            raise _unsupported(node, ckpt, "upsamples to a fixed size")
+        return {"type": "upsample", "scale_factor": _hp(a["scale_factor"]), "mode": a["mode"],
+                "align_corners": a.get("align_corners")}
+    if node.name == "Conv3d":
+        return {"type": "raw_conv3d", "in": a["in_channels"], "out": a["out_channels"],
+                "kernel_size": _hp(a["kernel_size"]), "stride": _hp(a["stride"]), "padding": _hp(a["padding"]),
+                "groups": a["groups"], "bias": node.params.get("bias") is not None}
+    if node.name == "BatchNorm3d":
+        return {"type": "bn3d", "channels": a["num_features"]}
+    if node.name == "Identity":
+        return {"type": "identity"}
+    raise _unsupported(node, ckpt, "is not a layer the searched volume blocks can hold")
+
+
+def _layers(nodes, ckpt: str) -> list[dict[str, Any]]:
+    return [layer_spec(n, ckpt) for n in nodes]
+
+
+def _signature(node: Node) -> list[str]:
+    return [_CLASS_MAP.get(c.name, c.name) for c in node.children.values()]
+
+
+def volume_blocks(root: Node, default: nn.Module, ckpt: str) -> dict[str, dict[str, Any]]:
+    """The searched variants of the release's cost-volume stages, as ``StudentConfig.volume_blocks``."""
+    ours = dict(default.named_modules())
+    blocks: dict[str, dict[str, Any]] = {}
+    superseded: set[str] = set()
+    for slot, replaced in _MERGES.items():
+        node = root.get(slot)
+        if node is None:
+            continue
+        if node.name != "PostForwardHelper":
+            raise _unsupported(node, ckpt, "sits where a merge block (PostForwardHelper) belongs")
+        blocks[slot] = {"kind": "merge", "op": node.attrs.get("op"),
+                        "upsample": _layers(node.children["upsample"].children.values(), ckpt),
+                        "out": _layers(node.children["out"].children.values(), ckpt)}
+        superseded.update(replaced)
+    for slot in _SLOTS + tuple(s for s in superseded if s not in _SLOTS):
+        node, mine = root.get(slot), ours.get(slot)
+        if node is None:
+            if slot in superseded and mine is not None:
+                blocks[slot] = {"kind": "absent"}
+            elif mine is not None:
+                raise CheckpointError(f"{ckpt}: layer {slot} is missing; the student family needs it")
+            continue
+        if mine is None:
+            continue  # e.g. atts without a transformer in the default: checked by map_modules
+        if node.name == "Identity":
+            blocks[slot] = {"kind": "identity"}
+        elif node.name == "ForwardHelper":
+            blocks[slot] = {"kind": "chain", "keys": "layers",
+                            "layers": _layers(node.children["layers"].children.values(), ckpt)}
+        elif node.name == "Sequential" and _signature(node) != [type(m).__name__ for m in mine.children()]:
+            blocks[slot] = {"kind": "chain", "keys": "index", "layers": _layers(node.children.values(), ckpt)}
+        else:
+            try:
+                for n in node.walk():
+                    sub = ours.get(n.path)
+                    if sub is not None:
+                        _check_layer(n, sub, ckpt)
+            except CheckpointError:
+                if node.name != "Sequential":
+                    raise
+                blocks[slot] = {"kind": "chain", "keys": "index", "layers": _layers(node.children.values(), ckpt)}
+    return blocks
+
+
 # --- layer-by-layer check and tensors ------------------------------------------------------------------------
 def _hp(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
@@ -297,7 +426,9 @@ def _check_layer(node: Node, ours: nn.Module, ckpt: str) -> None:
             raise CheckpointError(f"{where} is a {node.name} where the student family has a {our_name}")
     else:
         our_cls = f"{type(ours).__module__}.{type(ours).__qualname__}"
-        if node.cls != our_cls and node.name != our_name:
+        if node.cls != our_cls and node.name != our_name and not (
+            node.name == "Sequential" and isinstance(ours, nn.Sequential)
+        ):
             raise CheckpointError(f"{where} is a {node.cls} where the student family has a {our_cls}")
     # Widths (channels, groups, features) travel as per-layer widths; everything else must agree.
     for attr in _CONV_HPARAMS + _NORM_HPARAMS + ("approximate", "negative_slope"):
@@ -397,6 +528,11 @@ def import_fast_foundationstereo(ckpt: str | Path, out_dir: str | Path, name: st
     ckpt = Path(ckpt)
     root, args, classes = read_release(ckpt)
     cfg = student_config(root, args, str(ckpt), name or f"imported-{ckpt.parent.name}")
+    with torch.device("meta"):
+        default = StudentStereo(cfg)
+    blocks = volume_blocks(root, default, str(ckpt))
+    if blocks:
+        cfg = cfg.replace(volume_blocks=blocks)
     model = StudentStereo(cfg)
     dropped = map_modules(root, model, str(ckpt))
     state = release_state(root)
@@ -416,6 +552,7 @@ def import_fast_foundationstereo(ckpt: str | Path, out_dir: str | Path, name: st
     report = {
         "source": str(ckpt), "sha256": digest, "official_args": args, "classes": sorted(classes),
         "dropped_unused_layers": dropped, "pruned_layers": sorted(shapes),
+        "searched_blocks": {k: v["kind"] for k, v in sorted(blocks.items())},
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=1, sort_keys=True, default=str))

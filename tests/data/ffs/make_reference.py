@@ -17,6 +17,8 @@ Cases (reduced widths so the files stay small; 64x128 inputs, fp32, CPU):
 - ``released_like``: the same code with layers replaced by narrower instances of the official classes, as
   the released (pruned) checkpoints are (e.g. ``update_block.encoder.convc1`` 162->24 where the code builds
   162->256), and the group-wise correlation without normalisation (cfg ``normalize: false``).
+- ``searched_variant``: pruned as ``released_like``, and cost-volume stages replaced by searched blocks built
+  from the official ``ForwardHelper`` / ``PostForwardHelper`` (see ``searched_variant``); normalised correlation.
 
 The official code asks timm for pretrained EdgeNeXt weights, which cannot be downloaded here: timm's
 ``create_model`` is wrapped to build EdgeNeXt with ``pretrained=False``. The official ``pytorch1`` volume
@@ -139,18 +141,73 @@ def prune_like_release(model: nn.Module) -> None:
     model.cam.fc[2] = nn.Conv2d(2, hidden, 1, bias=False)
 
 
+def searched_variant(model: nn.Module) -> None:
+    """Stages replaced by searched blocks (the official ForwardHelper / PostForwardHelper), as in the releases.
+
+    Modelled on the published description of the c-fast-foundationstereo release: the corr_stem skipped, the
+    corr_feature_att a chain of convs ending in feature attention, the hourglass's first two down steps folded
+    into feature_att_8 / feature_att_16 chains, every up step a merge block (a transposed conv with
+    output_padding, a 4x down / attention / trilinear 4x up path without ReLU), disparity kernels 17/13/9/3.
+    """
+    import core.foundation_stereo  # noqa: F401  (registers the foundation_stereo_ori aliases distill_block uses)
+    from core.distill_block import ForwardHelper, PostForwardHelper
+    from core.submodule import (
+        BasicConv,
+        Conv3dNormActReduced,
+        CostVolumeDisparityAttention,
+        FeatureAtt,
+        ResnetBasicBlock3D,
+    )
+
+    c = model.volume_dim
+    f = model.feature.d_out
+    cin = model.proj_cmb.out_channels * 2 + model.cv_group
+
+    def conv(i, o, **kw):
+        kw = {"kernel_size": 3, "padding": 1, "stride": 1, **kw}
+        return BasicConv(i, o, is_3d=True, bn=True, relu=kw.pop("relu", True), deconv=kw.pop("deconv", False), **kw)
+
+    model.corr_stem = nn.Identity()
+    model.corr_feature_att = ForwardHelper([conv(cin, c), conv(c, c), FeatureAtt(c, f[0])])
+    model.classifier = ForwardHelper([nn.Conv3d(c, 1, kernel_size=3, padding=1)])
+    agg = model.cost_agg
+    agg.conv1 = nn.Identity()
+    agg.conv2 = nn.Identity()
+    agg.feature_att_8 = ForwardHelper([conv(c, c, stride=2), Conv3dNormActReduced(c, c * 2, kernel_disp=17),
+                                       FeatureAtt(c * 2, f[1])])
+    agg.feature_att_16 = ForwardHelper([conv(c * 2, c * 4, stride=2),
+                                        Conv3dNormActReduced(c * 4, c * 2, kernel_disp=13),
+                                        Conv3dNormActReduced(c * 2, c * 4, kernel_disp=3)])
+    agg.post32_to_16 = PostForwardHelper([
+        conv(c * 6, c * 4, deconv=True, stride=2, output_padding=1), "sum", FeatureAtt(c * 4, f[2]),
+        conv(c * 4, c * 4), Conv3dNormActReduced(c * 4, c * 4, kernel_disp=9), conv(c * 4, c * 4)])
+    agg.post16_to_8 = PostForwardHelper([
+        conv(c * 4, c * 2, deconv=True, kernel_size=4, stride=2), "sum", conv(c * 2, c * 2),
+        FeatureAtt(c * 2, f[1]), Conv3dNormActReduced(c * 2, c * 2, kernel_disp=9)])
+    agg.post8_to_4 = PostForwardHelper([
+        conv(c, c, kernel_size=4, padding=0, stride=4, relu=False),
+        CostVolumeDisparityAttention(d_model=c, nhead=4, dim_feedforward=c * 4, num_transformer=1,
+                                     max_len=model.args.max_disp // 16),
+        nn.Upsample(scale_factor=4, mode="trilinear", align_corners=False), "sum", conv(c, c),
+        ResnetBasicBlock3D(c, c, kernel_size=3, stride=1, padding=1)])
+    for name in ("agg_0", "agg_1", "conv_out", "conv3_up", "conv2_up", "atts", "conv_patch"):
+        delattr(agg, name)  # the merge blocks replace them
+
+
 def build(official: Path, case: str) -> nn.Module:
     """A random-weight official model for one case."""
     from core.foundation_stereo import FastFoundationStereo
     from omegaconf import OmegaConf
 
-    cfg = base_cfg(normalize=case == "code_topology")
-    patch_backbone((1, 1, 1, 1) if case == "code_topology" else (1, 2, 1, 1))
+    cfg = base_cfg(normalize=case != "released_like")
+    patch_backbone((1, 2, 1, 1) if case == "released_like" else (1, 1, 1, 1))
     torch.manual_seed(0)
     model = FastFoundationStereo(OmegaConf.create(cfg))
-    if case == "released_like":
+    if case in ("released_like", "searched_variant"):
         prune_like_release(model)
-    randomize(model, seed=1 if case == "code_topology" else 2)
+    if case == "searched_variant":
+        searched_variant(model)
+    randomize(model, seed={"code_topology": 1, "released_like": 2, "searched_variant": 4}[case])
     return model.eval(), cfg
 
 
@@ -187,7 +244,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     left, right = inputs()
     arrays = {"left": left.numpy(), "right": right.numpy(), "iters": np.array(ITERS)}
-    for case in ("code_topology", "released_like"):
+    for case in ("code_topology", "released_like", "searched_variant"):
         model, cfg = build(args.official, case)
         init_disp, preds = model(left, right, iters=ITERS, test_mode=False, optimize_build_volume="pytorch1")
         disp = model(left, right, iters=ITERS, test_mode=True, optimize_build_volume="pytorch1")
