@@ -228,3 +228,69 @@ def test_missing_cfg_yaml(tmp_path: Path) -> None:
     shutil.copy(DATA / "released_like" / CKPT, ckpt)
     with pytest.raises(CheckpointError, match="no cfg.yaml beside it"):
         import_fast_foundationstereo(ckpt, tmp_path / "out")
+
+
+# --- fine-tuning an imported student on one's own footage ---------------------------------------------------
+TINY_TEACHER = [  # a stand-in teacher: random weights, tiny ViT (no FoundationStereo checkpoint in tests)
+    "teacher.checkpoint=null", "teacher.allow_random_init=true", "teacher.config.vit_size=vitt",
+    "teacher.config.hidden_dims=[32,32,32]", "teacher.config.max_disp=64", "teacher.config.mixed_precision=false",
+    "teacher.iters=2",
+]
+
+
+def _footage(folder: Path, frames: int, corrupt: int) -> None:
+    """``frames`` textured pairs as left/ + right/, the first ``corrupt`` of them with a damaged left image."""
+    rng = np.random.default_rng(0)
+    (folder / "left").mkdir(parents=True)
+    (folder / "right").mkdir()
+    for i in range(frames):
+        base = rng.integers(0, 256, (64, 140, 3), dtype=np.uint8)
+        Image.fromarray(base[:, 8:136]).save(folder / "left" / f"{i:03d}.png")
+        Image.fromarray(base[:, 4:132]).save(folder / "right" / f"{i:03d}.png")
+    for i in range(corrupt):
+        path = folder / "left" / f"{i:03d}.png"
+        path.write_bytes(path.read_bytes()[:200])  # truncated mid-image
+
+
+def _finetune_args(tmp_path: Path, footage: Path, student: Path, *extra: str) -> list[str]:
+    return [str(Path(__file__).resolve().parents[1] / "recipes" / "finetune_own_footage.yaml"),
+            f"run_dir={tmp_path / 'run'}", f"teacher.label_cache={tmp_path / 'run' / 'labels'}",
+            f"data.train.path={footage}", f"data.eval.path={footage}", f"student.init_checkpoint={student}",
+            "data.train.options.heldout_fraction=0.25", "data.eval.options.heldout_fraction=0.25",
+            "batch_size=1", "num_workers=0", "train_iters=2", "eval_iters=2", "log_every=1",
+            "checkpoint_every=1", "eval_every=0", "progress=false", "optim.warmup_steps=1", "optim.lr=1e-4",
+            *TINY_TEACHER, *extra]
+
+
+def test_finetune_own_footage_end_to_end(tmp_path: Path, capsys) -> None:
+    student = tmp_path / "imported"
+    import_fast_foundationstereo(DATA / "released_like" / CKPT, student)
+    footage = tmp_path / "footage"
+    _footage(footage, frames=12, corrupt=1)
+    ok = ["data.train.options.max_bad_fraction=0.1", "data.eval.options.max_bad_fraction=0.1"]
+    with pytest.warns(UserWarning, match="skipping frame 000"):
+        assert main(["finetune", *_finetune_args(tmp_path, footage, student, "steps=2", *ok)]) == 0
+    printed = capsys.readouterr().out
+    assert "EPE against the teacher on 2 held-out frames" in printed and "1 unreadable frames skipped" in printed
+    report = json.loads((tmp_path / "run" / "finetune_report.json").read_text())
+    assert report["train"] == {"frames": 9, "bad_frames": 1, "total_frames": 12}
+    assert report["heldout"]["frames"] == 2 and report["steps"] == 2
+    assert report["before"]["teacher/epe"] > 0 and report["after"]["teacher/epe"] != report["before"]["teacher/epe"]
+    tuned = load_student(Path(report["student"]))
+    assert tuned.cfg.gwc_normalize is False  # still the imported architecture
+    # Resumes: two more steps on the same run directory keep the "before" number and the labels.
+    with pytest.warns(UserWarning):
+        assert main(["finetune", *_finetune_args(tmp_path, footage, student, "steps=4", *ok)]) == 0
+    again = json.loads((tmp_path / "run" / "finetune_report.json").read_text())
+    assert again["steps"] == 4 and again["before"] == report["before"]
+
+
+def test_finetune_fails_when_too_many_frames_are_bad(tmp_path: Path, capsys) -> None:
+    footage = tmp_path / "footage"
+    _footage(footage, frames=12, corrupt=1)  # 8% > the default 5%
+    import_fast_foundationstereo(DATA / "released_like" / CKPT, tmp_path / "imported")
+    with pytest.warns(UserWarning):
+        code = main(["finetune", *_finetune_args(tmp_path, footage, tmp_path / "imported", "steps=1")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "1 of 12 frames are unreadable" in err and "max_bad_fraction=0.05" in err

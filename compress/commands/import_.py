@@ -1,4 +1,4 @@
-"""``ffsc import fast-foundationstereo CKPT OUT_DIR``: a released checkpoint as an ordinary ffsc student."""
+"""``ffsc import fast-foundationstereo CKPT OUT_DIR`` (a released checkpoint as an ffsc student), ``ffsc finetune``."""
 
 from __future__ import annotations
 
@@ -24,8 +24,21 @@ def cmd_import_ffs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a student on unlabeled footage (recipes/finetune_own_footage.yaml)."""
+    from compress.distill.own_footage import main as finetune_main
+
+    return finetune_main([args.recipe, *args.overrides])
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``ffsc import``."""
+    """Add ``ffsc import`` and ``ffsc finetune``."""
+    ft = sub.add_parser("finetune", help="fine-tune a (e.g. imported) student on your own unlabeled stereo footage",
+                        description="Distils the student from the teacher on a folder of unlabeled pairs and "
+                        "reports the EPE against the teacher on held-out frames before and after.")
+    ft.add_argument("recipe", help="YAML recipe (see recipes/finetune_own_footage.yaml)")
+    ft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.train.path=my_footage")
+    ft.set_defaults(func=cmd_finetune)
     imp = sub.add_parser("import", help="import a checkpoint released by another project as an ffsc student")
     kinds = imp.add_subparsers(dest="import_kind", required=True)
     p = kinds.add_parser(
