@@ -294,3 +294,13 @@ def test_finetune_fails_when_too_many_frames_are_bad(tmp_path: Path, capsys) -> 
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "1 of 12 frames are unreadable" in err and "max_bad_fraction=0.05" in err
+
+
+def test_finetune_recipe_loads_as_a_distill_recipe() -> None:
+    from compress.distill.config import load_recipe
+
+    cfg = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "finetune_own_footage.yaml")
+    assert cfg.data.train.kind == cfg.data.eval.kind == "own_footage"
+    assert cfg.data.train.options["split"] == "train" and cfg.data.eval.options["split"] == "heldout"
+    assert cfg.data.train.options["max_bad_fraction"] == 0.05 and cfg.student.init_checkpoint == "runs/imported"
+    assert cfg.loss.feature.enabled and cfg.loss.cost_volume.enabled and cfg.loss.output.enabled
