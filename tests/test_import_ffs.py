@@ -113,7 +113,7 @@ def test_cli_import_then_export_and_infer(tmp_path: Path, capsys) -> None:
     assert np.abs(np.load(out) - expected).max() < 1e-2
 
 
-def test_prune_an_imported_model(tmp_path: Path, capsys) -> None:
+def test_eval_and_prune_an_imported_model(tmp_path: Path, capsys) -> None:
     from compress.data import SyntheticConfig, write_synthetic_dataset
     from search_spaces import count_params
 
@@ -122,6 +122,10 @@ def test_prune_an_imported_model(tmp_path: Path, capsys) -> None:
     data = tmp_path / "data"
     write_synthetic_dataset(data, 2, SyntheticConfig(height=70, width=140, max_disp=16), progress=False)
     before = count_params(load_student(student))
+    assert main(["eval", "--model", str(student), "--data", str(data), "--iters", "2", "--json",
+                 str(tmp_path / "eval.json")]) == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert metrics["gt/epe"] > 0 and "gt/d1" in metrics
     out = tmp_path / "pruned"
     rc = main(["prune", "--model", str(student), "--ratio", "0.3", "--scope", "refinement", "--out", str(out),
                "--data", str(data), "--height", "64", "--width", "128", "--distill-steps", "1",
