@@ -217,7 +217,7 @@ def test_truncated_file(tmp_path: Path, capsys) -> None:
 def test_foundationstereo_teacher_checkpoint(tmp_path: Path, capsys) -> None:
     ckpt = _with_cfg(tmp_path / "teacher")
     # The official FoundationStereo layout: {"model": state_dict} with the DepthAnything ViT under feature.dino.
-    state = {"feature.dino.pretrained.cls_token": torch.zeros(1, 1, 8), "feature.conv4.0.conv.weight":
+    state = {"feature.dino.depth_anything.pretrained.cls_token": torch.zeros(1, 1, 8), "feature.conv4.0.conv.weight":
              torch.zeros(4, 4, 3, 3), "cost_agg.conv1.0.conv.weight": torch.zeros(4, 4, 3, 3, 3)}
     buf = io.BytesIO()
     torch.save({"model": state, "epoch": 3}, buf)

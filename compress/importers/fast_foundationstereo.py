@@ -154,7 +154,8 @@ def read_release(ckpt: str | Path) -> tuple[Node, dict[str, Any], set[str]]:
     obj, classes = safe_load(ckpt, ALLOWED_PREFIXES)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and _is_state_dict(obj["model"]):
         keys = obj["model"]
-        if any(".dino." in k or k.startswith(("feature.dino", "module.feature.dino")) for k in keys):
+        # The teacher's own layers: the DepthAnything ViT and the 1/4 stem its context network uses.
+        if any(k.startswith(("feature.dino.", "stem_4.")) or ".feature.dino." in k for k in keys):
             raise CheckpointError(
                 f"{ckpt} is a FoundationStereo teacher checkpoint (its state dict has the DepthAnything ViT "
                 "feature.dino.*), not a Fast-FoundationStereo student; use it as --teacher or with "
