@@ -308,3 +308,24 @@ def test_finetune_recipe_loads_as_a_distill_recipe() -> None:
     assert cfg.data.train.options["split"] == "train" and cfg.data.eval.options["split"] == "heldout"
     assert cfg.data.train.options["max_bad_fraction"] == 0.05 and cfg.student.init_checkpoint == "runs/imported"
     assert cfg.loss.feature.enabled and cfg.loss.cost_volume.enabled and cfg.loss.output.enabled
+
+
+def test_finetune_under_torchrun(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    student = tmp_path / "imported"
+    import_fast_foundationstereo(DATA / "released_like" / CKPT, student)
+    footage = tmp_path / "footage"
+    _footage(footage, frames=8, corrupt=0)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "compress.distill.own_footage", *_finetune_args(tmp_path, footage, student, "steps=2")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("EPE against the teacher on 2 held-out frames") == 1  # rank 0 alone reports
+    report = json.loads((tmp_path / "run" / "finetune_report.json").read_text())
+    assert report["steps"] == 2 and report["train"]["frames"] == 6
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["world_size"] == 2
