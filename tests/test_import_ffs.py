@@ -329,3 +329,21 @@ def test_finetune_under_torchrun(tmp_path: Path) -> None:
     assert report["steps"] == 2 and report["train"]["frames"] == 6
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["world_size"] == 2
+
+
+@pytest.mark.parametrize("scope", ["cost_filtering", "refinement"])
+def test_searched_blocks_prune_and_reload(scope: str, tmp_path: Path) -> None:
+    from compress.prune.budget import prune_once
+    from search_spaces import count_params, save_student
+
+    model = import_fast_foundationstereo(DATA / "searched_variant" / CKPT, tmp_path / "s")
+    before = count_params(model)
+    changed = prune_once(model, 0.3, [scope], importance="magnitude", round_to=4)
+    assert changed and count_params(model) < before
+    if scope == "cost_filtering":
+        assert any(name.startswith("cost_agg.post") for name in changed)  # inside the merge blocks too
+    left, right, iters, _ = _reference()
+    save_student(model, tmp_path / "p")
+    with torch.no_grad():
+        disp = model(left, right, iters=iters, test_mode=True)
+        assert torch.equal(load_student(tmp_path / "p")(left, right, iters=iters, test_mode=True), disp)
