@@ -29,13 +29,14 @@ class GroupwiseCorrelation(Float32Island):
     the feature width; ``in_channels`` records the feature width, which pruning changes in whole groups.
     """
 
-    def __init__(self, in_channels: int, num_groups: int) -> None:
+    def __init__(self, in_channels: int, num_groups: int, normalize: bool = True) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.num_groups = num_groups
+        self.normalize = normalize
 
     def forward(self, left: torch.Tensor, right: torch.Tensor, max_disp: int) -> torch.Tensor:
-        return build_gwc_volume(left, right, max_disp, self.num_groups)
+        return build_gwc_volume(left, right, max_disp, self.num_groups, self.normalize)
 
 
 class SharedContext(nn.Module):
@@ -78,7 +79,7 @@ class StudentStereo(StereoStages):
         d_out = self.feature.d_out
         feats = d_out[self.base :]
         vd = cfg.volume_dim
-        self.correlation = GroupwiseCorrelation(feats[0], cfg.cv_groups)
+        self.correlation = GroupwiseCorrelation(feats[0], cfg.cv_groups, cfg.gwc_normalize)
         self.proj_cmb = nn.Conv2d(feats[0], cfg.concat_dim // 2, kernel_size=1) if cfg.concat_dim else None
         self.stem_2 = image_stem(3, 32)
         self.corr_stem = nn.Sequential(
@@ -96,6 +97,7 @@ class StudentStereo(StereoStages):
             att_heads=cfg.transformer_heads,
             agg_blocks=cfg.agg_blocks,
             base_scale=s,
+            heads_as_sequence=cfg.attention_heads_as_sequence,
         )
         self.classifier = disparity_classifier(vd)
         n = cfg.gru_levels
@@ -113,9 +115,14 @@ class StudentStereo(StereoStages):
             disp_dims=(cfg.motion_disp_dim, cfg.motion_disp_dim),
             head_blocks=cfg.head_blocks,
             mask_dims=(64, 32),
+            motion_conv_kernel=cfg.motion_conv_kernel,
         )
         self.upsampler = ConvexUpsampler(mask_dim=32, stem_dim=32, factor=s)
         self.pair_correlation = PairCorrelation()  # a module so its float32 nodes are named in ONNX
+        if cfg.volume_blocks:
+            from .blocks import apply_volume_blocks
+
+            apply_volume_blocks(self, cfg.volume_blocks)
 
     @property
     def volume_scale(self) -> int:
