@@ -427,7 +427,9 @@ def _check_layer(node: Node, ours: nn.Module, ckpt: str) -> None:
             raise CheckpointError(f"{where} is a {node.name} where the student family has a {our_name}")
     else:
         our_cls = f"{type(ours).__module__}.{type(ours).__qualname__}"
-        if node.cls != our_cls and node.name != our_name and not (
+        # Our capture-safe subclasses of timm layers compute what their timm parents do.
+        parents = {f"{c.__module__}.{c.__qualname__}" for c in type(ours).__mro__}
+        if node.cls not in parents and node.name != our_name and not (
             node.name == "Sequential" and isinstance(ours, nn.Sequential)
         ):
             raise CheckpointError(f"{where} is a {node.cls} where the student family has a {our_cls}")
