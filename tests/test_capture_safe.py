@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import tempfile
 import warnings
+from pathlib import Path
 
 import optuna
 import pytest
@@ -26,8 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from compress.cuda_graph import GraphedForward
+from compress.importers import import_fast_foundationstereo
 from compress.prune import prune_once
-from search_spaces import PRESETS, build_student, load_space, preset
+from search_spaces import PRESETS, build_student, load_space, load_student, preset
 from teacher import TeacherConfig
 
 H, W, ITERS = 64, 128, 2
@@ -64,12 +67,27 @@ def _pruned_teacher() -> torch.nn.Module:
     return model
 
 
+FFS_DATA = Path(__file__).parent / "data" / "ffs"
+
+
+def _imported(case: str):
+    """A student imported from a Fast-FoundationStereo release-format pickle made with the official code."""
+
+    def build() -> torch.nn.Module:
+        with tempfile.TemporaryDirectory() as tmp:
+            import_fast_foundationstereo(FFS_DATA / case / "model_best_bp2_serialize.pth", Path(tmp) / "student")
+            return load_student(Path(tmp) / "student")
+
+    return build
+
+
 MODELS = {
     "teacher": _teacher,
     **{f"preset:{name}": (lambda name=name: build_student(preset(name))) for name in PRESETS},
     **{f"{space}:{i}": _space_sample(space, i) for space in SPACES for i in range(SAMPLES_PER_SPACE)},
     "pruned_student": _pruned_student,
     "pruned_teacher": _pruned_teacher,
+    **{f"imported:{case}": _imported(case) for case in ("released_like", "searched_variant")},
 }
 
 
@@ -101,7 +119,7 @@ def _one_graph_backend(graphs: list):
 
 READBACK = {"item", "tolist", "cpu", "numpy"}
 # Tracing costs 15-60 s a model on one core: the fast suite traces one model of each kind.
-FAST_COMPILE = ("teacher", "preset:small_eighth", "tiny:0", "pruned_student")
+FAST_COMPILE = ("teacher", "preset:small_eighth", "tiny:0", "pruned_student", "imported:searched_variant")
 
 
 @pytest.mark.parametrize(
