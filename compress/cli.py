@@ -9,7 +9,7 @@ import sys
 from compress.errors import FFSCError
 
 # Each module in compress/commands registers its subcommands; keep this list in menu order.
-COMMAND_MODULES = ("teacher", "space", "prune", "run", "deploy", "quantize")
+COMMAND_MODULES = ("teacher", "space", "prune", "run", "deploy", "quantize", "import_")
 
 
 def build_parser() -> argparse.ArgumentParser:

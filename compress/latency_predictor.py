@@ -10,6 +10,8 @@ A StudentStereo forward (test mode) is seven blocks run in order::
     gru_iteration  one geometry lookup + selective ConvGRU update          (run ``iters`` times)
     upsampler    convex upsampling of the last disparity to full resolution
 
+Each block is a thin module calling the student's own stage methods (:class:`teacher.stages.StereoStages`),
+and :func:`run_blocks` composes them as the model's forward does, so the predictor times what the model runs.
 Each block's latency depends only on a few config fields (its *variant*) and the image size. A
 :class:`LatencyTable` measures every variant in isolation on the target backend (ONNX Runtime, PyTorch or
 TensorRT, exported and timed like whole models are) and caches the numbers in a JSON file keyed by block,
@@ -32,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compress.atomic import atomic_write_text
@@ -48,10 +49,9 @@ from compress.latency import (
     time_calls,
 )
 from search_spaces import SearchSpace, StudentConfig, build_student
-from teacher.cost_volume import build_concat_volume, disparity_regression
 from teacher.features import normalize_image
 from teacher.geometry import GeometryEncoding
-from teacher.model import autocast_ctx
+from teacher.stages import StereoStages
 
 BLOCKS: tuple[str, ...] = ("feature", "volume", "hourglass", "classifier", "context", "gru_iteration", "upsampler")
 """The blocks of a student forward, in execution order."""
@@ -177,134 +177,68 @@ def space_block_variants(
 
 
 class _Block(nn.Module):
-    """A student block holding references to the student's own submodules (shared weights)."""
+    """One stage of a student, timed on its own: a thin module calling the student's own stage method."""
 
-    def __init__(self, student: nn.Module) -> None:
+    def __init__(self, student: StereoStages) -> None:
         super().__init__()
-        cfg = student.cfg
-        self.amp = cfg.mixed_precision
-        self.nd = cfg.max_disp // cfg.volume_scale
-        self.base = 0 if cfg.volume_scale == 4 else 1  # pyramid level at the volume's resolution
-        self.n = cfg.gru_levels
+        self.model = student
 
 
 class FeatureBlock(_Block):
-    """(left, right) -> pyramid of both views (4 tensors, batch 2B) and the left 1/2 stem feature."""
-
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__(student)
-        self.feature, self.stem_2 = student.feature, student.stem_2
+    """(left, right) -> left pyramid, right pyramid (finest first) and the left 1/2 stem feature."""
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        left, right = normalize_image(left), normalize_image(right)
-        with autocast_ctx(self.amp, left.device):
-            pyramid, _, _ = self.feature(torch.cat([left, right], dim=0))
-            return (*pyramid, self.stem_2(left))
+        feats_l, feats_r, _, stem_2x = self.model.encode(normalize_image(left), normalize_image(right))
+        return (*feats_l, *feats_r, stem_2x)
 
 
 class VolumeBlock(_Block):
     """(left, right features at the volume resolution) -> the stemmed, feature-gated cost volume."""
 
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__(student)
-        self.correlation, self.proj_cmb = student.correlation, student.proj_cmb
-        self.corr_stem, self.corr_feature_att = student.corr_stem, student.corr_feature_att
-
     def forward(self, fl: torch.Tensor, fr: torch.Tensor) -> torch.Tensor:
-        with autocast_ctx(self.amp, fl.device):
-            gwc = self.correlation(fl, fr, self.nd)
-            if self.proj_cmb is not None:
-                concat = build_concat_volume(self.proj_cmb(fl), self.proj_cmb(fr), self.nd)
-                gwc = torch.cat([gwc.to(concat.dtype), concat], dim=1)
-            return self.corr_feature_att(self.corr_stem(gwc), fl)
+        return self.model.build_volume(fl, fr)[1]
 
 
 class HourglassBlock(_Block):
     """(volume, left features from the volume resolution down) -> filtered volume."""
 
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__(student)
-        self.cost_agg = student.cost_agg
-
     def forward(self, vol: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
-        with autocast_ctx(self.amp, vol.device):
-            return self.cost_agg(vol, list(feats))
+        return self.model.filter_volume(vol, list(feats))
 
 
 class ClassifierBlock(_Block):
     """filtered volume -> initial disparity (soft-argmin)."""
 
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__(student)
-        self.classifier = student.classifier
-
     def forward(self, vol: torch.Tensor) -> torch.Tensor:
-        with autocast_ctx(self.amp, vol.device):
-            logits = self.classifier(vol).squeeze(1)
-            return disparity_regression(F.softmax(logits, dim=1), self.nd)
+        return self.model.initial_disparity(vol)[1]
 
 
 class ContextBlock(_Block):
-    """(filtered volume, left/right volume features, context features) -> GRU states, attention, lookup pyramids."""
+    """(filtered volume, left/right volume features, left pyramid) -> GRU states, attention, lookup pyramids."""
 
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__(student)
-        self.cnet, self.cam, self.sam = student.cnet, student.cam, student.sam
-        self.pair_correlation = student.pair_correlation
-        self.levels, self.radius = student.cfg.corr_levels, student.cfg.corr_radius
-
-    def forward(self, vol: torch.Tensor, fl: torch.Tensor, fr: torch.Tensor, *ctx_feats: torch.Tensor):
-        with autocast_ctx(self.amp, vol.device):
-            ctx = self.cnet(list(ctx_feats))
-            net = [torch.tanh(x[0]) for x in ctx]
-            inp = [torch.relu(x[1]) for x in ctx]
-            inp = [self.cam(x) * x for x in inp]
-            att = [self.sam(x) for x in inp]
-        geo = GeometryEncoding(fl.float(), fr.float(), vol.float(), self.levels, self.radius,
-                               correlation=self.pair_correlation)
+    def forward(self, vol: torch.Tensor, fl: torch.Tensor, fr: torch.Tensor, *feats_l: torch.Tensor):
+        net, inp, att = self.model.context(list(feats_l))
+        geo = self.model.geometry(fl, fr, vol)
         return (*net, *inp, *att, *geo.volume_pyramid, *geo.corr_pyramid)
-
-
-def _geometry(volume_pyramid: list[torch.Tensor], corr_pyramid: list[torch.Tensor], radius: int,
-              disp: torch.Tensor) -> GeometryEncoding:
-    """A GeometryEncoding over precomputed pyramids (what the context block returns)."""
-    geo = GeometryEncoding.__new__(GeometryEncoding)
-    b, _, h, w = disp.shape
-    geo.num_levels, geo.radius, geo.shape = len(volume_pyramid), radius, (b, h, w)
-    geo.volume_pyramid, geo.corr_pyramid = list(volume_pyramid), list(corr_pyramid)
-    geo.dx = torch.linspace(-radius, radius, 2 * radius + 1, device=disp.device).reshape(1, 1, 2 * radius + 1, 1)
-    geo.coords = torch.arange(w, dtype=torch.float32, device=disp.device).reshape(1, 1, w, 1)
-    return geo
 
 
 class GruIterationBlock(_Block):
     """(disparity, GRU states, context, attention, lookup pyramids) -> new disparity, states, mask feature."""
 
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__(student)
-        self.update_block = student.update_block
-        self.levels, self.radius = student.cfg.corr_levels, student.cfg.corr_radius
-
     def forward(self, disp: torch.Tensor, *state: torch.Tensor):
-        n, c = self.n, self.levels
+        n, c = self.model.update_block.n_levels, self.model.cfg.corr_levels
         net, inp, att = list(state[:n]), list(state[n: 2 * n]), list(state[2 * n: 3 * n])
-        geo = _geometry(list(state[3 * n: 3 * n + c]), list(state[3 * n + c: 3 * n + 2 * c]), self.radius, disp)
-        geo_feat = geo.lookup(disp)
-        with autocast_ctx(self.amp, disp.device):
-            net, mask_feat, delta = self.update_block(net, inp, geo_feat, disp, att)
-        return (disp + delta.float(), *net, mask_feat)
+        pyramids = state[3 * n:]
+        geo = GeometryEncoding(pyramids[:c], pyramids[c:], self.model.cfg.corr_radius)
+        disp, net, mask_feat = self.model.refine_step(geo, disp, net, inp, att)
+        return (disp, *net, mask_feat)
 
 
 class UpsamplerBlock(_Block):
     """(low-resolution disparity, mask feature, stem feature) -> full-resolution disparity."""
 
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__(student)
-        self.upsampler = student.upsampler
-
     def forward(self, disp: torch.Tensor, mask_feat: torch.Tensor, stem_2x: torch.Tensor) -> torch.Tensor:
-        with autocast_ctx(self.amp, disp.device):
-            return self.upsampler(disp, mask_feat.float(), stem_2x.float()).float()
+        return self.model.upsample(disp, mask_feat, stem_2x)
 
 
 class _Overhead(nn.Module):
@@ -326,28 +260,27 @@ def student_blocks(student: nn.Module) -> dict[str, nn.Module]:
 def run_blocks(
     blocks: dict[str, nn.Module], left: torch.Tensor, right: torch.Tensor, iters: int
 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, ...]]]:
-    """Run the blocks in sequence as the student's test-mode forward does; returns the disparity and each
-    block's inputs (its last call's, for the GRU iteration)."""
+    """Run the blocks in the order the model's ``run`` composes its stages (test mode); returns the disparity
+    and each block's inputs (its last call's, for the GRU iteration)."""
+    model = blocks["feature"].model
     inputs: dict[str, tuple[torch.Tensor, ...]] = {"feature": (left, right)}
-    *pyramid, stem_2x = blocks["feature"](left, right)
-    b, base, n = left.shape[0], blocks["feature"].base, blocks["feature"].n
-    feats_l, feats_r = [f[:b] for f in pyramid], [f[b:] for f in pyramid]
-    fl, fr = feats_l[base], feats_r[base]
+    *pyramids, stem_2x = blocks["feature"](left, right)
+    feats_l, feats_r = pyramids[: len(pyramids) // 2], pyramids[len(pyramids) // 2:]
+    fl, fr = feats_l[model.base], feats_r[model.base]
     inputs["volume"] = (fl, fr)
-    vol = blocks["volume"](fl, fr)
-    inputs["hourglass"] = (vol, *feats_l[base:])
-    vol = blocks["hourglass"](vol, *feats_l[base:])
+    inputs["hourglass"] = (blocks["volume"](fl, fr), *feats_l[model.base:])
+    vol = blocks["hourglass"](*inputs["hourglass"])
     inputs["classifier"] = (vol,)
     disp = blocks["classifier"](vol).float()
-    inputs["context"] = (vol, fl, fr, *feats_l[base: base + n])
-    state = blocks["context"](*inputs["context"])
+    inputs["context"] = (vol, fl, fr, *feats_l)
+    state, n = blocks["context"](*inputs["context"]), model.update_block.n_levels
     net, rest = list(state[:n]), state[n:]
     mask_feat = None
     for _ in range(iters):
         inputs["gru_iteration"] = (disp, *net, *rest)
-        disp, *net, mask_feat = blocks["gru_iteration"](disp, *net, *rest)
+        disp, *net, mask_feat = blocks["gru_iteration"](*inputs["gru_iteration"])
     inputs["upsampler"] = (disp, mask_feat, stem_2x)
-    return blocks["upsampler"](disp, mask_feat, stem_2x), inputs
+    return blocks["upsampler"](*inputs["upsampler"]), inputs
 
 
 # -------------------------------------------------------------------------------------------------- timing

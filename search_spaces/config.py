@@ -54,6 +54,13 @@ class StudentConfig:
     corr_radius: int = 4
     iters: int = 8
     mixed_precision: bool = True
+    # Released Fast-FoundationStereo students: raw (unnormalised) group-wise correlation in some, the
+    # heads-as-sequence attention of the official code, a 1x1 motion-encoder output conv.
+    gwc_normalize: bool = True
+    attention_heads_as_sequence: bool = False
+    motion_conv_kernel: int = 3
+    # Searched block variants of the cost-volume stages, by slot (see search_spaces/blocks.py).
+    volume_blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
     layer_shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,6 +132,8 @@ class StudentConfig:
             self._fail("corr_levels", self.corr_levels, ">= 1")
         if self.corr_radius < 1:
             self._fail("corr_radius", self.corr_radius, ">= 1")
+        if self.motion_conv_kernel < 1 or self.motion_conv_kernel % 2 == 0:
+            self._fail("motion_conv_kernel", self.motion_conv_kernel, "an odd kernel size")
         if self.iters < 1:
             self._fail("iters", self.iters, ">= 1 GRU iteration")
 

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from teacher.cost_volume import Hourglass, build_concat_volume, build_gwc_volume, disparity_regression
-from teacher.features import StereoFeature, build_edgenext, build_timm_backbone, normalize_image
-from teacher.geometry import GeometryEncoding, PairCorrelation
+from teacher.cost_volume import Hourglass, build_gwc_volume
+from teacher.features import StereoFeature, build_edgenext, build_timm_backbone
+from teacher.geometry import PairCorrelation
 from teacher.layers import (
     BasicConv,
-    BasicConvIN,
     ChannelAttentionEnhancement,
     FeatureAtt,
     Float32Island,
     ResnetBasicBlock,
     SpatialAttentionExtractor,
 )
-from teacher.model import autocast_ctx
-from teacher.outputs import StereoOutput
+from teacher.stages import StereoStages, disparity_classifier, image_stem
 from teacher.update import ConvexUpsampler, SelectiveMultiUpdateBlock
 
 from .config import StudentConfig
@@ -32,13 +29,14 @@ class GroupwiseCorrelation(Float32Island):
     the feature width; ``in_channels`` records the feature width, which pruning changes in whole groups.
     """
 
-    def __init__(self, in_channels: int, num_groups: int) -> None:
+    def __init__(self, in_channels: int, num_groups: int, normalize: bool = True) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.num_groups = num_groups
+        self.normalize = normalize
 
     def forward(self, left: torch.Tensor, right: torch.Tensor, max_disp: int) -> torch.Tensor:
-        return build_gwc_volume(left, right, max_disp, self.num_groups)
+        return build_gwc_volume(left, right, max_disp, self.num_groups, self.normalize)
 
 
 class SharedContext(nn.Module):
@@ -64,7 +62,7 @@ def _backbone(cfg: StudentConfig) -> tuple[nn.Module, tuple[int, int, int, int]]
     return model, chans
 
 
-class StudentStereo(nn.Module):
+class StudentStereo(StereoStages):
     """A Fast-FoundationStereo-style student with the teacher's forward contract.
 
     ``forward(image1, image2, iters=None, test_mode=False, init_disp=None, return_intermediates=False)``;
@@ -81,14 +79,9 @@ class StudentStereo(nn.Module):
         d_out = self.feature.d_out
         feats = d_out[self.base :]
         vd = cfg.volume_dim
-        self.correlation = GroupwiseCorrelation(feats[0], cfg.cv_groups)
+        self.correlation = GroupwiseCorrelation(feats[0], cfg.cv_groups, cfg.gwc_normalize)
         self.proj_cmb = nn.Conv2d(feats[0], cfg.concat_dim // 2, kernel_size=1) if cfg.concat_dim else None
-        self.stem_2 = nn.Sequential(
-            BasicConvIN(3, 32, kernel_size=3, stride=2, padding=1),
-            nn.Conv2d(32, 32, 3, 1, 1, bias=False),
-            nn.InstanceNorm2d(32),
-            nn.ReLU(),
-        )
+        self.stem_2 = image_stem(3, 32)
         self.corr_stem = nn.Sequential(
             nn.Conv3d(cfg.cv_groups + cfg.concat_dim, vd, kernel_size=1),
             BasicConv(vd, vd, kernel_size=3, padding=1, is_3d=True),
@@ -104,12 +97,9 @@ class StudentStereo(nn.Module):
             att_heads=cfg.transformer_heads,
             agg_blocks=cfg.agg_blocks,
             base_scale=s,
+            heads_as_sequence=cfg.attention_heads_as_sequence,
         )
-        self.classifier = nn.Sequential(
-            BasicConv(vd, vd // 2, kernel_size=3, padding=1, is_3d=True),
-            ResnetBasicBlock(vd // 2, vd // 2, is_3d=True),
-            nn.Conv3d(vd // 2, 1, kernel_size=7, padding=3),
-        )
+        self.classifier = disparity_classifier(vd)
         n = cfg.gru_levels
         h = cfg.hidden_dim
         self.cnet = SharedContext(feats[:n], h)
@@ -125,92 +115,37 @@ class StudentStereo(nn.Module):
             disp_dims=(cfg.motion_disp_dim, cfg.motion_disp_dim),
             head_blocks=cfg.head_blocks,
             mask_dims=(64, 32),
+            motion_conv_kernel=cfg.motion_conv_kernel,
         )
         self.upsampler = ConvexUpsampler(mask_dim=32, stem_dim=32, factor=s)
         self.pair_correlation = PairCorrelation()  # a module so its float32 nodes are named in ONNX
+        if cfg.volume_blocks:
+            from .blocks import apply_volume_blocks
+
+            apply_volume_blocks(self, cfg.volume_blocks)
 
     @property
     def volume_scale(self) -> int:
         """Image-to-cost-volume resolution ratio."""
         return self.cfg.volume_scale
 
-    def forward(
-        self,
-        image1: torch.Tensor,
-        image2: torch.Tensor,
-        iters: int | None = None,
-        test_mode: bool = False,
-        init_disp: torch.Tensor | None = None,
-        return_intermediates: bool = False,
-    ):
+    @property
+    def group_correlation(self) -> nn.Module:
+        """The group-wise correlation module."""
+        return self.correlation
+
+    @property
+    def convex_upsampler(self) -> ConvexUpsampler:
+        """The convex upsampler (its factor is the volume scale)."""
+        return self.upsampler
+
+    def context_features(self, feats_l: list[torch.Tensor], image: torch.Tensor | None = None,
+                         vit_feat: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The shared context reads the left pyramid from the volume's resolution, one level per GRU level."""
+        return self.cnet(feats_l[self.base : self.base + self.cfg.gru_levels])
+
+    def forward(self, image1: torch.Tensor, image2: torch.Tensor, iters: int | None = None, test_mode: bool = False,
+                init_disp: torch.Tensor | None = None, return_intermediates: bool = False):
         """Disparity of the left view; outputs as FoundationStereo.forward."""
-        cfg = self.cfg
-        iters = cfg.iters if iters is None else iters
-        b = image1.shape[0]
-        dev = image1.device
-        amp = cfg.mixed_precision
-        image1 = normalize_image(image1)
-        image2 = normalize_image(image2)
-        nd = cfg.max_disp // cfg.volume_scale
-        with autocast_ctx(amp, dev):
-            pyramid, _, _ = self.feature(torch.cat([image1, image2], dim=0))
-            feats_l = [f[:b] for f in pyramid]
-            feats_r = [f[b:] for f in pyramid]
-            fl, fr = feats_l[self.base], feats_r[self.base]
-            stem_2x = self.stem_2(image1)
-            gwc = self.correlation(fl, fr, nd)
-            if self.proj_cmb is not None:
-                concat = build_concat_volume(self.proj_cmb(fl), self.proj_cmb(fr), nd)
-                cost_volume = torch.cat([gwc.to(concat.dtype), concat], dim=1)
-            else:
-                cost_volume = gwc
-            vol = self.corr_stem(cost_volume)
-            vol = self.corr_feature_att(vol, fl)
-            vol = self.cost_agg(vol, feats_l[self.base :])
-            logits = self.classifier(vol).squeeze(1)
-            if init_disp is None:
-                init_disp = disparity_regression(F.softmax(logits, dim=1), nd)
-            ctx = self.cnet(feats_l[self.base : self.base + cfg.gru_levels])
-            net_list = [torch.tanh(x[0]) for x in ctx]
-            inp_list = [torch.relu(x[1]) for x in ctx]
-            inp_list = [self.cam(x) * x for x in inp_list]
-            att = [self.sam(x) for x in inp_list]
-
-        geo = GeometryEncoding(fl.float(), fr.float(), vol.float(), cfg.corr_levels, cfg.corr_radius,
-                               correlation=self.pair_correlation)
-        disp = init_disp.float()
-        disp_preds, hidden_states, disp_low = [], [], []
-        upsample_every = return_intermediates or not test_mode
-        disp_up = None
-        for itr in range(iters):
-            disp = disp.detach()
-            geo_feat = geo.lookup(disp)
-            with autocast_ctx(amp, dev):
-                net_list, mask_feat, delta = self.update_block(net_list, inp_list, geo_feat, disp, att)
-            disp = disp + delta.float()
-            if return_intermediates:
-                hidden_states.append(list(net_list))
-                disp_low.append(disp)
-            if upsample_every or itr == iters - 1:
-                with autocast_ctx(amp, dev):
-                    disp_up = self.upsampler(disp, mask_feat.float(), stem_2x.float()).float()
-                disp_preds.append(disp_up)
-
-        if return_intermediates:
-            return StereoOutput(
-                disp=disp_up,
-                init_disp=init_disp,
-                disp_preds=disp_preds,
-                features_left=feats_l,
-                features_right=feats_r,
-                vit_feat=None,
-                cost_volume=cost_volume,
-                filtered_volume=vol,
-                cost_logits=logits,
-                hidden_states=hidden_states,
-                disp_lowres=disp_low,
-                volume_scale=cfg.volume_scale,
-            )
-        if test_mode:
-            return disp_up
-        return init_disp, disp_preds
+        iters = self.cfg.iters if iters is None else iters
+        return self.run(image1, image2, iters, test_mode, init_disp, return_intermediates)

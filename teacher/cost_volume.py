@@ -24,18 +24,23 @@ def _shift_right(x: torch.Tensor, d: int) -> torch.Tensor:
     return F.pad(x, (d, 0))[..., : x.shape[-1]]
 
 
-def build_gwc_volume(left: torch.Tensor, right: torch.Tensor, max_disp: int, num_groups: int) -> torch.Tensor:
+def build_gwc_volume(
+    left: torch.Tensor, right: torch.Tensor, max_disp: int, num_groups: int, normalize: bool = True
+) -> torch.Tensor:
     """Cosine correlation per channel group: B x G x D x H x W, zero where x < d.
 
     Computed in float32 even under autocast (the normalised products lose too much in fp16).
+    ``normalize=False`` sums the raw products per group (some released Fast-FoundationStereo students).
     """
     b, c, h, w = left.shape
     if c % num_groups:
         raise ValueError(f"feature width {c} is not divisible by {num_groups} correlation groups")
     cg = c // num_groups
     with fp32_region(left.device):
-        ln = F.normalize(left.float().reshape(b, num_groups, cg, h, w), dim=2)
-        rn = F.normalize(right.float().reshape(b, num_groups, cg, h, w), dim=2)
+        ln = left.float().reshape(b, num_groups, cg, h, w)
+        rn = right.float().reshape(b, num_groups, cg, h, w)
+        if normalize:
+            ln, rn = F.normalize(ln, dim=2), F.normalize(rn, dim=2)
         vol = [(ln * _shift_right(rn, d)).sum(dim=2) for d in range(max_disp)]
         return torch.stack(vol, dim=2)
 
@@ -155,10 +160,18 @@ class Hourglass(nn.Module):
             downs.append(getattr(self, f"feature_att_{s * 2**k}")(y, features[k]))
         y = downs[n]
         for i, k in enumerate(range(n - 1, 0, -1)):
+            # A searched student may replace an up step by one merge block (upsample, merge, refine).
+            merge = getattr(self, f"post{s * 2 ** (k + 1)}_to_{s * 2**k}", None)
+            if merge is not None:
+                y = merge(downs[k], y, features[k])
+                continue
             y = torch.cat((getattr(self, f"conv{k + 1}_up")(y), downs[k]), dim=1)
             y = getattr(self, f"agg_{i}")(y)
             y = getattr(self, f"feature_att_up_{s * 2**k}")(y, features[k])
         conv = self.conv1_up(y)
+        merge = getattr(self, f"post{2 * s}_to_{s}", None)
+        if merge is not None:
+            return merge(x, conv)
         if self.atts is not None:
             att = self.atts["4"](self.conv_patch(x))
             conv = conv + F.interpolate(att, scale_factor=4, mode="trilinear", align_corners=False)

@@ -7,6 +7,7 @@ import math
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.edgenext import PositionalEncodingFourier
 from torch import nn
 
 from .dinov2 import PATCH_SIZE, DepthAnythingFeature
@@ -18,10 +19,13 @@ VIT_MAX_SIDE = 1344
 
 
 def normalize_image(img: torch.Tensor) -> torch.Tensor:
-    """RGB 0..255 -> ImageNet-normalised float, constants built on the input's device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
-    return ((img / 255.0 - mean) / std).contiguous()
+    """RGB 0..255 -> ImageNet-normalised float."""
+
+    def per_channel(values: tuple[float, float, float]) -> torch.Tensor:
+        # Filled on the input's device: torch.tensor(list) would copy from the host, which a CUDA graph forbids.
+        return torch.cat([img.new_full((1, 1, 1, 1), v) for v in values], dim=1)
+
+    return ((img / 255.0 - per_channel(IMAGENET_MEAN)) / per_channel(IMAGENET_STD)).contiguous()
 
 
 def vit_input_size(height: int, width: int, divider: int = 112, max_side: int = VIT_MAX_SIDE) -> tuple[int, int]:
@@ -52,6 +56,30 @@ def build_timm_backbone(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 
+class DevicePositionalEncodingFourier(PositionalEncodingFourier):
+    """timm's EdgeNeXt positional encoding with its all-ones mask made on the weights' device.
+
+    timm makes the mask on the host and copies it to the device on every call, which CUDA-graph capture
+    forbids; the rest is timm's computation unchanged (same values, same ``token_projection`` weights).
+    """
+
+    def forward(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        weight = self.token_projection.weight
+        inv_mask = torch.ones(shape, dtype=torch.bool, device=weight.device)
+        y_embed = inv_mask.cumsum(1, dtype=torch.float32)
+        x_embed = inv_mask.cumsum(2, dtype=torch.float32)
+        y_embed = y_embed / (y_embed[:, -1:, :] + 1e-6) * self.scale
+        x_embed = x_embed / (x_embed[:, :, -1:] + 1e-6) * self.scale
+        dim_t = torch.arange(self.hidden_dim, dtype=torch.int64, device=weight.device).to(torch.float32)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.hidden_dim)
+        pos_x = x_embed[:, :, :, None] / dim_t
+        pos_y = y_embed[:, :, :, None] / dim_t
+        pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        pos = torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+        return self.token_projection(pos.to(weight.dtype))
+
+
 class StereoFeature(nn.Module):
     """EdgeNeXt stages (1/4..1/32) decoded back to 1/4 with skips, optionally fused with a ViT feature.
 
@@ -68,6 +96,9 @@ class StereoFeature(nn.Module):
         head: str = "refine",
     ) -> None:
         super().__init__()
+        for module in backbone.modules():
+            if type(module) is PositionalEncodingFourier:
+                module.__class__ = DevicePositionalEncodingFourier  # same state, capture-safe forward
         self.stem = backbone.stem
         self.stages = backbone.stages
         self.chans = tuple(chans)

@@ -38,43 +38,39 @@ class PairCorrelation(Float32Island):
 
 
 class GeometryEncoding:
-    """Builds the two lookup pyramids once per image pair; ``lookup(disp)`` samples them each iteration.
+    """The two lookup pyramids, built once per image pair (:meth:`build`); ``lookup(disp)`` samples them.
 
     Channels per level: the volume's C channels x (2r+1) taps (channel-major), then (2r+1) correlation
-    taps; levels concatenated finest first. ``correlation`` computes the all-pairs correlation (models pass
-    their :class:`PairCorrelation` module so the exported nodes are named after it).
+    taps; levels concatenated finest first. The pyramids are plain tensors, so a stage timed on its own can
+    receive them as inputs and wrap them again.
     """
 
-    def __init__(
-        self,
-        fmap1: torch.Tensor,
-        fmap2: torch.Tensor,
-        volume: torch.Tensor,
-        num_levels: int,
-        radius: int,
-        correlation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = all_pairs_correlation,
-    ) -> None:
-        self.num_levels = num_levels
-        self.radius = radius
+    def __init__(self, volume_pyramid: list[torch.Tensor], corr_pyramid: list[torch.Tensor], radius: int) -> None:
+        self.volume_pyramid, self.corr_pyramid = list(volume_pyramid), list(corr_pyramid)
+        self.num_levels, self.radius = len(self.volume_pyramid), radius
+        width, device = corr_pyramid[0].shape[-1], corr_pyramid[0].device  # all-pairs: as wide as the image row
+        # Offsets built on the input's device: no host-to-device copy inside the iteration loop.
+        self.dx = torch.linspace(-radius, radius, 2 * radius + 1, device=device).reshape(1, 1, 2 * radius + 1, 1)
+        self.coords = torch.arange(width, dtype=torch.float32, device=device).reshape(1, 1, width, 1)
+
+    @classmethod
+    def build(cls, fmap1: torch.Tensor, fmap2: torch.Tensor, volume: torch.Tensor, num_levels: int, radius: int,
+              correlation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = all_pairs_correlation,
+              ) -> GeometryEncoding:
+        """Pyramids of the filtered volume and of the features' all-pairs ``correlation`` (models pass their
+        :class:`PairCorrelation` module so the exported nodes are named after it)."""
         b, c, d, h, w = volume.shape
-        self.shape = (b, h, w)
         vol = volume.permute(0, 3, 4, 1, 2).reshape(b * h * w, c, 1, d)
         corr = correlation(fmap1, fmap2).reshape(b * h * w, 1, 1, -1)
-        self.volume_pyramid = [vol]
-        self.corr_pyramid = [corr]
+        volume_pyramid, corr_pyramid = [vol], [corr]
         for _ in range(num_levels - 1):
-            vol = F.avg_pool2d(vol, [1, 2], stride=[1, 2])
-            corr = F.avg_pool2d(corr, [1, 2], stride=[1, 2])
-            self.volume_pyramid.append(vol)
-            self.corr_pyramid.append(corr)
-        # Offsets built on the input's device: no host-to-device copy inside the iteration loop.
-        r = radius
-        self.dx = torch.linspace(-r, r, 2 * r + 1, device=volume.device).reshape(1, 1, 2 * r + 1, 1)
-        self.coords = torch.arange(w, dtype=torch.float32, device=volume.device).reshape(1, 1, w, 1)
+            volume_pyramid.append(F.avg_pool2d(volume_pyramid[-1], [1, 2], stride=[1, 2]))
+            corr_pyramid.append(F.avg_pool2d(corr_pyramid[-1], [1, 2], stride=[1, 2]))
+        return cls(volume_pyramid, corr_pyramid, radius)
 
     def lookup(self, disp: torch.Tensor) -> torch.Tensor:
         """Geometry feature B x C_geo x H x W around the current disparity (B x 1 x H x W, float32)."""
-        b, h, w = self.shape
+        b, _, h, w = disp.shape
         disp_flat = disp.reshape(b * h * w, 1, 1, 1)
         coords = self.coords.expand(b, h, w, 1).reshape(b * h * w, 1, 1, 1)
         out = []

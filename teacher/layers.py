@@ -102,16 +102,18 @@ class BasicConvIN(nn.Module):
 class Conv3dNormActReduced(nn.Module):
     """Axial-plus-disparity (APC) 3D conv: a k x k spatial conv, then a kernel_disp conv along disparity."""
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, kernel_disp: int = 17) -> None:
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, kernel_disp: int = 17,
+                 hidden: int | None = None) -> None:
         super().__init__()
         k, kd = kernel_size, kernel_disp
+        mid = c_out if hidden is None else hidden
         self.conv1 = nn.Sequential(
-            nn.Conv3d(c_in, c_out, kernel_size=(1, k, k), padding=(0, k // 2, k // 2)),
-            nn.BatchNorm3d(c_out),
+            nn.Conv3d(c_in, mid, kernel_size=(1, k, k), padding=(0, k // 2, k // 2)),
+            nn.BatchNorm3d(mid),
             nn.ReLU(),
         )
         self.conv2 = nn.Sequential(
-            nn.Conv3d(c_out, c_out, kernel_size=(kd, 1, 1), padding=(kd // 2, 0, 0)),
+            nn.Conv3d(mid, c_out, kernel_size=(kd, 1, 1), padding=(kd // 2, 0, 0)),
             nn.BatchNorm3d(c_out),
             nn.ReLU(),
         )

@@ -12,13 +12,16 @@ from .layers import Conv2x, EdgeNextConvEncoder
 class BasicMotionEncoder(nn.Module):
     """Encodes the geometry feature and the current disparity; the disparity is appended unchanged."""
 
-    def __init__(self, geo_planes: int, out_dim: int = 128, corr_dims=(256, 256), disp_dims=(64, 64)) -> None:
+    def __init__(
+        self, geo_planes: int, out_dim: int = 128, corr_dims=(256, 256), disp_dims=(64, 64), conv_kernel: int = 3
+    ) -> None:
         super().__init__()
         self.convc1 = nn.Conv2d(geo_planes, corr_dims[0], 1, padding=0)
         self.convc2 = nn.Conv2d(corr_dims[0], corr_dims[1], 3, padding=1)
         self.convd1 = nn.Conv2d(1, disp_dims[0], 7, padding=3)
         self.convd2 = nn.Conv2d(disp_dims[0], disp_dims[1], 3, padding=1)
-        self.conv = nn.Conv2d(corr_dims[1] + disp_dims[1], out_dim - 1, 3, padding=1)
+        # FoundationStereo mixes with a 3x3 conv, Fast-FoundationStereo with a 1x1.
+        self.conv = nn.Conv2d(corr_dims[1] + disp_dims[1], out_dim - 1, conv_kernel, padding=conv_kernel // 2)
 
     @property
     def out_dim(self) -> int:
@@ -109,11 +112,12 @@ class SelectiveMultiUpdateBlock(nn.Module):
         disp_dims=(64, 64),
         head_blocks: int = 2,
         mask_dims=(64, 32),
+        motion_conv_kernel: int = 3,
     ) -> None:
         super().__init__()
         n = len(hidden_dims)
         self.n_levels = n
-        self.encoder = BasicMotionEncoder(geo_planes, motion_dim, corr_dims, disp_dims)
+        self.encoder = BasicMotionEncoder(geo_planes, motion_dim, corr_dims, disp_dims, motion_conv_kernel)
         h = hidden_dims
 
         def gru_input(level: int) -> int:

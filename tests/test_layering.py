@@ -15,14 +15,15 @@ PACKAGES = ("teacher", "search_spaces", "compress", "benchmarks")
 # Lowest first. A module may import its own layer and the layers above it in this list, never one below.
 # The longest matching prefix decides a module's layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("compress", "compress.errors", "compress.atomic", "compress.terminal", "compress.device")),
+    ("foundation", ("compress", "compress.errors", "compress.atomic", "compress.terminal", "compress.structured",
+                    "compress.device")),
     ("teacher", ("teacher",)),
     ("search_spaces", ("search_spaces",)),
-    ("core", ("compress.data", "compress.metrics", "compress.structured", "compress.tracking",
+    ("core", ("compress.data", "compress.metrics", "compress.tracking",
               "compress.geometry", "compress.cuda_graph", "compress.training", "compress.evaluation")),
     ("stages", ("compress.export", "compress.latency", "compress.latency_predictor", "compress.models",
                 "compress.distill", "compress.prune", "compress.nas", "compress.deploy", "compress.preflight",
-                "compress.quantize")),
+                "compress.quantize", "compress.importers")),
     ("pipeline", ("compress.pipeline",)),
     ("cli", ("compress.commands", "compress.cli")),
 ]

@@ -1,6 +1,7 @@
 """Stereo data: file formats, dataset readers, procedural synthetic pairs and training augmentation."""
 
 from compress.data.augment import AugmentConfig, StereoAugmentor, augment
+from compress.data.own_footage import OwnFootageFolder  # registers the "own_footage" dataset kind
 from compress.data.readers import (
     DATASET_KINDS,
     ETH3DDataset,
@@ -25,6 +26,7 @@ __all__ = [
     "Kitti2012Dataset",
     "Kitti2015Dataset",
     "MiddleburyDataset",
+    "OwnFootageFolder",
     "SceneFlowDataset",
     "StereoAugmentor",
     "StereoDataset",

@@ -128,7 +128,9 @@ def rules_for(model: nn.Module) -> FamilyRules:
     common_in = ("update_block.encoder.convc1", "update_block.encoder.convd1")
     opaque_in = ("update_block.encoder.convc1", "sam.samconv")
     opaque_out = ("sam.samconv",)
-    volume_out = _last_conv(model, "cost_agg.conv_out")
+    # A searched student's last up step may be a merge block (search_spaces.blocks) instead of conv_out.
+    last = "cost_agg.post8_to_4" if getattr(model.cost_agg, "post8_to_4", None) is not None else "cost_agg.conv_out"
+    volume_out = _last_conv(model, last)
     if isinstance(model, StudentStereo):
         return FamilyRules(
             family="student",
