@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -40,6 +40,50 @@ LATENCY_MODES = ("measured", "predicted")
 MEASURE_WHEN = ("budget", "always", "never")
 
 
+@dataclass(frozen=True)
+class BackendChoice:
+    """The latency backend a run uses, and why (logged, written to summary.json and MLflow)."""
+
+    backend: str
+    device: str
+    reason: str
+    compile: bool = False
+    cuda_graph: bool = False
+
+
+def tensorrt_problem() -> str | None:
+    """None when TensorRT imports, else the reason it does not."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as err:
+        return f"TensorRT does not import ({err})"
+    except Exception as err:  # a broken install raises other types (missing libnvinfer, wrong CUDA)
+        return f"TensorRT fails to import ({type(err).__name__}: {err})"
+    return None
+
+
+def resolve_backend(backend: str, device: str | None = None) -> BackendChoice:
+    """Pick the backend for 'auto' (TensorRT, else PyTorch on CUDA compiled with CUDA graphs, else ONNX Runtime
+    on CPU); other names pass through with their reason."""
+    if backend not in ("auto", *BACKENDS):
+        raise ConfigError(f"latency backend {backend!r}: expected one of {['auto', *BACKENDS]}")
+    cuda = torch.cuda.is_available()
+    if backend != "auto":
+        dev = device or ("cuda" if cuda and backend != "onnxruntime" else "cpu")
+        return BackendChoice(backend, dev, "named in the config")
+    if device is not None and torch.device(device).type == "cpu":
+        return BackendChoice("onnxruntime", "cpu", "auto: the config names device 'cpu'")
+    if not cuda:
+        return BackendChoice("onnxruntime", "cpu", "auto: no CUDA GPU visible to PyTorch, so ONNX Runtime on CPU")
+    trt_problem = tensorrt_problem()
+    gpu = torch.cuda.get_device_name(0)
+    if trt_problem is None:
+        return BackendChoice("tensorrt", device or "cuda", f"auto: TensorRT imports and CUDA is present ({gpu})")
+    return BackendChoice("torch", device or "cuda",
+                         f"auto: {trt_problem}; PyTorch on CUDA ({gpu}) with torch.compile and CUDA graphs",
+                         compile=True, cuda_graph=True)
+
+
 @dataclass
 class LatencyConfig:
     """How latency is obtained, for the search, pruning and the run's final table alike (see measure)."""
@@ -47,7 +91,8 @@ class LatencyConfig:
     mode: str = "measured"
     """measured (timed on this machine's backend) or predicted (per-block tables, compress.latency_predictor)."""
     backend: str = "onnxruntime"
-    """torch | onnxruntime | tensorrt."""
+    """auto | torch | onnxruntime | tensorrt; auto = TensorRT where it imports and CUDA is present, else PyTorch on
+    CUDA compiled with CUDA graphs, else ONNX Runtime on CPU (see resolve_backend)."""
     device: str | None = None
     """None = cuda when available (always for tensorrt), else cpu."""
     precision: str = "fp32"
@@ -66,9 +111,19 @@ class LatencyConfig:
     """Pruning: when to time, 'budget' (only for a latency budget), 'always' or 'never'."""
     report_rounds: int = 3
     """The run's final table: rounds of side-by-side timing of teacher and students (0 = time each once)."""
+    compile: bool = False
+    """PyTorch backend: time the torch.compile'd model."""
+    cuda_graph: bool = False
+    """PyTorch and TensorRT backends on CUDA: replay each forward from a captured CUDA graph."""
+    table: str | None = None
+    """Predicted mode: the per-block table file (None = the user's cache, shared by every run on this machine)."""
+    check_students: int = 3
+    """Predicted mode: students sampled at the start of a search to check the predictor against measurement."""
+    max_predictor_error: float = 0.25
+    """Predicted mode: above this median relative error the search says the predictor is off here."""
 
     def __post_init__(self) -> None:
-        for key, allowed in (("mode", LATENCY_MODES), ("backend", BACKENDS), ("precision", PRECISIONS),
+        for key, allowed in (("mode", LATENCY_MODES), ("backend", ("auto", *BACKENDS)), ("precision", PRECISIONS),
                              ("clock", CLOCKS), ("measure", MEASURE_WHEN)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"latency.{key}: got {getattr(self, key)!r}, expected one of {', '.join(allowed)}")
@@ -81,11 +136,25 @@ class LatencyConfig:
         if self.warmup < 0 or self.repeats < 1 or self.report_rounds < 0:
             raise ConfigError(f"latency.warmup/repeats/report_rounds: got {self.warmup}/{self.repeats}/"
                               f"{self.report_rounds}, expected >= 0 / >= 1 / >= 0")
+        if self.check_students < 0 or not 0 < self.max_predictor_error:
+            raise ConfigError(f"latency.check_students/max_predictor_error: got {self.check_students}/"
+                              f"{self.max_predictor_error}, expected >= 0 / > 0")
+        if self.compile and self.backend not in ("torch", "auto"):
+            raise ConfigError(f"latency.compile: only the torch backend compiles, the backend is {self.backend!r}")
 
     def timing(self) -> dict[str, object]:
         """The keyword arguments of measure() and measure_together() these settings fix."""
         return {"warmup": self.warmup, "repeats": self.repeats, "precision": self.precision,
-                "intra_op_threads": self.threads, "clock": self.clock}
+                "intra_op_threads": self.threads, "clock": self.clock, "compile": self.compile,
+                "cuda_graph": self.cuda_graph}
+
+    def resolved(self) -> tuple[LatencyConfig, BackendChoice]:
+        """These settings with 'auto' replaced by the backend this machine gets, and the choice with its reason."""
+        choice = resolve_backend(self.backend, self.device)
+        if self.backend != "auto":
+            return self, choice
+        return replace(self, backend=choice.backend, device=choice.device, compile=choice.compile,
+                       cuda_graph=choice.cuda_graph), choice
 
 
 @dataclass
@@ -289,22 +358,9 @@ def _torch_step(model: nn.Module, left: torch.Tensor, right: torch.Tensor, iters
 
     if not cuda_graph or compile:
         return forward
-    # Manual capture: warm up on a side stream (as torch.cuda.graph requires), capture once, replay.
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            forward()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = forward()
+    from compress.cuda_graph import capture
 
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return static_out  # keeps the graph's output memory alive as long as the step exists
-
-    return replay
+    return capture(lambda _left: forward(), left)  # the inputs stay fixed across timed runs
 
 
 def _onnx_file(model_or_path: nn.Module | Path, workdir: Path, height: int, width: int, iters: int,
@@ -501,6 +557,8 @@ def measure_together(
     intra_op_threads: int | None = None,
     clock: str = "wall",
     progress: bool = False,
+    compile: bool = False,
+    cuda_graph: bool = False,
 ) -> dict[str, LatencyStats]:
     """Time several models in alternating rounds (uncached), so that drift in machine load hits all alike.
 
@@ -529,7 +587,8 @@ def measure_together(
             for name, target in targets.items():
                 runs[name].append(measure(target, backend, height, width, iters=per_model[name], warmup=warmup,
                                           repeats=repeats, device=dev, precision=precision,
-                                          intra_op_threads=intra_op_threads, clock=clock))
+                                          intra_op_threads=intra_op_threads, clock=clock, compile=compile,
+                                          cuda_graph=cuda_graph))
                 steps.update()
         steps.close()
     return {name: _pool(stats, rounds) for name, stats in runs.items()}

@@ -43,6 +43,7 @@ from compress.latency import (
     AUTOCAST_DTYPES,
     BACKENDS,
     PRECISIONS,
+    LatencyConfig,
     check_clock,
     device_name,
     machine_info,
@@ -752,3 +753,37 @@ def evaluate_predictor(
     if table.path is not None:
         table.save()
     return PredictorEvaluation(rows, table.backend, table.hardware, table.precision, height, width, table.clock)
+
+
+def default_table_path() -> Path:
+    """The user's latency-table file ($FFSC_CACHE_DIR, else ~/.cache/ffsc): one per machine, shared by every run,
+    since its entries are keyed by block, image size, backend, hardware, precision and clock."""
+    root = Path(os.environ.get("FFSC_CACHE_DIR") or Path.home() / ".cache" / "ffsc")
+    return root / "latency_table.json"
+
+
+def open_table(lat: LatencyConfig) -> LatencyTable:
+    """The per-block table for a (resolved) LatencyConfig, read from its file when it exists."""
+    if lat.backend == "auto":
+        raise ConfigError("resolve latency.backend 'auto' (LatencyConfig.resolved) before opening a table")
+    device = lat.device or ("cuda" if lat.backend == "tensorrt" or torch.cuda.is_available() else "cpu")
+    return LatencyTable(Path(lat.table) if lat.table else default_table_path(), backend=lat.backend, device=device,
+                        precision=lat.precision, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats,
+                        clock=lat.clock)
+
+
+def predict_latency(table: LatencyTable, cfg: StudentConfig, height: int, width: int,
+                    iters: int | None = None) -> float:
+    """Predicted milliseconds of cfg, measuring (and saving) any block variant the table lacks first."""
+    if table.measure_config(cfg, height, width) and table.path is not None:
+        table.save()
+    return table.predict(cfg, height, width, iters=iters)
+
+
+def check_predictor(table: LatencyTable, space: SearchSpace, lat: LatencyConfig, height: int, width: int,
+                    seed: int = 0, progress: bool = True) -> PredictorEvaluation | None:
+    """Predicted against measured latency of lat.check_students students of the space (None when 0 are asked)."""
+    if lat.check_students < 1:
+        return None
+    return evaluate_predictor(space, lat.check_students, height, width, table, seed=seed, warmup=lat.warmup,
+                              repeats=lat.repeats, progress=progress)

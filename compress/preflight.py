@@ -12,14 +12,12 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
-
-LATENCY_BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+from compress.latency import BACKENDS, tensorrt_problem
 
 
 def require_positive(key: str, value: float | None, allow_none: bool = False) -> None:
@@ -48,50 +46,6 @@ def require_fraction(key: str, value: float | None, allow_none: bool = False, cl
         raise ConfigError(f"{key}={value!r}: expected a number in (0, {'1]' if closed else '1)'}")
 
 
-@dataclass(frozen=True)
-class BackendChoice:
-    """The latency backend a run uses, and why (logged, written to summary.json and MLflow)."""
-
-    backend: str
-    device: str
-    reason: str
-    compile: bool = False
-    cuda_graph: bool = False
-
-
-def _tensorrt_importable() -> str | None:
-    """None when TensorRT imports, else the reason it does not."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as err:
-        return f"TensorRT does not import ({err})"
-    except Exception as err:  # a broken install raises other types (missing libnvinfer, wrong CUDA)
-        return f"TensorRT fails to import ({type(err).__name__}: {err})"
-    return None
-
-
-def resolve_backend(backend: str, device: str | None = None) -> BackendChoice:
-    """Pick the backend for 'auto' (TensorRT, else PyTorch on CUDA compiled with CUDA graphs, else ONNX Runtime
-    on CPU); other names pass through with their reason."""
-    if backend not in LATENCY_BACKENDS:
-        raise ConfigError(f"latency backend {backend!r}: expected one of {list(LATENCY_BACKENDS)}")
-    cuda = torch.cuda.is_available()
-    if backend != "auto":
-        dev = device or ("cuda" if cuda and backend != "onnxruntime" else "cpu")
-        return BackendChoice(backend, dev, "named in the config")
-    if device is not None and torch.device(device).type == "cpu":
-        return BackendChoice("onnxruntime", "cpu", "auto: the config names device 'cpu'")
-    if not cuda:
-        return BackendChoice("onnxruntime", "cpu", "auto: no CUDA GPU visible to PyTorch, so ONNX Runtime on CPU")
-    trt_problem = _tensorrt_importable()
-    gpu = torch.cuda.get_device_name(0)
-    if trt_problem is None:
-        return BackendChoice("tensorrt", device or "cuda", f"auto: TensorRT imports and CUDA is present ({gpu})")
-    return BackendChoice("torch", device or "cuda",
-                         f"auto: {trt_problem}; PyTorch on CUDA ({gpu}) with torch.compile and CUDA graphs",
-                         compile=True, cuda_graph=True)
-
-
 def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph: bool = False,
                   key: str = "latency.backend") -> None:
     """Raise unless `backend` can run on `device` here (imports, CUDA, execution providers, precision)."""
@@ -102,7 +56,7 @@ def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph
     if cuda_graph and dev.type != "cuda":
         raise ConfigError(f"{key}: CUDA graphs need device 'cuda', got {device!r}")
     if backend == "tensorrt":
-        problem = _tensorrt_importable()
+        problem = tensorrt_problem()
         if problem:
             raise MissingDependencyError(f"{key}='tensorrt': {problem}; install it with "
                                          "`pip install -e \".[tensorrt]\"` on a CUDA machine, or use backend 'auto'")
@@ -121,7 +75,7 @@ def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph
             raise ConfigError(f"{key}='torch' with precision 'fp16' on CPU: CPU autocast has no fp16; "
                               "use 'fp32' or 'bf16'")
     else:
-        raise ConfigError(f"{key}={backend!r}: expected one of {list(LATENCY_BACKENDS[1:])} (or 'auto')")
+        raise ConfigError(f"{key}={backend!r}: expected one of {list(BACKENDS)} (resolve 'auto' first)")
 
 
 def check_checkpoint(path: str | os.PathLike, key: str = "checkpoint", trust_pickle: bool = False) -> None:

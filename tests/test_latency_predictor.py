@@ -147,3 +147,35 @@ def test_invalid_tables_and_configs(tmp_path: Path) -> None:
     pruned = preset("tiny").replace(layer_shapes={"cnet.net.0": {"attrs": {"out_channels": 24}}})
     with pytest.raises(ConfigError, match="pruned"):
         block_variants(pruned, H, W)
+
+
+def test_table_from_latency_config_is_cached_across_runs(tmp_path: Path, monkeypatch) -> None:
+    """The search's table lives in the user's cache and grows on demand: a second run measures nothing."""
+    from compress.latency import LatencyConfig
+    from compress.latency_predictor import default_table_path, open_table, predict_latency
+
+    monkeypatch.setenv("FFSC_CACHE_DIR", str(tmp_path / "cache"))
+    lat = LatencyConfig(mode="predicted", backend="torch", device="cpu", warmup=0, repeats=2)
+    assert default_table_path() == tmp_path / "cache" / "latency_table.json"
+    cfg = preset("tiny")
+    first = open_table(lat)
+    ms = predict_latency(first, cfg, H, W, iters=2)
+    assert ms > 0 and default_table_path().is_file()
+    again = open_table(lat)  # a new run: reads the file
+    assert len(again) == len(first) and again.missing(cfg, H, W) == []
+    assert again.predict(cfg, H, W, iters=2) == pytest.approx(ms)
+    other_size = open_table(lat)
+    assert other_size.missing(cfg, 2 * H, W)  # keyed by image size: another size is measured anew
+    with pytest.raises(ConfigError, match="resolve latency.backend 'auto'"):
+        open_table(LatencyConfig(mode="predicted", backend="auto"))
+
+
+def test_check_predictor_samples_the_space(tmp_path: Path) -> None:
+    from compress.latency import LatencyConfig
+    from compress.latency_predictor import check_predictor
+
+    lat = LatencyConfig(mode="predicted", backend="torch", device="cpu", warmup=0, repeats=2, check_students=2)
+    table = LatencyTable(tmp_path / "t.json", backend="torch", warmup=0, repeats=2)
+    result = check_predictor(table, load_space("tiny"), lat, H, W, progress=False)
+    assert len(result.rows) == 2 and math.isfinite(result.median_abs_relative_error)
+    assert check_predictor(table, load_space("tiny"), LatencyConfig(check_students=0), H, W) is None

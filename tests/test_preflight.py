@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from compress import preflight
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
+from compress.latency import LatencyConfig, resolve_backend
 
 
 @pytest.mark.parametrize("value", [0, -5, math.nan, math.inf, None, True, "3"])
@@ -39,20 +40,29 @@ def test_require_fraction(value) -> None:
 def test_resolve_backend_auto_on_cpu_machine() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the CPU fallback is what is checked here")
-    choice = preflight.resolve_backend("auto")
+    choice = resolve_backend("auto")
     assert (choice.backend, choice.device) == ("onnxruntime", "cpu")
     assert "no CUDA GPU" in choice.reason
 
 
+def test_latency_config_auto_resolves_to_a_concrete_backend() -> None:
+    lat, choice = LatencyConfig(backend="auto", threads=1).resolved()
+    assert lat.backend == choice.backend != "auto" and lat.threads == 1
+    if not torch.cuda.is_available():
+        assert (lat.backend, lat.device, lat.compile, lat.cuda_graph) == ("onnxruntime", "cpu", False, False)
+    same, named = LatencyConfig(backend="torch").resolved()
+    assert same.backend == "torch" and named.reason == "named in the config"
+
+
 def test_resolve_backend_auto_with_cpu_device() -> None:
-    choice = preflight.resolve_backend("auto", device="cpu")
+    choice = resolve_backend("auto", device="cpu")
     assert choice.backend == "onnxruntime" and "device 'cpu'" in choice.reason
 
 
 def test_resolve_backend_named_and_unknown() -> None:
-    assert preflight.resolve_backend("torch", "cpu").reason == "named in the config"
+    assert resolve_backend("torch", "cpu").reason == "named in the config"
     with pytest.raises(ConfigError, match="latency backend 'tensorflow'"):
-        preflight.resolve_backend("tensorflow")
+        resolve_backend("tensorflow")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is absent")

@@ -61,7 +61,9 @@ class StudentSearchObjective:
         """Median latency of the whole model at the working size (measured or predicted)."""
         lat = self.s.latency
         if lat.mode == "predicted":
-            return float(self.s.latency_table.predict(cfg))
+            from compress.latency_predictor import predict_latency
+
+            return predict_latency(self.s.latency_table, cfg, lat.height, lat.width, iters=lat.iters)
         from compress.latency import measure
 
         stats = measure(model, lat.backend, lat.height, lat.width, iters=lat.iters or cfg.iters, device=lat.device,
