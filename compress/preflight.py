@@ -128,3 +128,55 @@ def check_writable(path: str | os.PathLike, key: str = "output") -> None:
         raise ConfigError(f"{key}: {target} is not writable ({probe_dir}: {err.strerror or err})") from None
     os.close(fd)
     os.unlink(name)
+
+
+def check_model_source(spec: str | None, key: str = "--model", trust_pickle: bool = False) -> None:
+    """A model named by a path (file or folder) exists and its weights read and are finite; names such as
+    presets and ``teacher:vitl`` pass (they are built, not read)."""
+    if spec is None:
+        return
+    path = Path(spec)
+    if path.is_dir() or (path.is_file() and path.suffix in (".pth", ".pt", ".safetensors")):
+        check_checkpoint(path, key=key, trust_pickle=trust_pickle)
+    elif not path.exists() and (path.suffix or "/" in spec or "\\" in spec):
+        raise CheckpointError(f"{key}: {spec} does not exist (expected a saved model folder or a checkpoint file)")
+
+
+def check_latency(lat, key: str = "latency") -> None:
+    """The (resolved) latency settings can be timed here: backend importable, device present, precision valid."""
+    device = lat.device or ("cuda" if lat.backend == "tensorrt" or torch.cuda.is_available() else "cpu")
+    check_backend(lat.backend, device, lat.precision, lat.cuda_graph, key=f"{key}.backend")
+
+
+def check_distill(cfg) -> None:
+    """``ffsc distill``: the teacher checkpoint and an initial student checkpoint read with finite weights, a
+    given label cache exists, data folders have a known layout, the run folder is writable."""
+    check_model_source(cfg.teacher.checkpoint, key="teacher.checkpoint", trust_pickle=cfg.teacher.trust_checkpoint)
+    check_model_source(cfg.student.init_checkpoint, key="student.init_checkpoint")
+    if cfg.teacher.label_cache and not cfg.teacher.build_cache and not Path(cfg.teacher.label_cache).is_dir():
+        raise DataError(f"teacher.label_cache: {cfg.teacher.label_cache} is not a folder (expected a label cache "
+                        "made by ffsc, or build_cache: true to make it)")
+    for name in ("train", "eval"):
+        spec = getattr(cfg.data, name)
+        if spec is not None and spec.path:
+            check_dataset(spec.path, spec.kind, key=f"data.{name}.path")
+    check_writable(cfg.run_dir, key="run_dir")
+
+
+def check_prune(cfg):
+    """``ffsc prune``: model and teacher readable, data present, output writable, and, when latency will be
+    timed, the backend usable ('auto' resolved). Returns cfg with its latency backend resolved and the choice."""
+    from dataclasses import replace
+
+    check_model_source(cfg.model, key="--model")
+    check_model_source(cfg.teacher, key="--teacher")
+    if cfg.data.path:
+        check_dataset(cfg.data.path, cfg.data.kind, key="--data")
+    check_writable(cfg.out, key="--out")  # also where the MLflow store goes by default
+    lat, choice = cfg.latency.resolved()
+    timed = cfg.budget.kind == "latency_ms" or lat.measure == "always"
+    if timed and lat.measure == "never":
+        raise ConfigError("--budget-ms needs latency measurements, but latency.measure is 'never'")
+    if timed:
+        check_latency(lat, key="latency")
+    return replace(cfg, latency=lat), choice

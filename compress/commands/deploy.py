@@ -78,8 +78,11 @@ def _write_json(path: str, data: dict) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a teacher, student or preset to ONNX or a TensorRT engine and print the export report."""
     from compress.export import check_image_size
+    from compress.preflight import check_model_source, check_writable
 
     check_image_size(args.height, args.width)
+    check_writable(args.out, key="--out")  # before the export's slow work, not after it
+    check_model_source(args.model, trust_pickle=args.trust_checkpoint)
     resolved = resolve_model(args.model, args.config, args.trust_checkpoint)
     print(f"--model {args.model}: {resolved.description}")
     report = export_model(

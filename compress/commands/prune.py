@@ -82,6 +82,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if cfg.budget.kind is None:
         raise ConfigError("no budget: pass --budget-ms, --budget-gmacs, --budget-mparams or --ratio (or set one of "
                           "budget_ms, budget_gmacs, budget_mparams, ratio in the recipe)")
+    from compress.preflight import check_prune
+
+    cfg, choice = check_prune(cfg)  # before any model is loaded or anything written
+    if cfg.budget.kind == "latency_ms" or cfg.latency.measure == "always":
+        console().print(f"latency: {choice.backend} on {choice.device} ({choice.reason})")
     result = _prune_tracked(cfg)
     out = console()
     table = Table("", "before", "after", title=f"pruned {cfg.model} ({', '.join(cfg.scope)})")
@@ -127,7 +132,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--budget-mparams", type=float, help="parameters, millions")
     budget.add_argument("--ratio", type=float, help="fraction of the in-scope channels to remove")
     lat = p.add_argument_group("measurement")
-    lat.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"))
+    lat.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "tensorrt"),
+                     help="auto: TensorRT, else PyTorch on CUDA with CUDA graphs, else ONNX Runtime on CPU")
     lat.add_argument("--height", type=int)
     lat.add_argument("--width", type=int)
     lat.add_argument("--iters", type=int, help="GRU iterations timed (default: the model's deployment count)")

@@ -34,7 +34,7 @@ def cmd_nas(args: argparse.Namespace) -> int:
     """Only the search stage: create the study, or join it as a worker (several processes or machines)."""
     import dataclasses
 
-    from compress.pipeline.run import prepare_labels, quiet_third_party, resolve_run_dir, run_search
+    from compress.pipeline.run import preflight, prepare_labels, quiet_third_party, resolve_run_dir, run_search
     from compress.pipeline.teacher_stage import get_teacher
     from compress.tracking import Tracker
 
@@ -46,6 +46,8 @@ def cmd_nas(args: argparse.Namespace) -> int:
         from compress.errors import ConfigError
 
         raise ConfigError("--worker needs --run-dir (the run directory the study was created in, shared by workers)")
+    recipe, choice = preflight(recipe)  # each worker checks its own machine before it writes anything
+    console().print(f"latency: {choice.backend} on {choice.device} ({choice.reason})")
     run_dir = resolve_run_dir(recipe)
     recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
     device = pick_device(recipe.device)
@@ -64,7 +66,7 @@ def cmd_nas(args: argparse.Namespace) -> int:
                         f"ffsc nas ... --worker --run-dir {run_dir}")
         return 0
     result = run_search(recipe, run_dir, labels_dir, eval_set, device, tracker, teacher, args.storage,
-                        worker_id=args.worker_id)
+                        worker_id=args.worker_id, choice=choice)
     console().print(f"{result.ran} trials run here; study has {result.n_complete} complete, {result.n_failed} "
                     f"failed; front of {len(result.front.points)} in {run_dir / 'search'}")
     return 0
@@ -75,8 +77,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     import os
 
     from compress.distill import distill, load_recipe
+    from compress.preflight import check_distill
 
-    result = distill(_recipe(args, load_recipe))
+    cfg = _recipe(args, load_recipe)
+    check_distill(cfg)
+    result = distill(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         summary = {**result.train_losses, **{f"eval/{k}": v for k, v in result.eval_metrics.items()}}
         print(json.dumps({"student": str(result.student_path), "steps": result.steps, **summary}, indent=2))

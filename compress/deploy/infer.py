@@ -8,7 +8,6 @@ and a right folder with matching file names.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,19 +162,10 @@ def plan_outputs(out: Path, name: str | None, formats: tuple[str, ...], depth: b
 
 def check_writable(paths: list[Path]) -> None:
     """Fail before any inference when an output cannot be written (a file in the way, no permission)."""
+    from compress.preflight import check_writable as probe
+
     for folder in dict.fromkeys(p.parent for p in paths):
-        existing = folder
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            raise DataError(f"cannot write {folder}: {existing} is a file, not a folder")
-        if existing == folder:
-            try:
-                tempfile.TemporaryFile(dir=folder).close()
-            except OSError as exc:
-                raise DataError(f"cannot write to {folder}: {exc.strerror or exc}") from None
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            raise DataError(f"cannot create {folder}: {existing} is not writable")
+        probe(folder, key="--out")
     for path in paths:
         if path.is_dir():
             raise DataError(f"cannot write {path}: a folder of that name is in the way")

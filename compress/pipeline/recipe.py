@@ -9,11 +9,15 @@ from typing import Any
 from compress.distill.config import DatasetSpec, LabelCacheConfig, LossConfig, OptimConfig
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
+from compress.preflight import require_at_least, require_positive
 from compress.prune.config import BUDGETS, DistillSpec, PruneSettings
 from compress.quantize import QuantizeConfig
 from compress.structured import load_structured, to_plain
 
 STAGES = ("teacher", "search", "prune", "distill", "export")
+CHOICES = ("min_error", "fastest")
+EXPORT_FORMATS = ("onnx", "onnx_int8", "engine")
+ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass
@@ -33,6 +37,14 @@ class TeacherStage:
     train_steps: int = 300
     train_batch_size: int = 4
     train_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        why = "the stand-in teacher trains when no checkpoint is given"
+        require_at_least("teacher.train_steps", self.train_steps, 1, why)
+        require_at_least("teacher.train_batch_size", self.train_batch_size, 1, why)
+        require_positive("teacher.train_lr", self.train_lr)
+        if self.iters is not None:
+            require_at_least("teacher.iters", self.iters, 1)
 
 
 @dataclass
@@ -65,6 +77,13 @@ class SearchStage:
     """Also the latency settings of the prune stage and of the final table."""
     timeout: float | None = None
 
+    def __post_init__(self) -> None:
+        require_at_least("search.n_trials", self.n_trials, 1)
+        require_at_least("search.distill_steps", self.distill_steps, 1, "each candidate is scored after distilling")
+        require_at_least("search.batch_size", self.batch_size, 1)
+        require_positive("search.budget_ms", self.budget_ms, allow_none=True)
+        require_positive("search.timeout", self.timeout, allow_none=True)
+
 
 @dataclass
 class PruneStage(PruneSettings):
@@ -94,6 +113,12 @@ class DistillStage:
     choose: str = "min_error"
     """Which front student to finish: 'min_error' within the budget, or 'fastest'."""
 
+    def __post_init__(self) -> None:
+        require_at_least("distill.steps", self.steps, 1)
+        require_at_least("distill.batch_size", self.batch_size, 1)
+        if self.choose not in CHOICES:
+            raise ConfigError(f"distill.choose={self.choose!r}: expected one of {list(CHOICES)}")
+
 
 @dataclass
 class ExportStage:
@@ -106,6 +131,13 @@ class ExportStage:
     opset: int = 17
     precision: str = "fp16"
     """TensorRT engine precision (engine format only)."""
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if unknown:
+            raise ConfigError(f"export.formats: unknown {unknown}; expected a list of {list(EXPORT_FORMATS)}")
+        if self.precision not in ENGINE_PRECISIONS:
+            raise ConfigError(f"export.precision={self.precision!r}: expected one of {list(ENGINE_PRECISIONS)}")
 
 
 @dataclass

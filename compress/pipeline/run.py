@@ -34,6 +34,8 @@ class RunSummary:
     pruned: dict[str, Any] | None = None
     final: dict[str, Any] | None = None
     exports: dict[str, str] = field(default_factory=dict)
+    latency_backend: dict[str, Any] = field(default_factory=dict)
+    """The backend the run timed on, and why ('auto' resolved on this machine)."""
     seconds: float = 0.0
 
 
@@ -56,6 +58,27 @@ def resolve_run_dir(recipe: RunRecipe) -> Path:
         path = Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def preflight(recipe: RunRecipe):
+    """Check everything that can be checked before any work (nothing is written): the device, the latency
+    backend ('auto' resolved), the teacher checkpoint, data folders and the run directory. Returns the recipe
+    with its latency backend resolved, and the BackendChoice."""
+    from compress import preflight as pf
+
+    pick_device(recipe.device)  # a device this machine lacks is one line, here
+    lat, choice = recipe.search.latency.resolved()
+    pf.check_latency(lat, key="search.latency")
+    if recipe.teacher.checkpoint:
+        pf.check_checkpoint(recipe.teacher.checkpoint, key="teacher.checkpoint",
+                            trust_pickle=recipe.teacher.trust_checkpoint)
+    for name in ("train", "eval"):
+        spec = getattr(recipe.data, name)
+        if spec.path:
+            pf.check_dataset(spec.path, spec.kind, key=f"data.{name}.path")
+    pf.check_writable(recipe.run_dir or "runs", key="run_dir")
+    search = dataclasses.replace(recipe.search, latency=lat)
+    return dataclasses.replace(recipe, search=search), choice
 
 
 def _say(recipe: RunRecipe, message: str) -> None:
@@ -102,10 +125,9 @@ def _settings(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, devi
     s = recipe.search
     table = None
     if s.latency.mode == "predicted":
-        from compress.latency_predictor import LatencyTable  # built once per target by benchmarks/predictor.py
+        from compress.latency_predictor import open_table
 
-        table = LatencyTable.load_or_build(run_dir / "latency_table.json", s.space, s.latency.height,
-                                           s.latency.width, backend=s.latency.backend)
+        table = open_table(s.latency)
     return TrialSettings(
         run_dir=run_dir, train_data=recipe.data.train, labels_dir=labels_dir, labels=_labels_config(recipe),
         eval_set=eval_set, height=recipe.height, width=recipe.width, distill_steps=s.distill_steps,
@@ -124,8 +146,40 @@ def study_spec(recipe: RunRecipe):
                      timeout=s.timeout)
 
 
+def check_predictor_once(recipe: RunRecipe, run_dir: Path, table, space) -> dict[str, str]:
+    """Predicted against measured latency of a few sampled students, once per run (kept in
+    search/predictor_check.json); says so when the predictor is off by more than the threshold here.
+    Returns MLflow tags for the study's run."""
+    from compress.latency_predictor import check_predictor
+
+    lat = recipe.search.latency
+    record = run_dir / "search" / "predictor_check.json"
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved is None:
+        _say(recipe, f"latency predictor: checking it against {lat.check_students} measured students")
+        evaluation = check_predictor(table, space, lat, lat.height, lat.width, seed=recipe.seed,
+                                     progress=recipe.progress)
+        if evaluation is None:
+            return {}
+        saved = {"median_abs_error": evaluation.median_abs_relative_error, "students": len(evaluation.rows),
+                 "threshold": lat.max_predictor_error, "evaluation": evaluation.to_dict()}
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(saved, indent=2))
+    error = saved["median_abs_error"]
+    _say(recipe, f"latency predictor: median |error| {error:.1%} over {saved['students']} students "
+                 f"({lat.backend} on {table.hardware}, {lat.height}x{lat.width})")
+    if error > lat.max_predictor_error:
+        _say(recipe, f"warning: the latency predictor is off by a median {error:.0%} here (threshold "
+                     f"{lat.max_predictor_error:.0%}); the front may misplace students: consider "
+                     "search.latency.mode=measured")
+    return {"ffsc.predictor.median_abs_error": f"{error:.4f}", "ffsc.predictor.students": str(saved["students"])}
+
+
 def run_search(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, device, tracker, teacher_info,
-               storage_url: str | None = None, worker_id: str | None = None):
+               storage_url: str | None = None, worker_id: str | None = None, choice=None):
     """The NAS stage: a multi-objective study whose trials distil sampled students briefly."""
     from compress.nas.objective import StudentSearchObjective
     from compress.nas.storage import make_storage
@@ -133,9 +187,16 @@ def run_search(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, dev
     from search_spaces import load_space
 
     space = load_space(recipe.search.space)
-    objective = StudentSearchObjective(space, _settings(recipe, run_dir, labels_dir, eval_set, device))
+    settings = _settings(recipe, run_dir, labels_dir, eval_set, device)
+    objective = StudentSearchObjective(space, settings)
     storage = make_storage(storage_url or recipe.search.storage, run_dir)
-    tags = {"ffsc.teacher": teacher_info.description[:250], "ffsc.space": space.name}
+    lat = recipe.search.latency
+    tags = {"ffsc.teacher": teacher_info.description[:250], "ffsc.space": space.name,
+            "ffsc.latency.backend": lat.backend, "ffsc.latency.mode": lat.mode}
+    if choice is not None:
+        tags["ffsc.latency.reason"] = choice.reason[:250]
+    if settings.latency_table is not None:
+        tags.update(check_predictor_once(recipe, run_dir, settings.latency_table, space))
     return run_study(study_spec(recipe), storage, objective, tracker=tracker, worker_id=worker_id,
                      run_dir=run_dir / "search", run_tags=tags)
 
@@ -370,6 +431,8 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
                       f(fz.get("mparams"), "{:.3f}"))
     out = console()
     out.print(table)
+    if summary.latency_backend:
+        out.print(f"latency backend: {summary.latency_backend['backend']} ({summary.latency_backend['reason']})")
     out.print(f"run directory: {summary.run_dir}")
     for name in ("search/pareto_front.png", "search/pareto_front.csv", "prune/model", "final/student",
                  "export/student.onnx", "mlflow.db"):
@@ -393,13 +456,15 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
 
     start = time.perf_counter()
     quiet_third_party()
+    recipe, choice = preflight(recipe)  # before anything is written or trained
     run_dir = resolve_run_dir(recipe)
     recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
     dump_yaml(recipe, run_dir / "recipe.yaml")
     device = pick_device(recipe.device)
     torch.manual_seed(recipe.seed)
     _say(recipe, f"run directory {run_dir} on {device}")
-    summary = RunSummary(run_dir=run_dir)
+    _say(recipe, f"latency: {choice.backend} on {choice.device} ({choice.reason})")
+    summary = RunSummary(run_dir=run_dir, latency_backend=dataclasses.asdict(choice))
 
     teacher = get_teacher(recipe, run_dir, device)
     _say(recipe, f"teacher: {teacher.description}")
@@ -412,7 +477,8 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
                       teacher=teacher.identity)
     with tracker:  # a failing stage ends the study's MLflow run FAILED (KILLED on Ctrl-C)
         if "search" in recipe.stages and recipe.search.enabled:
-            result = run_search(recipe, run_dir, labels_dir, eval_set, device, tracker, teacher, storage_url)
+            result = run_search(recipe, run_dir, labels_dir, eval_set, device, tracker, teacher, storage_url,
+                                choice=choice)
             summary.front = _front_rows(result.front, result.study)
             summary.chosen = choose_student(result.front, result.study, recipe)
             _say(recipe, f"search: {result.n_complete} trials complete, {result.n_failed} failed, "
