@@ -40,6 +40,7 @@ def test_run_leaves_every_artifact(finished_run):
     for key in ("gt/epe", "teacher/epe", "latency_ms", "gmacs", "mparams"):
         assert final[key] > 0, key
     assert "stand-in teacher" in summary["teacher"]["description"]
+    assert summary["latency_backend"]["backend"] == "onnxruntime" and summary["latency_backend"]["reason"]
     assert summary["teacher"]["gt/epe"] > 0 and summary["teacher"]["latency_ms"] > 0
 
 
@@ -78,6 +79,8 @@ def test_mlflow_store_has_study_and_trials(finished_run):
     note = client.get_run(parents[0].info.run_id).data.tags["mlflow.note.content"]
     assert "| teacher/epe |" in note and "get-artifact?path=overview/pareto_front.png" in note and "```yaml" in note
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = client.get_run(parents[0].info.run_id).data.tags
+    assert tags["ffsc.latency.backend"] == "onnxruntime" and tags["ffsc.latency.reason"] == "named in the config"
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
     assert any(p.endswith(".png") for p in artifacts) or any(
         a.path.endswith(".png") for d in artifacts for a in client.list_artifacts(parents[0].info.run_id, d)
@@ -104,6 +107,24 @@ def test_rerun_with_other_prune_settings_prunes_and_distils_anew(finished_run):
     assert after["pruned"]["budget"] == "ratio <= 0.5"
     assert after["pruned"]["gmacs"][1] < before["pruned"]["gmacs"][1]
     assert after["final"]["gmacs"] == pytest.approx(after["pruned"]["gmacs"][1])  # distilled from the new pruning
+
+
+def test_predicted_latency_end_to_end(tmp_path, monkeypatch):
+    """search.latency.mode=predicted: the table lands in the user's cache (keyed by size), is checked against
+    measured students once, and every trial's latency is a prediction."""
+    monkeypatch.setenv("FFSC_CACHE_DIR", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    args = ["run", str(RECIPE), f"run_dir={run_dir}", *SMALL, "search.latency.mode=predicted",
+            "search.latency.check_students=1", "stages=[teacher,search]"]
+    assert main(args) == 0
+    check = json.loads((run_dir / "search" / "predictor_check.json").read_text())
+    assert check["students"] == 1 and check["median_abs_error"] >= 0
+    assert (tmp_path / "cache" / "latency_table.json").is_file()
+    front = json.loads((run_dir / "summary.json").read_text())["front"]
+    assert front and all(row["latency_ms"] > 0 for row in front)
+    made = (run_dir / "search" / "predictor_check.json").stat().st_mtime_ns
+    assert main(args) == 0  # a re-run reuses the check instead of measuring again
+    assert (run_dir / "search" / "predictor_check.json").stat().st_mtime_ns == made
 
 
 def test_prune_stage_needs_the_search():
