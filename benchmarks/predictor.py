@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation": evaluation.to_dict(),
         "command": " ".join(["python benchmarks/predictor.py", *(argv if argv is not None else sys.argv[1:])]),
     }
-    stem = f"predictor-{slug}" + ("" if args.clock == "wall" else f"-{args.clock}-clock")
+    stem = f"predictor-{slug}" + ("" if args.space == "tiny" else f"-{args.space}-{args.height}x{args.width}")
+    stem += "" if args.clock == "wall" else f"-{args.clock}-clock"
     atomic_write_text(out / f"{stem}.json", json.dumps(data, indent=2) + "\n")
     atomic_write_text(out / f"{stem}.md", _markdown(data))
     ev = evaluation
