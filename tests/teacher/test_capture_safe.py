@@ -31,7 +31,8 @@ from compress.cuda_graph import GraphedForward
 from compress.importers import import_fast_foundationstereo
 from compress.prune import prune_once
 from search_spaces import PRESETS, build_student, load_space, load_student, preset
-from teacher import TeacherConfig
+from teacher import FoundationStereo, TeacherConfig
+from tests.paths import DATA as TEST_DATA
 
 H, W, ITERS = 64, 128, 2
 SPACES = ("tiny", "fast_foundationstereo")
@@ -40,8 +41,6 @@ TINY_TEACHER = dict(vit_size="vitt", hidden_dims=[32, 32, 32], max_disp=64, mixe
 
 
 def _teacher() -> torch.nn.Module:
-    from teacher.model import FoundationStereo  # looked up now: tests/test_teacher_model.py reloads that module
-
     return FoundationStereo(TeacherConfig(**TINY_TEACHER))
 
 
@@ -67,7 +66,7 @@ def _pruned_teacher() -> torch.nn.Module:
     return model
 
 
-FFS_DATA = Path(__file__).parent / "data" / "ffs"
+FFS_DATA = TEST_DATA / "ffs"
 
 
 def _imported(case: str):

@@ -25,8 +25,10 @@ from compress.errors import CheckpointError
 from compress.importers import import_fast_foundationstereo
 from search_spaces import load_student
 from search_spaces.serialization import load_model
+from tests.paths import DATA as TEST_DATA
+from tests.paths import REPO
 
-DATA = Path(__file__).parent / "data" / "ffs"
+DATA = TEST_DATA / "ffs"
 CKPT = "model_best_bp2_serialize.pth"
 
 
@@ -257,7 +259,7 @@ def _footage(folder: Path, frames: int, corrupt: int) -> None:
 
 
 def _finetune_args(tmp_path: Path, footage: Path, student: Path, *extra: str) -> list[str]:
-    return [str(Path(__file__).resolve().parents[1] / "recipes" / "finetune_own_footage.yaml"),
+    return [str(REPO / "recipes" / "finetune_own_footage.yaml"),
             f"run_dir={tmp_path / 'run'}", f"teacher.label_cache={tmp_path / 'run' / 'labels'}",
             f"data.train.path={footage}", f"data.eval.path={footage}", f"student.init_checkpoint={student}",
             "data.train.options.heldout_fraction=0.25", "data.eval.options.heldout_fraction=0.25",
@@ -303,7 +305,7 @@ def test_finetune_fails_when_too_many_frames_are_bad(tmp_path: Path, capsys) -> 
 def test_finetune_recipe_loads_as_a_distill_recipe() -> None:
     from compress.distill.config import load_recipe
 
-    cfg = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "finetune_own_footage.yaml")
+    cfg = load_recipe(REPO / "recipes" / "finetune_own_footage.yaml")
     assert cfg.data.train.kind == cfg.data.eval.kind == "own_footage"
     assert cfg.data.train.options["split"] == "train" and cfg.data.eval.options["split"] == "heldout"
     assert cfg.data.train.options["max_bad_fraction"] == 0.05 and cfg.student.init_checkpoint == "runs/imported"
@@ -318,7 +320,7 @@ def test_finetune_under_torchrun(tmp_path: Path) -> None:
     import_fast_foundationstereo(DATA / "released_like" / CKPT, student)
     footage = tmp_path / "footage"
     _footage(footage, frames=8, corrupt=0)
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "compress.distill.own_footage", *_finetune_args(tmp_path, footage, student, "steps=2")]

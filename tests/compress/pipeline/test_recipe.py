@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -15,8 +13,9 @@ from compress.prune import build_samples, load_prune_config
 from compress.structured import dump_yaml
 from search_spaces import StudentConfig
 from teacher import TeacherConfig
+from tests.paths import REPO
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = REPO / "recipes"
 QUICKSTART = RECIPES / "quickstart_cpu.yaml"
 
 

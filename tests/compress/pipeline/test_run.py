@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from compress.cli import main
 from compress.errors import ConfigError
 from compress.pipeline import load_run_recipe
+from tests.paths import REPO
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart_cpu.yaml"
+RECIPE = REPO / "recipes" / "quickstart_cpu.yaml"
 SMALL = [
     "teacher.train_steps=4", "teacher.train_batch_size=2", "search.n_trials=2", "search.distill_steps=2",
     "search.batch_size=2", "distill.steps=2", "distill.batch_size=2", "search.latency.repeats=2",

@@ -12,9 +12,10 @@ import yaml
 
 from teacher import load_teacher
 from teacher.features import normalize_image
+from tests.paths import DATA as TEST_DATA
 from tests.reference_weights import rule_state_dict
 
-DATA = Path(__file__).parent / "data" / "reference"
+DATA = TEST_DATA / "reference"
 
 # init_disp is a 104-term soft-argmin near 52 px: float32 resolves 3.8e-6 there and the reference's own
 # float32 summation differs from the exact value by 2.8e-5, so 1e-4 of its std (3e-6) is below what

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from compress.cli import main
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = str(REPO / "recipes" / "quickstart_cpu.yaml")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks refusals on a machine without CUDA")
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from teacher import FoundationStereo, TeacherConfig
+from tests.paths import DATA as TEST_DATA
 from tests.reference_weights import rule_state_dict
 
-DATA = Path(__file__).parent / "data" / "reference"
+DATA = TEST_DATA / "reference"
 
 
 def _layout(vit: str) -> dict:

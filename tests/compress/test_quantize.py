@@ -22,6 +22,7 @@ from compress.quantize import (
     quantize_onnx,
     write_report,
 )
+from tests.paths import REPO
 
 H, W, ITERS = 64, 128, 2
 # Few frames, whole-stage groups and one timing round keep this fast; the benchmark runs the full settings.
@@ -184,7 +185,7 @@ def test_recipe_export_formats_onnx_int8(tmp_path: Path) -> None:
     from compress.pipeline.run import export_student
     from search_spaces import build_student, preset, save_student
 
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     recipe = load_run_recipe(root / "recipes" / "quickstart_cpu.yaml", [
         "progress=false", "export.formats=[onnx,onnx_int8]", "export.quantize.calib_frames=3",
         "export.quantize.eval_frames=2", "export.quantize.sensitivity_frames=1", "export.quantize.group_depth=1",

@@ -26,9 +26,8 @@ from compress.distill.label_cache import (
     teacher_identity,
 )
 from teacher import FoundationStereo, TeacherConfig
+from tests.paths import REPO
 from tests.stereo_toy import make_toy
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class CountingTeacher(nn.Module):

@@ -16,10 +16,11 @@ import pytest
 from optuna.trial import TrialState
 
 from compress.nas import StudySpec, make_storage, run_study, trial_counts
+from tests.paths import REPO
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = REPO
 
 WORKER = """
 import json, sys, time

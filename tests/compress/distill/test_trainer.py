@@ -21,8 +21,8 @@ from compress.distill.trainer import Trainer, distill
 from compress.errors import ConfigError
 from compress.evaluation import evaluate_student
 from compress.models import resolve_model, student_from_spec, teacher_from_spec
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_TEACHER = [
     "teacher.allow_random_init=true", "teacher.config.vit_size=vitt", "teacher.config.hidden_dims=[32,32,32]",
     "teacher.config.max_disp=64", "teacher.config.mixed_precision=false", "teacher.iters=2",
