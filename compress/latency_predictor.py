@@ -18,6 +18,10 @@ TensorRT, exported and timed like whole models are) and caches the numbers in a 
 fields, image shape, backend and device. ``predict(cfg)`` sums the blocks (the GRU iteration times
 ``iters``) minus the per-call overhead counted once per extra block call; :func:`evaluate_predictor`
 compares predictions with direct :func:`compress.latency.measure` of whole models.
+
+One module over the ~500-line guide: the seven block wrappers, the variant keys, the table (storage, measuring,
+prediction) and the predictor's evaluation all speak the same block decomposition; split apart, each would
+re-derive it. The evaluation is the first candidate to move out if it grows.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ and the disparity's EPE against the fp32 graph on the calibration frames recorde
 ``group_threshold_px`` stay float; if the whole graph then still misses ``max_epe_px`` on the calibration
 frames, the next most sensitive groups are released to float one at a time until it does. The model's own
 float32 islands (the correlation normalisation that ``to_onnx`` records) are never quantized.
+
+One module over the ~500-line guide: calibration data, the sensitivity pass, quantization and the report are
+one pipeline over one ONNX graph and its node groups.
 """
 
 from __future__ import annotations

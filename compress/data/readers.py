@@ -2,6 +2,9 @@
 
 Layouts: SceneFlow, Middlebury 2014 / MiddEval3, ETH3D two-view, KITTI 2012 / 2015, FoundationStereo's FSD,
 and plain folders of unlabeled pairs. `open_dataset` detects the layout of a folder.
+
+One module over the ~500-line guide: it is a family of small readers (one class per layout, 30-60 lines each)
+sharing the pair-finding helpers and the layout detection of `open_dataset`, which must see all of them.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ Augmentation must treat labels consistently: :class:`LabelledDataset` applies ra
 to every label field alike (crop offsets are multiples of the coarsest label stride, so label pixels stay
 aligned) and optional colour jitter (photometric, so the labels stay valid). Rescaling or flipping cannot be
 applied to cached labels; use a live teacher for those.
+
+One module over the ~500-line guide: the builder, the reader and the labelled dataset share one on-disk format
+(manifest, memory-mapped fields, resume ranges); keeping them together keeps writer and readers in step.
 """
 
 from __future__ import annotations

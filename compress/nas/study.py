@@ -1,4 +1,8 @@
-"""Create, join and run a multi-objective Optuna study against an objective that returns named metrics."""
+"""Create, join and run a multi-objective Optuna study against an objective that returns named metrics.
+
+One module over the ~500-line guide: creating, joining and running a study, constraints, failure records and
+the front on disk all share the study's user attributes and storage conventions.
+"""
 
 from __future__ import annotations
 

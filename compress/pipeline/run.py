@@ -1,4 +1,8 @@
-"""``ffsc run``: a recipe's stages in order, in one run directory, resumable, with a final table."""
+"""``ffsc run``: a recipe's stages in order, in one run directory, resumable, with a final table.
+
+Slightly over the ~500-line guide: the stages of one run, each a short function, read top to bottom in the
+order they run.
+"""
 
 from __future__ import annotations
 

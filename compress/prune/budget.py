@@ -6,6 +6,9 @@ channels (``importance``), keeps ``(1 - step_ratio) ** k`` of the original width
 teacher for a few steps; a final recovery distillation follows. The result is saved as a student (or pruned
 teacher) folder with ``prune_result.json`` beside it: the budget, whether and how it was met (backend,
 device, shapes, precision, iterations, timing statistics), every step, and the agreement with the teacher.
+
+One module over the ~500-line guide: the loop, its step and result records and the saved report are one
+procedure whose parts only make sense together.
 """
 
 from __future__ import annotations

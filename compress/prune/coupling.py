@@ -25,6 +25,10 @@ disparity and mask heads' inputs and the context network's initial state.
 The graph is traced on a meta-device copy (shapes only, no arithmetic) and then pointed at the real model's
 layers by name. Pruning is planned on the unpruned graph and applied once per layer (:func:`apply_plan`), so
 index mappings never go stale between groups.
+
+One module over the ~500-line guide: every repair of the dependency graph (concatenations, opaque ops, the GRU
+recurrence, correlation groups, attention heads, fixed heads) walks the same traced graph and must be applied
+in one order; spread over files, that order would be implicit.
 """
 
 from __future__ import annotations
