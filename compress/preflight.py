@@ -89,7 +89,8 @@ def check_checkpoint(path: str | os.PathLike, key: str = "checkpoint", trust_pic
     if path.is_dir():
         weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
         if not weights:
-            raise CheckpointError(f"{key}: {path} holds no weights file (expected *.safetensors or *.pth)")
+            raise CheckpointError(f"{key}: {path} holds no saved model: expected config.yaml and model.safetensors (a "
+                                  "student) or cfg.yaml, layer_shapes.json and model.safetensors (a pruned teacher)")
         for file in weights:
             read_state_dict(file, trust_pickle=trust_pickle)
         return
@@ -139,7 +140,8 @@ def check_model_source(spec: str | None, key: str = "--model", trust_pickle: boo
     if path.is_dir() or (path.is_file() and path.suffix in (".pth", ".pt", ".safetensors")):
         check_checkpoint(path, key=key, trust_pickle=trust_pickle)
     elif not path.exists() and (path.suffix or "/" in spec or "\\" in spec):
-        raise CheckpointError(f"{key}: {spec} does not exist (expected a saved model folder or a checkpoint file)")
+        raise CheckpointError(f"{key} {spec}: no such file or directory (expected a saved model folder or a "
+                              "checkpoint file)")
 
 
 def check_latency(lat, key: str = "latency") -> None:

@@ -97,7 +97,7 @@ def test_prune_latency_budget_with_tensorrt_missing(capsys, tmp_path) -> None:
 
 def test_prune_missing_model_and_data(capsys, tmp_path) -> None:
     _fails(capsys, ["prune", "--model", str(tmp_path / "nope"), "--ratio", "0.3", "--out", str(tmp_path / "out")],
-           "--model", "does not exist")
+           "--model", "no such file or directory")
     _fails(capsys, ["prune", "--model", "preset:tiny", "--ratio", "0.3", "--data", str(tmp_path / "nope"),
                     "--out", str(tmp_path / "out")], "--data", "is not a folder")
     assert not (tmp_path / "out").exists()
