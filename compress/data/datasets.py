@@ -15,7 +15,7 @@ from compress.errors import ConfigError
 
 def build_dataset(spec: Any, transform: Transform | None = None, seed: int = 0) -> Dataset:
     """The dataset a DatasetSpec (of compress.distill's recipes) describes, with ``transform`` on every sample."""
-    if spec.kind == "synthetic":
+    if spec.kind == "synthetic" or (spec.kind == "auto" and not spec.path):
         n = spec.num_samples if spec.limit is None else min(spec.num_samples, spec.limit)
         return SyntheticStereoDataset(n, spec.synthetic, transform=transform, seed=seed)
     try:

@@ -246,9 +246,9 @@ class DatasetSpec:
     """Extra keyword arguments of the reader (e.g. split)."""
 
     def __post_init__(self) -> None:
-        if self.kind == "auto" and not self.path:
-            self.kind = "synthetic"
-        if self.kind != "synthetic" and not self.path:
+        # 'auto' without a path stays 'auto' (read as synthetic): a path given later by an override must still be
+        # read as a folder, which a kind rewritten here to 'synthetic' would silently ignore.
+        if self.kind not in ("synthetic", "auto") and not self.path:
             raise ConfigError(f"dataset kind {self.kind!r} needs a path (the dataset's root folder)")
         if self.num_samples < 1:
             raise ConfigError(f"dataset num_samples: got {self.num_samples}, expected >= 1")

@@ -105,3 +105,14 @@ def test_prune_to_onnxruntime_latency_budget(tmp_path):
     saved = json.loads((tmp_path / "prune_result.json").read_text())["measurement"]
     assert saved["backend"] == "onnxruntime" and saved["precision"] == "fp32" and saved["iters"] == 4
     assert saved["shapes"]["left"] == [1, 3, 64, 128] and saved["repeats"] == 7 and "p90_ms" in saved
+
+
+def test_data_path_given_by_an_override_is_read_as_a_folder(tmp_path) -> None:
+    """kind 'auto' without a path means synthetic pairs; a path given later must still be read as a folder."""
+    from compress.data.synthetic import SyntheticConfig, write_synthetic_dataset
+    from compress.prune.budget import build_samples
+
+    write_synthetic_dataset(tmp_path / "d", 2, SyntheticConfig(height=70, width=140, max_disp=16), progress=False)
+    samples = build_samples(load_prune_config(None, [f"data.path={tmp_path / 'd'}"]))
+    assert len(samples) == 2 and tuple(samples[0]["left"].shape[-2:]) == (64, 128)
+    assert len(build_samples(load_prune_config(None, []))) == 8  # no path: 8 generated pairs
