@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 from compress.atomic import atomic_write_text
 from compress.latency import machine_info, machine_slug
-from compress.latency_predictor import LatencyTable, evaluate_predictor, sample_configs, space_block_variants
+from compress.latency_predictor import (
+    LatencyTable,
+    calibration_scale,
+    evaluate_predictor,
+    sample_configs,
+    space_block_variants,
+)
 from search_spaces import load_space
 
 GOAL = 0.10
@@ -68,8 +75,28 @@ def _markdown(data: dict) -> str:
         lines.append(f"| {i} | " + " | ".join(_shape(row["config"])) + f" | {row['predicted_ms']:.2f} | "
                      f"{row['measured_ms']:.2f} ({row['measured_p10_ms']:.2f}-{row['measured_p90_ms']:.2f}) | "
                      f"{100 * row['relative_error']:+.1f}% | {again} |")
+    cal = data.get("calibrated")
+    if cal:
+        lines += ["", "**Calibrated as the search does: median absolute relative error "
+                  f"{100 * cal['median_abs_error']:.1f}%** "
+                  f"(mean {100 * cal['mean_abs_error']:.1f}%, max {100 * cal['max_abs_error']:.1f}%) on students "
+                  f"{cal['first_tested']}-{ev['n'] - 1}, after scaling every prediction by {cal['scale']:.3f}, the "
+                  f"median measured / predicted of students 0-{cal['calibration_students'] - 1} (what "
+                  "`search.latency.check_students` measures at the start of a search)."]
     lines += ["", f"Command: `{data['command']}`", ""]
     return "\n".join(lines)
+
+
+def calibrated(evaluation: dict, k: int) -> dict | None:
+    """Out-of-sample error after the search's calibration: scale from the first k students, tested on the rest."""
+    rows = evaluation["rows"]
+    if not 0 < k < len(rows):
+        return None
+    scale = calibration_scale((r["predicted_ms"], r["measured_ms"]) for r in rows[:k])
+    errors = [abs(scale * r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in rows[k:]]
+    return {"calibration_students": k, "first_tested": k, "scale": scale,
+            "median_abs_error": statistics.median(errors), "mean_abs_error": statistics.fmean(errors),
+            "max_abs_error": max(errors)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", default=None, help="table JSON (default: results/latency-table-<machine>.json)")
     parser.add_argument("--note", default="", help="a remark on the machine for the report (e.g. shared cores)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--calibrate", type=int, default=5,
+                        help="students whose measured / predicted ratio calibrates the rest, as the search does")
+    parser.add_argument("--rerender", metavar="JSON", help="recompute the calibrated error and the Markdown of an "
+                        "earlier result without measuring again")
     args = parser.parse_args(argv)
+    if args.rerender:
+        path = Path(args.rerender)
+        data = json.loads(path.read_text())
+        data["calibrated"] = calibrated(data["evaluation"], args.calibrate)
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+        atomic_write_text(path.with_suffix(".md"), _markdown(data))
+        print(f"rewrote {path} and its .md")
+        return 0
 
     info = machine_info()
     slug = machine_slug(info)
@@ -120,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                   "build_seconds": build_seconds,
                   "space_variants": len(space_block_variants(space, args.height, args.width))},
         "evaluation": evaluation.to_dict(),
+        "calibrated": calibrated(evaluation.to_dict(), args.calibrate),
         "command": " ".join(["python benchmarks/predictor.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     stem = f"predictor-{slug}" + ("" if args.space == "tiny" else f"-{args.space}-{args.height}x{args.width}")

@@ -120,7 +120,7 @@ class LatencyConfig:
     """PyTorch and TensorRT backends on CUDA: replay each forward from a captured CUDA graph."""
     table: str | None = None
     """Predicted mode: the per-block table file (None = the user's cache, shared by every run on this machine)."""
-    check_students: int = 3
+    check_students: int = 5
     """Predicted mode: students sampled at the start of a search to check the predictor against measurement."""
     max_predictor_error: float = 0.25
     """Predicted mode: above this median relative error the search says the predictor is off here."""

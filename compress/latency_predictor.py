@@ -680,16 +680,27 @@ class PredictorEvaluation:
         pairs = [(r.remeasured_ms, r.measured_ms) for r in self.rows if r.remeasured_ms is not None]
         return float(statistics.median(abs(a - b) / b for a, b in pairs)) if pairs else None
 
+    @property
+    def scale(self) -> float:
+        """Median measured / predicted: the factor that removes the table's systematic bias here (blocks timed
+        alone pay per-call costs that a whole model amortises)."""
+        return calibration_scale([(r.predicted_ms, r.measured_ms) for r in self.rows])
+
     def to_dict(self) -> dict:
         """JSON-ready summary and rows."""
         return {"backend": self.backend, "device": self.device, "precision": self.precision, "clock": self.clock,
-                "height": self.height,
-                "width": self.width, "n": len(self.rows),
+                "height": self.height, "width": self.width, "n": len(self.rows), "scale": self.scale,
                 "median_abs_relative_error": self.median_abs_relative_error,
                 "mean_abs_relative_error": self.mean_abs_relative_error,
                 "max_abs_relative_error": max(self.abs_relative_errors),
                 "median_abs_remeasure_error": self.median_abs_remeasure_error,
                 "rows": [{**asdict(r), "relative_error": r.relative_error} for r in self.rows]}
+
+
+def calibration_scale(pairs: Iterable[tuple[float, float]]) -> float:
+    """Median measured / predicted over (predicted_ms, measured_ms) pairs (1.0 when there are none)."""
+    ratios = [measured / predicted for predicted, measured in pairs if predicted > 0]
+    return float(statistics.median(ratios)) if ratios else 1.0
 
 
 def sample_configs(space: SearchSpace, n: int, seed: int = 0) -> list[StudentConfig]:

@@ -45,6 +45,8 @@ class TrialSettings:
     seed: int = 0
     latency_table: Any = None
     """A compress.latency_predictor table when latency.mode is 'predicted'."""
+    latency_scale: float = 1.0
+    """Predicted mode: measured / predicted on the students checked at the start of the search."""
 
 
 class StudentSearchObjective:
@@ -63,7 +65,8 @@ class StudentSearchObjective:
         if lat.mode == "predicted":
             from compress.latency_predictor import predict_latency
 
-            return predict_latency(self.s.latency_table, cfg, lat.height, lat.width, iters=lat.iters)
+            raw = predict_latency(self.s.latency_table, cfg, lat.height, lat.width, iters=lat.iters)
+            return raw * self.s.latency_scale
         from compress.latency import measure
 
         stats = measure(model, lat.backend, lat.height, lat.width, iters=lat.iters or cfg.iters, device=lat.device,

@@ -150,10 +150,11 @@ def study_spec(recipe: RunRecipe):
                      timeout=s.timeout)
 
 
-def check_predictor_once(recipe: RunRecipe, run_dir: Path, table, space) -> dict[str, str]:
+def check_predictor_once(recipe: RunRecipe, run_dir: Path, table, space) -> tuple[dict[str, str], float]:
     """Predicted against measured latency of a few sampled students, once per run (kept in
     search/predictor_check.json); says so when the predictor is off by more than the threshold here.
-    Returns MLflow tags for the study's run."""
+    Returns MLflow tags for the study's run and the calibration scale (median measured / predicted) that the
+    search multiplies its predictions by."""
     from compress.latency_predictor import check_predictor
 
     lat = recipe.search.latency
@@ -167,19 +168,22 @@ def check_predictor_once(recipe: RunRecipe, run_dir: Path, table, space) -> dict
         evaluation = check_predictor(table, space, lat, lat.height, lat.width, seed=recipe.seed,
                                      progress=recipe.progress)
         if evaluation is None:
-            return {}
+            return {}, 1.0
         saved = {"median_abs_error": evaluation.median_abs_relative_error, "students": len(evaluation.rows),
-                 "threshold": lat.max_predictor_error, "evaluation": evaluation.to_dict()}
+                 "scale": evaluation.scale, "threshold": lat.max_predictor_error, "evaluation": evaluation.to_dict()}
         record.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps(saved, indent=2))
     error = saved["median_abs_error"]
     _say(recipe, f"latency predictor: median |error| {error:.1%} over {saved['students']} students "
-                 f"({lat.backend} on {table.hardware}, {lat.height}x{lat.width})")
+                 f"({lat.backend} on {table.hardware}, {lat.height}x{lat.width}); predictions are scaled by "
+                 f"{saved['scale']:.3f}, the median measured / predicted of those students")
     if error > lat.max_predictor_error:
         _say(recipe, f"warning: the latency predictor is off by a median {error:.0%} here (threshold "
                      f"{lat.max_predictor_error:.0%}); the front may misplace students: consider "
                      "search.latency.mode=measured")
-    return {"ffsc.predictor.median_abs_error": f"{error:.4f}", "ffsc.predictor.students": str(saved["students"])}
+    tags = {"ffsc.predictor.median_abs_error": f"{error:.4f}", "ffsc.predictor.students": str(saved["students"]),
+            "ffsc.predictor.scale": f"{saved['scale']:.4f}"}
+    return tags, float(saved["scale"])
 
 
 def run_search(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, device, tracker, teacher_info,
@@ -200,7 +204,8 @@ def run_search(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, dev
     if choice is not None:
         tags["ffsc.latency.reason"] = choice.reason[:250]
     if settings.latency_table is not None:
-        tags.update(check_predictor_once(recipe, run_dir, settings.latency_table, space))
+        check_tags, settings.latency_scale = check_predictor_once(recipe, run_dir, settings.latency_table, space)
+        tags.update(check_tags)
     return run_study(study_spec(recipe), storage, objective, tracker=tracker, worker_id=worker_id,
                      run_dir=run_dir / "search", run_tags=tags)
 

@@ -179,3 +179,11 @@ def test_check_predictor_samples_the_space(tmp_path: Path) -> None:
     result = check_predictor(table, load_space("tiny"), lat, H, W, progress=False)
     assert len(result.rows) == 2 and math.isfinite(result.median_abs_relative_error)
     assert check_predictor(table, load_space("tiny"), LatencyConfig(check_students=0), H, W) is None
+
+
+def test_calibration_scale_is_the_median_ratio() -> None:
+    from compress.latency_predictor import calibration_scale
+
+    assert calibration_scale([(10.0, 8.0), (20.0, 14.0), (5.0, 5.0)]) == pytest.approx(0.8)
+    assert calibration_scale([]) == 1.0
+

@@ -118,7 +118,7 @@ def test_predicted_latency_end_to_end(tmp_path, monkeypatch):
             "search.latency.check_students=1", "stages=[teacher,search]"]
     assert main(args) == 0
     check = json.loads((run_dir / "search" / "predictor_check.json").read_text())
-    assert check["students"] == 1 and check["median_abs_error"] >= 0
+    assert check["students"] == 1 and check["median_abs_error"] >= 0 and check["scale"] > 0
     assert (tmp_path / "cache" / "latency_table.json").is_file()
     front = json.loads((run_dir / "summary.json").read_text())["front"]
     assert front and all(row["latency_ms"] > 0 for row in front)
