@@ -146,3 +146,44 @@ def test_backbone_weights_refuse_a_wider_student_and_a_missing_file(timm_file, t
         build_student(preset("tiny", backbone_dims=[32, 48, 88, 168], backbone_weights=str(path)))
     with pytest.raises(ConfigError, match="does not exist"):
         build_student(preset("tiny", backbone_weights=str(tmp_path / "nope.pth")))
+
+
+# ------------------------------------------------------------------------------------ the search's proxy
+
+
+def test_search_proxy_inherit_trains_the_parent_once_and_starts_trials_from_it(tmp_path):
+    import dataclasses
+    from types import SimpleNamespace
+
+    import optuna
+
+    from compress.nas.objective import StudentSearchObjective
+    from compress.pipeline import load_run_recipe
+    from compress.pipeline.run import _settings, prepare_labels
+
+    synth = "synthetic: {height: 64, width: 128, max_disp: 24, num_objects: 2"
+    recipe = load_run_recipe("recipes/quickstart_cpu.yaml", [
+        f"run_dir={tmp_path}", "progress=false",
+        f"data.train={{kind: synthetic, num_samples: 2, {synth}, seed: 0}}}}",
+        f"data.eval={{kind: synthetic, num_samples: 1, {synth}, seed: 1000}}}}",
+        "search.latency={mode: measured, backend: onnxruntime, warmup: 1, repeats: 1, threads: 1}",
+        "search.proxy=inherit", "search.parent_steps=2", "search.distill_steps=1", "search.batch_size=1",
+    ])
+    torch.manual_seed(0)
+    teacher = SimpleNamespace(model=build_student(preset("tiny")).eval(), identity={"name": "test-teacher"})
+    labels_dir, eval_set = prepare_labels(recipe, tmp_path, teacher, torch.device("cpu"))
+    settings = dataclasses.replace(_settings(recipe, tmp_path, labels_dir, eval_set, torch.device("cpu")),
+                                   proxy=recipe.search.proxy, parent_steps=recipe.search.parent_steps)
+    objective = StudentSearchObjective(load_space("tiny"), settings)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    trial = study.ask()
+    metrics = objective(trial)
+    assert metrics["epe"] >= 0 and trial.user_attrs["inherited_fraction"] > 0.5
+    parent_file = tmp_path / "parent" / "student" / "model.safetensors"
+    stamp = parent_file.stat().st_mtime_ns
+    # A second objective on the same run directory (a resumed or parallel worker) reuses the parent.
+    again = StudentSearchObjective(load_space("tiny"), settings)
+    again(study.ask())
+    assert parent_file.stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="search.proxy: got 'warm'"):
+        load_run_recipe("recipes/quickstart_cpu.yaml", ["search.proxy=warm"])

@@ -58,12 +58,21 @@ class SearchStage:
     storage: str | None = None
     """None = SQLite in the run directory; 'journal:PATH' for several processes; an RDB URL for machines."""
     distill_steps: int = 40
+    proxy: str = "distill"
+    """How a trial's student starts its short distillation: 'distill' (random init) or 'inherit' (weights sliced
+    from the space's largest member, trained once per study for ``parent_steps``; see compress.nas.inherit)."""
+    parent_steps: int = 300
     batch_size: int = 4
     error_metric: str = "teacher/epe"
     """Held-out metric to minimise: 'teacher/epe' (agreement with the teacher) or 'gt/epe'."""
     latency: LatencyConfig = field(default_factory=lambda: LatencyConfig(warmup=2, repeats=7))
     """Also the latency settings of the prune stage and of the final table."""
     timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        from compress.nas.objective import check_proxy
+
+        check_proxy(self.proxy, self.parent_steps, "search")
 
 
 @dataclass
