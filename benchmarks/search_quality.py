@@ -15,8 +15,10 @@ Proxy variants (same seed, the same per-candidate steps, batch and learning-rate
 
 * ``distill``: the search's proxy today: random init, ``--proxy-steps`` of distillation, evaluate.
 * ``inherit``: weights sliced from a parent student (the space's largest member) trained once per study for
-  ``--parent-steps`` (:mod:`compress.nas.inherit`), then ``--proxy-steps`` of distillation, evaluate.
-* ``inherit0``: the inherited weights evaluated without any training (no per-candidate compute).
+  ``--parent-steps`` and reordered by channel importance (:mod:`compress.nas.inherit`), then
+  ``--proxy-steps`` of distillation, evaluate.
+* ``inherit0``: those inherited weights evaluated without any training (no per-candidate compute).
+* ``inherit_plain``: as ``inherit``, from the parent in its trained channel order (no importance reordering).
 
 The parent's steps are a once-per-study cost; the report gives it per candidate for a study of the
 benchmark's size. Every score is the search's error metric (EPE against the teacher on the held-out set);
@@ -49,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-VARIANTS = ("distill", "inherit", "inherit0")
+VARIANTS = ("distill", "inherit", "inherit0", "inherit_plain")
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON, Markdown and PNG."""
     from compress.atomic import atomic_write_text
     from compress.latency import machine_info, machine_slug
-    from compress.nas.inherit import inherit_student, parent_config
+    from compress.nas.inherit import inherit_student, order_by_importance, parent_config
     from compress.pipeline.run import quiet_third_party
     from search_spaces import build_student, count_macs, load_space, load_student, save_student
 
@@ -283,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         parent_info = results.get("parent", make_parent)
         parent_info["gmacs"] = count_macs(build_student(parent_cfg), args.height, args.width,
                                           iters=parent_cfg.iters).gmacs
+        plain_parent = load_student(parent_info["path"])
         parent = load_student(parent_info["path"])
+        parent_info["importance_order"] = order_by_importance(parent, args.height, args.width, args.seed)
 
     rows = []
     for i, st in enumerate(students):
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             def make(v=v, cfg=cfg, tag=tag) -> dict[str, Any]:
                 if v == "distill":
                     return world.score(load_student(world.train(work / tag / v, args.proxy_steps, cfg=cfg)))
-                child, report = inherit_student(parent, cfg)
+                child, report = inherit_student(plain_parent if v == "inherit_plain" else parent, cfg)
                 out = {"inherited_fraction": report.fraction_inherited()}
                 if v == "inherit0":
                     return {**out, **world.score(child)}
@@ -303,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                 path = world.train(work / tag / v, args.proxy_steps, cfg=cfg, init=init)
                 return {**out, **world.score(load_student(path))}
 
-            row[v] = results.get(f"{key}|{v}|{args.proxy_steps}|{args.parent_steps}", make)
+            ordered = "|ordered" if v in ("inherit", "inherit0") else ""
+            row[v] = results.get(f"{key}|{v}|{args.proxy_steps}|{args.parent_steps}{ordered}", make)
         row["final"] = results.get(
             f"{key}|final|{args.final_steps}",
             lambda cfg=cfg, tag=tag: world.score(load_student(world.train(work / tag / "final", args.final_steps,

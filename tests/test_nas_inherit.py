@@ -7,7 +7,7 @@ import timm
 import torch
 
 from compress.errors import ConfigError
-from compress.nas.inherit import inherit_student, parent_config
+from compress.nas.inherit import inherit_student, order_by_importance, parent_config
 from search_spaces import build_student, load_space, load_student, preset, save_student
 
 H, W = 64, 128
@@ -101,6 +101,31 @@ def test_inherited_student_runs_exports_and_round_trips(space, parent, tmp_path)
         assert torch.equal(again(a, b, test_mode=True), out)
     report = to_onnx(child, tmp_path / "child.onnx", H, W, child.cfg.iters, simplify=False)
     assert (tmp_path / "child.onnx").is_file() and report is not None
+
+
+def test_importance_order_keeps_the_parents_function_and_puts_important_channels_first(space):
+    from compress.prune.coupling import analyze
+    from compress.prune.importance import group_scores
+
+    torch.manual_seed(3)
+    model = build_student(parent_config(space)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    a, b = _pair(2)
+    with torch.no_grad():
+        before = model(a, b, test_mode=True)
+    counts = order_by_importance(model, H, W)
+    assert counts["reordered"] > 20
+    with torch.no_grad():
+        after = model(a, b, test_mode=True)
+    assert torch.allclose(after, before, atol=1e-3)
+    coupling = analyze(model)
+    groups = [g for g in coupling.groups if g.prunable and g.unit == "channel" and g.size > 1]
+    scores = group_scores(coupling, groups, "magnitude")
+    descending = [bool((s[:-1] >= s[1:] - 1e-5).all()) for s in scores.values()]
+    # Every group that was reordered now reads most-important-first.
+    assert sum(descending) >= counts["reordered"] + counts["in_order"]
 
 
 # ------------------------------------------------------------------------------------ backbone weights

@@ -59,7 +59,8 @@ class TrialSettings:
     """A compress.latency_predictor table when latency.mode is 'predicted'."""
     proxy: str = "distill"
     """'distill': each trial distils a randomly initialised student; 'inherit': it starts from weights sliced
-    from a parent (the space's largest member) distilled once per study for ``parent_steps``."""
+    from a parent (the space's largest member) distilled once per study for ``parent_steps`` and reordered by
+    channel importance."""
     parent_steps: int = 300
 
     def __post_init__(self) -> None:
@@ -92,7 +93,7 @@ class StudentSearchObjective:
             from compress.distill import distill
             from search_spaces import load_student
 
-            from .inherit import parent_config
+            from .inherit import order_by_importance, parent_config
 
             folder = self.s.run_dir / "parent" / "student"
             if not (folder / "model.safetensors").is_file():
@@ -100,7 +101,9 @@ class StudentSearchObjective:
                 spec = StudentSpec(kind="search_space", config=cfg.to_dict())
                 folder = distill(self._distill_config(self.s.run_dir / "parent", spec, cfg.iters,
                                                       self.s.parent_steps)).student_path
-            self._parent = load_student(folder, device="cpu")
+            parent = load_student(folder, device="cpu")
+            order_by_importance(parent, self.s.height, self.s.width, self.s.seed)  # the same order in every worker
+            self._parent = parent
         return self._parent
 
     def latency_ms(self, model: torch.nn.Module, cfg) -> float:
