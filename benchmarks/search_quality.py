@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parent_info = None
     if any(v.startswith("inherit") for v in variants):
         def make_parent() -> dict[str, Any]:
-            path = world.train(parent_dir / "run", args.parent_steps, cfg=parent_cfg)
+            path = world.train(parent_dir / f"run-{args.parent_steps}", args.parent_steps, cfg=parent_cfg)
             return {"path": str(path), **world.score(load_student(path))}
 
         parent_info = results.get("parent", make_parent)
@@ -296,23 +296,26 @@ def main(argv: list[str] | None = None) -> int:
         key = json.dumps(cfg.to_dict(), sort_keys=True)
         print(f"student {i}: {st['gmacs']:.3f} GMACs", flush=True)
         for v in variants:
-            def make(v=v, cfg=cfg, tag=tag) -> dict[str, Any]:
+            ordered = "|ordered" if v in ("inherit", "inherit0") else ""
+            # One directory per measurement: distill() resumes a finished run, so a reused one would not train.
+            run_name = f"{v}-{args.proxy_steps}-{args.parent_steps}"
+
+            def make(v=v, cfg=cfg, tag=tag, run_name=run_name) -> dict[str, Any]:
                 if v == "distill":
-                    return world.score(load_student(world.train(work / tag / v, args.proxy_steps, cfg=cfg)))
+                    return world.score(load_student(world.train(work / tag / run_name, args.proxy_steps, cfg=cfg)))
                 child, report = inherit_student(plain_parent if v == "inherit_plain" else parent, cfg)
                 out = {"inherited_fraction": report.fraction_inherited()}
                 if v == "inherit0":
                     return {**out, **world.score(child)}
-                init = save_student(child, work / tag / "inherited")
-                path = world.train(work / tag / v, args.proxy_steps, cfg=cfg, init=init)
+                init = save_student(child, work / tag / f"{run_name}-init")
+                path = world.train(work / tag / run_name, args.proxy_steps, cfg=cfg, init=init)
                 return {**out, **world.score(load_student(path))}
 
-            ordered = "|ordered" if v in ("inherit", "inherit0") else ""
             row[v] = results.get(f"{key}|{v}|{args.proxy_steps}|{args.parent_steps}{ordered}", make)
         row["final"] = results.get(
             f"{key}|final|{args.final_steps}",
-            lambda cfg=cfg, tag=tag: world.score(load_student(world.train(work / tag / "final", args.final_steps,
-                                                                          cfg=cfg))))
+            lambda cfg=cfg, tag=tag: world.score(load_student(world.train(work / tag / f"final-{args.final_steps}",
+                                                                          args.final_steps, cfg=cfg))))
         rows.append(row)
 
     final_gt = [r["final"]["gt/epe"] for r in rows]
