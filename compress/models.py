@@ -157,7 +157,7 @@ def student_from_spec(spec: Any) -> nn.Module:
                     )
                 return load_student(init)
             cfg = preset(spec.preset, **spec.config) if spec.preset else StudentConfig.from_dict(dict(spec.config))
-            model = build_student(cfg)
+            model = build_student(cfg, pretrained=init is None)
         elif spec.kind == "foundation_stereo":
             from teacher import FoundationStereo, TeacherConfig
 
@@ -241,7 +241,7 @@ def _distilled_from_file(path: Path, obj: dict[str, Any]) -> nn.Module:
     from search_spaces import StudentConfig, build_student
 
     if obj.get("student_config") is not None:
-        model = build_student(StudentConfig.from_dict(obj["student_config"]))
+        model = build_student(StudentConfig.from_dict(obj["student_config"]), pretrained=False)
     else:  # the StudentSpec fields the file was written with
         spec = obj["spec"] if obj["format"] == STUDENT_FORMAT else obj["config"]["student"]
         model = student_from_spec(SimpleNamespace(**{**spec, "init_checkpoint": None}))

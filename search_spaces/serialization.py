@@ -30,11 +30,18 @@ _WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_fea
                 "normalized_shape", "num_heads")
 
 
-def build_student(cfg: StudentConfig) -> StudentStereo:
-    """The student network for a config, with any recorded per-layer widths applied."""
+def build_student(cfg: StudentConfig, pretrained: bool = True) -> StudentStereo:
+    """The student network for a config, with any recorded per-layer widths applied.
+
+    ``pretrained``: load ``cfg.backbone_weights`` (if set) into the backbone; off when saved weights follow.
+    """
     model = StudentStereo(cfg)
     if cfg.layer_shapes:
         apply_layer_shapes(model, cfg.layer_shapes)
+    if pretrained and cfg.backbone_weights:
+        from .pretrained import load_backbone_weights
+
+        load_backbone_weights(model, cfg.backbone_weights)
     return model
 
 
@@ -112,7 +119,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
             f"{path} is not a saved student: expected {CONFIG_NAME} and {WEIGHTS_NAME} in that directory"
         )
     cfg = StudentConfig.from_yaml(cfg_file)
-    model = build_student(cfg)
+    model = build_student(cfg, pretrained=False)
     from teacher.loading import check_state_dict, read_state_dict
 
     state = read_state_dict(weights)  # clear errors for damaged files, NaN/Inf weights named

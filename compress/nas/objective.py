@@ -18,7 +18,19 @@ from compress.distill.config import (
     StudentSpec,
     from_label_cache,
 )
+from compress.errors import ConfigError
 from compress.latency import LatencyConfig
+
+PROXIES = ("distill", "inherit")
+"""Trial proxies: a short distillation from random init, or from weights inherited from a parent student."""
+
+
+def check_proxy(proxy: str, parent_steps: int, where: str = "TrialSettings") -> None:
+    """One clear error for an unknown proxy or a parent without training."""
+    if proxy not in PROXIES:
+        raise ConfigError(f"{where}.proxy: got {proxy!r}, expected one of {', '.join(PROXIES)}")
+    if proxy == "inherit" and parent_steps < 1:
+        raise ConfigError(f"{where}.parent_steps: got {parent_steps}, expected >= 1 with proxy 'inherit'")
 
 
 @dataclass
@@ -47,6 +59,14 @@ class TrialSettings:
     """A compress.latency_predictor table when latency.mode is 'predicted'."""
     latency_scale: float = 1.0
     """Predicted mode: measured / predicted on the students checked at the start of the search."""
+    proxy: str = "distill"
+    """'distill': each trial distils a randomly initialised student; 'inherit': it starts from weights sliced
+    from a parent (the space's largest member) distilled once per study for ``parent_steps`` and reordered by
+    channel importance."""
+    parent_steps: int = 300
+
+    def __post_init__(self) -> None:
+        check_proxy(self.proxy, self.parent_steps)
 
 
 class StudentSearchObjective:
@@ -58,6 +78,35 @@ class StudentSearchObjective:
         from compress.latency import LatencyCache
 
         self.latency_cache = LatencyCache(settings.run_dir / "latency_cache.sqlite")
+        self._parent = None
+
+    def _distill_config(self, run_dir: Path, spec: StudentSpec, iters: int, steps: int):
+        s = self.s
+        return from_label_cache(
+            run_dir, spec, s.train_data, s.labels_dir, s.labels, iters, seed=s.seed, steps=steps,
+            batch_size=s.batch_size, amp="off", device=s.device, log_every=max(1, steps // 4),
+            checkpoint_every=steps, progress=False, loss=s.loss,
+            optim=dataclasses.replace(s.optim, warmup_steps=min(s.optim.warmup_steps, steps // 4)),
+        )
+
+    def parent(self) -> torch.nn.Module:
+        """The study's parent student (the space's largest member), distilled once and reused from disk."""
+        if self._parent is None:
+            from compress.distill import distill
+            from search_spaces import load_student
+
+            from .inherit import order_by_importance, parent_config
+
+            folder = self.s.run_dir / "parent" / "student"
+            if not (folder / "model.safetensors").is_file():
+                cfg = parent_config(self.space)
+                spec = StudentSpec(kind="search_space", config=cfg.to_dict())
+                folder = distill(self._distill_config(self.s.run_dir / "parent", spec, cfg.iters,
+                                                      self.s.parent_steps)).student_path
+            parent = load_student(folder, device="cpu")
+            order_by_importance(parent, self.s.height, self.s.width, self.s.seed)  # the same order in every worker
+            self._parent = parent
+        return self._parent
 
     def latency_ms(self, model: torch.nn.Module, cfg) -> float:
         """Median latency of the whole model at the working size (measured or predicted)."""
@@ -84,13 +133,16 @@ class StudentSearchObjective:
         cost = count_macs(model, s.height, s.width, iters=cfg.iters)
         latency = self.latency_ms(model, cfg)
         trial_dir = s.run_dir / "trials" / f"{trial.number:04d}"
-        dc = from_label_cache(
-            trial_dir, StudentSpec(kind="search_space", config=cfg.to_dict()), s.train_data, s.labels_dir, s.labels,
-            cfg.iters, seed=s.seed, steps=s.distill_steps, batch_size=s.batch_size, amp="off", device=s.device,
-            log_every=max(1, s.distill_steps // 4), checkpoint_every=s.distill_steps, progress=False, loss=s.loss,
-            optim=dataclasses.replace(s.optim, warmup_steps=min(s.optim.warmup_steps, s.distill_steps // 4)),
-        )
-        result = distill(dc)
+        spec = StudentSpec(kind="search_space", config=cfg.to_dict())
+        if s.proxy == "inherit":
+            from search_spaces import save_student
+
+            from .inherit import inherit_student
+
+            child, report = inherit_student(self.parent(), cfg)
+            trial.set_user_attr("inherited_fraction", report.fraction_inherited())
+            spec = StudentSpec(kind="search_space", init_checkpoint=str(save_student(child, trial_dir / "inherited")))
+        result = distill(self._distill_config(trial_dir, spec, cfg.iters, s.distill_steps))
         student = load_student(result.student_path, device=s.device)
         scores = evaluate_student(student, s.eval_set, iters=cfg.iters, device=s.device)
         metrics = {

@@ -70,6 +70,10 @@ class SearchStage:
     storage: str | None = None
     """None = SQLite in the run directory; 'journal:PATH' for several processes; an RDB URL for machines."""
     distill_steps: int = 40
+    proxy: str = "distill"
+    """How a trial's student starts its short distillation: 'distill' (random init) or 'inherit' (weights sliced
+    from the space's largest member, trained once per study for ``parent_steps``; see compress.nas.inherit)."""
+    parent_steps: int = 300
     batch_size: int = 4
     error_metric: str = "teacher/epe"
     """Held-out metric to minimise: 'teacher/epe' (agreement with the teacher) or 'gt/epe'."""
@@ -83,6 +87,9 @@ class SearchStage:
         require_at_least("search.batch_size", self.batch_size, 1)
         require_positive("search.budget_ms", self.budget_ms, allow_none=True)
         require_positive("search.timeout", self.timeout, allow_none=True)
+        from compress.nas.objective import check_proxy
+
+        check_proxy(self.proxy, self.parent_steps, "search")
 
 
 @dataclass

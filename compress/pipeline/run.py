@@ -136,7 +136,8 @@ def _settings(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, devi
         run_dir=run_dir, train_data=recipe.data.train, labels_dir=labels_dir, labels=_labels_config(recipe),
         eval_set=eval_set, height=recipe.height, width=recipe.width, distill_steps=s.distill_steps,
         batch_size=s.batch_size, loss=recipe.loss, optim=recipe.optim, error_metric=s.error_metric,
-        latency=s.latency, device=str(device), seed=recipe.seed, latency_table=table,
+        latency=s.latency, device=str(device), seed=recipe.seed, latency_table=table, proxy=s.proxy,
+        parent_steps=s.parent_steps,
     )
 
 
