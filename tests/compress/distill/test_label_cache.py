@@ -159,7 +159,7 @@ _KILLED_RUN = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, sys.argv[2])
     from torch import nn
-    from tests.test_label_cache import CFG_TOY, _dataset
+    from tests.compress.distill.test_label_cache import CFG_TOY, _dataset
     from tests.stereo_toy import make_toy
     from compress.distill.label_cache import build_label_cache, teacher_identity
 
