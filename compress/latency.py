@@ -115,7 +115,8 @@ class LatencyConfig:
     report_rounds: int = 3
     """The run's final table: rounds of side-by-side timing of teacher and students (0 = time each once)."""
     compile: bool = False
-    """PyTorch backend: time the torch.compile'd model."""
+    """PyTorch backend: time the torch.compile'd model. With backend 'auto' the choice sets compile and cuda_graph
+    (True for PyTorch on CUDA); name the backend to set them yourself."""
     cuda_graph: bool = False
     """PyTorch and TensorRT backends on CUDA: replay each forward from a captured CUDA graph."""
     table: str | None = None
@@ -144,6 +145,9 @@ class LatencyConfig:
                               f"{self.max_predictor_error}, expected >= 0 / > 0")
         if self.compile and self.backend not in ("torch", "auto"):
             raise ConfigError(f"latency.compile: only the torch backend compiles, the backend is {self.backend!r}")
+        if self.cuda_graph and self.backend == "onnxruntime":
+            raise ConfigError("latency.cuda_graph: CUDA graphs are for the torch and tensorrt backends, the backend "
+                              "is 'onnxruntime'")
 
     def timing(self) -> dict[str, object]:
         """The keyword arguments of measure() and measure_together() these settings fix."""
@@ -155,7 +159,7 @@ class LatencyConfig:
         """These settings with 'auto' replaced by the backend this machine gets, and the choice with its reason."""
         choice = resolve_backend(self.backend, self.device)
         if self.backend != "auto":
-            return self, choice
+            return replace(self, device=choice.device), choice
         return replace(self, backend=choice.backend, device=choice.device, compile=choice.compile,
                        cuda_graph=choice.cuda_graph), choice
 
@@ -433,12 +437,15 @@ def _trt_step(model_or_path: nn.Module | Path, workdir: Path, left: torch.Tensor
     return runner.execute, runner.stream
 
 
-def _check_module_device(model: nn.Module, device: torch.device) -> None:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.device.type != device.type:
-            raise ConfigError(f"the model is on {tensor.device} but device='{device}'; move it with "
-                              f"model.to('{device}') or pass device='{tensor.device}'")
-        return
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model itself when it lives on ``device``, else a copy moved there (the caller's model stays where
+    it trains: a search distils on one device and may time on another, e.g. ONNX Runtime on the CPU)."""
+    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    if first is None or first.device.type == device.type:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(device)
 
 
 def _check_onnx_iters(path: Path, iters: int) -> None:
@@ -499,7 +506,7 @@ def measure(
     if backend == "tensorrt" and device.type != "cuda":
         raise ConfigError(f"the tensorrt backend runs on CUDA, got device '{device}'")
     if is_module:
-        _check_module_device(model_or_path, device)
+        model_or_path = on_device(model_or_path, device)
     elif Path(model_or_path).suffix == ".onnx":
         _check_onnx_iters(Path(model_or_path), iters)
 
@@ -579,8 +586,8 @@ def measure_together(
         "cuda" if backend == "tensorrt" or torch.cuda.is_available() else "cpu")
     runs: dict[str, list[LatencyStats]] = {name: [] for name in models}
     with tempfile.TemporaryDirectory(prefix="ffsc-latency-together-") as tmp:
-        targets = {name: _deployable(model, backend, Path(tmp) / f"m{i}", height, width, per_model[name], dev,
-                                     precision)
+        targets = {name: _deployable(on_device(model, dev) if isinstance(model, nn.Module) else model, backend,
+                                     Path(tmp) / f"m{i}", height, width, per_model[name], dev, precision)
                    for i, (name, model) in enumerate(models.items())}
         from tqdm.auto import tqdm
 

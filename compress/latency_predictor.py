@@ -413,6 +413,20 @@ class TableEntry:
     clock: str = "wall"
 
 
+def _read_entries(path: Path) -> dict[str, TableEntry]:
+    """The entries of a table file, with a clear error for anything else."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"latency table {path} is not readable JSON ({err}); delete it to rebuild") from None
+    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+        raise ConfigError(f"{path} is not an ffsc latency table (format {TABLE_FORMAT})")
+    try:
+        return {k: TableEntry(**v) for k, v in data.get("entries", {}).items()}
+    except TypeError as err:
+        raise ConfigError(f"latency table {path} has malformed entries ({err}); delete it to rebuild") from None
+
+
 class LatencyTable:
     """Block latencies on one backend/device/precision, cached in a JSON file (several tables may share one).
 
@@ -453,22 +467,15 @@ class LatencyTable:
 
     # --- storage -------------------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"latency table {path} is not readable JSON ({err}); delete it to rebuild") from None
-        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
-            raise ConfigError(f"{path} is not an ffsc latency table (format {TABLE_FORMAT})")
-        try:
-            self.entries = {k: TableEntry(**v) for k, v in data.get("entries", {}).items()}
-        except TypeError as err:
-            raise ConfigError(f"latency table {path} has malformed entries ({err}); delete it to rebuild") from None
+        self.entries = _read_entries(path)
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write every entry (all backends/devices held) to JSON atomically; returns the path."""
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ConfigError("no path to save the latency table to; pass one")
+        if target.is_file():  # runs sharing the file keep each other's entries (theirs first, ours win)
+            self.entries = {**_read_entries(target), **self.entries}
         data = {"format": TABLE_FORMAT, "machine": machine_info(),
                 "entries": {k: asdict(v) for k, v in sorted(self.entries.items())}}
         atomic_write_text(target, json.dumps(data, indent=1, sort_keys=True) + "\n")
@@ -734,6 +741,8 @@ def evaluate_predictor(
     progress: bool = True,
     configs: list[StudentConfig] | None = None,
     remeasure: bool = False,
+    compile: bool = False,
+    cuda_graph: bool = False,
 ) -> PredictorEvaluation:
     """Predict n sampled students of a space with the table (measuring missing blocks) and compare with
     direct measure() of each whole model on the table's backend/device/precision.
@@ -751,7 +760,7 @@ def evaluate_predictor(
             model = build_student(cfg).eval().to(table.device)
         return measure(model, table.backend, height, width, iters=cfg.iters, warmup=warmup, repeats=repeats,
                        device=table.device, precision=table.precision, intra_op_threads=table.threads,
-                       clock=table.clock)
+                       clock=table.clock, compile=compile, cuda_graph=cuda_graph)
 
     configs = configs if configs is not None else sample_configs(space, n, seed)
     rows = []
@@ -800,5 +809,7 @@ def check_predictor(table: LatencyTable, space: SearchSpace, lat: LatencyConfig,
     """Predicted against measured latency of lat.check_students students of the space (None when 0 are asked)."""
     if lat.check_students < 1:
         return None
+    # Whole students are timed as the run deploys them (compiled, CUDA graphs), so the calibration scale maps
+    # eager block sums onto that.
     return evaluate_predictor(space, lat.check_students, height, width, table, seed=seed, warmup=lat.warmup,
-                              repeats=lat.repeats, progress=progress)
+                              repeats=lat.repeats, progress=progress, compile=lat.compile, cuda_graph=lat.cuda_graph)

@@ -36,16 +36,6 @@ def require_at_least(key: str, value: int | None, minimum: int, why: str = "") -
         raise ConfigError(f"{key}={value!r}: expected an integer >= {minimum}{reason}")
 
 
-def require_fraction(key: str, value: float | None, allow_none: bool = False, closed: bool = False) -> None:
-    """`key` must lie in (0, 1), or (0, 1] when closed."""
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value and (
-        value <= 1 if closed else value < 1)
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: expected a number in (0, {'1]' if closed else '1)'}")
-
-
 def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph: bool = False,
                   key: str = "latency.backend") -> None:
     """Raise unless `backend` can run on `device` here (imports, CUDA, execution providers, precision)."""
@@ -97,7 +87,8 @@ def check_checkpoint(path: str | os.PathLike, key: str = "checkpoint", trust_pic
     read_state_dict(path, trust_pickle=trust_pickle)
 
 
-def check_dataset(path: str | os.PathLike, kind: str = "auto", key: str = "data.path") -> None:
+def check_dataset(path: str | os.PathLike, kind: str = "auto", key: str = "data.path",
+                  options: dict | None = None) -> None:
     """The dataset folder exists and has a layout the readers know (no image is decoded)."""
     from compress.data.readers import open_dataset
 
@@ -105,8 +96,10 @@ def check_dataset(path: str | os.PathLike, kind: str = "auto", key: str = "data.
     if not root.is_dir():
         raise DataError(f"{key}: {root} is not a folder (expected a stereo dataset folder)")
     try:
-        dataset = open_dataset(root, kind=kind)
-    except DataError as err:
+        dataset = open_dataset(root, kind=kind, **(options or {}))
+    except TypeError as err:
+        raise ConfigError(f"{key}: options {dict(options or {})} do not fit dataset kind {kind!r} ({err})") from None
+    except (DataError, ConfigError) as err:
         raise DataError(f"{key}: {str(err).splitlines()[0]}") from None
     if len(dataset) == 0:
         raise DataError(f"{key}: {root} holds no stereo pairs")
@@ -145,9 +138,18 @@ def check_model_source(spec: str | None, key: str = "--model", trust_pickle: boo
 
 
 def check_latency(lat, key: str = "latency") -> None:
-    """The (resolved) latency settings can be timed here: backend importable, device present, precision valid."""
+    """The (resolved) latency settings can be timed here: backend importable, device present, precision and
+    clock valid."""
+    from compress.latency import check_clock
+
     device = lat.device or ("cuda" if lat.backend == "tensorrt" or torch.cuda.is_available() else "cpu")
     check_backend(lat.backend, device, lat.precision, lat.cuda_graph, key=f"{key}.backend")
+    if lat.backend == "onnxruntime" and lat.precision == "bf16":
+        raise ConfigError(f"{key}.precision='bf16': the onnxruntime backend times fp32 or fp16 graphs")
+    try:
+        check_clock(lat.clock, torch.device(device), lat.threads)
+    except ConfigError as err:
+        raise ConfigError(f"{key}.clock: {err}") from None
 
 
 def check_distill(cfg) -> None:
@@ -161,7 +163,7 @@ def check_distill(cfg) -> None:
     for name in ("train", "eval"):
         spec = getattr(cfg.data, name)
         if spec is not None and spec.path:
-            check_dataset(spec.path, spec.kind, key=f"data.{name}.path")
+            check_dataset(spec.path, spec.kind, key=f"data.{name}.path", options=spec.options)
     check_writable(cfg.run_dir, key="run_dir")
 
 
@@ -173,7 +175,7 @@ def check_prune(cfg):
     check_model_source(cfg.model, key="--model")
     check_model_source(cfg.teacher, key="--teacher")
     if cfg.data.path:
-        check_dataset(cfg.data.path, cfg.data.kind, key="--data")
+        check_dataset(cfg.data.path, cfg.data.kind, key="--data", options=cfg.data.options)
     check_writable(cfg.out, key="--out")  # also where the MLflow store goes by default
     lat, choice = cfg.latency.resolved()
     timed = cfg.budget.kind == "latency_ms" or lat.measure == "always"

@@ -73,7 +73,8 @@ def check_finite_weights(state_dict: dict[str, torch.Tensor], source: str | Path
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             count = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"checkpoint {source}: tensor {name!r} holds {count} NaN/Inf value(s) of "
-                                  f"{tensor.numel()}; the file is damaged (expected finite weights)")
+                                  f"{tensor.numel()}; the file is damaged or was saved from a diverged run "
+                                  "(expected finite weights)")
 
 
 def guess_vit_size(state_dict: dict[str, torch.Tensor]) -> str | None:

@@ -82,6 +82,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     check_image_size(args.height, args.width)
     check_writable(args.out, key="--out")  # before the export's slow work, not after it
+    if args.json:
+        check_writable(args.json, key="--json")
     check_model_source(args.model, trust_pickle=args.trust_checkpoint)
     resolved = resolve_model(args.model, args.config, args.trust_checkpoint)
     print(f"--model {args.model}: {resolved.description}")

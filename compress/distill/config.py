@@ -234,7 +234,7 @@ class DatasetSpec:
     """One dataset: ``kind`` 'synthetic', 'auto' (detect the layout of ``path``; synthetic without a path) or a
     reader name. Every stage reads its data through this spec (compress.distill.build_dataset)."""
 
-    kind: str = "synthetic"
+    kind: str = "auto"
     path: str | None = None
     num_samples: int = 16
     """Synthetic only: number of generated pairs."""
@@ -248,6 +248,9 @@ class DatasetSpec:
     def __post_init__(self) -> None:
         # 'auto' without a path stays 'auto' (read as synthetic): a path given later by an override must still be
         # read as a folder, which a kind rewritten here to 'synthetic' would silently ignore.
+        if self.kind == "synthetic" and self.path:
+            raise ConfigError(f"dataset kind 'synthetic' generates its pairs and reads no path, got path "
+                              f"{self.path!r}; set kind to 'auto' (or a reader name) to read that folder")
         if self.kind not in ("synthetic", "auto") and not self.path:
             raise ConfigError(f"dataset kind {self.kind!r} needs a path (the dataset's root folder)")
         if self.num_samples < 1:

@@ -394,7 +394,7 @@ def build_label_cache(
             return teacher(left, right, iters=iters, test_mode=True, return_intermediates=True)
 
     # On a GPU the whole teacher forward replays from one CUDA graph per batch shape (launch-bound otherwise).
-    forward = GraphedForward(label)
+    forward = GraphedForward(label, max_graphs=1)  # the last, smaller batch runs eagerly: no second graph pool
     bar = tqdm(total=n, initial=n - len(pending), desc="labelling with the teacher", disable=not progress)
     since_flush = 0
     try:

@@ -180,6 +180,8 @@ class RunRecipe:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        require_at_least("height", self.height, 32)
+        require_at_least("width", self.width, 32)
         if self.height % 32 or self.width % 32:
             raise ConfigError(f"height/width: got {self.height}x{self.width}, expected multiples of 32")
         for key in ("height", "width"):  # latency is timed at the working size unless the recipe says otherwise

@@ -79,8 +79,13 @@ def preflight(recipe: RunRecipe):
     for name in ("train", "eval"):
         spec = getattr(recipe.data, name)
         if spec.path:
-            pf.check_dataset(spec.path, spec.kind, key=f"data.{name}.path")
+            pf.check_dataset(spec.path, spec.kind, key=f"data.{name}.path", options=spec.options)
     pf.check_writable(recipe.run_dir or "runs", key="run_dir")
+    if lat.mode == "predicted":
+        from compress.latency_predictor import open_table
+
+        table = open_table(lat)  # a damaged table file fails here, not after the labelling
+        pf.check_writable(table.path, key="search.latency.table")
     search = dataclasses.replace(recipe.search, latency=lat)
     return dataclasses.replace(recipe, search=search), choice
 
@@ -160,17 +165,20 @@ def check_predictor_once(recipe: RunRecipe, run_dir: Path, table, space) -> tupl
 
     lat = recipe.search.latency
     record = run_dir / "search" / "predictor_check.json"
+    # Another machine (a worker), backend, precision, clock or size checks again.
+    key = {"backend": lat.backend, "hardware": table.hardware, "precision": lat.precision, "clock": lat.clock,
+           "size": [lat.height, lat.width], "students": lat.check_students, "seed": recipe.seed}
     try:
         saved = json.loads(record.read_text())
     except (OSError, ValueError):
         saved = None
-    if saved is None:
+    if saved is None or saved.get("key") != key:
         _say(recipe, f"latency predictor: checking it against {lat.check_students} measured students")
         evaluation = check_predictor(table, space, lat, lat.height, lat.width, seed=recipe.seed,
                                      progress=recipe.progress)
         if evaluation is None:
             return {}, 1.0
-        saved = {"median_abs_error": evaluation.median_abs_relative_error, "students": len(evaluation.rows),
+        saved = {"key": key, "median_abs_error": evaluation.median_abs_relative_error, "students": len(evaluation.rows),
                  "scale": evaluation.scale, "threshold": lat.max_predictor_error, "evaluation": evaluation.to_dict()}
         record.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps(saved, indent=2))
@@ -344,8 +352,9 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
     for name, model in models.items():
         iters.setdefault(name, model.cfg.iters)
     settings = {"backend": lat.backend, "height": lat.height, "width": lat.width, "precision": lat.precision,
-                "warmup": lat.warmup, "repeats": lat.repeats, "threads": lat.threads, "device": str(device),
-                "iters": iters, **({"clock": lat.clock} if lat.clock != "wall" else {})}
+                "warmup": lat.warmup, "repeats": lat.repeats, "threads": lat.threads,
+                "device": str(lat.device or device), "iters": iters,
+                **({"clock": lat.clock} if lat.clock != "wall" else {})}
     if together:
         key = hashlib.sha256(json.dumps({"models": {n: model_hash(m) for n, m in models.items()}, "settings": settings,
                                          "rounds": lat.report_rounds}, sort_keys=True).encode()).hexdigest()
@@ -358,13 +367,14 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
             medians = saved["median_ms"]
         else:
             stats = measure_together(models, lat.backend, lat.height, lat.width, iters=iters, rounds=lat.report_rounds,
-                                     device=device, progress=recipe.progress, **lat.timing())
+                                     device=lat.device or device, progress=recipe.progress, **lat.timing())
             medians = {name: st.median_ms for name, st in stats.items()}
             atomic_write_text(record, json.dumps({"key": key, "settings": settings, "median_ms": medians,
                                                   "stats": {n: st.to_dict() for n, st in stats.items()}}, indent=2))
     else:
         cache = LatencyCache(run_dir / "latency_cache.sqlite")
-        medians = {name: measure(model, lat.backend, lat.height, lat.width, iters=iters[name], device=device,
+        medians = {name: measure(model, lat.backend, lat.height, lat.width, iters=iters[name],
+                                 device=lat.device or device,
                                  cache=cache, **lat.timing()).median_ms
                    for name, model in models.items()}
     summary.teacher["latency_ms"] = medians["teacher"]

@@ -187,3 +187,14 @@ def test_calibration_scale_is_the_median_ratio() -> None:
     assert calibration_scale([(10.0, 8.0), (20.0, 14.0), (5.0, 5.0)]) == pytest.approx(0.8)
     assert calibration_scale([]) == 1.0
 
+
+
+def test_tables_sharing_a_file_keep_each_others_entries(tmp_path: Path) -> None:
+    path = tmp_path / "shared.json"
+    first, second = (LatencyTable(path, backend="torch", warmup=0, repeats=1) for _ in range(2))
+    first.measure_overhead(batch=1)
+    first.save()
+    second.measure_overhead(batch=2)  # opened before the first saved: it does not hold batch 1
+    second.save()
+    merged = LatencyTable(path, backend="torch")
+    assert merged.overhead_ms(1) > 0 and merged.overhead_ms(2) > 0

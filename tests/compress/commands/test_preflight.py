@@ -125,3 +125,24 @@ def test_export_damaged_checkpoint(capsys, tmp_path) -> None:
     ckpt = _nan_checkpoint(tmp_path)
     _fails(capsys, ["export", "--model", str(ckpt), "--height", "64", "--width", "128",
                     "--out", str(tmp_path / "m.onnx")], "'refine.w' holds 1 NaN/Inf")
+
+
+def test_run_onnxruntime_bf16_and_thread_clock(capsys, tmp_path) -> None:
+    _run(capsys, tmp_path, "search.latency.precision=bf16", expected=("search.latency.precision='bf16'",))
+    _run(capsys, tmp_path, "search.latency.clock=thread", "search.latency.threads=2",
+         expected=("search.latency.clock", "single-threaded"))
+
+
+def test_run_zero_height(capsys, tmp_path) -> None:
+    _run(capsys, tmp_path, "height=0", expected=("height=0", "expected an integer >= 32"))
+
+
+def test_run_path_with_synthetic_kind(capsys, tmp_path) -> None:
+    _run(capsys, tmp_path, f"data.train.path={tmp_path}", expected=("kind 'synthetic'", "set kind to 'auto'"))
+
+
+def test_run_damaged_predictor_table(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FFSC_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "latency_table.json").write_text("{not json")
+    _run(capsys, tmp_path, "search.latency.mode=predicted", expected=("latency table", "not readable JSON"))
