@@ -152,7 +152,8 @@ def random_crop(sample: StereoSample, size: tuple[int, int], rng: np.random.Gene
     return crop_sample(sample, top, left, h, w)
 
 
-def _resize_image(img: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_image(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a uint8 HxWx3 image (antialiased when shrinking)."""
     t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
     shrinking = height < img.shape[0] or width < img.shape[1]
     out = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinking)
@@ -178,8 +179,8 @@ def scale_sample(sample: StereoSample, height: int, width: int) -> StereoSample:
     disp = None if sample.disp is None else (sample.disp[iy, ix] * np.float32(factor)).astype(np.float32)
     return replace(
         sample,
-        left=_resize_image(sample.left, height, width),
-        right=_resize_image(sample.right, height, width),
+        left=resize_image(sample.left, height, width),
+        right=resize_image(sample.right, height, width),
         disp=disp,
         valid=None if sample.valid is None else sample.valid[iy, ix],
         nonocc=None if sample.nonocc is None else sample.nonocc[iy, ix],

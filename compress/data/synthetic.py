@@ -15,6 +15,8 @@ surface (its two neighbours' mean).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -69,6 +71,14 @@ class SyntheticConfig:
     """Strength of the multi-scale value noise in the textures (0..1 colour units)."""
     stripe_amplitude: float = 0.25
     """Strength of the sinusoidal stripes in the textures (0..1 colour units)."""
+    texture_dir: str | None = None
+    """Folder of photographs (png/jpg); each layer is textured with a random crop of one with probability
+    ``photo_prob`` (natural image statistics: smooth regions, edges, repeats), else procedurally."""
+    photo_prob: float = 0.5
+    """Probability that a layer's texture is a photograph, when ``texture_dir`` is set."""
+    max_disp_low: float | None = None
+    """When set, each sample's largest disparity is drawn log-uniformly from [max_disp_low, max_disp], so one
+    dataset covers near and far scenes; None = every sample spans up to ``max_disp``."""
 
     def __post_init__(self) -> None:
         self.shapes = tuple(self.shapes)
@@ -98,6 +108,13 @@ class SyntheticConfig:
             raise ConfigError(f"shapes={self.shapes} must be a non-empty subset of {SHAPES}.")
         if self.focal_px <= 0 or self.baseline_m <= 0:
             raise ConfigError("focal_px and baseline_m must be positive.")
+        if not 0.0 <= self.photo_prob <= 1.0:
+            raise ConfigError(f"photo_prob={self.photo_prob} must be a probability in [0, 1].")
+        if self.texture_dir is not None:
+            _photos(str(self.texture_dir))  # a missing or empty folder fails here, not in a DataLoader worker
+        if self.max_disp_low is not None and not self.min_disp + 3 <= self.max_disp_low <= self.max_disp:
+            raise ConfigError(f"max_disp_low={self.max_disp_low} must lie in [min_disp + 3, max_disp] = "
+                              f"[{self.min_disp + 3}, {self.max_disp}] (or be null).")
 
 
 @dataclass
@@ -134,6 +151,52 @@ def _texture(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, cfg: Synt
     # Per-pixel grain makes every pixel distinctive, so no two positions on a row look alike.
     tex += 0.3 * cfg.noise_amplitude * rng.uniform(-1.0, 1.0, size=(h, wc, 1))
     return np.rint(np.clip(tex, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@functools.lru_cache(maxsize=4)
+def _photos(folder: str) -> tuple[np.ndarray, ...]:
+    """Every photograph in ``folder`` (sorted by name, so a texture's choice is reproducible), as uint8 RGB."""
+    from compress.data.io import read_image
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"texture_dir {folder!r} is not a folder; expected a folder of photographs "
+                          f"({', '.join(PHOTO_SUFFIXES)})")
+    files = sorted(f for f in root.iterdir() if f.suffix.lower() in PHOTO_SUFFIXES)
+    if not files:
+        raise ConfigError(f"texture_dir {folder!r} holds no photographs ({', '.join(PHOTO_SUFFIXES)})")
+    return tuple(read_image(f) for f in files)
+
+
+def _photo_texture(rng: np.random.Generator, photos: tuple[np.ndarray, ...], h: int, wc: int) -> np.ndarray:
+    """A random crop of a random photograph, rescaled by 0.5-2x (at least to the canvas) and maybe mirrored."""
+    from compress.data.augment import resize_image
+
+    photo = photos[int(rng.integers(len(photos)))]
+    ph, pw = photo.shape[:2]
+    scale = max(math.exp(rng.uniform(math.log(0.5), math.log(2.0))), h / ph, wc / pw)
+    sh, sw = max(h, math.ceil(ph * scale)), max(wc, math.ceil(pw * scale))
+    top, left = int(rng.integers(sh - h + 1)), int(rng.integers(sw - wc + 1))
+    flip = rng.uniform() < 0.5
+    # Crop in the photo's own pixels first, so only the canvas-sized part is resampled.
+    y0, y1 = int(top / scale), min(ph, math.ceil((top + h) / scale) + 1)
+    x0, x1 = int(left / scale), min(pw, math.ceil((left + wc) / scale) + 1)
+    tex = resize_image(photo[y0:y1, x0:x1], h, wc)
+    if flip:
+        tex = tex[:, ::-1]
+    # Sensor grain: photographs have flat regions; two grey levels of noise keep them realistic, not blank.
+    grain = rng.integers(-2, 3, size=(h, wc, 1))
+    return np.clip(tex.astype(np.int16) + grain, 0, 255).astype(np.uint8)
+
+
+def _layer_texture(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, cfg: SyntheticConfig) -> np.ndarray:
+    """The texture of one layer: a photograph crop (when the config names photographs) or a procedural one."""
+    if cfg.texture_dir is not None and rng.uniform() < cfg.photo_prob:
+        return _photo_texture(rng, _photos(str(cfg.texture_dir)), *ys.shape)
+    return _texture(rng, ys, xs, cfg)
 
 
 def _polygon_mask(vertices: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -190,7 +253,8 @@ def _build_layers(rng: np.random.Generator, cfg: SyntheticConfig, ys: np.ndarray
     plane = b * xs + c * ys
     a = rng.uniform(lo - plane.min(), bg_hi - plane.max())
     bg_disp = a + plane
-    layers = [_Layer(np.ones((h, wc), dtype=bool), bg_disp, _whole_pixels(bg_disp, cfg), _texture(rng, ys, xs, cfg))]
+    bg_tex = _layer_texture(rng, ys, xs, cfg)
+    layers = [_Layer(np.ones((h, wc), dtype=bool), bg_disp, _whole_pixels(bg_disp, cfg), bg_tex)]
 
     width = cfg.width
     base = min(cfg.height, cfg.width)
@@ -207,7 +271,7 @@ def _build_layers(rng: np.random.Generator, cfg: SyntheticConfig, ys: np.ndarray
             bo, co, dev = bo * shrink, co * shrink, dev * shrink
         d0 = rng.uniform(fg_lo + dev, hi - dev)
         disp = d0 + bo * (xs - cx) + co * (ys - cy)
-        layers.append(_Layer(mask, disp, _whole_pixels(disp, cfg), _texture(rng, ys, xs, cfg)))
+        layers.append(_Layer(mask, disp, _whole_pixels(disp, cfg), _layer_texture(rng, ys, xs, cfg)))
     return layers
 
 
@@ -290,6 +354,10 @@ def generate_sample(config: SyntheticConfig, index: int = 0) -> StereoSample:
     h, w = config.height, config.width
     wc = w + math.ceil(config.max_disp) + 2  # right-view pixels near the right border come from beyond w
     ys, xs = np.mgrid[0:h, 0:wc].astype(np.float64)
+    if config.max_disp_low is not None:
+        # Drawn before anything else, and only when asked for, so configs without it render as they always did.
+        top = math.exp(rng.uniform(math.log(config.max_disp_low), math.log(config.max_disp)))
+        config = dataclasses.replace(config, max_disp=top, max_disp_low=None)
     layers = _build_layers(rng, config, ys, xs)
 
     keys = np.stack([np.where(layer.mask, layer.disp, -np.inf) for layer in layers])

@@ -137,3 +137,54 @@ def test_written_dataset_reads_back_as_middlebury(tmp_path):
             rtol=1e-9,
         )
         assert read.calib["ndisp"] > made.disp.max()
+
+
+COLOURS = np.array([[10, 200, 30], [200, 20, 90]])
+
+
+def _photos(folder):
+    """A folder of two flat-coloured 'photographs' (so every photo-textured pixel is recognisable)."""
+    from compress.data.io import write_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, colour in enumerate(COLOURS):
+        write_image(folder / f"photo{i}.png", np.broadcast_to(colour.astype(np.uint8), (40, 60, 3)).copy())
+    (folder / "notes.txt").write_text("not a photograph")  # ignored
+    return folder
+
+
+def test_photo_textures_come_from_the_folder_and_keep_exact_matches(tmp_path):
+    cfg = SyntheticConfig(height=48, width=96, max_disp=20.0, num_objects=3, seed=3,
+                          texture_dir=str(_photos(tmp_path / "photos")), photo_prob=1.0)
+    a, b = generate_sample(cfg, 1), generate_sample(cfg, 1)
+    np.testing.assert_array_equal(a.left, b.left)
+    # Every pixel is one of the photographs' colours up to the +-2 grey levels of sensor grain.
+    distance = np.abs(a.left[:, :, None, :].astype(int) - COLOURS[None, None]).max(axis=3).min(axis=2)
+    assert distance.max() <= 2
+    equal, inside = _matches(a)
+    assert a.nonocc.mean() > 0.5 and equal[a.nonocc].all()
+    procedural = generate_sample(SyntheticConfig(**{**cfg.__dict__, "photo_prob": 0.0}), 1)
+    far = np.abs(procedural.left[:, :, None, :].astype(int) - COLOURS[None, None]).max(axis=3).min(axis=2) > 2
+    assert far.mean() > 0.9  # photo_prob 0: procedural textures only
+
+
+def test_per_sample_disparity_range(tmp_path):
+    cfg = SyntheticConfig(height=48, width=96, max_disp=40.0, max_disp_low=8.0, num_objects=3, seed=0)
+    tops = [generate_sample(cfg, i).disp.max() for i in range(12)]
+    assert max(tops) <= 40 and min(tops) >= 4
+    assert max(tops) - min(tops) > 10  # the range really varies between samples
+    fixed = [generate_sample(SyntheticConfig(height=48, width=96, max_disp=40.0, num_objects=3, seed=0), i).disp.max()
+             for i in range(12)]
+    assert min(fixed) > 20  # without it every sample's objects sit in the upper half of [1, 40]
+
+
+def test_texture_and_range_validation(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="is not a folder"):
+        SyntheticConfig(texture_dir=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="holds no photographs"):
+        SyntheticConfig(texture_dir=str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="photo_prob"):
+        SyntheticConfig(photo_prob=1.5)
+    with pytest.raises(ConfigError, match=r"max_disp_low=2.*\[4.0, 32.0\]"):
+        SyntheticConfig(max_disp_low=2)
