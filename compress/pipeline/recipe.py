@@ -31,14 +31,21 @@ class TeacherStage:
     trust_checkpoint: bool = False
     iters: int | None = None
     """Teacher GRU iterations for labelling; None = valid_iters of its config."""
+    stand_in: str = "shipped"
+    """Without a checkpoint: 'shipped' (the stand-in teacher in search_spaces/standin_teacher, trained once on
+    procedural scenes with photographic textures), 'train' (train ``fallback_preset`` here on the training set's
+    ground truth) or a saved student folder (e.g. from ``ffsc teacher train-standin``)."""
     fallback_preset: str = "quickstart_teacher"
-    """Without a checkpoint: the search_spaces preset trained as the teacher."""
+    """With stand_in 'train': the search_spaces preset trained as the teacher."""
     fallback_overrides: dict[str, Any] = field(default_factory=dict)
     train_steps: int = 300
     train_batch_size: int = 4
     train_lr: float = 1e-3
 
     def __post_init__(self) -> None:
+        if not self.stand_in:
+            raise ConfigError("teacher.stand_in: got an empty value, expected 'shipped', 'train' or a saved student "
+                              "folder")
         why = "the stand-in teacher trains when no checkpoint is given"
         require_at_least("teacher.train_steps", self.train_steps, 1, why)
         require_at_least("teacher.train_batch_size", self.train_batch_size, 1, why)

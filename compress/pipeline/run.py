@@ -76,6 +76,11 @@ def preflight(recipe: RunRecipe):
     if recipe.teacher.checkpoint:
         pf.check_checkpoint(recipe.teacher.checkpoint, key="teacher.checkpoint",
                             trust_pickle=recipe.teacher.trust_checkpoint)
+    elif recipe.teacher.stand_in != "train":
+        from .standin import SHIPPED_DIR
+
+        where = SHIPPED_DIR if recipe.teacher.stand_in == "shipped" else Path(recipe.teacher.stand_in).expanduser()
+        pf.check_checkpoint(where, key="teacher.stand_in")
     for name in ("train", "eval"):
         spec = getattr(recipe.data, name)
         if spec.path:

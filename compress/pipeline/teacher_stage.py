@@ -15,12 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from compress.data.datasets import build_dataset
-from compress.distill.config import OutputLossConfig
-from compress.distill.losses import GroundTruth, TeacherTargets, output_loss
 from compress.errors import DataError
-from compress.training import fit, to_device
+from compress.training import fit
 
 from .recipe import RunRecipe
+from .standin import gt_loss, load_standin, weights_digest
 
 
 @dataclass
@@ -73,24 +72,17 @@ def train_fallback_teacher(recipe: RunRecipe, out_dir: Path, device: torch.devic
     opt = torch.optim.AdamW(model.parameters(), lr=spec.train_lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.train_lr, total_steps=spec.train_steps,
                                                 pct_start=0.05, anneal_strategy="cos")
-    loss_cfg = OutputLossConfig(weight=0.0, gt_weight=1.0, init_weight=0.5, max_disp=None)
     start = time.perf_counter()
     losses: list[float] = []
-
-    def loss_of(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch = to_device(batch, device)
-        gt = GroundTruth.from_batch(batch)
-        out = model(batch["left"], batch["right"], iters=cfg.iters, return_intermediates=True)
-        parts = output_loss(out, TeacherTargets(disp=gt.disp), gt, loss_cfg)
-        return parts["output_gt"] + parts["init"], parts
 
     def after_step(step: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, str]:
         losses.append(float(total))
         return {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}
 
     epochs = itertools.chain.from_iterable(itertools.repeat(loader))  # reshuffled by the generator each pass
-    fit(model.parameters(), loss_of, epochs, opt, sched, steps=spec.train_steps, grad_clip=1.0, on_step=after_step,
-        desc="teacher (ground truth)", progress=recipe.progress)
+    fit(model.parameters(), lambda b: gt_loss(model, b, device, cfg.iters), epochs, opt, sched,
+        steps=spec.train_steps, grad_clip=1.0, on_step=after_step, desc="teacher (ground truth)",
+        progress=recipe.progress)
     if not all(math.isfinite(x) for x in losses[-10:]):
         raise DataError("the stand-in teacher's training diverged (non-finite loss); lower teacher.train_lr")
     model.eval()
@@ -103,8 +95,22 @@ def train_fallback_teacher(recipe: RunRecipe, out_dir: Path, device: torch.devic
     return TeacherInfo(model, description, identity, True, out_dir)
 
 
+def shipped_or_saved_teacher(where: str, device: torch.device) -> TeacherInfo:
+    """A stand-in teacher trained before this run: the shipped one ('shipped') or a saved student folder."""
+    model, path = load_standin(where, device)
+    record = path / "training.json"
+    steps = json.loads(record.read_text()).get("steps") if record.is_file() else None
+    name = "shipped stand-in teacher" if where == "shipped" else f"stand-in teacher from {path}"
+    description = (f"{name} '{model.cfg.name}'" + (f" ({steps} steps on procedural scenes)" if steps else "")
+                   + "; no official checkpoint given")
+    identity = {"kind": "stand_in", "preset": model.cfg.name, "weights_sha256": weights_digest(path)}
+    return TeacherInfo(model, description, identity, False, path)
+
+
 def get_teacher(recipe: RunRecipe, run_dir: Path, device: torch.device) -> TeacherInfo:
-    """The recipe's teacher: the official checkpoint when given, else the trained stand-in."""
+    """The recipe's teacher: the official checkpoint when given, else the stand-in that teacher.stand_in names."""
     if recipe.teacher.checkpoint:
         return _official(recipe, device)
-    return train_fallback_teacher(recipe, run_dir / "teacher", device)
+    if recipe.teacher.stand_in == "train":
+        return train_fallback_teacher(recipe, run_dir / "teacher", device)
+    return shipped_or_saved_teacher(recipe.teacher.stand_in, device)

@@ -1,0 +1,243 @@
+"""The stand-in teacher: a small student trained on procedural stereo with exact ground truth, for users without
+the official FoundationStereo checkpoint.
+
+One is shipped in ``search_spaces/standin_teacher/`` (config, weights and ``training.json``, which records the
+recipe, the texture photographs' hashes, the machine and the losses); ``ffsc teacher train-standin
+recipes/standin_teacher.yaml --out DIR`` reproduces it. Training is resumable: a state file every
+``checkpoint_every`` steps, and each step's batch is a pure function of (seed, step).
+
+The scenes (``compress.data.synthetic``) are layered slanted planes and shapes with whole-pixel disparities and
+exact occlusions, textured with crops of photographs (scikit-image's bundled ones by default, the Middlebury
+motorcycle excluded: it is the held-out real pair of ``benchmarks/real_pairs.py``) or procedural noise; each
+sample draws its disparity range, and the right view may get its own colour jitter (a camera mismatch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+from compress.atomic import atomic_write, atomic_write_text
+from compress.data.augment import AugmentConfig, StereoAugmentor
+from compress.data.synthetic import SyntheticConfig, SyntheticStereoDataset
+from compress.distill.config import DatasetSpec, OutputLossConfig
+from compress.distill.losses import GroundTruth, TeacherTargets, output_loss
+from compress.errors import CheckpointError, ConfigError, DataError
+from compress.preflight import require_at_least, require_positive
+from compress.structured import load_structured, to_plain
+from compress.training import fit, to_device
+
+SHIPPED_DIR = Path(str(files("search_spaces") / "standin_teacher"))
+"""Where the shipped stand-in teacher lives (a saved student directory, package data of search_spaces)."""
+
+SKIMAGE_TEXTURES = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "moon", "page",
+                    "rocket", "text")
+"""scikit-image's bundled photographs used as textures: natural scenes and surfaces (not the motorcycle, which is
+the held-out real stereo pair; not the synthetic or microscopy images)."""
+
+_GT_LOSS = OutputLossConfig(weight=0.0, gt_weight=1.0, init_weight=0.5, max_disp=None)
+
+
+@dataclass
+class StandInRecipe:
+    """How the stand-in teacher is trained: model preset, procedural data, augmentation and schedule."""
+
+    preset: str = "standin_teacher"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    textures: str | None = "skimage"
+    """'skimage' (scikit-image's bundled photographs, exported next to the weights), a folder of photographs, or
+    null (procedural textures only)."""
+    data: DatasetSpec = field(default_factory=lambda: DatasetSpec(kind="synthetic", num_samples=1, synthetic=(
+        SyntheticConfig(height=256, width=320, max_disp=128, max_disp_low=16, num_objects=6, photo_prob=0.6,
+                        object_size=(0.08, 0.35), object_slope=0.1, max_slope=0.3))))
+    """The scene generator; ``num_samples`` is ignored (every step draws fresh scenes)."""
+    eval: DatasetSpec = field(default_factory=lambda: DatasetSpec(kind="synthetic", num_samples=16))
+    """Held-out scenes (the generator above with this spec's seed and count unless it sets its own)."""
+    crop: list[int] | None = field(default_factory=lambda: [128, 320])
+    """[height, width] training crop, multiples of 32 (full-width crops keep the whole disparity range)."""
+    jitter_prob: float = 0.8
+    asymmetric_prob: float = 0.5
+    """Given jitter, the probability that the right view gets its own (a camera mismatch)."""
+    steps: int = 1500
+    batch_size: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        require_at_least("steps", self.steps, 1)
+        require_at_least("batch_size", self.batch_size, 1)
+        require_at_least("checkpoint_every", self.checkpoint_every, 1)
+        require_positive("lr", self.lr)
+        if self.crop is not None and (len(self.crop) != 2 or any(c <= 0 or c % 32 for c in self.crop)):
+            raise ConfigError(f"crop: got {self.crop}, expected [height, width], positive multiples of 32, or null")
+        syn = self.data.synthetic
+        if self.crop is not None and (self.crop[0] > syn.height or self.crop[1] > syn.width):
+            raise ConfigError(f"crop {self.crop} is larger than the scenes ({syn.height}x{syn.width})")
+
+
+def load_standin_recipe(path: str | Path | None, overrides: list[str] | None = None) -> StandInRecipe:
+    """The stand-in recipe in ``path`` (None: the defaults), with key=value overrides."""
+    return load_structured(StandInRecipe, path, overrides or [], what="stand-in teacher recipe")
+
+
+def gt_loss(model: nn.Module, batch: dict[str, Any], device: torch.device,
+            iters: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The supervised loss of a stereo model against ground truth (sequence loss + initial disparity)."""
+    batch = to_device(batch, device)
+    gt = GroundTruth.from_batch(batch)
+    out = model(batch["left"], batch["right"], iters=iters, return_intermediates=True)
+    parts = output_loss(out, TeacherTargets(disp=gt.disp), gt, _GT_LOSS)
+    return parts["output_gt"] + parts["init"], parts
+
+
+def export_skimage_textures(out_dir: Path) -> dict[str, str]:
+    """Write scikit-image's bundled photographs in SKIMAGE_TEXTURES as PNGs; returns {file: sha256}."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise ConfigError("textures: 'skimage' needs scikit-image (pip install 'ffsc[real]'), or name a folder of "
+                          "photographs, or null for procedural textures") from None
+    from compress.data.io import write_image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hashes = {}
+    for name in SKIMAGE_TEXTURES:
+        img = np.asarray(getattr(skimage.data, name)())
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        path = out_dir / f"{name}.png"
+        write_image(path, img[..., :3])
+        hashes[path.name] = hashlib.sha256(np.ascontiguousarray(img[..., :3]).tobytes()).hexdigest()
+    return hashes
+
+
+def _texture_hashes(folder: Path) -> dict[str, str]:
+    from compress.data.io import read_image
+
+    return {f.name: hashlib.sha256(np.ascontiguousarray(read_image(f)).tobytes()).hexdigest()
+            for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def _datasets(recipe: StandInRecipe, texture_dir: str | None) -> tuple[SyntheticStereoDataset, SyntheticStereoDataset]:
+    syn = dataclasses.replace(recipe.data.synthetic, texture_dir=texture_dir)
+    aug = StereoAugmentor(AugmentConfig(crop_size=None if recipe.crop is None else tuple(recipe.crop),
+                                        jitter_prob=recipe.jitter_prob, asymmetric_prob=recipe.asymmetric_prob))
+    train = SyntheticStereoDataset(recipe.steps * recipe.batch_size, syn, transform=aug, seed=recipe.seed)
+    eval_syn = dataclasses.replace(syn, seed=recipe.eval.synthetic.seed if recipe.eval.synthetic.seed != syn.seed
+                                   else syn.seed + 1000)
+    return train, SyntheticStereoDataset(recipe.eval.num_samples, eval_syn, seed=recipe.seed)
+
+
+def train_standin(recipe: StandInRecipe, out_dir: str | Path, device: torch.device,
+                  progress: bool = True) -> Path:
+    """Train the stand-in teacher into ``out_dir`` (a saved student plus ``training.json``); resumes a stopped run."""
+    from search_spaces import build_student, preset, save_student
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texture_dir, hashes = None, {}
+    if recipe.textures == "skimage":
+        texture_dir = out_dir / "textures"
+        hashes = export_skimage_textures(texture_dir)
+    elif recipe.textures:
+        texture_dir = Path(recipe.textures).expanduser()
+        if not texture_dir.is_dir():
+            raise ConfigError(f"textures: {recipe.textures!r} is not a folder of photographs")
+        hashes = _texture_hashes(texture_dir)
+    train_set, eval_set = _datasets(recipe, None if texture_dir is None else str(texture_dir))
+
+    cfg = preset(recipe.preset, **recipe.overrides)
+    torch.manual_seed(recipe.seed)
+    model = build_student(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.05,
+                                                anneal_strategy="cos")
+    state_file = out_dir / "train_state.pt"
+    start, losses, seconds = 0, [], 0.0
+    if state_file.is_file():
+        state = torch.load(state_file, map_location=device, weights_only=False)
+        if state["recipe"] != to_plain(recipe):
+            raise ConfigError(f"{state_file} was written by a different recipe; delete it (or use another --out) "
+                              "to train this one from the start")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, losses, seconds = state["step"], state["losses"], state["seconds"]
+
+    def batches():
+        for step in range(start, recipe.steps):
+            base = step * recipe.batch_size
+            yield default_collate([train_set[base + k] for k in range(recipe.batch_size)])
+
+    def save_state(step: int) -> None:
+        state = {"recipe": to_plain(recipe), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "step": step, "losses": losses,
+                 "seconds": seconds + time.perf_counter() - t0}
+        atomic_write(state_file, lambda tmp: torch.save(state, tmp))
+
+    def on_step(step: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, str]:
+        losses.append(float(total))
+        if not math.isfinite(losses[-1]):
+            raise DataError(f"the stand-in teacher's loss is not finite at step {step}; lower lr ({recipe.lr})")
+        if step % recipe.checkpoint_every == 0 and step < recipe.steps:
+            save_state(step)
+        return {"loss": f"{np.mean(losses[-20:]):.3f}"}
+
+    t0 = time.perf_counter()
+    fit(model.parameters(), lambda b: gt_loss(model, b, device, cfg.iters), batches(), opt, sched,
+        steps=recipe.steps, start=start, grad_clip=recipe.grad_clip, on_step=on_step, desc="stand-in teacher",
+        progress=progress)
+    seconds += time.perf_counter() - t0
+    model.eval()
+    from compress.evaluation import evaluate_student
+
+    metrics = evaluate_student(model, eval_set, iters=cfg.iters, device=device)
+    save_student(model, out_dir)
+    from compress.latency import machine_info
+
+    record = {
+        "recipe": to_plain(recipe), "textures": hashes, "steps": recipe.steps, "train_seconds": seconds,
+        "machine": machine_info(), "torch": torch.__version__, "python": platform.python_version(),
+        "loss_every_50": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
+        "eval": {"scenes": f"{eval_set.n} held-out scenes of the training generator (seed {eval_set.config.seed})",
+                 **metrics},
+    }
+    atomic_write_text(out_dir / "training.json", json.dumps(record, indent=2, default=str))
+    state_file.unlink(missing_ok=True)
+    return out_dir
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 of a saved student's weights file (the stand-in's identity in label caches)."""
+    from search_spaces.serialization import WEIGHTS_NAME
+
+    return hashlib.sha256((Path(path) / WEIGHTS_NAME).read_bytes()).hexdigest()
+
+
+def load_standin(where: str, device: torch.device) -> tuple[nn.Module, Path]:
+    """The stand-in teacher named by ``where``: 'shipped' or a saved student directory."""
+    from search_spaces import load_student
+
+    path = SHIPPED_DIR if where == "shipped" else Path(where).expanduser()
+    try:
+        return load_student(path, device=device), path
+    except CheckpointError as exc:
+        hint = ("the shipped stand-in teacher is missing from this copy of ffsc; set teacher.stand_in: train"
+                if where == "shipped" else "teacher.stand_in must be 'shipped', 'train' or a saved student folder")
+        raise CheckpointError(f"{exc} ({hint})") from None
