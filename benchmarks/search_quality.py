@@ -19,6 +19,11 @@ Proxy variants (same seed, the same per-candidate steps, batch and learning-rate
   ``--proxy-steps`` of distillation, evaluate.
 * ``inherit0``: those inherited weights evaluated without any training (no per-candidate compute).
 * ``inherit_plain``: as ``inherit``, from the parent in its trained channel order (no importance reordering).
+* ``distill_hot`` / ``inherit_hot``: as ``distill`` / ``inherit`` with a schedule conditioned for few steps
+  (peak learning rate x2.5, two warm-up steps), the same number of steps.
+
+``--noise-students K`` also retrains the final distillation of K evenly spaced students with another seed: how
+far two equally good trainings of one student differ bounds the rank agreement any proxy can reach.
 
 The parent's steps are a once-per-study cost; the report gives it per candidate for a study of the
 benchmark's size. Every score is the search's error metric (EPE against the teacher on the held-out set);
@@ -51,7 +56,9 @@ from typing import Any
 import numpy as np
 import torch
 
-VARIANTS = ("distill", "inherit", "inherit0", "inherit_plain")
+VARIANTS = ("distill", "inherit", "inherit0", "inherit_plain", "distill_hot", "inherit_hot")
+HOT = {"lr_scale": 2.5, "warmup_steps": 2}
+"""The few-step schedule of the *_hot variants."""
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -111,6 +118,31 @@ def front_overlap(cost: list[float], proxy: list[float], final: list[float]) -> 
 
 # ------------------------------------------------------------------------------------------- students
 
+HANDMADE = {
+    # Fast-FoundationStereo's hand-made shape at the tiny space's scale: the space's standard-width, deeper
+    # backbone (EdgeNeXt-S is the deep member of its family), the hybrid group-wise + concatenation volume at 1/4,
+    # slim cost filtering (what its blockwise search chose: thin volume, narrow hourglass), the small disparity
+    # transformer, one GRU level with a hidden state at half the space's widest (64 of the teacher's 128), and
+    # the most iterations the space allows (its 4-8 at full scale).
+    "tiny": dict(backbone_dims=[16, 32, 48, 64], backbone_depths=[1, 1, 2, 1], feature_dim=32, volume_scale=4,
+                 cv_groups=8, concat_dim=8, volume_dim=8, hourglass_levels=2, hourglass_widths=[1, 2],
+                 transformer_layers=1, gru_levels=1, hidden_dim=16, corr_radius=2, iters=4),
+}
+
+
+def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether (cost, error) ``a`` Pareto-dominates ``b`` (no worse in both, better in one)."""
+    return a[0] <= b[0] and a[1] <= b[1] and (a[0] < b[0] or a[1] < b[1])
+
+
+def against_handmade(rows: list[dict], hand: dict, front: list[int]) -> dict[str, Any]:
+    """Which students dominate the hand-made design, and whether the given front has one that does."""
+    point = (hand["gmacs"], hand["final"]["gt/epe"])
+    by = [r["index"] for r in rows if dominates((r["gmacs"], r["final"]["gt/epe"]), point)]
+    beaten = [r["index"] for r in rows if dominates(point, (r["gmacs"], r["final"]["gt/epe"]))]
+    return {"dominated_by": by, "front_dominates": sorted(set(by) & set(front)), "dominates": beaten}
+
+
 
 def spread_students(space, n: int, pool: int, height: int, width: int, seed: int) -> list[dict[str, Any]]:
     """``n`` distinct students at evenly spaced GMACs quantiles of ``pool`` random members of the space."""
@@ -148,7 +180,7 @@ class World:
             f"run_dir={args.work_dir}", f"height={h}", f"width={w}", f"seed={args.seed}",
             f"data.train={{kind: synthetic, num_samples: {args.train_samples}, synthetic: {synth}, seed: 0}}}}",
             f"data.eval={{kind: synthetic, num_samples: {args.eval_samples}, synthetic: {synth}, seed: 1000}}}}",
-            f"teacher.train_steps={args.teacher_steps}",
+            f"teacher.train_steps={args.teacher_steps}", "teacher.stand_in=train",
         ]
         root = Path(__file__).resolve().parent.parent
         self.recipe = load_run_recipe(root / "recipes" / "quickstart_cpu.yaml", overrides)
@@ -161,8 +193,10 @@ class World:
         self.teacher_vs_gt = teacher_scores(self.eval_set)
         self.args = args
 
-    def train(self, out_dir: Path, steps: int, cfg=None, init: Path | None = None) -> Path:
-        """Distil a student exactly as a search trial does (same loss, optimiser and warm-up rule)."""
+    def train(self, out_dir: Path, steps: int, cfg=None, init: Path | None = None, hot: bool = False,
+              seed: int | None = None) -> Path:
+        """Distil a student exactly as a search trial does (same loss, optimiser and warm-up rule; ``hot``: the
+        few-step schedule)."""
         from compress.distill import distill
         from compress.distill.config import StudentSpec, from_label_cache
 
@@ -170,11 +204,15 @@ class World:
         spec = (StudentSpec(kind="search_space", init_checkpoint=str(init)) if init is not None
                 else StudentSpec(kind="search_space", config=cfg.to_dict()))
         iters = cfg.iters
+        optim = dataclasses.replace(self.recipe.optim, warmup_steps=min(self.recipe.optim.warmup_steps, steps // 4))
+        if hot:
+            optim = dataclasses.replace(optim, lr=optim.lr * HOT["lr_scale"], warmup_steps=HOT["warmup_steps"])
         dc = from_label_cache(
-            out_dir, spec, self.recipe.data.train, self.labels_dir, self.labels, iters, seed=self.args.seed,
+            out_dir, spec, self.recipe.data.train, self.labels_dir, self.labels, iters,
+            seed=self.args.seed if seed is None else seed,
             steps=steps, batch_size=s.batch_size, amp="off", device=str(self.device),
             log_every=max(1, steps // 4), checkpoint_every=steps, progress=False, loss=self.recipe.loss,
-            optim=dataclasses.replace(self.recipe.optim, warmup_steps=min(self.recipe.optim.warmup_steps, steps // 4)),
+            optim=optim,
         )
         return distill(dc).student_path
 
@@ -209,13 +247,27 @@ class Results:
 # ------------------------------------------------------------------------------------------- report
 
 
-def _plot(rows: list[dict], variants: list[str], out_png: Path, title: str) -> None:
+def _plot(rows: list[dict], variants: list[str], out_png: Path, title: str, handmade: dict | None = None) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.6 * len(variants) + 1, 4.2), dpi=110, layout="constrained")
+    panels = len(variants) + 1
+    fig = Figure(figsize=(4.6 * panels + 1, 4.2), dpi=110, layout="constrained")
     final = [r["final"]["gt/epe"] for r in rows]
+    cost = [r["gmacs"] for r in rows]
+    ax = fig.add_subplot(1, panels, 1)
+    true = front_overlap(cost, final, final)["true_front"]
+    ax.scatter(cost, final, c="0.6", label="students (fully trained)")
+    ax.plot(*zip(*sorted((cost[i], final[i]) for i in true), strict=True), "o-", c="C0", label="true front")
+    if handmade is not None:
+        ax.scatter([handmade["gmacs"]], [handmade["final"]["gt/epe"]], marker="*", s=160, c="C3",
+                   label="hand-made (FFS-shaped)")
+    ax.set_xlabel("GMACs")
+    ax.set_ylabel("final EPE vs GT (px)")
+    ax.set_title("cost vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     for k, v in enumerate(variants):
-        ax = fig.add_subplot(1, len(variants), k + 1)
+        ax = fig.add_subplot(1, panels, k + 2)
         proxy = [r[v]["teacher/epe"] for r in rows]
         sc = ax.scatter(proxy, final, c=[r["gmacs"] for r in rows], cmap="viridis")
         for i, (x, y) in enumerate(zip(proxy, final, strict=True)):
@@ -251,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-steps", type=int, default=300, help="once-per-study parent training steps")
     parser.add_argument("--final-steps", type=int, default=250, help="the final distillation of every student")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--noise-students", type=int, default=4,
+                        help="retrain this many students' final distillation with another seed (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 5 students, teacher 60 / proxy 10 / parent 60 / final 60 steps")
@@ -261,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.students, args.pool, args.teacher_steps = 5, 30, 60
         args.proxy_steps, args.parent_steps, args.final_steps, args.eval_samples = 10, 60, 60, 8
+        args.noise_students = min(args.noise_students, 2)
     args.work_dir = args.work_dir or ("runs/bench-search-quality" + ("-smoke" if args.quick else ""))
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
@@ -296,19 +351,21 @@ def main(argv: list[str] | None = None) -> int:
         key = json.dumps(cfg.to_dict(), sort_keys=True)
         print(f"student {i}: {st['gmacs']:.3f} GMACs", flush=True)
         for v in variants:
-            ordered = "|ordered" if v in ("inherit", "inherit0") else ""
+            ordered = "|ordered" if v in ("inherit", "inherit0", "inherit_hot") else ""
+            hot = v.endswith("_hot")
             # One directory per measurement: distill() resumes a finished run, so a reused one would not train.
             run_name = f"{v}-{args.proxy_steps}-{args.parent_steps}"
 
-            def make(v=v, cfg=cfg, tag=tag, run_name=run_name) -> dict[str, Any]:
-                if v == "distill":
-                    return world.score(load_student(world.train(work / tag / run_name, args.proxy_steps, cfg=cfg)))
+            def make(v=v, cfg=cfg, tag=tag, run_name=run_name, hot=hot) -> dict[str, Any]:
+                if v.startswith("distill"):
+                    path = world.train(work / tag / run_name, args.proxy_steps, cfg=cfg, hot=hot)
+                    return world.score(load_student(path))
                 child, report = inherit_student(plain_parent if v == "inherit_plain" else parent, cfg)
                 out = {"inherited_fraction": report.fraction_inherited()}
                 if v == "inherit0":
                     return {**out, **world.score(child)}
                 init = save_student(child, work / tag / f"{run_name}-init")
-                path = world.train(work / tag / run_name, args.proxy_steps, cfg=cfg, init=init)
+                path = world.train(work / tag / run_name, args.proxy_steps, cfg=cfg, init=init, hot=hot)
                 return {**out, **world.score(load_student(path))}
 
             row[v] = results.get(f"{key}|{v}|{args.proxy_steps}|{args.parent_steps}{ordered}", make)
@@ -317,6 +374,28 @@ def main(argv: list[str] | None = None) -> int:
             lambda cfg=cfg, tag=tag: world.score(load_student(world.train(work / tag / f"final-{args.final_steps}",
                                                                           args.final_steps, cfg=cfg))))
         rows.append(row)
+
+    noise = []
+    for i in np.unique(np.round(np.linspace(0, len(rows) - 1, args.noise_students)).astype(int)) \
+            if args.noise_students else []:
+        r, seed = rows[i], args.seed + 1
+        cfg = students[i]["config"]
+        again = results.get(
+            f"{json.dumps(cfg.to_dict(), sort_keys=True)}|final|{args.final_steps}|seed{seed}",
+            lambda cfg=cfg, i=i, seed=seed: world.score(load_student(world.train(
+                work / f"{i:02d}" / f"final-{args.final_steps}-seed{seed}", args.final_steps, cfg=cfg, seed=seed))))
+        noise.append({"index": int(i), "seed": seed, "gt/epe": again["gt/epe"], "first": r["final"]["gt/epe"]})
+
+    handmade = None
+    if args.space in HANDMADE:
+        hand_cfg = space.config_from_values(HANDMADE[args.space]).replace(name=f"{args.space}-ffs-shaped")
+        hand_key = json.dumps(hand_cfg.to_dict(), sort_keys=True)
+        handmade = {"config": hand_cfg.to_dict(),
+                    "gmacs": count_macs(build_student(hand_cfg), args.height, args.width, iters=hand_cfg.iters).gmacs}
+        handmade["final"] = results.get(
+            f"{hand_key}|final|{args.final_steps}",
+            lambda: world.score(load_student(world.train(work / "handmade" / f"final-{args.final_steps}",
+                                                         args.final_steps, cfg=hand_cfg))))
 
     final_gt = [r["final"]["gt/epe"] for r in rows]
     final_teacher = [r["final"]["teacher/epe"] for r in rows]
@@ -333,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             "per_candidate_steps": 0 if v == "inherit0" else args.proxy_steps,
             "seconds_per_candidate": float(np.mean([r[v]["seconds"] for r in rows])),
         }
+        if handmade is not None:
+            summary[v]["vs_handmade"] = against_handmade(rows, handmade, summary[v]["front"]["proxy_front"])
     machine = machine_info()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,12 +428,14 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": world.recipe.search.batch_size, "optim": dataclasses.asdict(world.recipe.optim),
         "teacher": world.teacher.description, "teacher_vs_gt": world.teacher_vs_gt,
         "parent": {"config": parent_cfg.to_dict(), **(parent_info or {})} if parent_info else None,
-        "summary": summary, "students": rows, "invocation_seconds": time.perf_counter() - start,
+        "summary": summary, "students": rows, "handmade": handmade, "seed_noise": noise,
+        "invocation_seconds": time.perf_counter() - start,
         "measured_seconds": (parent_info or {}).get("seconds", 0.0)
         + sum(r[k]["seconds"] for r in rows for k in [*variants, "final"]),
     }
     atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=2, default=str))
-    _plot(rows, variants, stem.with_suffix(".png"), f"{args.space} space at {args.height}x{args.width}: proxy vs final")
+    _plot(rows, variants, stem.with_suffix(".png"), f"{args.space} space at {args.height}x{args.width}: proxy vs final",
+          handmade)
     per_cand_parent = args.parent_steps / max(1, len(rows))
     md = [
         f"# Search proxy quality: {label}", "",
@@ -379,6 +462,23 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         md.append(f"| {r['index']} | {r['gmacs']:.3f} | {r['final']['gt/epe']:.2f} | "
                   + " | ".join(f"{r[v]['teacher/epe']:.2f}" for v in variants) + " |")
+    if noise:
+        diffs = [abs(n["gt/epe"] - n["first"]) for n in noise]
+        md += ["", f"**Seed noise of the truth**: the final distillation of students "
+               f"{[n['index'] for n in noise]} repeated with seed {noise[0]['seed']}: final EPE differs by "
+               f"{np.mean(diffs):.2f} px on average (max {max(diffs):.2f}); the {len(rows)} students' final EPEs span "
+               f"{min(final_gt):.2f}-{max(final_gt):.2f} px (std {np.std(final_gt):.2f}). Pairs of students closer "
+               "than that noise have no reliable true order, which caps the reachable tau."]
+    if handmade is not None:
+        true_front = front_overlap(cost, final_gt, final_gt)["true_front"]
+        by = against_handmade(rows, handmade, true_front)
+        md += ["", f"**Against the hand-made design** (Fast-FoundationStereo's shape at this space's scale, "
+               f"{handmade['gmacs']:.3f} GMACs, the same final distillation): final EPE vs GT "
+               f"{handmade['final']['gt/epe']:.2f} px. Dominated by students {by['dominated_by'] or 'none'} "
+               f"(true-front members among them: {by['front_dominates'] or 'none'}); it dominates students "
+               f"{by['dominates'] or 'none'}. The front each proxy returns contains a dominating student: "
+               + ", ".join(f"{v} {'yes' if s['vs_handmade']['front_dominates'] else 'no'}"
+                           for v, s in summary.items()) + "."]
     cmd = "python benchmarks/search_quality.py" + (" --quick" if args.quick else "")
     md += ["", f"Scatter: `{stem.with_suffix('.png').name}`. Parent and student trainings and evaluations: "
            f"{report['measured_seconds']:.0f} s (stored measurements; the teacher's time is in its description). "
