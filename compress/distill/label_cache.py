@@ -136,7 +136,13 @@ def dataset_fingerprint(dataset: Dataset) -> dict[str, Any]:
     if records:
         fp["names"] = [r.name for r in records]
     if isinstance(dataset, SyntheticStereoDataset):
-        fp["synthetic"] = dataclasses.asdict(dataset.config)
+        syn = dataclasses.asdict(dataset.config)
+        # Settings of generator features that are off are left out, so caches made before they existed match.
+        if syn["texture_dir"] is None:
+            del syn["texture_dir"], syn["photo_prob"]
+        if syn["max_disp_low"] is None:
+            del syn["max_disp_low"]
+        fp["synthetic"] = syn
     return _jsonable(fp)
 
 

@@ -23,6 +23,7 @@ from compress.distill.label_cache import (
     LabelledDataset,
     build_label_cache,
     cache_progress,
+    dataset_fingerprint,
     teacher_identity,
 )
 from teacher import FoundationStereo, TeacherConfig
@@ -223,3 +224,15 @@ def test_partial_cache_refuses_to_serve_labels(tmp_path: Path) -> None:
     assert cache_progress(tmp_path) == (2, 4)
     with pytest.raises(LabelCacheError, match="2 of 4"):
         LabelledDataset(_dataset(4), tmp_path)
+
+
+def test_fingerprint_leaves_out_generator_features_that_are_off(tmp_path):
+    from compress.data.io import write_image
+
+    plain = dataset_fingerprint(SyntheticStereoDataset(2, SyntheticConfig(height=32, width=64, max_disp=12)))
+    # What a cache made before photo textures and per-sample ranges existed recorded: unchanged.
+    assert not {"texture_dir", "photo_prob", "max_disp_low"} & set(plain["synthetic"])
+    write_image(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    on = SyntheticConfig(height=32, width=64, max_disp=12, texture_dir=str(tmp_path), max_disp_low=6)
+    fp = dataset_fingerprint(SyntheticStereoDataset(2, on))["synthetic"]
+    assert fp["texture_dir"] == str(tmp_path) and fp["photo_prob"] == 0.5 and fp["max_disp_low"] == 6
