@@ -59,10 +59,10 @@ class TrialSettings:
     """A compress.latency_predictor table when latency.mode is 'predicted'."""
     latency_scale: float = 1.0
     """Predicted mode: measured / predicted on the students checked at the start of the search."""
-    proxy: str = "distill"
-    """'distill': each trial distils a randomly initialised student; 'inherit': it starts from weights sliced
-    from a parent (the space's largest member) distilled once per study for ``parent_steps`` and reordered by
-    channel importance."""
+    proxy: str = "inherit"
+    """'inherit': each trial starts from weights sliced from a parent (the space's largest member) distilled once
+    per study for ``parent_steps`` and reordered by channel importance; 'distill': it distils a randomly
+    initialised student."""
     parent_steps: int = 300
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ from benchmarks.search_quality import (
     dominates,
     front_overlap,
     kendall_tau_b,
+    pairwise_agreement,
     spearman,
 )
 from search_spaces import load_space
@@ -47,3 +48,11 @@ def test_handmade_design_is_a_member_of_its_space():
     for dim in space.dimensions:
         assert HANDMADE["tiny"][dim.name] in dim.values(), dim.name
     assert cfg.volume_scale == 4 and cfg.gru_levels == 1 and cfg.concat_dim > 0 and cfg.transformer_layers == 1
+
+
+def test_agreement_on_reliably_ordered_pairs_ignores_close_pairs():
+    truth = [1.0, 1.1, 3.0, 3.05]  # two clusters; inside each the order is within the noise
+    proxy = [2.0, 1.0, 5.0, 4.0]  # right about the clusters, wrong inside both
+    assert kendall_tau_b(proxy, truth) == pytest.approx(1 / 3)
+    assert pairwise_agreement(proxy, truth, 0.2) == {"tau": 1.0, "pairs": 4, "concordant_share": 1.0}
+    assert pairwise_agreement(proxy, truth, 0.0)["tau"] == pytest.approx(1 / 3)

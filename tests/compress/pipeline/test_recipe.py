@@ -91,3 +91,14 @@ def test_prune_data_is_a_dataset_spec():
     assert len(samples) == 2 and tuple(samples[0]["left"].shape) == (3, 32, 64)  # auto without a path: synthetic
     with pytest.raises(ConfigError, match="needs a path"):
         DatasetSpec(kind="middlebury")
+
+
+def test_the_search_proxy_defaults_to_inheritance_and_distill_stays_selectable():
+    # benchmarks/search_quality.py: inheritance ranks students like their final accuracy (tau 0.70 vs 0.42).
+    assert load_run_recipe(None).search.proxy == "inherit"
+    for name in ("quickstart_cpu.yaml", "fast_foundationstereo_nas.yaml"):
+        search = load_run_recipe(RECIPES / name).search
+        assert search.proxy == "inherit" and search.parent_steps >= 10 * search.distill_steps, name
+    assert load_run_recipe(QUICKSTART, ["search.proxy=distill"]).search.proxy == "distill"
+    with pytest.raises(ConfigError, match="parent_steps: got 0"):
+        load_run_recipe(QUICKSTART, ["search.parent_steps=0"])

@@ -13,7 +13,7 @@ from tests.paths import REPO
 
 RECIPE = REPO / "recipes" / "quickstart_cpu.yaml"
 SMALL = [
-    "search.n_trials=2", "search.distill_steps=2",
+    "search.n_trials=2", "search.distill_steps=2", "search.parent_steps=2",
     "search.batch_size=2", "distill.steps=2", "distill.batch_size=2", "search.latency.repeats=2",
     "search.latency.warmup=1", "search.latency.report_rounds=1", "data.train.num_samples=4",
     "data.eval.num_samples=2", "prune.samples=2", "prune.distill.steps_between=1", "prune.distill.recovery_steps=1",
