@@ -29,8 +29,9 @@ class StudentConfig:
     backbone_depths: list[int] = field(default_factory=lambda: [3, 3, 9, 3])
     backbone_heads: int = 8
     backbone_weights: str | None = None
-    """A local timm EdgeNeXt state dict (e.g. ImageNet-trained) loaded into the backbone when the student is
-    first built; a saved student's own weights win when it is loaded. Never downloaded."""
+    """A local timm EdgeNeXt state dict (e.g. ImageNet-trained), or ``timm:<model>`` (timm downloads its pretrained
+    weights, e.g. ``timm:edgenext_small.usi_in1k``; online only), loaded into the backbone when the student is
+    first built; a saved student's own weights win when it is loaded."""
     feature_dim: int = 224
     # cost volume
     volume_scale: int = 4

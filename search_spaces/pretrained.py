@@ -72,8 +72,35 @@ def block_sources(keys, source_keys, prefix: str = "") -> dict[str, str]:
     return out
 
 
+TIMM_PREFIX = "timm:"
+"""``backbone_weights: timm:<model>`` fetches timm's pretrained weights of <model> (online users only)."""
+
+
+def fetch_timm_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """timm's pretrained weights of model ``name`` (e.g. 'edgenext_small.usi_in1k'), downloaded by timm into its
+    cache on first use: the one path in ffsc that reaches the internet, and only when a config asks for it."""
+    import timm
+
+    if not timm.is_model(name):
+        family = ", ".join(timm.list_models("edgenext*", pretrained=True))
+        raise ConfigError(f"backbone_weights: {TIMM_PREFIX}{name}: timm has no such model (pretrained EdgeNeXt "
+                          f"ones: {family})")
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - offline, proxy, hub errors: one line, with the way out
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"backbone_weights: could not fetch timm's pretrained {name!r} ({type(exc).__name__}: {reason[:200]}); "
+            f"without internet access, save timm.create_model({name!r}, pretrained=True).state_dict() with "
+            "torch.save on a machine that has it and name that local file") from None
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def read_timm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A timm state dict from a local ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors`` file."""
+    """A timm state dict from a local ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors`` file, or from timm's
+    hub for ``timm:<model>``."""
+    if str(path).startswith(TIMM_PREFIX):
+        return fetch_timm_state_dict(str(path)[len(TIMM_PREFIX):])
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"backbone_weights: {path} does not exist (expected a local timm EdgeNeXt state dict file)")

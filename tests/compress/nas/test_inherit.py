@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -9,6 +13,7 @@ import torch
 from compress.errors import ConfigError
 from compress.nas.inherit import inherit_student, order_by_importance, parent_config
 from search_spaces import build_student, load_space, load_student, preset, save_student
+from tests.paths import REPO
 
 H, W = 64, 128
 
@@ -212,3 +217,18 @@ def test_search_proxy_inherit_trains_the_parent_once_and_starts_trials_from_it(t
     assert parent_file.stat().st_mtime_ns == stamp
     with pytest.raises(ConfigError, match="search.proxy: got 'warm'"):
         load_run_recipe("recipes/quickstart_cpu.yaml", ["search.proxy=warm"])
+
+
+def test_backbone_weights_from_timm_name_a_bad_model_and_explain_offline(tmp_path):
+    with pytest.raises(ConfigError, match=r"timm:edgenext_bogus: timm has no such model .*edgenext_small\.usi_in1k"):
+        build_student(preset("tiny", backbone_weights="timm:edgenext_bogus"))
+    # Offline (as here and in CI), fetching fails with one line that says what to do instead; a fresh process so
+    # that the hub library reads HF_HUB_OFFLINE at import.
+    code = ("from search_spaces import build_student, preset\n"
+            "build_student(preset('tiny', backbone_weights='timm:edgenext_x_small.in1k'))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("compress.errors.CheckpointError: backbone_weights: could not fetch timm's pretrained")
+    assert "name that local file" in last
