@@ -146,8 +146,8 @@ def test_recipe_overrides_are_type_checked():
 
 def test_shipped_recipes_load():
     for path in sorted(RECIPE.parent.glob("*.yaml")):
-        if path.name in ("distill.yaml", "prune_to_budget.yaml", "finetune_own_footage.yaml"):
-            continue  # other schemas (ffsc distill / ffsc prune), checked in their own tests
+        if path.name in ("distill.yaml", "prune_to_budget.yaml", "finetune_own_footage.yaml", "standin_teacher.yaml"):
+            continue  # other schemas (ffsc distill / prune / teacher train-standin), checked in their own tests
         load_run_recipe(path)
 
 
