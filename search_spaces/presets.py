@@ -45,16 +45,12 @@ PRESETS: dict[str, dict] = {
         motion_dim=48, motion_corr_dim=64, motion_disp_dim=16, head_blocks=1, corr_levels=2, corr_radius=2,
         iters=6, mixed_precision=False,
     ),
-    # The shipped stand-in teacher (search_spaces/standin_teacher/): the quick start's teacher with a cost volume
-    # deep enough for disparities up to 128 px at 256x320 (40 bins at 1/4 resolution covers 160 px).
-    "standin_teacher": dict(
-        backbone_dims=[24, 48, 64, 96], backbone_depths=[1, 1, 2, 1], backbone_heads=4, feature_dim=48,
-        max_disp=160, cv_groups=8, concat_dim=16, volume_dim=16, hourglass_levels=2, hourglass_widths=[32, 48],
-        stem_blocks=1, apc_kernel=5, agg_blocks=1, transformer_layers=1, transformer_heads=2, hidden_dim=48,
-        motion_dim=48, motion_corr_dim=64, motion_disp_dim=16, head_blocks=1, corr_levels=2, corr_radius=2,
-        iters=6, mixed_precision=False,
-    ),
 }
+
+
+# The shipped stand-in teacher (search_spaces/standin_teacher/): the quick start's teacher with a cost volume deep
+# enough for disparities up to 128 px at 256x320 (40 bins at 1/4 resolution cover 160 px).
+PRESETS["standin_teacher"] = dict(PRESETS["quickstart_teacher"], max_disp=160)
 
 
 def preset(name: str, **overrides) -> StudentConfig:
