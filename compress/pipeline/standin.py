@@ -127,6 +127,12 @@ def export_skimage_textures(out_dir: Path) -> dict[str, str]:
     return hashes
 
 
+def _skimage_version() -> str:
+    import skimage
+
+    return skimage.__version__
+
+
 def _texture_hashes(folder: Path) -> dict[str, str]:
     from compress.data.io import read_image
 
@@ -215,6 +221,8 @@ def train_standin(recipe: StandInRecipe, out_dir: str | Path, device: torch.devi
         "recipe": to_plain(recipe), "textures": hashes, "steps": recipe.steps, "train_seconds": seconds,
         "machine": machine_info(), "torch": torch.__version__, "python": platform.python_version(),
         "loss_every_50": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
+        "scikit_image": _skimage_version() if recipe.textures == "skimage" else None,
+        "threads": torch.get_num_threads(),
         "eval": {"scenes": f"{eval_set.n} held-out scenes of the training generator (seed {eval_set.config.seed})",
                  **metrics},
     }
