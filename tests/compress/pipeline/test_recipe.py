@@ -96,9 +96,10 @@ def test_prune_data_is_a_dataset_spec():
 def test_the_search_proxy_defaults_to_inheritance_and_distill_stays_selectable():
     # benchmarks/search_quality.py: inheritance ranks students like their final accuracy (tau 0.70 vs 0.42).
     assert load_run_recipe(None).search.proxy == "inherit"
-    for name in ("quickstart_cpu.yaml", "fast_foundationstereo_nas.yaml"):
-        search = load_run_recipe(RECIPES / name).search
-        assert search.proxy == "inherit" and search.parent_steps >= 10 * search.distill_steps, name
+    gpu = load_run_recipe(RECIPES / "fast_foundationstereo_nas.yaml").search
+    assert gpu.proxy == "inherit" and gpu.parent_steps == 10 * gpu.distill_steps  # the benchmarked ratio
+    quick = load_run_recipe(QUICKSTART).search
+    assert quick.proxy == "inherit" and quick.parent_steps > quick.distill_steps  # shorter: the 5-minute goal
     assert load_run_recipe(QUICKSTART, ["search.proxy=distill"]).search.proxy == "distill"
     with pytest.raises(ConfigError, match="parent_steps: got 0"):
         load_run_recipe(QUICKSTART, ["search.parent_steps=0"])
