@@ -8,18 +8,13 @@ from pathlib import Path
 
 from compress.device import pick_device
 
-from .common import console
+from .common import console, recipe_from_args
 
 
 def _recipe(args: argparse.Namespace, load=None):
     from compress.pipeline import load_run_recipe
 
-    recipe_path = args.recipe
-    overrides = list(args.overrides)
-    if recipe_path and "=" in recipe_path and not Path(recipe_path).is_file():
-        overrides.insert(0, recipe_path)
-        recipe_path = None
-    return (load or load_run_recipe)(recipe_path, overrides)
+    return recipe_from_args(args, load or load_run_recipe)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

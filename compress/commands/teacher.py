@@ -12,6 +12,8 @@ from compress.deploy.infer import read_stereo_pair
 from compress.device import pick_device
 from compress.terminal import console
 
+from .common import recipe_from_args
+
 
 def cmd_teacher_inspect(args: argparse.Namespace) -> int:
     """Print a checkpoint's config, parameter counts per part and whether it loads strictly."""
@@ -80,12 +82,7 @@ def cmd_train_standin(args: argparse.Namespace) -> int:
     """Train a stand-in teacher from a recipe (resumes a stopped run in the same --out)."""
     from compress.pipeline.standin import load_standin_recipe, train_standin
 
-    overrides = list(args.overrides)
-    recipe_path = args.recipe
-    if recipe_path and "=" in recipe_path and not Path(recipe_path).is_file():
-        overrides.insert(0, recipe_path)
-        recipe_path = None
-    recipe = load_standin_recipe(recipe_path, overrides)
+    recipe = recipe_from_args(args, load_standin_recipe)
     device = pick_device(args.device)
     out = train_standin(recipe, args.out, device, progress=not args.no_progress)
     record = json.loads((out / "training.json").read_text())

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from compress.atomic import atomic_write, atomic_write_text
+from compress.atomic import atomic_write, atomic_write_text, sha256_file
 from compress.data.augment import AugmentConfig, StereoAugmentor
 from compress.data.synthetic import SyntheticConfig, SyntheticStereoDataset
 from compress.distill.config import DatasetSpec, OutputLossConfig
@@ -235,7 +235,7 @@ def weights_digest(path: Path) -> str:
     """sha256 of a saved student's weights file (the stand-in's identity in label caches)."""
     from search_spaces.serialization import WEIGHTS_NAME
 
-    return hashlib.sha256((Path(path) / WEIGHTS_NAME).read_bytes()).hexdigest()
+    return sha256_file(Path(path) / WEIGHTS_NAME)
 
 
 def load_standin(where: str, device: torch.device) -> tuple[nn.Module, Path]:
