@@ -5,16 +5,9 @@ The real pair is Middlebury 2014 "Motorcycle" as scikit-image ships it (``skimag
 is resized (bilinear, both sides rounded to multiples of 32, the width following the aspect ratio); the ground
 truth is resized by nearest-neighbour sampling and multiplied by the width's scale factor.
 
-Scored pixels: ground truth present and the match inside the right image (x - d >= 0). The left band where
-x < d shows scene the right camera never saw: no stereo method can match it (Middlebury's non-occluded masks
-leave it out too); EPE with that band included is reported beside. Metrics are ``compress.metrics``: EPE (px),
-bad-1/2/3 (% of pixels with error above 1/2/3 px) and KITTI D1 (% above 3 px and 5%).
-
-SGBM (``cv2.StereoSGBM_create``, MODE_SGBM_3WAY): numDisparities the smallest multiple of 16 above the ground
-truth's largest disparity at that size, blockSize 5, P1 = 8*3*5^2, P2 = 32*3*5^2, uniquenessRatio 10,
-disp12MaxDiff 1, speckle window 100 with range 2, on the RGB images. It leaves holes (negative values); it is
-reported twice: on its own valid pixels, and with holes counted as bad pixels (its EPE then stays on the valid
-ones: filling holes with some disparity would score the filling, not SGBM). Models never leave holes.
+Scored pixels, metrics and SGBM's settings are those of ``compress.real_pairs`` (the library module the pipeline
+scores real pairs with): ground truth present and the match inside the right image (x - d >= 0), EPE with the left
+band x < d included reported beside; SGBM reported on its own valid pixels and with its holes counted as bad.
 
 Models (``--model NAME=PATH``, anything ``ffsc infer --model`` takes) run through
 ``compress.deploy.open_predictor`` on the CPU, one call per size, timed by the wall clock; SGBM gets the same
@@ -28,94 +21,18 @@ Writes benchmarks/results/real-pairs-<machine>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import shlex
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-EXTRA = 'the "real" extra (pip install -e ".[real]")'
+from compress.real_pairs import load_motorcycle, require_optional, resize_pair, score, sgbm, sgbm_num_disparities
+
 TABLE_KEYS = (("epe", "EPE px"), ("bp1", "bad-1 %"), ("bp2", "bad-2 %"), ("bp3", "bad-3 %"), ("d1", "D1 %"))
-
-
-def _optional(module: str, package: str) -> ModuleType:
-    """Import an optional dependency of this benchmark, or say which extra brings it."""
-    from compress.errors import MissingDependencyError
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise MissingDependencyError(f"benchmarks/real_pairs.py needs {package} ({e}); install {EXTRA}") from e
-
-
-def load_motorcycle() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Middlebury Motorcycle from scikit-image: left, right (uint8 RGB) and left disparity (inf = no GT)."""
-    left, right, disp = _optional("skimage.data", "scikit-image").stereo_motorcycle()
-    return np.ascontiguousarray(left), np.ascontiguousarray(right), disp.astype(np.float32)
-
-
-def fit_size(h0: int, w0: int, height: int) -> tuple[int, int]:
-    """(height, width) for a target height: aspect ratio kept, both rounded to multiples of 32."""
-    h = max(32, round(height / 32) * 32)
-    return h, max(32, round(w0 * h / h0 / 32) * 32)
-
-
-def resize_pair(left: np.ndarray, right: np.ndarray, gt: np.ndarray, height: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pair resized bilinearly; the GT sampled at the nearest pixel and scaled by the width's factor."""
-    from PIL import Image
-
-    h0, w0 = gt.shape
-    h, w = fit_size(h0, w0, height)
-    left, right = (np.asarray(Image.fromarray(im).resize((w, h), Image.Resampling.BILINEAR)) for im in (left, right))
-    rows = np.minimum(((np.arange(h) + 0.5) * h0 / h).astype(int), h0 - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) * w0 / w).astype(int), w0 - 1)
-    return left, right, gt[rows[:, None], cols[None, :]] * np.float32(w / w0)
-
-
-def sgbm_num_disparities(gt: np.ndarray) -> int:
-    """The smallest multiple of 16 above the largest ground-truth disparity."""
-    return (int(np.nanmax(np.where(np.isfinite(gt), gt, np.nan))) // 16 + 1) * 16
-
-
-def sgbm(left: np.ndarray, right: np.ndarray, num_disparities: int, block_size: int = 5) -> np.ndarray:
-    """OpenCV SGBM disparity (float32 px) of an RGB pair; negative where SGBM found no match."""
-    cv2 = _optional("cv2", "opencv-python-headless")
-    matcher = cv2.StereoSGBM_create(
-        minDisparity=0, numDisparities=num_disparities, blockSize=block_size, P1=8 * 3 * block_size**2,
-        P2=32 * 3 * block_size**2, disp12MaxDiff=1, uniquenessRatio=10, speckleWindowSize=100, speckleRange=2,
-        mode=cv2.STEREO_SGBM_MODE_SGBM_3WAY)
-    return matcher.compute(left, right).astype(np.float32) / 16.0  # fixed point, 4 fractional bits
-
-
-def visible_mask(gt: np.ndarray) -> np.ndarray:
-    """Pixels with ground truth whose match lies inside the right image (x - d >= 0)."""
-    cols = np.arange(gt.shape[1], dtype=np.float32)[None, :]
-    with np.errstate(invalid="ignore"):
-        return np.isfinite(gt) & (cols - gt >= 0)
-
-
-def score(pred: np.ndarray, gt: np.ndarray, holes: np.ndarray | None = None) -> dict[str, Any]:
-    """Metrics over the visible GT pixels; with ``holes``, also on the valid pixels only and holes-as-bad."""
-    from compress.metrics import compute_metrics
-
-    mask = visible_mask(gt)
-    out: dict[str, Any] = {"pixels": int(mask.sum()), "with_band": compute_metrics(pred, gt)}
-    if holes is None:
-        return {**out, "density": 100.0, "metrics": compute_metrics(pred, gt, mask)}
-    valid_only = compute_metrics(pred, gt, mask & ~holes)
-    # compress.metrics counts a non-finite prediction as bad at every threshold: that is what a hole is.
-    as_bad = compute_metrics(np.where(holes, np.inf, pred), gt, mask)
-    as_bad["epe"] = valid_only["epe"]
-    band = compute_metrics(np.where(holes, np.inf, pred), gt)
-    band["epe"] = compute_metrics(pred, gt, ~holes)["epe"]
-    return {**out, "with_band": band, "density": 100.0 * float((mask & ~holes).sum()) / max(1, out["pixels"]),
-            "metrics": as_bad, "valid_only": valid_only}
 
 
 def _parse_models(specs: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -212,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--heights {args.heights!r}: expected comma-separated integers such as 256,384")
     if not heights or min(heights) < 32:
         parser.error(f"--heights {args.heights!r}: expected at least one height, each >= 32")
-    cv2 = _optional("cv2", "opencv-python-headless")
-    skimage = _optional("skimage", "scikit-image")
+    cv2 = require_optional("cv2", "opencv-python-headless")
+    skimage = require_optional("skimage", "scikit-image")
     left0, right0, gt0 = load_motorcycle()
     predictors = {name: open_predictor(path, device="cpu", iters=args.iters) for name, path in models.items()}
     cv2.setNumThreads(torch.get_num_threads())

@@ -5,7 +5,7 @@ from .counting import ModelCost, count_macs, count_params
 from .model import StudentStereo
 from .presets import PRESETS, preset
 from .serialization import apply_layer_shapes, build_student, load_student, record_layer_shapes, save_student
-from .space import SearchSpace, load_space
+from .space import SUBNETS, SearchSpace, load_space, subnet_space
 
 __all__ = [
     "PRESETS",
@@ -18,6 +18,8 @@ __all__ = [
     "count_macs",
     "count_params",
     "load_space",
+    "subnet_space",
+    "SUBNETS",
     "load_student",
     "preset",
     "record_layer_shapes",

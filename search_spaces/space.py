@@ -1,5 +1,10 @@
 """Search spaces over StudentConfig, defined in YAML; Optuna trials sample valid configs from them.
 
+A space can also be laid over a trained *parent* of the family (:meth:`SearchSpace.over_parent`): the parent's
+config becomes the base, every choice must be one the parent can supply (no wider, deeper, finer or longer than
+it), and the search looks at the parent's sub-networks. :func:`subnet_space` derives such a space from the parent
+alone (each width at 1, 3/4 and 1/2 of the parent's, shallower stages, fewer iterations).
+
 A space file has a ``base`` (a preset name) that fixes every field not searched, ``dimensions`` (each a
 StudentConfig field with ``choices``, an integer ``range`` with ``step``, or a fixed ``value``), and
 ``constraints``. ``hourglass_widths`` is searched as ``multipliers`` of ``volume_dim``. Two repairs keep
@@ -9,6 +14,7 @@ allows (2 at a 1/8 volume), and hourglass widths are truncated to the sampled nu
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field, fields
@@ -72,6 +78,8 @@ class SearchSpace:
     dimensions: list[Dimension]
     channel_multiple: int = 8
     base_overrides: dict[str, Any] = field(default_factory=dict)
+    base_config: StudentConfig | None = None
+    """A trained parent's config (see :meth:`over_parent`): the base instead of the preset."""
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -142,7 +150,39 @@ class SearchSpace:
                     raise ConfigError(f"search space {source}: transformer_heads {h} does not divide volume_dim {v}")
 
     def _base(self) -> StudentConfig:
+        if self.base_config is not None:
+            return self.base_config
         return preset(self.base, **self.base_overrides)
+
+    # --- sub-networks of a trained parent ---------------------------------------------------------
+    def over_parent(self, parent: StudentConfig, parent_name: str = "the parent") -> SearchSpace:
+        """This space's dimensions over ``parent``'s config: every choice must be one the parent can supply.
+
+        A choice wider, deeper, longer or finer than the parent (or a categorical value it does not have) is a
+        ConfigError naming the dimension, the choice and the parent's value, before any work.
+        """
+        space = dataclasses.replace(self, base_config=parent.replace(name=f"{self.name}-base"),
+                                    base_overrides={}, name=self.name)
+        problems = []
+        for dim in self.dimensions:
+            for value in dim.values():
+                values = {dim.name: value}
+                if dim.name == "hourglass_widths":  # multipliers: widest at the largest volume_dim searched
+                    values["volume_dim"] = max(space._values("volume_dim", parent))
+                cfg = space.config_from_values(values)
+                for name in _SUPPLIED if dim.name in _SUPPLIED else (dim.name,):
+                    supplied = name in _SUPPLIED
+                    if not (_can_supply(getattr(parent, name), getattr(cfg, name), name) if supplied
+                            else getattr(parent, name) == getattr(cfg, name)):
+                        problems.append(f"{dim.name}={_encode(value)} needs {name} {getattr(cfg, name)}, "
+                                        f"{parent_name} has {getattr(parent, name)}")
+                        break
+        if problems:
+            raise ConfigError(f"search space {self.name!r} over {parent_name}: {len(problems)} choice(s) it cannot "
+                              f"supply: {'; '.join(problems[:6])}{' ...' if len(problems) > 6 else ''}. Narrow the "
+                              "space to the parent's sub-networks, or use search.space=subnets")
+        space.check(f"{self.name} over {parent_name}")
+        return space
 
     def _values(self, name: str, base: StudentConfig) -> list[Any]:
         for dim in self.dimensions:
@@ -217,8 +257,111 @@ class SearchSpace:
         return rows
 
 
-def load_space(name_or_path: str | Path) -> SearchSpace:
-    """A shipped space by name (``tiny``, ``fast_foundationstereo``) or any YAML file."""
+_SUPPLIED = ("backbone_dims", "backbone_depths", "feature_dim", "concat_dim", "volume_dim", "hourglass_levels",
+             "hourglass_widths", "transformer_layers", "gru_levels", "hidden_dim", "motion_dim", "motion_corr_dim",
+             "motion_disp_dim", "corr_radius", "corr_levels", "iters", "max_disp", "volume_scale", "stem_blocks",
+             "agg_blocks", "head_blocks", "cv_groups", "transformer_heads")
+"""Fields a sub-network may shrink (never grow) relative to its parent; other searched fields must match it."""
+
+
+def _can_supply(parent: Any, child: Any, name: str) -> bool:
+    """Whether a parent with value ``parent`` contains a sub-network with value ``child`` for field ``name``."""
+    if name == "volume_scale":  # a coarser volume (larger scale) is the smaller network
+        return child >= parent
+    if isinstance(parent, list | tuple) or isinstance(child, list | tuple):
+        p, c = list(parent), list(child)
+        return len(c) <= len(p) and all(ci <= pi for ci, pi in zip(c, p, strict=False))
+    if isinstance(parent, bool) or not isinstance(parent, int | float):
+        return child == parent
+    return child <= parent
+
+
+def _shrunk(value: int, fraction: float, multiple: int) -> int:
+    return max(multiple, int(round(value * fraction / multiple)) * multiple)
+
+
+def subnet_space(parent: StudentConfig, name: str = "subnets", fractions: tuple[float, ...] = (1.0, 0.75, 0.5),
+                 channel_multiple: int = 8) -> SearchSpace:
+    """The sub-networks of a trained parent: widths at ``fractions`` of the parent's, shallower and fewer."""
+    base = parent.replace(name=f"{name}-base")
+    m = channel_multiple
+
+    def widths(field_name: str, multiple: int = m) -> Dimension | None:
+        value = getattr(parent, field_name)
+        if value % multiple:  # an imported release's odd width: keep it, the parent supplies only itself
+            return None
+        choices = sorted({_shrunk(value, f, multiple) for f in fractions if _shrunk(value, f, multiple) <= value},
+                         reverse=True)
+        return Dimension(field_name, choices=choices) if len(choices) > 1 else None
+
+    dims: list[Dimension] = []
+    groups = math.lcm(m, parent.cv_groups)
+    for field_name, multiple in (("feature_dim", groups), ("volume_dim", math.lcm(m, parent.transformer_heads)),
+                                 ("hidden_dim", math.lcm(m, 16)), ("motion_dim", m), ("motion_corr_dim", m)):
+        if (dim := widths(field_name, multiple)) is not None:
+            dims.append(dim)
+    if all(d % 8 == 0 for d in parent.backbone_dims):
+        scaled = [[_shrunk(d, f, 8) for d in parent.backbone_dims] for f in fractions]
+        dims.append(Dimension("backbone_dims", choices=[s for i, s in enumerate(scaled) if s not in scaled[:i]]))
+    shallower = [max(1, d - 1) for d in parent.backbone_depths]
+    if shallower != list(parent.backbone_depths):
+        dims.append(Dimension("backbone_depths", choices=[list(parent.backbone_depths), shallower]))
+    if parent.max_disp > 32:  # a shallower volume: the deployment's disparity range decides (multiples of 32)
+        depths = {min(parent.max_disp, max(32, math.ceil(parent.max_disp * f / 32) * 32)) for f in fractions}
+        dims.append(Dimension("max_disp", choices=sorted(depths, reverse=True)))
+    if parent.volume_scale == 4:
+        dims.append(Dimension("volume_scale", choices=[4, 8]))
+    if parent.hourglass_levels > 1:
+        dims.append(Dimension("hourglass_levels", choices=[parent.hourglass_levels, parent.hourglass_levels - 1]))
+    if parent.iters > 1:
+        iters = {parent.iters, max(1, (2 * parent.iters) // 3), max(1, parent.iters // 2), max(1, parent.iters // 3)}
+        dims.append(Dimension("iters", choices=sorted(iters, reverse=True)))
+    if parent.corr_radius > 1:
+        dims.append(Dimension("corr_radius", choices=[parent.corr_radius, parent.corr_radius - 1]))
+    if parent.transformer_layers > 0:
+        dims.append(Dimension("transformer_layers", choices=[parent.transformer_layers, 0]))
+    if parent.concat_dim > 0:
+        dims.append(Dimension("concat_dim", choices=[parent.concat_dim, 0]))
+    if parent.gru_levels > 1:
+        dims.append(Dimension("gru_levels", choices=list(range(parent.gru_levels, 0, -1))))
+    space = SearchSpace(name=name, base=parent.name, dimensions=dims, channel_multiple=m, base_config=base)
+    for dim in dims:  # a value the family cannot build at all (e.g. a width its attention cannot split) is dropped
+        dim.choices = [v for v in dim.choices if _builds(space, {dim.name: v})]
+    space.dimensions = [d for d in dims if len(d.choices) > 1]
+    space.check(f"{name} of {parent.name}")
+    return space
+
+
+def _builds(space: SearchSpace, values: dict[str, Any]) -> bool:
+    try:
+        space.config_from_values(values)
+    except ConfigError:
+        return False
+    return True
+
+
+SUBNETS = "subnets"
+"""The space name that means "the sub-networks of the search's parent" (:func:`subnet_space`)."""
+
+
+def load_space(name_or_path: str | Path, parent: StudentConfig | None = None, parent_name: str = "the parent",
+               ) -> SearchSpace:
+    """A shipped space by name (``tiny``, ``fast_foundationstereo``) or any YAML file; over ``parent`` if given."""
+    if str(name_or_path) == SUBNETS:
+        if parent is None:
+            raise ConfigError(f"search space {SUBNETS!r} is the sub-networks of a trained parent; name one "
+                              "(search.parent) or pick a space: " + ", ".join(shipped_spaces()))
+        return subnet_space(parent)
+    space = _load_space_file(name_or_path)
+    return space if parent is None else space.over_parent(parent, parent_name)
+
+
+def shipped_spaces() -> list[str]:
+    """Names of the spaces shipped with the package, and ``subnets``."""
+    return sorted(p.stem for p in Path(__file__).parent.glob("*.yaml")) + [SUBNETS]
+
+
+def _load_space_file(name_or_path: str | Path) -> SearchSpace:
     path = Path(name_or_path)
     if not path.suffix:
         path = Path(__file__).parent / f"{name_or_path}.yaml"

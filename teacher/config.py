@@ -59,6 +59,11 @@ class TeacherConfig:
         self.low_memory = bool(self.low_memory)
         self.mixed_precision = bool(self.mixed_precision)
 
+    @property
+    def iters(self) -> int:
+        """GRU iterations at inference: every model of the family answers ``cfg.iters`` (here ``valid_iters``)."""
+        return self.valid_iters
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TeacherConfig:
         """Build from a mapping, ignoring keys that do not shape the model (as the official loader does)."""

@@ -27,6 +27,8 @@ class ToyStereoConfig:
     """Disparity levels at 1/4 resolution (so up to 4 * max_disp full-resolution pixels)."""
     hidden_dim: int = 8
     lookup_radius: int = 1
+    iters: int = 4
+    """Refinement steps at inference (every model of the family answers ``cfg.iters``)."""
 
 
 class FeatureNorm(nn.Module):

@@ -54,8 +54,9 @@ def cmd_nas(args: argparse.Namespace) -> int:
     if n_trials == 0:
         from compress.nas.storage import make_storage
         from compress.nas.study import create_study
-        from compress.pipeline.run import study_spec
+        from compress.pipeline.run import study_spec, with_budget
 
+        recipe = with_budget(recipe, run_dir, teacher.model, device)
         create_study(study_spec(recipe), make_storage(args.storage or recipe.search.storage, run_dir))
         console().print(f"study {study_spec(recipe).name} ready in {args.storage or run_dir}; start workers with "
                         f"ffsc nas ... --worker --run-dir {run_dir}")

@@ -33,6 +33,7 @@ from compress.errors import ConfigError
 
 __all__ = [
     "SHAPES",
+    "SKIMAGE_TEXTURES",
     "SyntheticConfig",
     "SyntheticStereoDataset",
     "depth_from_disparity",
@@ -72,8 +73,9 @@ class SyntheticConfig:
     stripe_amplitude: float = 0.25
     """Strength of the sinusoidal stripes in the textures (0..1 colour units)."""
     texture_dir: str | None = None
-    """Folder of photographs (png/jpg); each layer is textured with a random crop of one with probability
-    ``photo_prob`` (natural image statistics: smooth regions, edges, repeats), else procedurally."""
+    """Folder of photographs (png/jpg), or 'skimage' (scikit-image's bundled photographs); each layer is textured
+    with a random crop of one with probability ``photo_prob`` (natural image statistics: smooth regions, edges,
+    repeats), else procedurally."""
     photo_prob: float = 0.5
     """Probability that a layer's texture is a photograph, when ``texture_dir`` is set."""
     max_disp_low: float | None = None
@@ -155,12 +157,39 @@ def _texture(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, cfg: Synt
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
+SKIMAGE = "skimage"
+"""``texture_dir`` value naming scikit-image's bundled photographs (:data:`SKIMAGE_TEXTURES`) instead of a folder."""
+
+SKIMAGE_TEXTURES = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "moon", "page",
+                    "rocket", "text")
+"""scikit-image's bundled photographs used as textures: natural scenes and surfaces (not the motorcycle, which is
+the held-out real stereo pair; not the synthetic or microscopy images)."""
+
+
+def skimage_photos() -> tuple[np.ndarray, ...]:
+    """scikit-image's photographs in :data:`SKIMAGE_TEXTURES` order, as HxWx3 uint8 (grey ones repeated)."""
+    try:
+        import skimage.data  # optional (the "real" extra): only textures named 'skimage' need it
+    except ImportError:
+        raise ConfigError("texture_dir 'skimage' needs scikit-image (pip install -e \".[real]\"), or name a folder "
+                          "of photographs, or null for procedural textures") from None
+    out = []
+    for name in SKIMAGE_TEXTURES:
+        img = np.asarray(getattr(skimage.data, name)())
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        out.append(np.ascontiguousarray(img[..., :3]))
+    return tuple(out)
+
 
 @functools.lru_cache(maxsize=4)
 def _photos(folder: str) -> tuple[np.ndarray, ...]:
-    """Every photograph in ``folder`` (sorted by name, so a texture's choice is reproducible), as uint8 RGB."""
+    """Every photograph in ``folder`` (sorted by name, so a texture's choice is reproducible), as uint8 RGB;
+    ``skimage``: scikit-image's bundled ones."""
     from compress.data.io import read_image
 
+    if folder == SKIMAGE:
+        return skimage_photos()
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ConfigError(f"texture_dir {folder!r} is not a folder; expected a folder of photographs "

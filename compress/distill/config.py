@@ -377,10 +377,12 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_label_cache(run_dir: str | Path, student: StudentSpec, train: DatasetSpec, labels_dir: str | Path,
-                     labels: LabelCacheConfig, iters: int, **settings: Any) -> DistillConfig:
-    """A run that distils ``student`` from a finished label cache of ``train`` (no live teacher, no evaluation)."""
+                     labels: LabelCacheConfig, iters: int, crop_size: list[int] | None = None,
+                     **settings: Any) -> DistillConfig:
+    """A run that distils ``student`` from a finished label cache of ``train`` (no live teacher, no evaluation),
+    on random ``crop_size`` crops of the labelled pairs when given."""
     return DistillConfig(run_dir=str(run_dir), train_iters=iters, eval_iters=iters, eval_every=0, student=student,
-                         data=DataConfig(train=train, eval=None, eval_samples=0),
+                         data=DataConfig(train=train, eval=None, eval_samples=0, crop_size=crop_size),
                          teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=labels), **settings)
 
 

@@ -341,8 +341,7 @@ def build_label_cache(
         param = next(teacher.parameters(), None)
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
-    teacher_cfg = getattr(teacher, "cfg", None)
-    iters = cfg.iters or int(getattr(teacher_cfg, "valid_iters", 32))
+    iters = cfg.iters or int(teacher.cfg.iters)  # the teacher's own inference iterations (official: valid_iters)
     identity = identity if identity is not None else teacher_identity(teacher, checkpoint)
     fingerprint = dataset_fingerprint(dataset)
     if cfg.size is not None:

@@ -247,7 +247,7 @@ class Trainer:
         if self.teacher is None:
             self.teacher = teacher_from_spec(self.cfg.teacher, self.device)
             if self.teacher_iters is None:
-                self.teacher_iters = int(getattr(getattr(self.teacher, "cfg", None), "valid_iters", 32))
+                self.teacher_iters = int(self.teacher.cfg.iters)
         return self.teacher
 
     def _prepare_cache(self) -> LabelCache | None:

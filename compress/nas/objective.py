@@ -64,6 +64,13 @@ class TrialSettings:
     per study for ``parent_steps`` and reordered by channel importance; 'distill': it distils a randomly
     initialised student."""
     parent_steps: int = 300
+    budget_ms: float | None = None
+    """A trial timed over this latency is not distilled (it cannot join the front): Optuna records it pruned."""
+    crop_size: list[int] | None = None
+    """Random training crop of the labelled pairs (None: whole pairs)."""
+    parent: Path | None = None
+    """A trained student of the family (a saved student folder) whose sub-networks the space holds: trials start
+    from its weights, and it is not distilled. None: the space's largest member, distilled for ``parent_steps``."""
 
     def __post_init__(self) -> None:
         check_proxy(self.proxy, self.parent_steps)
@@ -83,22 +90,23 @@ class StudentSearchObjective:
     def _distill_config(self, run_dir: Path, spec: StudentSpec, iters: int, steps: int):
         s = self.s
         return from_label_cache(
-            run_dir, spec, s.train_data, s.labels_dir, s.labels, iters, seed=s.seed, steps=steps,
+            run_dir, spec, s.train_data, s.labels_dir, s.labels, iters, crop_size=s.crop_size, seed=s.seed, steps=steps,
             batch_size=s.batch_size, amp="off", device=s.device, log_every=max(1, steps // 4),
             checkpoint_every=steps, progress=False, loss=s.loss,
             optim=dataclasses.replace(s.optim, warmup_steps=min(s.optim.warmup_steps, steps // 4)),
         )
 
     def parent(self) -> torch.nn.Module:
-        """The study's parent student (the space's largest member), distilled once and reused from disk."""
+        """The study's parent: the trained one named by the settings, or the space's largest member distilled once
+        and reused from disk; its channels reordered by importance."""
         if self._parent is None:
             from compress.distill import distill
             from search_spaces import load_student
 
             from .inherit import order_by_importance, parent_config
 
-            folder = self.s.run_dir / "parent" / "student"
-            if not (folder / "model.safetensors").is_file():
+            folder = self.s.parent or self.s.run_dir / "parent" / "student"
+            if self.s.parent is None and not (folder / "model.safetensors").is_file():
                 cfg = parent_config(self.space)
                 spec = StudentSpec(kind="search_space", config=cfg.to_dict())
                 folder = distill(self._distill_config(self.s.run_dir / "parent", spec, cfg.iters,
@@ -132,6 +140,15 @@ class StudentSearchObjective:
         model = build_student(cfg).eval()
         cost = count_macs(model, s.height, s.width, iters=cfg.iters)
         latency = self.latency_ms(model, cfg)
+        if s.budget_ms is not None and latency > s.budget_ms:
+            import optuna
+
+            from .study import SKIPPED_ATTR
+
+            reason = f"{latency:.1f} ms is over the budget of {s.budget_ms:.1f} ms: not distilled"
+            trial.set_user_attr(SKIPPED_ATTR, reason)
+            trial.set_user_attr("latency_ms", latency)
+            raise optuna.TrialPruned(reason)
         trial_dir = s.run_dir / "trials" / f"{trial.number:04d}"
         spec = StudentSpec(kind="search_space", config=cfg.to_dict())
         if s.proxy == "inherit":

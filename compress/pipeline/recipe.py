@@ -12,7 +12,8 @@ from compress.latency import LatencyConfig
 from compress.preflight import require_at_least, require_positive
 from compress.prune.config import BUDGETS, DistillSpec, PruneSettings
 from compress.quantize import QuantizeConfig
-from compress.structured import load_structured, to_plain
+from compress.real_pairs import RealPairsConfig
+from compress.structured import check_size, load_structured, to_plain
 
 STAGES = ("teacher", "search", "prune", "distill", "export")
 CHOICES = ("min_error", "fastest")
@@ -61,6 +62,13 @@ class DataStage:
     train: DatasetSpec = field(default_factory=lambda: DatasetSpec(num_samples=48))
     eval: DatasetSpec = field(default_factory=lambda: DatasetSpec(num_samples=8))
     labels: LabelCacheConfig = field(default_factory=LabelCacheConfig)
+    crop_size: list[int] | None = None
+    """[height, width] random crop of each labelled training pair for every distillation (the search's proxy, the
+    final student), multiples of 32; None: whole pairs. Large scenes keep a realistic disparity range, crops keep
+    steps cheap."""
+
+    def __post_init__(self) -> None:
+        check_size("data.crop_size", self.crop_size)
 
 
 @dataclass
@@ -74,6 +82,9 @@ class SearchStage:
     seed: int = 0
     budget_ms: float | None = None
     """Latency budget of a front student (an Optuna constraint), in milliseconds on ``latency``."""
+    speedup: float | None = None
+    """Instead of ``budget_ms``: every front student at least this many times faster than the teacher, timed once
+    with ``latency`` before the search (the budget is the teacher's latency over ``speedup``, kept in the run)."""
     storage: str | None = None
     """None = SQLite in the run directory; 'journal:PATH' for several processes; an RDB URL for machines."""
     distill_steps: int = 40
@@ -82,6 +93,11 @@ class SearchStage:
     member, trained once per study for ``parent_steps``; see compress.nas.inherit) or 'distill' (random init).
     benchmarks/search_quality.py: Kendall tau 0.70 vs 0.42 between proxy and fully trained EPE on 12 students."""
     parent_steps: int = 300
+    parent: str = "auto"
+    """Whose sub-networks the search looks at, and where every trial's weights come from: 'auto' (the teacher when
+    it is of the student family, as the stand-in is; else 'largest'), 'teacher', 'largest' (the space's largest
+    member, distilled for ``parent_steps``), or a saved student folder (an imported Fast-FoundationStereo release,
+    any ffsc student). With a trained parent the space is laid over it (``space: subnets`` derives it)."""
     batch_size: int = 4
     error_metric: str = "teacher/epe"
     """Held-out metric to minimise: 'teacher/epe' (agreement with the teacher) or 'gt/epe'."""
@@ -94,10 +110,17 @@ class SearchStage:
         require_at_least("search.distill_steps", self.distill_steps, 1, "each candidate is scored after distilling")
         require_at_least("search.batch_size", self.batch_size, 1)
         require_positive("search.budget_ms", self.budget_ms, allow_none=True)
+        require_positive("search.speedup", self.speedup, allow_none=True)
+        if self.speedup is not None and self.budget_ms is not None:
+            raise ConfigError(f"search.speedup={self.speedup:g} and search.budget_ms={self.budget_ms:g} both set a "
+                              "latency budget; keep one")
         require_positive("search.timeout", self.timeout, allow_none=True)
         from compress.nas.objective import check_proxy
 
         check_proxy(self.proxy, self.parent_steps, "search")
+        if not self.parent:
+            raise ConfigError("search.parent: got an empty value, expected 'auto', 'teacher', 'largest' or a saved "
+                              "student folder")
 
 
 @dataclass
@@ -185,6 +208,9 @@ class RunRecipe:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
     tracking: TrackingStage = field(default_factory=TrackingStage)
+    real_pairs: RealPairsConfig = field(default_factory=RealPairsConfig)
+    """Labelled real pairs the teacher, the front and the final student are scored on (reported only: never used
+    to train or to choose a student). Default: Middlebury Motorcycle at full size, with scikit-image."""
     progress: bool = True
 
     def __post_init__(self) -> None:

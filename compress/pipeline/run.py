@@ -40,6 +40,8 @@ class RunSummary:
     exports: dict[str, str] = field(default_factory=dict)
     latency_backend: dict[str, Any] = field(default_factory=dict)
     """The backend the run timed on, and why ('auto' resolved on this machine)."""
+    real_pairs: dict[str, Any] = field(default_factory=dict)
+    """Scores on labelled real pairs (see :func:`score_real_pairs`); reported, never used to train or choose."""
     seconds: float = 0.0
 
 
@@ -81,6 +83,12 @@ def preflight(recipe: RunRecipe):
 
         where = SHIPPED_DIR if recipe.teacher.stand_in == "shipped" else Path(recipe.teacher.stand_in).expanduser()
         pf.check_checkpoint(where, key="teacher.stand_in")
+    parent = search_parent(recipe, _teacher_folder(recipe))
+    if parent is not None:
+        pf.check_checkpoint(parent, key="search.parent")
+    if "search" in recipe.stages and recipe.search.enabled and (parent is not None or recipe.teacher.stand_in != "train"
+                                                                 or recipe.teacher.checkpoint):
+        search_space(recipe, parent)  # an unknown space, or a choice the parent cannot supply, is one line here
     for name in ("train", "eval"):
         spec = getattr(recipe.data, name)
         if spec.path:
@@ -93,6 +101,43 @@ def preflight(recipe: RunRecipe):
         pf.check_writable(table.path, key="search.latency.table")
     search = dataclasses.replace(recipe.search, latency=lat)
     return dataclasses.replace(recipe, search=search), choice
+
+
+PARENT_KEYWORDS = ("auto", "teacher", "largest")
+
+
+def _teacher_folder(recipe: RunRecipe) -> Path | None:
+    """The saved student folder of a stand-in teacher known before the run (None: official, or trained here)."""
+    if recipe.teacher.checkpoint or recipe.teacher.stand_in == "train":
+        return None
+    from .standin import SHIPPED_DIR
+
+    return SHIPPED_DIR if recipe.teacher.stand_in == "shipped" else Path(recipe.teacher.stand_in).expanduser()
+
+
+def search_parent(recipe: RunRecipe, teacher_folder: Path | None) -> Path | None:
+    """The trained parent whose sub-networks the search looks at (a saved student folder), or None for the space's
+    largest member distilled in the run. ``teacher_folder``: the teacher's folder when it is of the student family."""
+    parent = recipe.search.parent
+    if parent == "largest" or recipe.search.proxy != "inherit":
+        return None
+    if parent in ("auto", "teacher"):
+        if teacher_folder is None and parent == "teacher" and recipe.teacher.checkpoint:
+            raise ConfigError("search.parent=teacher: the official FoundationStereo teacher is not of the student "
+                              "family; use 'largest' (its largest student, distilled) or a saved student folder")
+        return teacher_folder
+    return Path(parent).expanduser()
+
+
+def search_space(recipe: RunRecipe, parent: Path | None):
+    """The space the search samples: the recipe's, laid over the trained parent when there is one."""
+    from search_spaces import StudentConfig, load_space
+    from search_spaces.serialization import CONFIG_NAME
+
+    if parent is None:
+        return load_space(recipe.search.space)
+    cfg = StudentConfig.from_yaml(parent / CONFIG_NAME)
+    return load_space(recipe.search.space, parent=cfg, parent_name=f"parent {parent}")
 
 
 def _say(recipe: RunRecipe, message: str) -> None:
@@ -133,7 +178,8 @@ def teacher_scores(eval_set) -> dict[str, float]:
     return {f"gt/{k}": v for k, v in acc.compute().items()} if acc.num_images else {}
 
 
-def _settings(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, device: torch.device):
+def _settings(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, device: torch.device,
+              parent: Path | None = None):
     from compress.nas.objective import TrialSettings
 
     s = recipe.search
@@ -147,7 +193,7 @@ def _settings(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, devi
         eval_set=eval_set, height=recipe.height, width=recipe.width, distill_steps=s.distill_steps,
         batch_size=s.batch_size, loss=recipe.loss, optim=recipe.optim, error_metric=s.error_metric,
         latency=s.latency, device=str(device), seed=recipe.seed, latency_table=table, proxy=s.proxy,
-        parent_steps=s.parent_steps,
+        parent_steps=s.parent_steps, parent=parent, crop_size=recipe.data.crop_size,
     )
 
 
@@ -206,10 +252,15 @@ def run_search(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, dev
     from compress.nas.objective import StudentSearchObjective
     from compress.nas.storage import make_storage
     from compress.nas.study import run_study
-    from search_spaces import load_space
 
-    space = load_space(recipe.search.space)
-    settings = _settings(recipe, run_dir, labels_dir, eval_set, device)
+    parent = search_parent(recipe, teacher_info.path if teacher_info.is_student else None)
+    space = search_space(recipe, parent)
+    if parent is not None:
+        _say(recipe, f"search: sub-networks of {parent} (space {space.name}, {space.size()} members); every trial "
+                     "starts from its weights")
+    recipe = with_budget(recipe, run_dir, teacher_info.model, device)
+    settings = _settings(recipe, run_dir, labels_dir, eval_set, device, parent=parent)
+    settings.budget_ms = recipe.search.budget_ms
     objective = StudentSearchObjective(space, settings)
     storage = make_storage(storage_url or recipe.search.storage, run_dir)
     lat = recipe.search.latency
@@ -222,6 +273,41 @@ def run_search(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set, dev
         tags.update(check_tags)
     return run_study(study_spec(recipe), storage, objective, tracker=tracker, worker_id=worker_id,
                      run_dir=run_dir / "search", run_tags=tags)
+
+
+def with_budget(recipe: RunRecipe, run_dir: Path, teacher_model: torch.nn.Module, device) -> RunRecipe:
+    """The recipe with ``search.speedup`` turned into ``search.budget_ms`` (unchanged without a speedup)."""
+    if recipe.search.speedup is None:
+        return recipe
+    budget = speedup_budget(recipe, run_dir, teacher_model, device)
+    return dataclasses.replace(recipe, search=dataclasses.replace(recipe.search, budget_ms=budget, speedup=None))
+
+
+def speedup_budget(recipe: RunRecipe, run_dir: Path, teacher_model: torch.nn.Module, device) -> float:
+    """The latency budget ``search.speedup`` asks for: the teacher's latency (timed once, kept in
+    search/speedup_budget.json so a resumed study keeps its budget) over the speedup."""
+    from compress.latency import LatencyCache, measure
+
+    lat, s = recipe.search.latency, recipe.search
+    iters = _teacher_iters(recipe, teacher_model)
+    key = {"backend": lat.backend, "size": [lat.height, lat.width], "precision": lat.precision, "iters": iters,
+           "threads": lat.threads, "clock": lat.clock, "speedup": s.speedup}
+    record = run_dir / "search" / "speedup_budget.json"
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved is None or saved.get("key") != key:
+        _say(recipe, f"search: timing the teacher for the {s.speedup:g}x speedup budget ({lat.backend}, "
+                     f"{lat.height}x{lat.width}, {iters} iterations)")
+        stats = measure(teacher_model, lat.backend, lat.height, lat.width, iters=iters, device=lat.device or device,
+                        cache=LatencyCache(run_dir / "latency_cache.sqlite"), **lat.timing())
+        saved = {"key": key, "teacher_ms": stats.median_ms, "budget_ms": stats.median_ms / s.speedup}
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(saved, indent=2))
+    _say(recipe, f"search: budget {saved['budget_ms']:.1f} ms, the teacher's {saved['teacher_ms']:.1f} ms over "
+                 f"{s.speedup:g}; trials over it are timed, not distilled")
+    return float(saved["budget_ms"])
 
 
 def choose_student(front, study, recipe: RunRecipe) -> dict[str, Any]:
@@ -312,7 +398,8 @@ def final_distill(recipe: RunRecipe, run_dir: Path, chosen: dict[str, Any], labe
         shutil.rmtree(run_dir / "final")
     dc = from_label_cache(
         run_dir / "final", StudentSpec(kind="search_space", init_checkpoint=str(start)), recipe.data.train,
-        labels_dir, _labels_config(recipe), cfg_iters, seed=recipe.seed, steps=d.steps, batch_size=d.batch_size,
+        labels_dir, _labels_config(recipe), cfg_iters, crop_size=recipe.data.crop_size, seed=recipe.seed,
+        steps=d.steps, batch_size=d.batch_size,
         amp="bf16", device=str(device), log_every=max(1, d.steps // 10), checkpoint_every=max(1, d.steps // 4),
         progress=recipe.progress, loss=recipe.loss, optim=recipe.optim,
     )
@@ -346,7 +433,7 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
     lat = recipe.search.latency
     together = lat.mode == "measured" and lat.report_rounds > 0
     models = {"teacher": teacher_model.to(device).eval()}
-    iters = {"teacher": getattr(teacher_model.cfg, "iters", None) or recipe.teacher.iters or 8}
+    iters = {"teacher": _teacher_iters(recipe, teacher_model)}
     if together:
         for row in summary.front:
             path = row.get("student_path")
@@ -355,7 +442,8 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
     if summary.final:
         models["final"] = load_student(summary.final["path"], device=device)
     for name, model in models.items():
-        iters.setdefault(name, model.cfg.iters)
+        if name not in iters:
+            iters[name] = model.cfg.iters
     settings = {"backend": lat.backend, "height": lat.height, "width": lat.width, "precision": lat.precision,
                 "warmup": lat.warmup, "repeats": lat.repeats, "threads": lat.threads,
                 "device": str(lat.device or device), "iters": iters,
@@ -388,6 +476,44 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
             row["search_latency_ms"], row["latency_ms"] = row["latency_ms"], found
     if summary.final:
         summary.final["latency_ms"] = medians["final"]
+
+
+def score_real_pairs(summary: RunSummary, recipe: RunRecipe, teacher_model: torch.nn.Module, pairs, device) -> None:
+    """EPE and BP-2 of the teacher, every front student, the final student and SGBM on the recipe's real pairs, and
+    the final student's retention (its BP-2 over the teacher's). Reported only: nothing chooses by them."""
+    from compress.real_pairs import retention, score_model, score_sgbm
+    from search_spaces import load_student
+
+    if not pairs:
+        return
+    _say(recipe, f"real pairs: scoring on {', '.join(p.name for p in pairs)} ({'x'.join(map(str, pairs[0].gt.shape))}"
+                 f"{' and more' if len(pairs) > 1 else ''}; reported, never used to train or choose)")
+    rows: dict[str, Any] = {"teacher": score_model(teacher_model, pairs, iters=_teacher_iters(recipe, teacher_model),
+                                                   device=device)}
+    if recipe.real_pairs.sgbm:
+        sgbm = score_sgbm(pairs, threads=torch.get_num_threads(), say=lambda m: _say(recipe, m))
+        if sgbm:
+            rows["sgbm"] = sgbm
+    for row in summary.front:
+        path = row.get("student_path")
+        if path and Path(path).is_dir():
+            scores = score_model(load_student(path), pairs, device=device)
+            rows[f"trial {row['trial']}"] = scores
+            row["real_epe"], row["real_bp2"] = scores["mean"]["epe"], scores["mean"]["bp2"]
+    teacher_bp2 = rows["teacher"]["mean"]["bp2"]
+    summary.teacher["real_epe"], summary.teacher["real_bp2"] = rows["teacher"]["mean"]["epe"], teacher_bp2
+    if summary.final:
+        rows["final"] = score_model(load_student(summary.final["path"]), pairs, device=device)
+        final = rows["final"]["mean"]
+        summary.final.update({"real_epe": final["epe"], "real_bp2": final["bp2"],
+                              "real_retention": retention(final["bp2"], teacher_bp2)})
+    summary.real_pairs = {"pairs": [p.name for p in pairs], "size": list(pairs[0].gt.shape), "scores": rows,
+                          "metric": "dense EPE (px) and BP-2 (% of pixels off by > 2 px) on the visible ground truth"}
+
+
+def _teacher_iters(recipe: RunRecipe, teacher_model: torch.nn.Module) -> int:
+    """The teacher's GRU iterations: those it labels with (the one count it is timed and scored at)."""
+    return int(_labels_config(recipe).iters or teacher_model.cfg.iters)
 
 
 def export_student(path: Path, recipe: RunRecipe, run_dir: Path) -> dict[str, str]:
@@ -439,12 +565,21 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
     lat = recipe.search.latency
     together = lat.mode == "measured" and lat.report_rounds > 0
     latency_header = f"latency (ms, {lat.backend}" + (", timed side by side)" if together else ")")
-    table = Table("model", "EPE vs GT (px)", "EPE vs teacher (px)", latency_header,
+    real = summary.real_pairs
+    real_cols = ["real EPE (px)", "real BP-2 (%)"] if real else []
+    table = Table("model", "EPE vs GT (px)", "EPE vs teacher (px)", *real_cols, latency_header,
                   "GMACs", "params (M)", title=f"{recipe.name}: results at {recipe.height}x{recipe.width}")
-    table.add_row("teacher", f(t.get("gt/epe")), "0.00", f(t.get("latency_ms")), f(t.get("gmacs")),
+
+    def real_of(row: dict[str, Any]) -> list[str]:
+        return [f(row.get("real_epe")), f(row.get("real_bp2"), "{:.1f}")] if real else []
+
+    table.add_row("teacher", f(t.get("gt/epe")), "0.00", *real_of(t), f(t.get("latency_ms")), f(t.get("gmacs")),
                   f(t.get("mparams")))
+    if real and "sgbm" in real["scores"]:
+        sg = real["scores"]["sgbm"]["mean"]
+        table.add_row("OpenCV SGBM (real pairs only)", "-", "-", f(sg["epe"]), f(sg["bp2"], "{:.1f}"), "-", "-", "-")
     for row in summary.front:
-        table.add_row(f"front trial {row['trial']}", f(row["epe_vs_gt"]), f(row["epe_vs_teacher"]),
+        table.add_row(f"front trial {row['trial']}", f(row["epe_vs_gt"]), f(row["epe_vs_teacher"]), *real_of(row),
                       f(row["latency_ms"]), f(row["gmacs"]), f(row["mparams"], "{:.3f}"))
     if summary.final:
         fz = summary.final
@@ -452,10 +587,17 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
             ["distilled"] if "distill" in recipe.stages and recipe.distill.enabled else [])
         label = f"final (trial {summary.chosen['trial']}{', ' + ' + '.join(done) if done else ''})"
         table.add_row(f"[bold]{label}[/bold]", f(fz.get("gt/epe")),
-                      f(fz.get("teacher/epe")), f(fz.get("latency_ms")), f(fz.get("gmacs")),
+                      f(fz.get("teacher/epe")), *real_of(fz), f(fz.get("latency_ms")), f(fz.get("gmacs")),
                       f(fz.get("mparams"), "{:.3f}"))
     out = console()
     out.print(table)
+    if real:
+        size = "x".join(map(str, real["size"]))
+        line = f"real pairs: {', '.join(real['pairs'])} at {size}, held out (never trained on or chosen by)"
+        if summary.final and "real_retention" in summary.final:
+            line += (f"; the final student's BP-2 is {summary.final['real_retention']:.2f}x the teacher's "
+                     "(retention: student BP-2 / teacher BP-2)")
+        out.print(line)
     if summary.latency_backend:
         out.print(f"latency backend: {summary.latency_backend['backend']} ({summary.latency_backend['reason']})")
     out.print(f"run directory: {summary.run_dir}")
@@ -498,6 +640,9 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
     cost = count_macs(teacher.model, recipe.height, recipe.width)
     summary.teacher.update({"gmacs": cost.gmacs, "mparams": cost.params / 1e6})
 
+    from compress.real_pairs import load_real_pairs
+
+    real_pairs = load_real_pairs(recipe.real_pairs, say=lambda m: _say(recipe, m))
     tracker = Tracker(run_dir, tracking_uri=recipe.tracking.uri, experiment=recipe.tracking.experiment,
                       teacher=teacher.identity)
     with tracker:  # a failing stage ends the study's MLflow run FAILED (KILLED on Ctrl-C)
@@ -524,9 +669,14 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
             if "export" in recipe.stages and recipe.export.enabled:
                 summary.exports = export_student(final_path, recipe, run_dir)
         report_latencies(summary, recipe, teacher.model, device, run_dir)
+        score_real_pairs(summary, recipe, teacher.model, real_pairs, device)
         if summary.final is not None and tracker.parent_run_id:
             tracker.log_metrics({f"final/{k}".replace("/", "_"): v for k, v in summary.final.items()
                                  if isinstance(v, float)})
+            if summary.real_pairs:
+                tracker.log_metrics({f"real_{name.replace(' ', '_')}_{k}": v
+                                     for name, scores in summary.real_pairs["scores"].items()
+                                     for k, v in scores["mean"].items() if k in ("epe", "bp2")})
             tracker.log_artifact(final_path / "config.yaml", "final_student")
             front_png = run_dir / "search" / "pareto_front.png"
             tracker.log_overview(f"{recipe.name}: final student (front trial {summary.chosen['trial']})",

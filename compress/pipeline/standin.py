@@ -32,7 +32,7 @@ from torch.utils.data import default_collate
 
 from compress.atomic import atomic_write, atomic_write_text, sha256_file
 from compress.data.augment import AugmentConfig, StereoAugmentor
-from compress.data.synthetic import SyntheticConfig, SyntheticStereoDataset
+from compress.data.synthetic import SKIMAGE_TEXTURES, SyntheticConfig, SyntheticStereoDataset, skimage_photos
 from compress.distill.config import DatasetSpec, OutputLossConfig
 from compress.distill.losses import GroundTruth, TeacherTargets, output_loss
 from compress.errors import CheckpointError, ConfigError, DataError
@@ -43,10 +43,6 @@ from compress.training import fit, to_device
 SHIPPED_DIR = Path(str(files("search_spaces") / "standin_teacher"))
 """Where the shipped stand-in teacher lives (a saved student directory, package data of search_spaces)."""
 
-SKIMAGE_TEXTURES = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "moon", "page",
-                    "rocket", "text")
-"""scikit-image's bundled photographs used as textures: natural scenes and surfaces (not the motorcycle, which is
-the held-out real stereo pair; not the synthetic or microscopy images)."""
 
 _GT_LOSS = OutputLossConfig(weight=0.0, gt_weight=1.0, init_weight=0.5, max_disp=None)
 
@@ -108,22 +104,14 @@ def gt_loss(model: nn.Module, batch: dict[str, Any], device: torch.device,
 
 def export_skimage_textures(out_dir: Path) -> dict[str, str]:
     """Write scikit-image's bundled photographs in SKIMAGE_TEXTURES as PNGs; returns {file: sha256}."""
-    try:
-        import skimage.data
-    except ImportError:
-        raise ConfigError("textures: 'skimage' needs scikit-image (pip install 'ffsc[real]'), or name a folder of "
-                          "photographs, or null for procedural textures") from None
     from compress.data.io import write_image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     hashes = {}
-    for name in SKIMAGE_TEXTURES:
-        img = np.asarray(getattr(skimage.data, name)())
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=2)
+    for name, img in zip(SKIMAGE_TEXTURES, skimage_photos(), strict=True):
         path = out_dir / f"{name}.png"
-        write_image(path, img[..., :3])
-        hashes[path.name] = hashlib.sha256(np.ascontiguousarray(img[..., :3]).tobytes()).hexdigest()
+        write_image(path, img)
+        hashes[path.name] = hashlib.sha256(img.tobytes()).hexdigest()
     return hashes
 
 

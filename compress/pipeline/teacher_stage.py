@@ -32,6 +32,11 @@ class TeacherInfo:
     trained_here: bool
     path: Path | None
 
+    @property
+    def is_student(self) -> bool:
+        """Whether the teacher is of the student family (a stand-in, saved as a student folder)."""
+        return self.identity.get("kind") != "foundation_stereo"
+
 
 def _official(recipe: RunRecipe, device: torch.device) -> TeacherInfo:
     from teacher import load_teacher

@@ -50,8 +50,7 @@ MODEL_DIR = "model"
 
 def deploy_iters(model: nn.Module) -> int:
     """The GRU iteration count a model is deployed with (student ``iters``, teacher ``valid_iters``)."""
-    cfg = getattr(model, "cfg", None)
-    return int(getattr(cfg, "iters", None) or getattr(cfg, "valid_iters", 8))
+    return int(model.cfg.iters)
 
 
 def _check_scope(rules: FamilyRules, scope: Iterable[str]) -> None:

@@ -1,5 +1,6 @@
-"""benchmarks/real_pairs.py: sizes and ground-truth scaling, SGBM on a textured pair, the metrics on a hand-computed
-example, and the files one run writes (a tiny random student on the real pair at 64x96)."""
+"""benchmarks/real_pairs.py and the compress.real_pairs functions it runs: sizes and ground-truth scaling, SGBM on a
+textured pair, the metrics on a hand-computed example, and the files one run writes (a tiny random student on the
+real pair at 64x96)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.real_pairs import fit_size, load_motorcycle, main, resize_pair, score, sgbm, sgbm_num_disparities
+from benchmarks.real_pairs import main
 from compress.data.synthetic import SyntheticConfig, generate_sample
 from compress.errors import MissingDependencyError
 from compress.metrics import compute_metrics
+from compress.real_pairs import fit_size, load_motorcycle, resize_pair, score, sgbm, sgbm_num_disparities
 
 INF = np.inf
 
