@@ -324,6 +324,8 @@ def subnet_space(parent: StudentConfig, name: str = "subnets", fractions: tuple[
         dims.append(Dimension("concat_dim", choices=[parent.concat_dim, 0]))
     if parent.gru_levels > 1:
         dims.append(Dimension("gru_levels", choices=list(range(parent.gru_levels, 0, -1))))
+    if parent.volume_blocks:  # a release's searched cost-volume blocks have fixed widths and levels: keep the stage
+        dims = [d for d in dims if d.name not in _VOLUME_STAGE]
     space = SearchSpace(name=name, base=parent.name, dimensions=dims, channel_multiple=m, base_config=base)
     for dim in dims:  # a value the family cannot build at all (e.g. a width its attention cannot split) is dropped
         dim.choices = [v for v in dim.choices if _builds(space, {dim.name: v})]
@@ -332,10 +334,25 @@ def subnet_space(parent: StudentConfig, name: str = "subnets", fractions: tuple[
     return space
 
 
+_VOLUME_STAGE = ("feature_dim", "volume_dim", "hourglass_levels", "volume_scale", "concat_dim", "max_disp",
+                 "transformer_layers")
+"""Fields that shape the cost-volume stages, whose searched block variants (``volume_blocks``) fix their widths."""
+
+
 def _builds(space: SearchSpace, values: dict[str, Any]) -> bool:
+    """Whether the family builds the config (on the meta device: shapes only), e.g. a release's searched blocks."""
+    import torch
+
+    from .serialization import build_student
+
     try:
-        space.config_from_values(values)
-    except ConfigError:
+        cfg = space.config_from_values(values)
+        if cfg.volume_blocks:  # the config's checks cover the family's own blocks; a release's searched ones run
+            with torch.device("meta"):
+                model = build_student(cfg, pretrained=False).eval()
+                pair = torch.empty(1, 3, 64, 128)
+                model(pair, pair, iters=1, test_mode=True)  # shapes only: a block that cannot take its input fails
+    except (ConfigError, RuntimeError, ValueError):
         return False
     return True
 

@@ -68,8 +68,8 @@ def infer(
     if left_t.shape != right_t.shape:
         raise DataError(f"left and right images differ in size: {tuple(left_t.shape)} vs {tuple(right_t.shape)}")
     cfg = getattr(model, "cfg", None)
-    if iters is None:
-        iters = getattr(cfg, "valid_iters", 32)
+    if iters is None:  # the model's own count: a student's iters, the official teacher's valid_iters
+        iters = int(getattr(cfg, "iters", 32))
     amp = getattr(cfg, "mixed_precision", False) if mixed_precision is None else mixed_precision
     h, w = left_t.shape[-2:]
     init_disp = None

@@ -21,6 +21,9 @@ from compress.distill.config import (
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
 
+OVER_BUDGET_ATTR = "over_budget"
+"""User attribute of a trial timed over the latency budget and pruned before its distillation (with the reason)."""
+
 PROXIES = ("distill", "inherit")
 """Trial proxies: a short distillation from random init, or from weights inherited from a parent student."""
 
@@ -143,10 +146,8 @@ class StudentSearchObjective:
         if s.budget_ms is not None and latency > s.budget_ms:
             import optuna
 
-            from .study import SKIPPED_ATTR
-
             reason = f"{latency:.1f} ms is over the budget of {s.budget_ms:.1f} ms: not distilled"
-            trial.set_user_attr(SKIPPED_ATTR, reason)
+            trial.set_user_attr(OVER_BUDGET_ATTR, reason)  # a pruned trial that counts toward n_trials
             trial.set_user_attr("latency_ms", latency)
             raise optuna.TrialPruned(reason)
         trial_dir = s.run_dir / "trials" / f"{trial.number:04d}"

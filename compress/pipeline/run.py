@@ -83,12 +83,17 @@ def preflight(recipe: RunRecipe):
 
         where = SHIPPED_DIR if recipe.teacher.stand_in == "shipped" else Path(recipe.teacher.stand_in).expanduser()
         pf.check_checkpoint(where, key="teacher.stand_in")
-    parent = search_parent(recipe, _teacher_folder(recipe))
-    if parent is not None:
-        pf.check_checkpoint(parent, key="search.parent")
-    if "search" in recipe.stages and recipe.search.enabled and (parent is not None or recipe.teacher.stand_in != "train"
-                                                                 or recipe.teacher.checkpoint):
-        search_space(recipe, parent)  # an unknown space, or a choice the parent cannot supply, is one line here
+    if "search" in recipe.stages and recipe.search.enabled:
+        parent = search_parent(recipe, _teacher_folder(recipe))
+        if parent is not None:
+            pf.check_checkpoint(parent, key="search.parent")
+        trained_here = recipe.search.parent in ("auto", "teacher") and _teacher_folder(recipe) is None and not (
+            recipe.teacher.checkpoint)
+        if not trained_here:  # a stand-in trained in the run is checked once it exists
+            search_space(recipe, parent)  # an unknown space, or a choice the parent cannot supply: one line here
+    for entry in recipe.real_pairs.pairs if recipe.real_pairs.enabled else []:
+        if entry != "motorcycle":
+            pf.check_dataset(entry, "auto", key="real_pairs.pairs")
     for name in ("train", "eval"):
         spec = getattr(recipe.data, name)
         if spec.path:
@@ -119,7 +124,12 @@ def search_parent(recipe: RunRecipe, teacher_folder: Path | None) -> Path | None
     """The trained parent whose sub-networks the search looks at (a saved student folder), or None for the space's
     largest member distilled in the run. ``teacher_folder``: the teacher's folder when it is of the student family."""
     parent = recipe.search.parent
-    if parent == "largest" or recipe.search.proxy != "inherit":
+    if recipe.search.proxy != "inherit":
+        if parent not in PARENT_KEYWORDS:
+            raise ConfigError(f"search.parent={parent}: a trained parent's weights start the trials of proxy "
+                              f"'inherit', not of proxy {recipe.search.proxy!r}; set search.proxy=inherit")
+        return None
+    if parent == "largest":
         return None
     if parent in ("auto", "teacher"):
         if teacher_folder is None and parent == "teacher" and recipe.teacher.checkpoint:
@@ -497,13 +507,15 @@ def score_real_pairs(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
     for row in summary.front:
         path = row.get("student_path")
         if path and Path(path).is_dir():
-            scores = score_model(load_student(path), pairs, device=device)
+            student = load_student(path)
+            scores = score_model(student, pairs, iters=student.cfg.iters, device=device)
             rows[f"trial {row['trial']}"] = scores
             row["real_epe"], row["real_bp2"] = scores["mean"]["epe"], scores["mean"]["bp2"]
     teacher_bp2 = rows["teacher"]["mean"]["bp2"]
     summary.teacher["real_epe"], summary.teacher["real_bp2"] = rows["teacher"]["mean"]["epe"], teacher_bp2
     if summary.final:
-        rows["final"] = score_model(load_student(summary.final["path"]), pairs, device=device)
+        final_model = load_student(summary.final["path"])
+        rows["final"] = score_model(final_model, pairs, iters=final_model.cfg.iters, device=device)
         final = rows["final"]["mean"]
         summary.final.update({"real_epe": final["epe"], "real_bp2": final["bp2"],
                               "real_retention": retention(final["bp2"], teacher_bp2)})
@@ -636,8 +648,9 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
     teacher = get_teacher(recipe, run_dir, device)
     _say(recipe, f"teacher: {teacher.description}")
     labels_dir, eval_set = prepare_labels(recipe, run_dir, teacher, device)
-    summary.teacher = {"description": teacher.description, **teacher_scores(eval_set)}
-    cost = count_macs(teacher.model, recipe.height, recipe.width)
+    summary.teacher = {"description": teacher.description, "path": str(teacher.path) if teacher.path else None,
+                       "iters": _teacher_iters(recipe, teacher.model), **teacher_scores(eval_set)}
+    cost = count_macs(teacher.model, recipe.height, recipe.width, iters=_teacher_iters(recipe, teacher.model))
     summary.teacher.update({"gmacs": cost.gmacs, "mparams": cost.params / 1e6})
 
     from compress.real_pairs import load_real_pairs

@@ -188,3 +188,24 @@ def test_texture_and_range_validation(tmp_path):
         SyntheticConfig(photo_prob=1.5)
     with pytest.raises(ConfigError, match=r"max_disp_low=2.*\[4.0, 32.0\]"):
         SyntheticConfig(max_disp_low=2)
+
+
+def test_skimage_textures_are_scikit_images_photographs_and_need_it(monkeypatch):
+    import sys
+
+    from compress.data import synthetic
+
+    photos = synthetic.skimage_photos()
+    assert len(photos) == len(synthetic.SKIMAGE_TEXTURES) and all(p.ndim == 3 and p.shape[2] == 3 for p in photos)
+    cfg = SyntheticConfig(height=48, width=96, max_disp=20.0, num_objects=2, seed=0, texture_dir="skimage",
+                          photo_prob=1.0)
+    equal, _ = _matches(generate_sample(cfg, 0))
+    assert equal[generate_sample(cfg, 0).nonocc].all()  # photographs keep the exact matches
+    synthetic._photos.cache_clear()
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    try:
+        with pytest.raises(ConfigError, match=r"texture_dir 'skimage' needs scikit-image.*\.\[real\]"):
+            SyntheticConfig(texture_dir="skimage")
+    finally:
+        synthetic._photos.cache_clear()

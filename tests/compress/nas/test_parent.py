@@ -131,3 +131,16 @@ def test_a_search_over_an_imported_fast_foundationstereo_release_runs_two_trials
         cfg = load_student(trial.user_attrs["student_path"]).cfg
         assert cfg.max_disp <= release.cfg.max_disp and cfg.iters <= release.cfg.iters
     assert not (tmp_path / "parent").exists()  # a trained parent is not distilled again
+
+
+def test_the_subnets_of_a_release_with_searched_blocks_all_build(tmp_path):
+    release = import_fast_foundationstereo(DATA / "ffs" / "searched_variant" / "model_best_bp2_serialize.pth",
+                                           tmp_path / "release")
+    assert release.cfg.volume_blocks  # the release's searched cost-volume blocks
+    space = subnet_space(release.cfg)
+    a, b = _pair(2)
+    for cfg in space.enumerate(limit=6):
+        child, report = inherit_student(release, cfg)
+        with torch.no_grad():
+            assert torch.isfinite(child.eval()(a, b, test_mode=True)).all()
+        assert report.fraction_inherited() > 0.5

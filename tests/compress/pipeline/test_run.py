@@ -17,7 +17,7 @@ SMALL = [
     "search.batch_size=2", "distill.steps=2", "distill.batch_size=2", "search.latency.repeats=2",
     "search.latency.warmup=1", "search.latency.report_rounds=1", "data.train.num_samples=4",
     "data.eval.num_samples=2", "prune.samples=2", "prune.distill.steps_between=1", "prune.distill.recovery_steps=1",
-    "progress=false",
+    "progress=false", "real_pairs.height=64",
 ]
 
 
@@ -43,6 +43,23 @@ def test_run_leaves_every_artifact(finished_run):
     assert not (run_dir / "teacher").exists()  # the shipped teacher is used where it is, not copied
     assert summary["latency_backend"]["backend"] == "onnxruntime" and summary["latency_backend"]["reason"]
     assert summary["teacher"]["gt/epe"] > 0 and summary["teacher"]["latency_ms"] > 0
+
+
+def test_every_run_scores_the_teacher_the_front_and_the_final_student_on_real_pairs(finished_run):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    real = summary["real_pairs"]
+    assert real["pairs"] == ["motorcycle"] and real["size"] == [64, 96]  # real_pairs.height=64, aspect kept
+    scores = real["scores"]
+    assert {"teacher", "sgbm", "final"} <= set(scores)
+    assert {f"trial {r['trial']}" for r in summary["front"]} <= set(scores)
+    for name, table in scores.items():
+        assert 0 <= table["mean"]["bp2"] <= 100 and table["mean"]["epe"] > 0, name
+    final, teacher = summary["final"], summary["teacher"]
+    assert final["real_bp2"] == scores["final"]["mean"]["bp2"]
+    assert teacher["real_bp2"] == scores["teacher"]["mean"]["bp2"]
+    assert final["real_retention"] == pytest.approx(final["real_bp2"] / teacher["real_bp2"])
+    for row in summary["front"]:
+        assert row["real_bp2"] == scores[f"trial {row['trial']}"]["mean"]["bp2"]
 
 
 def test_chosen_student_is_pruned_before_the_final_distillation(finished_run):
@@ -76,6 +93,7 @@ def test_mlflow_store_has_study_and_trials(finished_run):
     assert "volume_scale" in child.params  # params = the sampled student's config
     parent = client.get_run(parents[0].info.run_id).data.metrics
     assert any(k.startswith("prune/") for k in parent) and "final_latency_ms" in parent
+    assert {"real_teacher_bp2", "real_final_bp2", "real_sgbm_bp2", "final_real_retention"} <= set(parent)
     # The parent's Overview: the final student's metrics, the front's plot and the chosen config.
     note = client.get_run(parents[0].info.run_id).data.tags["mlflow.note.content"]
     assert "| teacher/epe |" in note and "get-artifact?path=overview/pareto_front.png" in note and "```yaml" in note

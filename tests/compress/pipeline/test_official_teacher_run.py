@@ -1,0 +1,58 @@
+"""``ffsc run`` with an official-format FoundationStereo checkpoint reaches summary.json (it once crashed in the final
+table: the official config has ``valid_iters``, not ``iters``), the teacher timed at the iterations it labels with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from compress.cli import main
+from tests.paths import REPO
+from tests.reference_weights import rule_state_dict
+
+RECIPE = REPO / "recipes" / "fast_foundationstereo_nas.yaml"
+
+
+def _official_checkpoint(folder: Path) -> Path:
+    """A small official-format checkpoint (vits, narrow GRU) with the reference rule's weights, cfg.yaml beside it."""
+    from teacher import FoundationStereo, TeacherConfig
+
+    cfg = {"vit_size": "vits", "hidden_dims": [32, 32, 32], "n_gru_layers": 3, "n_downsample": 2, "corr_levels": 2,
+           "corr_radius": 4, "max_disp": 64, "mixed_precision": False, "low_memory": 0, "valid_iters": 3}
+    folder.mkdir(parents=True)
+    (folder / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    with torch.device("meta"):
+        template = FoundationStereo(TeacherConfig.from_dict(cfg)).state_dict()
+    template = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in template.items()}
+    torch.save({"model": rule_state_dict(template)}, folder / "model_best_bp2.pth")
+    return folder / "model_best_bp2.pth"
+
+
+def test_the_gpu_recipe_runs_to_the_end_with_an_official_checkpoint(tmp_path):
+    ckpt = _official_checkpoint(tmp_path / "weights")
+    synth = "synthetic: {height: 64, width: 128, max_disp: 24, num_objects: 2"
+    run_dir = tmp_path / "run"
+    code = main(["run", str(RECIPE), f"run_dir={run_dir}", f"teacher.checkpoint={ckpt}", "teacher.iters=null",
+                 "height=64", "width=128", "device=cpu", "progress=false", "search.space=tiny",
+                 f"data.train={{kind: synthetic, path: null, limit: null, num_samples: 2, {synth}, seed: 0}}}}",
+                 f"data.eval={{kind: synthetic, path: null, options: {{}}, num_samples: 1, {synth}, seed: 1000}}}}",
+                 "data.labels={prob: full, feature_levels: [0], disp_dtype: float32}",
+                 "search.n_trials=2", "search.distill_steps=1", "search.parent_steps=1", "search.batch_size=1",
+                 "search.budget_ms=null", "distill.steps=1", "distill.batch_size=1", "export.formats=[onnx]",
+                 "search.latency={mode: measured, backend: torch, precision: fp32, warmup: 1, repeats: 1, "
+                 "report_rounds: 1}", "real_pairs.height=64", "loss.output.max_disp=64"])
+    assert code == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    teacher = summary["teacher"]
+    assert teacher["description"].startswith("FoundationStereo vits")
+    assert teacher["iters"] == 3  # valid_iters of its cfg.yaml: labelled, timed and scored at the same count
+    assert teacher["latency_ms"] > 0 and teacher["gmacs"] > 0 and teacher["real_bp2"] >= 0
+    timed = json.loads((run_dir / "report_latency.json").read_text())["settings"]["iters"]
+    assert timed["teacher"] == 3
+    labelled = json.loads((run_dir / "labels" / "train" / "manifest.json").read_text())
+    assert labelled["labels"]["iters"] == 3
+    assert summary["final"]["latency_ms"] > 0 and (run_dir / "export" / "student.onnx").is_file()
+    assert (run_dir / "parent" / "student" / "model.safetensors").is_file()  # not of the family: 'largest'
