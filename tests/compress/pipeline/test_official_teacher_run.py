@@ -39,7 +39,7 @@ def test_the_gpu_recipe_runs_to_the_end_with_an_official_checkpoint(tmp_path):
                  "height=64", "width=128", "device=cpu", "progress=false", "search.space=tiny",
                  f"data.train={{kind: synthetic, path: null, limit: null, num_samples: 2, {synth}, seed: 0}}}}",
                  f"data.eval={{kind: synthetic, path: null, options: {{}}, num_samples: 1, {synth}, seed: 1000}}}}",
-                 "data.labels={prob: full, feature_levels: [0], disp_dtype: float32}",
+                 "data.labels={prob: full, feature_levels: [0], disp_dtype: float32, size: null}",
                  "search.n_trials=2", "search.distill_steps=1", "search.parent_steps=1", "search.batch_size=1",
                  "search.budget_ms=null", "distill.steps=1", "distill.batch_size=1", "export.formats=[onnx]",
                  "search.latency={mode: measured, backend: torch, precision: fp32, warmup: 1, repeats: 1, "
