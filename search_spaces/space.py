@@ -161,8 +161,7 @@ class SearchSpace:
         A choice wider, deeper, longer or finer than the parent (or a categorical value it does not have) is a
         ConfigError naming the dimension, the choice and the parent's value, before any work.
         """
-        space = dataclasses.replace(self, base_config=parent.replace(name=f"{self.name}-base"),
-                                    base_overrides={}, name=self.name)
+        space = dataclasses.replace(self, base_config=parent.replace(name=f"{self.name}-base"), base_overrides={})
         problems = []
         for dim in self.dimensions:
             for value in dim.values():
@@ -171,9 +170,8 @@ class SearchSpace:
                     values["volume_dim"] = max(space._values("volume_dim", parent))
                 cfg = space.config_from_values(values)
                 for name in _SUPPLIED if dim.name in _SUPPLIED else (dim.name,):
-                    supplied = name in _SUPPLIED
-                    if not (_can_supply(getattr(parent, name), getattr(cfg, name), name) if supplied
-                            else getattr(parent, name) == getattr(cfg, name)):
+                    have, need = getattr(parent, name), getattr(cfg, name)
+                    if not (_can_supply(have, need, name) if name in _SUPPLIED else have == need):
                         problems.append(f"{dim.name}={_encode(value)} needs {name} {getattr(cfg, name)}, "
                                         f"{parent_name} has {getattr(parent, name)}")
                         break
@@ -290,8 +288,7 @@ def subnet_space(parent: StudentConfig, name: str = "subnets", fractions: tuple[
         value = getattr(parent, field_name)
         if value % multiple:  # an imported release's odd width: keep it, the parent supplies only itself
             return None
-        choices = sorted({_shrunk(value, f, multiple) for f in fractions if _shrunk(value, f, multiple) <= value},
-                         reverse=True)
+        choices = sorted({min(value, _shrunk(value, f, multiple)) for f in fractions}, reverse=True)
         return Dimension(field_name, choices=choices) if len(choices) > 1 else None
 
     dims: list[Dimension] = []

@@ -87,9 +87,9 @@ def preflight(recipe: RunRecipe):
         parent = search_parent(recipe, _teacher_folder(recipe))
         if parent is not None:
             pf.check_checkpoint(parent, key="search.parent")
-        trained_here = recipe.search.parent in ("auto", "teacher") and _teacher_folder(recipe) is None and not (
-            recipe.teacher.checkpoint)
-        if not trained_here:  # a stand-in trained in the run is checked once it exists
+        trained_here = recipe.teacher.stand_in == "train" and not recipe.teacher.checkpoint
+        # A stand-in trained in the run, as the parent, is checked once it exists.
+        if not (trained_here and recipe.search.parent in ("auto", "teacher")):
             search_space(recipe, parent)  # an unknown space, or a choice the parent cannot supply: one line here
     for entry in recipe.real_pairs.pairs if recipe.real_pairs.enabled else []:
         if entry != "motorcycle":

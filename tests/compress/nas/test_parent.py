@@ -18,14 +18,8 @@ from compress.pipeline.run import _settings, prepare_labels, search_parent, sear
 from compress.pipeline.standin import SHIPPED_DIR
 from search_spaces import load_space, load_student, subnet_space
 from search_spaces.space import _can_supply
+from tests.compress.nas.test_inherit import H, W, _pair
 from tests.paths import DATA
-
-H, W = 64, 128
-
-
-def _pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(1, 3, H, W, generator=g) * 255, torch.rand(1, 3, H, W, generator=g) * 255
 
 
 @pytest.fixture(scope="module")
