@@ -25,7 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ffsc`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        misplaced = [a for a in extra if "=" in a and not a.startswith("-")]
+        if misplaced and hasattr(args, "overrides"):
+            print(f"ffsc {args.command}: error: {' '.join(misplaced)}: key=value overrides go right after the recipe, "
+                  f"before any option: ffsc {args.command} RECIPE {misplaced[0]} ... --option VALUE", file=sys.stderr)
+            return 2
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except FFSCError as exc:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from compress.metrics import MetricAccumulator
+from compress.terminal import progress_bar
 from compress.training import autocast
 from teacher.inference import InputPadder, infer
 from teacher.outputs import StereoOutput
@@ -37,7 +37,7 @@ def evaluate_student(
     model.eval()
     gt_acc, t_acc = MetricAccumulator(), MetricAccumulator()
     try:
-        for i in tqdm(range(len(dataset)), desc="evaluating", disable=not progress, leave=False):
+        for i in progress_bar(range(len(dataset)), desc="evaluating", disable=not progress, leave=False):
             item = dataset[i]
             left = item["left"][None].to(device)
             right = item["right"][None].to(device)

@@ -5,12 +5,23 @@ name), repr() of its `cfg` or `config` attribute when it has one, and every stat
 name, dtype, shape and bytes; so two modules with equal config and weights share cache entries and
 any weight change misses. A file (.onnx, .engine) hashes to the sha256 of its bytes.
 
+Precision: the torch backend runs the model at the precision asked for (teacher.stages.use_precision), so a
+model whose config says mixed_precision is not timed in fp16 under an fp32 or bf16 label; a module exported for
+the other backends is traced in float32.
+
+Compiled timing (compile=True): each measurement resets Dynamo's caches and compiles with dynamic=False, so one
+process can time any number of models; a recompile past Dynamo's limit (frames silently running eagerly) is
+refused with an error rather than cached as a compiled latency. The environment variable FFSC_COMPILE_BACKEND
+names another torch.compile backend than inductor (e.g. "eager", for tests on machines without a compiler); the
+choice is part of the cache key.
+
 One module over the ~500-line guide: one measure() per backend, the cache, the side-by-side timing and the
 LatencyConfig that drives them change together whenever a backend is added.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +30,7 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -28,11 +39,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.errors import ConfigError
+from compress.errors import ConfigError, FFSCError
 from compress.export._files import sha256_file
 from compress.export._trt import import_tensorrt, require_cuda
 from compress.export.onnx_export import check_image_size
 from compress.export.runtime import INPUT_NAMES, OUTPUT_NAME, make_session, random_stereo_pair
+from teacher.stages import use_precision
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -41,6 +53,10 @@ AUTOCAST_DTYPES = _AUTOCAST
 """Autocast dtype of each reduced precision (fp32 runs without autocast)."""
 LATENCY_MODES = ("measured", "predicted")
 MEASURE_WHEN = ("budget", "always", "never")
+COMPILE_BACKEND_ENV = "FFSC_COMPILE_BACKEND"
+"""Environment variable naming the torch.compile backend of compiled timing (unset: inductor)."""
+TRITON_MIN_CAPABILITY = (7, 0)
+"""Oldest CUDA compute capability Triton (and so inductor's GPU code) runs on."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +81,28 @@ def tensorrt_problem() -> str | None:
     return None
 
 
+def triton_problem(device: int | str | torch.device | None = None) -> str | None:
+    """None when torch.compile can generate Triton kernels for the CUDA GPU ``device``, else the reason it cannot."""
+    try:
+        import triton  # noqa: F401  (absent or broken on Windows and on Jetson's aarch64 wheels)
+    except ImportError as err:
+        return f"Triton does not import ({err})"
+    except Exception as err:  # a broken install raises other types
+        return f"Triton fails to import ({type(err).__name__}: {err})"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < TRITON_MIN_CAPABILITY:
+        return (f"the GPU's compute capability {capability[0]}.{capability[1]} is below Triton's minimum "
+                f"{TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}")
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        return "PyTorch finds no usable Triton backend for this GPU (torch.utils._triton.has_triton() is False)"
+    return None
+
+
 def resolve_backend(backend: str, device: str | None = None) -> BackendChoice:
-    """Pick the backend for 'auto' (TensorRT, else PyTorch on CUDA compiled with CUDA graphs, else ONNX Runtime
-    on CPU); other names pass through with their reason."""
+    """Pick the backend for 'auto' (TensorRT, else PyTorch on CUDA with CUDA graphs, compiled where Triton works,
+    else ONNX Runtime on CPU); other names pass through with their reason."""
     if backend not in ("auto", *BACKENDS):
         raise ConfigError(f"latency backend {backend!r}: expected one of {['auto', *BACKENDS]}")
     cuda = torch.cuda.is_available()
@@ -82,6 +117,11 @@ def resolve_backend(backend: str, device: str | None = None) -> BackendChoice:
     gpu = torch.cuda.get_device_name(0)
     if trt_problem is None:
         return BackendChoice("tensorrt", device or "cuda", f"auto: TensorRT imports and CUDA is present ({gpu})")
+    compile_problem = triton_problem(device)
+    if compile_problem is not None:  # torch.compile would fail (or fall back) on its first call
+        return BackendChoice("torch", device or "cuda",
+                             f"auto: {trt_problem}; PyTorch on CUDA ({gpu}) with CUDA graphs, without torch.compile "
+                             f"because {compile_problem}", cuda_graph=True)
     return BackendChoice("torch", device or "cuda",
                          f"auto: {trt_problem}; PyTorch on CUDA ({gpu}) with torch.compile and CUDA graphs",
                          compile=True, cuda_graph=True)
@@ -95,7 +135,7 @@ class LatencyConfig:
     """measured (timed on this machine's backend) or predicted (per-block tables, compress.latency_predictor)."""
     backend: str = "onnxruntime"
     """auto | torch | onnxruntime | tensorrt; auto = TensorRT where it imports and CUDA is present, else PyTorch on
-    CUDA compiled with CUDA graphs, else ONNX Runtime on CPU (see resolve_backend)."""
+    CUDA with CUDA graphs (compiled too where Triton works), else ONNX Runtime on CPU (see resolve_backend)."""
     device: str | None = None
     """None = cuda when available (always for tensorrt), else cpu."""
     precision: str = "fp32"
@@ -116,7 +156,7 @@ class LatencyConfig:
     """The run's final table: rounds of side-by-side timing of teacher and students (0 = time each once)."""
     compile: bool = False
     """PyTorch backend: time the torch.compile'd model. With backend 'auto' the choice sets compile and cuda_graph
-    (True for PyTorch on CUDA); name the backend to set them yourself."""
+    (True for PyTorch on CUDA, compile only where Triton works); name the backend to set them yourself."""
     cuda_graph: bool = False
     """PyTorch and TensorRT backends on CUDA: replay each forward from a captured CUDA graph."""
     table: str | None = None
@@ -346,14 +386,56 @@ def time_calls(step: Callable[[], object], device: torch.device, warmup: int, re
     return _time(step, device, warmup, repeats, events, stream, clock)
 
 
+def compile_backend() -> str:
+    """The torch.compile backend of compiled timing: $FFSC_COMPILE_BACKEND, else inductor."""
+    return os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+
+
+def _compile(model: nn.Module, cuda_graph: bool) -> nn.Module:
+    """``model`` compiled for timing one input shape, from an empty Dynamo cache."""
+    # Dynamo caches compiled frames per code object, and every model of a family shares the same forward code: without
+    # a reset the models timed before count towards its recompile limit (8), past which frames run eagerly.
+    torch.compiler.reset()
+    backend = compile_backend()
+    # One fixed input shape is timed: dynamic=False keeps shapes static (no symbolic-shape recompile in the warm-up).
+    if backend == "inductor":
+        return torch.compile(model, mode="reduce-overhead" if cuda_graph else "default", dynamic=False)
+    return torch.compile(model, backend=backend, dynamic=False)
+
+
+def _recompile_limit_hits() -> int:
+    """Frames Dynamo gave up on at its recompile limit in this process (they run eagerly)."""
+    from torch._dynamo.utils import counters
+
+    return sum(n for msg, n in counters["unimplemented"].items() if "recompile limit" in msg.lower())
+
+
+@contextlib.contextmanager
+def _refuse_eager_fallback() -> Iterator[None]:
+    """Raise instead of letting a compiled model's frames fall back to eager at Dynamo's recompile limit."""
+    import torch._dynamo
+
+    before = _recompile_limit_hits()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            yield
+    except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+        raise FFSCError("torch.compile hit Dynamo's recompile limit while timing, so frames would run eagerly "
+                        "under a compiled label; time this model alone or without compile") from err
+    if _recompile_limit_hits() > before:  # belt and braces: a hit that did not raise still ran eagerly
+        raise FFSCError("torch.compile hit Dynamo's recompile limit while timing (frames ran eagerly); the "
+                        "latency is not a compiled one")
+
+
 def _torch_step(model: nn.Module, left: torch.Tensor, right: torch.Tensor, iters: int, device: torch.device,
                 precision: str, compile: bool, cuda_graph: bool) -> Callable[[], object]:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision 'fp16' on CPU is not supported by CPU autocast; use 'fp32' or 'bf16'")
     if cuda_graph and device.type != "cuda":
         raise ConfigError("cuda_graph=True needs device='cuda'")
+    graphed_by_compile = compile and compile_backend() == "inductor"  # mode="reduce-overhead" captures the graphs
     if compile:
-        model = torch.compile(model, mode="reduce-overhead" if cuda_graph else "default")
+        model = _compile(model, cuda_graph)
 
     # Autocast's weight-cast cache must be off under CUDA graph capture (PyTorch's CUDA graphs notes).
     autocast = dict(dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision in _AUTOCAST,
@@ -363,7 +445,7 @@ def _torch_step(model: nn.Module, left: torch.Tensor, right: torch.Tensor, iters
         with torch.inference_mode(), torch.autocast(device.type, **autocast):
             return model(left, right, iters=iters, test_mode=True)
 
-    if not cuda_graph or compile:
+    if not cuda_graph or graphed_by_compile:
         return forward
     from compress.cuda_graph import capture
 
@@ -376,7 +458,8 @@ def _onnx_file(model_or_path: nn.Module | Path, workdir: Path, height: int, widt
 
     if isinstance(model_or_path, nn.Module):
         dest = workdir / "model.onnx"
-        to_onnx(model_or_path, dest, height, width, iters, device=device, batch=batch, check_parity=False)
+        with use_precision(model_or_path, "fp32"):  # an fp32 graph: reduced precision is cast from it afterwards
+            to_onnx(model_or_path, dest, height, width, iters, device=device, batch=batch, check_parity=False)
         return dest
     return Path(model_or_path)
 
@@ -514,6 +597,14 @@ def measure(
     shapes = {name: [batch, 3, height, width] for name in INPUT_NAMES}
     check_clock(clock, device, threads)
     options = {"compile": compile, "cuda_graph": cuda_graph}
+    if backend == "torch" and compile:
+        # Static shapes from a fresh Dynamo cache; also keeps out entries cached before, some of them eager frames.
+        options["compile_dynamic"] = False
+        if compile_backend() != "inductor":
+            options["compile_backend"] = compile_backend()
+    if backend == "torch" and device.type == "cuda":
+        # Entries cached before the stages ran the labelled precision timed mixed_precision models in fp16.
+        options["precision_pinned"] = True
     if device.type == "cpu":
         options["threads"] = threads
     if clock != "wall":  # only then: keys of wall-clock results stay as they were
@@ -531,9 +622,13 @@ def measure(
     if is_module:
         model_or_path.eval()
     try:
-        with tempfile.TemporaryDirectory(prefix="ffsc-latency-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="ffsc-latency-") as tmp, contextlib.ExitStack() as stack:
             workdir = Path(tmp)
             if backend == "torch":
+                # The model runs at the precision the row is labelled with, whatever its own mixed_precision says.
+                stack.enter_context(use_precision(model_or_path, precision))
+                if compile:
+                    stack.enter_context(_refuse_eager_fallback())
                 step = _torch_step(model_or_path, left, right, iters, device, precision, compile, cuda_graph)
             elif backend == "onnxruntime":
                 onnx_path = _onnx_file(model_or_path, workdir, height, width, iters, batch, device)
@@ -589,9 +684,9 @@ def measure_together(
         targets = {name: _deployable(on_device(model, dev) if isinstance(model, nn.Module) else model, backend,
                                      Path(tmp) / f"m{i}", height, width, per_model[name], dev, precision)
                    for i, (name, model) in enumerate(models.items())}
-        from tqdm.auto import tqdm
+        from compress.terminal import progress_bar
 
-        steps = tqdm(total=rounds * len(models), desc="latency (alternating rounds)", disable=not progress,
+        steps = progress_bar(total=rounds * len(models), desc="latency (alternating rounds)", disable=not progress,
                      leave=False)
         for _ in range(rounds):
             for name, target in targets.items():

@@ -56,7 +56,7 @@ from compress.latency import (
 from search_spaces import SearchSpace, StudentConfig, build_student
 from teacher.features import normalize_image
 from teacher.geometry import GeometryEncoding
-from teacher.stages import StereoStages
+from teacher.stages import StereoStages, use_precision
 
 BLOCKS: tuple[str, ...] = ("feature", "volume", "hourglass", "classifier", "context", "gru_iteration", "upsampler")
 """The blocks of a student forward, in execution order."""
@@ -350,7 +350,8 @@ def time_module(
             with torch.inference_mode(), torch.autocast(device.type, **autocast):
                 return module(*inputs)
 
-        return _summary(time_calls(step, device, warmup, repeats, events=True, clock=clock))
+        with use_precision(module, precision):  # the block's stages run at the precision timed, as in measure()
+            return _summary(time_calls(step, device, warmup, repeats, events=True, clock=clock))
     with tempfile.TemporaryDirectory(prefix="ffsc-block-") as tmp:
         path = Path(tmp) / "block.onnx"
         present = set(_export_block(module, inputs, path))
@@ -578,7 +579,7 @@ class LatencyTable:
         Saves to the table's path every ``save_every`` configs, so an interrupted build keeps its work.
         Returns the number of variants measured.
         """
-        from tqdm import tqdm
+        from compress.terminal import progress_bar
 
         if configs is None:
             todo = list(space_block_variants(space, height, width, batch).values())
@@ -594,7 +595,7 @@ class LatencyTable:
             seen.add(key)
             by_config.setdefault(cfg.to_json(), (cfg, set()))[1].add(variant.block)
         measured = 0
-        bar = tqdm(by_config.values(), desc="latency table", unit="config", disable=not progress)
+        bar = progress_bar(by_config.values(), desc="latency table", unit="config", disable=not progress)
         for i, (cfg, blocks) in enumerate(bar, start=1):
             measured += self.measure_config(cfg, height, width, batch, only=blocks)
             if self.path is not None and i % save_every == 0:
@@ -750,9 +751,8 @@ def evaluate_predictor(
     remeasure=True measures every model a second time after all first measurements, which tells how much
     two measurements of one model disagree here (the error floor no predictor can beat on this machine).
     """
-    from tqdm import tqdm
-
     from compress.latency import measure
+    from compress.terminal import progress_bar
 
     def whole(cfg: StudentConfig):
         with torch.random.fork_rng():
@@ -764,14 +764,14 @@ def evaluate_predictor(
 
     configs = configs if configs is not None else sample_configs(space, n, seed)
     rows = []
-    for cfg in tqdm(configs, desc="predictor vs measure", unit="student", disable=not progress):
+    for cfg in progress_bar(configs, desc="predictor vs measure", unit="student", disable=not progress):
         table.measure_config(cfg, height, width)
         breakdown = table.breakdown(cfg, height, width)
         stats = whole(cfg)
         rows.append(PredictorRow(cfg.to_dict(), max(sum(breakdown.values()), 0.0), stats.median_ms, stats.p10_ms,
                                  stats.p90_ms, breakdown))
     if remeasure:
-        for cfg, row in zip(tqdm(configs, desc="remeasure", unit="student", disable=not progress), rows,
+        for cfg, row in zip(progress_bar(configs, desc="remeasure", unit="student", disable=not progress), rows,
                             strict=True):
             row.remeasured_ms = whole(cfg).median_ms
     if table.path is not None:

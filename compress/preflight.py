@@ -124,6 +124,124 @@ def check_writable(path: str | os.PathLike, key: str = "output") -> None:
     os.unlink(name)
 
 
+ONNX_EXPECTED = "expected an .onnx model exported by `ffsc export` (or another ONNX model)"
+ENGINE_EXPECTED = "expected a TensorRT engine built by `ffsc export --format engine`"
+# ModelProto fields an ONNX model cannot lack: ir_version (a varint) and graph (length-delimited).
+_ONNX_REQUIRED_FIELDS = {(1, 0), (7, 2)}
+
+
+def _read_varint(f) -> int:
+    """One protobuf varint from a binary file; ValueError at the end of the file or past 10 bytes."""
+    value = 0
+    for shift in range(0, 70, 7):
+        byte = f.read(1)
+        if not byte:
+            raise ValueError("it ends inside a field header (truncated?)")
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+    raise ValueError("it is not protobuf data")
+
+
+def _protobuf_fields(path: Path) -> set[tuple[int, int]]:
+    """(field number, wire type) of every top-level field of a protobuf file, reading only the field headers."""
+    size = path.stat().st_size
+    fields = set()
+    with open(path, "rb") as f:
+        while f.tell() < size:
+            number, wire = divmod(_read_varint(f), 8)
+            if number == 0 or wire not in (0, 1, 2, 5):
+                raise ValueError("it is not protobuf data")
+            if wire == 0:
+                _read_varint(f)
+            else:  # skip the contents: fixed 8 or 4 bytes, or a length-prefixed run
+                length = _read_varint(f) if wire == 2 else (8 if wire == 1 else 4)
+                f.seek(min(length, size + 1), os.SEEK_CUR)  # past the end is enough to tell, and no overflow
+            if f.tell() > size:
+                raise ValueError(f"its field {number} runs past the end of the file at byte {size} (truncated?)")
+            fields.add((number, wire))
+    return fields
+
+
+def check_onnx_file(path: str | os.PathLike, key: str = "--model") -> None:
+    """`path` is an ONNX model file, neither missing, empty, truncated nor another kind of file.
+
+    Only the top-level field headers are read (seeking over their contents): a full parse of a 1.5 GB teacher
+    export costs seconds and its size in memory, and the loaders parse it anyway. A file cut short ends inside
+    a field; another kind of file is not protobuf, or lacks the ir_version and graph every ONNX model has.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{key} {path}: no such file; {ONNX_EXPECTED}")
+    if path.is_dir():
+        raise CheckpointError(f"{key} {path} is a folder; {ONNX_EXPECTED}")
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty")
+        fields = _protobuf_fields(path)
+    except OSError as err:
+        raise CheckpointError(f"{key} {path} cannot be read ({err.strerror or err}); {ONNX_EXPECTED}") from None
+    except ValueError as err:
+        raise CheckpointError(f"{key} {path} is not an ONNX model: {err}; {ONNX_EXPECTED}") from None
+    if not _ONNX_REQUIRED_FIELDS <= fields:
+        raise CheckpointError(f"{key} {path} is not an ONNX model: it has no ONNX graph (truncated, or another "
+                              f"kind of file); {ONNX_EXPECTED}")
+
+
+def check_engine_file(path: str | os.PathLike, key: str = "--model") -> None:
+    """`path` is a non-empty file (TensorRT itself, absent on most machines, reads the rest when it loads)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{key} {path}: no such file; {ENGINE_EXPECTED}")
+    if not path.is_file():
+        raise CheckpointError(f"{key} {path} is not a file; {ENGINE_EXPECTED}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{key} {path} is empty (0 bytes); {ENGINE_EXPECTED}")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{key} {path} is not readable; {ENGINE_EXPECTED}")
+
+
+def check_exported_file(spec: str | os.PathLike | None, key: str = "--model") -> None:
+    """An ``.onnx`` or engine path checked as such; other model specs pass (resolve_model reads them)."""
+    from compress.models import ENGINE_SUFFIXES
+
+    if spec is None:
+        return
+    suffix = Path(spec).suffix.lower()
+    if suffix == ".onnx":
+        check_onnx_file(spec, key)
+    elif suffix in ENGINE_SUFFIXES:
+        check_engine_file(spec, key)
+
+
+def check_frames_source(source: str | os.PathLike | None, key: str = "--calib") -> None:
+    """A calibration or held-out source is 'synthetic', a label cache folder, or a folder of stereo pairs."""
+    from compress.data.readers import open_dataset
+    from compress.distill.label_cache import MANIFEST
+
+    expected = ("expected a label cache folder (e.g. runs/<run>/labels/train), a stereo data folder or "
+                "'synthetic'")
+    if source is None or str(source) == "synthetic":
+        return
+    root = Path(source)
+    if not root.exists():
+        raise DataError(f"{key} {root}: no such folder; {expected}")
+    if not root.is_dir():
+        raise DataError(f"{key} {root} is a file, not a folder; {expected}")
+    if (root / MANIFEST).is_file():
+        return
+    if not any(root.iterdir()):
+        raise DataError(f"{key} {root} is an empty folder; {expected}")
+    try:
+        dataset = open_dataset(root)
+    except DataError as err:
+        # The readers list every layout they tried on the lines below the first; one line is enough here.
+        reason = str(err).splitlines()[0].removesuffix(" Tried:").removesuffix(".").removeprefix(f"{root}: ")
+        raise DataError(f"{key} {root}: {reason}; {expected}") from None
+    if len(dataset) == 0:
+        raise DataError(f"{key} {root} holds no stereo pairs; {expected}")
+
+
 def check_model_source(spec: str | None, key: str = "--model", trust_pickle: bool = False) -> None:
     """A model named by a path (file or folder) exists and its weights read and are finite; names such as
     presets and ``teacher:vitl`` pass (they are built, not read)."""

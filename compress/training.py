@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
+
+from compress.terminal import progress_bar
 
 LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """A batch -> (total loss with gradients, named loss parts)."""
@@ -89,7 +90,7 @@ def fit(params: Iterable[nn.Parameter], loss_fn: LossFn, batches: Iterable[Any],
     scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
     step = start
     it = iter(batches)
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, leave=leave)
+    bar = progress_bar(total=steps, initial=start, desc=desc, disable=not progress, leave=leave)
     optimizer.zero_grad(set_to_none=True)
     try:
         while step < steps:

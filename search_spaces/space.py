@@ -379,4 +379,8 @@ def _load_space_file(name_or_path: str | Path) -> SearchSpace:
     path = Path(name_or_path)
     if not path.suffix:
         path = Path(__file__).parent / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = shipped_spaces()
+            raise ConfigError(f"unknown search space {str(name_or_path)!r}{did_you_mean(str(name_or_path), known)} "
+                              f"(shipped: {', '.join(known)}; or the path of a space .yaml file)")
     return SearchSpace.from_yaml(path)

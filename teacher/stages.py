@@ -5,11 +5,19 @@ not in how a disparity is computed: :class:`StereoStages` holds that computation
 stage (encode, build_volume, filter_volume, initial_disparity, context, geometry, refine_step / refine,
 upsample). ``run`` composes them for ``forward``; the latency predictor times the same methods one by one.
 None of them makes a host tensor or reads a value back, so a whole forward can be captured in a CUDA graph.
+
+Precision: every stage runs under :func:`precision_ctx`, and the caller decides. A precision set on the model
+(``use_precision(model, 'fp32' | 'fp16' | 'bf16')``, as latency measurement, distillation and export do) is
+what the stages run in, whatever autocast surrounds them; with none set, an autocast the caller already has
+open is left alone, and only when nobody chose does the model's own ``mixed_precision`` apply (fp16 on CUDA,
+the official model's behaviour). An ONNX export with no precision set traces float32: fp16 graphs are made
+from the float32 one (``compress.export.fp16``, TensorRT), which keeps the float32 islands.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +29,50 @@ from .geometry import GeometryEncoding
 from .layers import BasicConv, BasicConvIN, ResnetBasicBlock
 from .outputs import StereoOutput
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+"""Precisions a caller may set on a model (None = not chosen: see precision_ctx)."""
+PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_AUTOCAST: dict[str, torch.dtype] = {"cuda": torch.float16}
+"""Autocast dtype per device type of a ``mixed_precision`` model that nobody chose a precision for: the official
+model autocasts to fp16 on CUDA only (tests patch in a CPU entry to exercise the rule on CPU)."""
+_AUTOCAST_DEVICES = ("cuda", "cpu")
 
-def autocast_ctx(enabled: bool, device: torch.device):
-    """fp16 autocast on CUDA when enabled; a no-op elsewhere (the official model autocasts on CUDA only)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+
+def precision_ctx(precision: str | None, mixed_precision: bool, device: torch.device
+                  ) -> contextlib.AbstractContextManager:
+    """The autocast a stage runs under on ``device``: the chosen precision, else the caller's, else the model's."""
+    if device.type not in _AUTOCAST_DEVICES:  # e.g. the meta device used for counting has no autocast
+        return contextlib.nullcontext()
+    if precision is not None:
+        # Entered inside the caller's autocast, this overrides it: fp32 must switch an outer autocast off.
+        if precision == "fp32":
+            return torch.autocast(device_type=device.type, enabled=False)
+        return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision])
+    dtype = DEFAULT_AUTOCAST.get(device.type) if mixed_precision else None
+    if dtype is None or torch.is_autocast_enabled(device.type) or torch.onnx.is_in_onnx_export():
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def autocast_ctx(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """A ``mixed_precision`` model's own autocast when no caller chose a precision (fp16 on CUDA)."""
+    return precision_ctx(None, enabled, device)
+
+
+@contextlib.contextmanager
+def use_precision(model: nn.Module, precision: str | None) -> Iterator[None]:
+    """Run every :class:`StereoStages` inside ``model`` at ``precision`` within the block (None: unset)."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected None or one of {PRECISIONS}")
+    stages = [m for m in model.modules() if isinstance(m, StereoStages)]
+    saved = [m.precision for m in stages]
+    for m in stages:
+        m.precision = precision
+    try:
+        yield
+    finally:
+        for m, old in zip(stages, saved, strict=True):
+            m.precision = old
 
 
 def image_stem(cin: int, cout: int) -> nn.Sequential:
@@ -62,15 +108,17 @@ class StereoStages(nn.Module):
 
     base: int = 0
     """Index of the pyramid level at the cost volume's resolution."""
+    precision: str | None = None
+    """The precision a caller chose for the stages (set it with :func:`use_precision`); None = not chosen."""
 
     @property
     def volume_disparities(self) -> int:
         """Disparity levels of the cost volume."""
         return self.cfg.max_disp // self.volume_scale
 
-    def autocast(self, device: torch.device):
-        """This model's mixed-precision context on ``device``."""
-        return autocast_ctx(self.cfg.mixed_precision, device)
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The autocast every stage runs under on ``device`` (see :func:`precision_ctx`)."""
+        return precision_ctx(self.precision, self.cfg.mixed_precision, device)
 
     # --- stages ---------------------------------------------------------------------------------------
     def encode(self, image1: Tensor, image2: Tensor):

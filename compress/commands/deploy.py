@@ -122,8 +122,10 @@ def _print_bench(report: dict) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time a model on one or more backends and print median/p10/p90 latency with params and GMACs."""
     from compress.export import check_image_size
+    from compress.preflight import check_exported_file
 
     check_image_size(args.height, args.width)
+    check_exported_file(args.model, key="--model")
     resolved = resolve_model(args.model, args.config, args.trust_checkpoint, allow_files=True)
     print(f"--model {args.model}: {resolved.description}")
     backends = list(dict.fromkeys(b for value in (args.backend or available_backends()) for b in value.split(",")))
@@ -167,6 +169,17 @@ def _model_spec(args: argparse.Namespace) -> str:
     return value
 
 
+def _model_key(args: argparse.Namespace) -> str:
+    """The option the model was given with, for messages about its file."""
+    return next((f"--{name}" for name, _ in _LEGACY_SOURCES if getattr(args, name)), "--model")
+
+
+def _source(args: argparse.Namespace) -> dict[str, str]:
+    """The input of this run, as absolute paths: what an output folder's record is compared with."""
+    names = ("pairs",) if args.pairs else ("left", "right")
+    return {name: str(Path(getattr(args, name)).absolute()) for name in names}
+
+
 def _frames(args: argparse.Namespace):
     """(frames, folder mode?) from --left/--right (files or folders) or --pairs."""
     from compress.deploy import Frame, frames_from_dataset, frames_from_folders
@@ -207,18 +220,25 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from compress.deploy import (
+        check_memory,
+        check_outputs,
+        check_pair,
         check_writable,
         disparity_to_geometry,
         open_predictor,
+        output_location,
         plan_outputs,
         read_stereo_pair,
+        replace_outputs,
         write_outputs,
     )
     from compress.deploy.infer import parse_formats
+    from compress.preflight import check_exported_file
 
     if not 0 < args.scale <= 1:
         raise ConfigError(f"--scale {args.scale}: expected 0 < scale <= 1 (the images are shrunk by it)")
     spec = _model_spec(args)
+    check_exported_file(spec, key=_model_key(args))
     frames, folder_mode = _frames(args)
     calib, fx_baseline = _calibration(args)
     formats = parse_formats(args.formats)
@@ -227,20 +247,28 @@ def cmd_infer(args: argparse.Namespace) -> int:
     plans = [plan_outputs(out, f.name if folder_mode else None, formats, with_depth, calib is not None)
              for f in frames]
     check_writable([p for plan in plans for p in plan.all()])
+    size = None if folder_mode else check_pair(frames[0], args.scale)  # a folder's frames are checked one by one
+    location, source = output_location(out, folder_mode), _source(args)
+    previous = check_outputs(location, source, args.overwrite)
 
     predictor = open_predictor(spec, args.config, args.device, args.iters, args.hierarchical, args.mixed_precision,
                                args.trust_checkpoint)
+    if size is not None:
+        check_memory(predictor, *size, scale=args.scale)
     print(f"--model {spec}: {predictor.description}, {predictor.where}")
-    done, skipped, seconds = 0, [], 0.0
+    done, skipped, seconds, all_written = 0, [], 0.0, []
     for frame, plan in tqdm(list(zip(frames, plans, strict=True)), desc="infer", unit="pair",
                             disable=not folder_mode, file=sys.stderr):
         try:
+            if folder_mode:
+                check_memory(predictor, *check_pair(frame, args.scale), scale=args.scale)
             left, right = read_stereo_pair(frame.left, frame.right, args.scale)
             start = time.perf_counter()
             disp = predictor(left, right)
             seconds += time.perf_counter() - start
             result = disparity_to_geometry(disp, left, calib, fx_baseline, args.zfar, args.remove_invisible)
             written = write_outputs(result, plan)
+            all_written += written
         except DataError as exc:
             if not folder_mode:
                 raise
@@ -255,6 +283,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 print(f"  -> {path}")
             if result.points is not None:
                 print(f"  point cloud: {len(result.points)} points (zfar {args.zfar:g} m)")
+    if done:  # a run that wrote nothing leaves the earlier outputs and their record as they were
+        removed = replace_outputs(location, previous, all_written, source)
+        if removed:
+            print(f"removed {len(removed)} earlier output file(s) this run did not rewrite")
     if folder_mode:
         print(f"{done} of {len(frames)} pairs -> {out} ({seconds:.1f} s of inference)"
               + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ""))
@@ -335,4 +367,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mixed-precision", dest="mixed_precision", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in the checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of a different input already in --out (a rerun on the same input "
+                        "always replaces its own)")
     p.set_defaults(func=cmd_infer)

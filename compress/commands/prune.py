@@ -100,7 +100,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for name, ev in (("EPE vs teacher", "teacher/epe"),):
         vals = [result.evaluation[k].get(ev) for k in ("unpruned", "before_recovery", "after_recovery")]
         if all(v is not None for v in vals):
-            table.add_row(name, f"{vals[0]:.4g}", f"{vals[1]:.4g} -> {vals[2]:.4g} (recovered)")
+            verdict = ("recovered" if vals[2] < vals[1] * 0.95 else
+                       "NOT recovered: worse after the recovery" if vals[2] > vals[1] else "barely changed")
+            table.add_row(name, f"{vals[0]:.4g}", f"{vals[1]:.4g} -> {vals[2]:.4g} ({verdict})")
     out.print(table)
     lat = result.final.get("latency")
     if lat:

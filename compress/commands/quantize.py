@@ -14,8 +14,13 @@ from .common import console
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize an fp32 ONNX export (or a model, exported first) to a Q/DQ INT8 ONNX and write its report."""
     from compress.export import check_image_size
+    from compress.preflight import check_frames_source, check_onnx_file
     from compress.quantize import QuantizeConfig, quantize_onnx, write_report
 
+    if Path(args.model).suffix.lower() == ".onnx":
+        check_onnx_file(args.model, key="model")
+    check_frames_source(args.calib, key="--calib")
+    check_frames_source(args.heldout, key="--heldout")
     out = Path(args.out)
     if out.suffix != ".onnx":
         raise ConfigError(f"--out {out}: the INT8 model must end in .onnx")

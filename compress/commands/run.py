@@ -21,7 +21,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run a recipe's stages (teacher -> search -> prune -> distill -> export)."""
     from compress.pipeline import run_recipe
 
-    run_recipe(_recipe(args))
+    run_recipe(_recipe(args), start_over=args.start_over)
     return 0
 
 
@@ -99,11 +99,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = resolved.module.to(device)
     iters = args.iters or resolved.default_iters or 8
     dataset = open_dataset(args.data, kind=args.kind)
+    records = getattr(dataset, "records", None)
+    no_gt = records is not None and not any(r.disp is not None for r in records)
+    if no_gt and not args.teacher:
+        from compress.errors import DataError
+
+        raise DataError(f"--data {args.data}: none of its {len(records)} pairs has a ground-truth disparity, so there "
+                        "is nothing to score against; give --teacher MODEL to score against a teacher's disparity")
+    teacher = teacher_iters = None
+    if args.teacher:
+        resolved_teacher = resolve_model(Path(args.teacher))
+        teacher = resolved_teacher.module.to(device).eval()
+        teacher_iters = args.teacher_iters or resolved_teacher.default_iters
     if args.limit:
         from torch.utils.data import Subset
 
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))
-    metrics = evaluate_student(model, dataset, iters=iters, device=device, progress=True)
+    metrics = evaluate_student(model, dataset, iters=iters, device=device, teacher=teacher,
+                               teacher_iters=teacher_iters, progress=True)
     table = Table("metric", "value", title=f"{model_path.name} on {args.data} ({len(dataset)} pairs, {iters} iters)")
     for k, v in metrics.items():
         table.add_row(k, f"{v:.3f}")
@@ -119,6 +132,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a recipe: teacher -> search -> prune -> distill -> export")
     p.add_argument("recipe", help="recipes/*.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. search.n_trials=20")
+    p.add_argument("--start-over", action="store_true",
+                   help="delete the run directory's earlier results first (a run of another recipe is refused "
+                        "without it)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("nas", help="the search stage alone; --worker joins a shared study")
@@ -144,4 +160,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="write the metrics here")
+    p.add_argument("--teacher", default=None,
+                   help="also score against this model's disparity ('teacher/' metrics); data without ground "
+                        "truth needs it")
+    p.add_argument("--teacher-iters", type=int, default=None)
     p.set_defaults(func=cmd_eval)

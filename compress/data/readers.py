@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from compress.data.io import (
     read_calib,
@@ -29,6 +28,7 @@ from compress.data.io import (
     read_pfm,
 )
 from compress.errors import ConfigError, DataError
+from compress.terminal import progress_bar
 
 __all__ = [
     "DATASET_KINDS",
@@ -191,7 +191,7 @@ class StereoDataset(Dataset):
     def check(self, progress: bool = True) -> list[str]:
         """Load every sample once; return the DataError messages (empty list = dataset is readable)."""
         problems: list[str] = []
-        for i in tqdm(range(len(self)), desc=f"checking {self.kind}", disable=not progress):
+        for i in progress_bar(range(len(self)), desc=f"checking {self.kind}", disable=not progress):
             try:
                 self.load(i)
             except DataError as exc:

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from compress.data.io import write_calib, write_image, write_pfm
 from compress.data.readers import StereoDataset, StereoSample, Transform
 from compress.errors import ConfigError
+from compress.terminal import progress_bar
 
 __all__ = [
     "SHAPES",
@@ -447,7 +447,7 @@ def write_synthetic_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scenes = []
-    for i in tqdm(range(n), desc="writing synthetic stereo", disable=not progress):
+    for i in progress_bar(range(n), desc="writing synthetic stereo", disable=not progress):
         sample = generate_sample(cfg, i)
         scene = out / f"scene_{i:04d}"
         tmp = out / f".scene_{i:04d}.tmp"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from compress.errors import ConfigError
 from compress.models import ResolvedModel
+from teacher.stages import use_precision
 
 
 def _fp16_drift(fp32_path: Path, fp16_path: Path, height: int, width: int) -> float:
@@ -60,8 +61,11 @@ def export_model(
             onnx_path = out if precision == "fp32" else Path(tmp) / "model_fp32.onnx"
         else:
             onnx_path = out.with_suffix(".onnx")  # kept beside the engine: its source, and ORT-runnable
-        exported = to_onnx(model, onnx_path, height, width, iters, opset=opset, dynamic=dynamic,
-                           check_parity=check_parity, device=device)
+        # The ONNX graph is float32 (fp16 graphs and engines are cast from it), and so is the model its parity
+        # check runs: a mixed_precision model would otherwise autocast to fp16 on CUDA.
+        with use_precision(model, "fp32"):
+            exported = to_onnx(model, onnx_path, height, width, iters, opset=opset, dynamic=dynamic,
+                               check_parity=check_parity, device=device)
         report["onnx"] = {**asdict(exported), "path": str(onnx_path if fmt == "engine" else out),
                           "lint": [asdict(f) for f in exported.lint]}
         if fmt == "onnx" and precision == "fp16":

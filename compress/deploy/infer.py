@@ -25,6 +25,9 @@ from compress.geometry import (
 )
 
 MAP_FORMATS = DEPTH_FORMATS  # .npy, .pfm, .png (a turbo colour map for disparity, 16-bit millimetres for depth)
+# Every model pads its input to a multiple of 32 (InputPadder, check_image_size); a view smaller than one such
+# cell is mostly replicated border and the disparity of it is noise, so it is refused rather than run.
+MIN_IMAGE_SIDE = 32
 
 
 @dataclass(frozen=True)
@@ -63,13 +66,46 @@ def frames_from_dataset(root: str | os.PathLike) -> list[Frame]:
     return [Frame(rec.name, rec.left, rec.right) for rec in dataset.records]
 
 
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(height, width) of an image resized by ``scale``, as resize_image rounds it."""
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
     """An RGB image resized by ``scale`` (bilinear, like the official demo's cv2.resize)."""
     from PIL import Image
 
-    h, w = image.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+    h, w = scaled_size(*image.shape[:2], scale)
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file, from its header (the pixels are not decoded)."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise DataError(f"{path}: image not found.")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: cannot read image: {exc}.") from None
+    return height, width
+
+
+def check_pair(frame: Frame, scale: float = 1.0) -> tuple[int, int]:
+    """(height, width) the model will get for a pair, from the file headers; DataError when the two views differ
+    in size or the (scaled) pair is smaller than MIN_IMAGE_SIDE."""
+    (lh, lw), (rh, rw) = image_size(frame.left), image_size(frame.right)
+    if (lh, lw) != (rh, rw):
+        raise DataError(f"left image {frame.left} is {lw}x{lh} but right image {frame.right} is {rw}x{rh}; a "
+                        "rectified stereo pair has equal sizes")
+    height, width = scaled_size(lh, lw, scale)
+    if min(height, width) < MIN_IMAGE_SIDE:
+        scaled = f" after --scale {scale:g}" if scale != 1.0 else ""
+        raise DataError(f"the pair {frame.left}, {frame.right} is {width}x{height}{scaled}; the models need at "
+                        f"least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (one cell of their 32-pixel stride)")
+    return height, width
 
 
 def read_stereo_pair(left: str | os.PathLike, right: str | os.PathLike, scale: float = 1.0
@@ -164,8 +200,13 @@ def check_writable(paths: list[Path]) -> None:
     """Fail before any inference when an output cannot be written (a file in the way, no permission)."""
     from compress.preflight import check_writable as probe
 
-    for folder in dict.fromkeys(p.parent for p in paths):
-        probe(folder, key="--out")
+    # Probe one file per folder, not the folder itself: an existing file where the folder should be
+    # (--out afile/disp.npy) passes as a writable file but fails mkdir only after inference.
+    first_in_folder: dict[Path, Path] = {}
+    for path in paths:
+        first_in_folder.setdefault(path.parent, path)
+    for path in first_in_folder.values():
+        probe(path, key="--out")
     for path in paths:
         if path.is_dir():
             raise DataError(f"cannot write {path}: a folder of that name is in the way")

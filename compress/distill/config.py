@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compress.data import DATASET_KINDS
 from compress.data.synthetic import SyntheticConfig
 from compress.errors import ConfigError
-from compress.structured import check_size, load_structured, to_plain
+from compress.structured import check_size, did_you_mean, load_structured, to_plain
 
 __all__ = [
     "AMP_MODES",
@@ -251,6 +252,9 @@ class DatasetSpec:
         if self.kind == "synthetic" and self.path:
             raise ConfigError(f"dataset kind 'synthetic' generates its pairs and reads no path, got path "
                               f"{self.path!r}; set kind to 'auto' (or a reader name) to read that folder")
+        if self.kind not in ("synthetic", "auto", *DATASET_KINDS):
+            raise ConfigError(f"unknown dataset kind {self.kind!r}{did_you_mean(self.kind, DATASET_KINDS)} (expected "
+                              f"'synthetic', 'auto' or a reader: {', '.join(sorted(DATASET_KINDS))})")
         if self.kind not in ("synthetic", "auto") and not self.path:
             raise ConfigError(f"dataset kind {self.kind!r} needs a path (the dataset's root folder)")
         if self.num_samples < 1:

@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
 from compress.atomic import atomic_write_bytes, sha256_file
 from compress.cuda_graph import GraphedForward
@@ -59,6 +58,7 @@ from compress.data.augment import AugmentConfig, colour_jitter, crop_sample
 from compress.data.readers import StereoDataset, StereoSample, sample_to_tensors
 from compress.data.synthetic import SyntheticStereoDataset
 from compress.errors import ConfigError, DataError
+from compress.terminal import progress_bar
 
 from .config import LabelCacheConfig
 
@@ -400,7 +400,7 @@ def build_label_cache(
 
     # On a GPU the whole teacher forward replays from one CUDA graph per batch shape (launch-bound otherwise).
     forward = GraphedForward(label, max_graphs=1)  # the last, smaller batch runs eagerly: no second graph pool
-    bar = tqdm(total=n, initial=n - len(pending), desc="labelling with the teacher", disable=not progress)
+    bar = progress_bar(total=n, initial=n - len(pending), desc="labelling with the teacher", disable=not progress)
     since_flush = 0
     try:
         for start in range(0, len(pending), cfg.batch_size):

@@ -16,6 +16,7 @@ whole. Datasets, evaluation, models and the step loop itself live in their own m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -51,6 +52,7 @@ from compress.models import (
 from compress.training import autocast, fit, rng_state, seed_all, set_rng_state, to_device
 from teacher.inference import infer
 from teacher.outputs import StereoOutput
+from teacher.stages import use_precision
 
 from .config import DistillConfig, StudentSpec, config_to_dict
 from .label_cache import LabelCache, LabelledDataset, build_label_cache, cache_progress, file_sha256
@@ -193,7 +195,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
-        self.amp_dtype = None
+        self.amp_dtype = None  # the student's and live teacher's autocast dtype (None: float32, as on CPU)
         if self.device.type == "cuda" and cfg.amp != "off":
             self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
         self.teacher: nn.Module | None = None
@@ -470,14 +472,27 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- training
 
+    @property
+    def precision(self) -> str:
+        """The precision the models' stages run in: amp_dtype's, or fp32 (their own mixed_precision never decides)."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
+
+    @contextlib.contextmanager
+    def _amp(self, model: nn.Module) -> Iterator[None]:
+        """Autocast in amp_dtype, with ``model``'s stages told the same: a model's own fp16 autocast would override
+        the caller's (bf16 training in fp16 without a GradScaler, or amp 'off' not off)."""
+        with autocast(self.device, self.amp_dtype), use_precision(model, self.precision):
+            yield
+
     def _targets(self, batch: dict[str, Any], left: torch.Tensor, right: torch.Tensor) -> TeacherTargets:
         if self.cache is not None:
             targets = TeacherTargets.from_batch(batch)
             allowed = set((self.feature_strides or {}).values())
             targets.features = {s: f for s, f in targets.features.items() if s in allowed}
             return targets
-        with torch.no_grad(), autocast(self.device, self.amp_dtype):
-            out = self._teacher()(left, right, iters=self.teacher_iters, test_mode=True, return_intermediates=True)
+        teacher = self._teacher()
+        with torch.no_grad(), self._amp(teacher):
+            out = teacher(left, right, iters=self.teacher_iters, test_mode=True, return_intermediates=True)
         return TeacherTargets.from_output(out, self.cfg.loss.feature.levels)
 
     def batch_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -491,7 +506,7 @@ class Trainer:
             )
         targets = self._targets(batch, left, right)
         return self.model(left, right, targets, GroundTruth.from_batch(batch), self.cfg.train_iters,
-                          functools.partial(autocast, self.device, self.amp_dtype))
+                          functools.partial(self._amp, self.student))
 
     def batches(self) -> Iterator[dict[str, Any]]:
         """Training batches from the current step on, epoch after epoch: the order depends on (seed, step) only."""
@@ -518,10 +533,11 @@ class Trainer:
         """Evaluate the student on the eval set (rank 0; the others wait)."""
         metrics: dict[str, float] = {}
         if self.dist.is_main and self.eval_set is not None:
-            metrics = evaluate_student(
-                self.student, self.eval_set, iters=self.cfg.eval_iters, device=self.device,
-                teacher_disps=self.eval_teacher_disps, amp_dtype=self.amp_dtype,
-            )
+            with use_precision(self.student, self.precision):
+                metrics = evaluate_student(
+                    self.student, self.eval_set, iters=self.cfg.eval_iters, device=self.device,
+                    teacher_disps=self.eval_teacher_disps, amp_dtype=self.amp_dtype,
+                )
             self._emit("eval", {f"eval/{k}": v for k, v in metrics.items()})
         self.dist.barrier()
         return metrics
@@ -562,6 +578,11 @@ class Trainer:
                 self.save_checkpoint()
             return postfix
 
+        if self.resumed_from is not None and self.dist.is_main and cfg.progress:
+            from compress.terminal import console
+
+            console().print(f"distilling in {self.run_dir}: resuming from step {self.step} of {cfg.steps}, its last "
+                            f"checkpoint (every {cfg.checkpoint_every} steps); any steps after it run again")
         fit(self.module.parameters(), self.batch_loss, self.batches(), self.optimizer, self.scheduler, steps=cfg.steps,
             start=self.step, grad_clip=cfg.optim.grad_clip, scaler=self.scaler, on_step=after_step,
             desc="distilling", progress=cfg.progress and self.dist.is_main)

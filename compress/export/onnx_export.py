@@ -196,7 +196,13 @@ def read_metadata(model_or_path: onnx.ModelProto | str | os.PathLike) -> dict[st
     stripped."""
     model = model_or_path
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model_or_path), load_external_data=False)
+        from google.protobuf.message import DecodeError
+
+        try:
+            model = onnx.load(str(model_or_path), load_external_data=False)
+        except DecodeError as err:  # a damaged or foreign file: one line, not the protobuf traceback
+            raise ExportError(f"{model_or_path} is not a readable ONNX model ({err}); re-export it with "
+                              "`ffsc export`") from None
     n = len(METADATA_PREFIX)
     return {p.key[n:]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
 

@@ -114,6 +114,7 @@ class StudentSearchObjective:
                 spec = StudentSpec(kind="search_space", config=cfg.to_dict())
                 folder = distill(self._distill_config(self.s.run_dir / "parent", spec, cfg.iters,
                                                       self.s.parent_steps)).student_path
+                drop_training_state(self.s.run_dir / "parent")
             parent = load_student(folder, device="cpu")
             order_by_importance(parent, self.s.height, self.s.width, self.s.seed)  # the same order in every worker
             self._parent = parent
@@ -172,4 +173,16 @@ class StudentSearchObjective:
             **{f"loss_{k}": float(v) for k, v in result.train_losses.items() if isinstance(v, (int, float))},
         }
         trial.set_user_attr("student_path", str(result.student_path))
+        drop_training_state(trial_dir)
         return metrics
+
+
+def drop_training_state(run_dir: Path) -> None:
+    """Delete what only an unfinished distillation needs (its optimiser checkpoint, the inherited start) once its
+    student is saved: a finished trial keeps its weights once, so a 200-trial study fits on a disk."""
+    import shutil
+
+    from compress.distill.trainer import CHECKPOINT_NAME
+
+    (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "inherited", ignore_errors=True)

@@ -556,12 +556,12 @@ def run_study(
                 files.append(plot_front(study, out_dir / FRONT_PNG, x=axes[0], y=axes[1]))
         return front
 
-    from tqdm.auto import tqdm
+    from compress.terminal import progress_bar
 
     counts = trial_counts(study)
     ran = 0
-    progress = tqdm(
-        total=n_total, initial=min(counts["counted"], n_total), desc=f"NAS {spec.name}", unit="trial", disable=None
+    progress = progress_bar(
+        total=n_total, initial=min(counts["counted"], n_total), desc=f"NAS {spec.name}", unit="trial", every_s=0
     )
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -575,6 +575,8 @@ def run_study(
                 on_trial_end(study, trial, front)
         now = trial_counts(study)
         progress.n = min(now["counted"], n_total)
+        values = "" if trial.values is None else " " + ", ".join(f"{v:.4g}" for v in trial.values)
+        progress.set_postfix_str(f"last: trial {trial.number} {trial.state.name.lower()}{values}", refresh=False)
         progress.refresh()
         if now["counted"] + now["running"] >= n_total:
             study.stop()

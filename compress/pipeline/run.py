@@ -78,7 +78,11 @@ def preflight(recipe: RunRecipe):
     if recipe.teacher.checkpoint:
         pf.check_checkpoint(recipe.teacher.checkpoint, key="teacher.checkpoint",
                             trust_pickle=recipe.teacher.trust_checkpoint)
-    elif recipe.teacher.stand_in != "train":
+    elif recipe.teacher.stand_in == "train":
+        from search_spaces import preset
+
+        preset(recipe.teacher.fallback_preset, **recipe.teacher.fallback_overrides)  # unknown: lists the presets
+    else:
         from .standin import SHIPPED_DIR
 
         where = SHIPPED_DIR if recipe.teacher.stand_in == "shipped" else Path(recipe.teacher.stand_in).expanduser()
@@ -98,6 +102,15 @@ def preflight(recipe: RunRecipe):
         spec = getattr(recipe.data, name)
         if spec.path:
             pf.check_dataset(spec.path, spec.kind, key=f"data.{name}.path", options=spec.options)
+    if "export" in recipe.stages and recipe.export.enabled and "engine" in recipe.export.formats:
+        from compress.errors import MissingDependencyError
+        from compress.latency import tensorrt_problem
+
+        if problem := tensorrt_problem() or (None if torch.cuda.is_available() else "PyTorch sees no CUDA GPU"):
+            raise MissingDependencyError(f"export.formats={recipe.export.formats}: a TensorRT engine cannot be built "
+                                         f"here ({problem}); export 'onnx' only (export.formats=[onnx]) and build "
+                                         "the engine on the target with `ffsc export`, or run on a CUDA machine with "
+                                         "TensorRT")
     pf.check_writable(recipe.run_dir or "runs", key="run_dir")
     if lat.mode == "predicted":
         from compress.latency_predictor import open_table
@@ -150,8 +163,8 @@ def search_space(recipe: RunRecipe, parent: Path | None):
     return load_space(recipe.search.space, parent=cfg, parent_name=f"parent {parent}")
 
 
-def _say(recipe: RunRecipe, message: str) -> None:
-    if recipe.progress:
+def _say(recipe: RunRecipe, message: str, force: bool = False) -> None:
+    if recipe.progress or force:
         print(f"[ffsc] {message}", flush=True)
 
 
@@ -628,17 +641,67 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
     out.print(f"wall time {summary.seconds:.0f} s")
 
 
-def run_recipe(recipe: RunRecipe, storage_url: str | None = None) -> RunSummary:
-    """Run every stage the recipe lists; a re-run on the same run directory resumes."""
-    from compress.tracking import Tracker
-    from search_spaces import count_macs
+RESUME_CHECKED = ("seed", "height", "width", "data.", "teacher.", "search.", "loss.", "optim.")
+"""Recipe keys whose change would mix two runs' results in one directory: the search's trials and the labels they
+were distilled on have no stage of their own that redoes them. Prune, distill and export settings may change on a
+resume (those stages are redone when theirs differ), as may the wall-clock and reporting keys below."""
+
+RESUME_FREE = ("teacher.trust_checkpoint", "search.n_trials", "search.timeout", "search.storage",
+               "search.latency.report_rounds")
+"""Keys under RESUME_CHECKED that change no result: more trials extend the study, a longer timeout lets it go on."""
+
+RECIPE_RECORD = "recipe.yaml"
+
+
+def claim_run_dir(recipe: RunRecipe, run_dir: Path, start_over: bool = False) -> None:
+    """Before the first stage: refuse a resume whose recipe differs from the recorded one in a key that changes
+    results (or, with ``start_over``, clear the directory), then record this recipe."""
+    from compress.run_lock import LOCK_NAME
+    from compress.structured import read_yaml, to_plain
+    from compress.tracking import flatten_params
+
+    record = run_dir / RECIPE_RECORD
+    if start_over:
+        cleared = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
+        for path in cleared:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if cleared:
+            _say(recipe, f"run directory {run_dir}: starting over ({len(cleared)} earlier entries removed)",
+                 force=True)
+    elif record.is_file():
+        old = flatten_params(read_yaml(record, "recorded recipe"))
+        new = flatten_params(to_plain(recipe))
+        changed = [k for k in sorted(set(old) & set(new))  # a key only one side has: another ffsc version's
+                   if old[k] != new[k] and k.startswith(RESUME_CHECKED) and not k.startswith(RESUME_FREE)]
+        if changed:
+            shown = ", ".join(f"{k}: {old[k]} -> {new[k]}" for k in changed[:4])
+            raise ConfigError(
+                f"run directory {run_dir} holds a run of another recipe ({shown}{' ...' if len(changed) > 4 else ''});"
+                " resuming would mix the two. Use another run_dir, or add --start-over to delete its results and "
+                "start again")
+        _say(recipe, f"resuming run directory {run_dir}: finished stages are reused, unfinished ones go on")
+    dump_yaml(recipe, record)
+
+
+def run_recipe(recipe: RunRecipe, storage_url: str | None = None, start_over: bool = False) -> RunSummary:
+    """Run every stage the recipe lists, holding the run directory's lock; a re-run on the same run directory
+    resumes (``start_over``: clears it first)."""
+    from compress.run_lock import RunDirLock
 
     start = time.perf_counter()
     quiet_third_party()
     recipe, choice = preflight(recipe)  # before anything is written or trained
     run_dir = resolve_run_dir(recipe)
     recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
-    dump_yaml(recipe, run_dir / "recipe.yaml")
+    with RunDirLock(run_dir, say=lambda m: _say(recipe, m, force=True)):
+        claim_run_dir(recipe, run_dir, start_over)
+        return _run_stages(recipe, run_dir, choice, storage_url, start)
+
+
+def _run_stages(recipe: RunRecipe, run_dir: Path, choice, storage_url: str | None, start: float) -> RunSummary:
+    from compress.tracking import Tracker
+    from search_spaces import count_macs
+
     device = pick_device(recipe.device)
     torch.manual_seed(recipe.seed)
     _say(recipe, f"run directory {run_dir} on {device}")

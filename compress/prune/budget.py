@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from compress.atomic import atomic_write_text
 from compress.device import pick_device
 from compress.errors import CheckpointError, ConfigError, DataError, FFSCError
 from compress.models import resolve_model
+from compress.terminal import progress_bar
 from compress.training import fit
 
 from .config import PruneConfig
@@ -136,7 +136,7 @@ class Distiller:
         self.targets = []
         teacher.eval()
         with torch.no_grad():
-            for s in tqdm(samples, desc="teacher targets", disable=not progress, leave=False):
+            for s in progress_bar(samples, desc="teacher targets", disable=not progress, leave=False):
                 out = teacher(s["left"][None].to(device), s["right"][None].to(device), iters=teacher_iters,
                               test_mode=True, return_intermediates=True)
                 self.targets.append(TeacherTargets.from_output(out, feature_levels=[]).to("cpu"))
@@ -528,10 +528,12 @@ def prune_to_budget(
                 p.requires_grad_(False)
 
     samples = samples if samples is not None else build_samples(cfg)
-    distiller = Distiller(teacher, samples, device, cfg.distill.teacher_iters or deploy_iters(teacher),
-                          cfg.distill.train_iters, progress=cfg.progress, gt_weight=cfg.distill.gt_weight,
-                          init_weight=cfg.distill.init_weight)
-    eval_iters = deploy_iters(model)
+    teacher_iters = cfg.distill.teacher_iters or deploy_iters(teacher)
+    distiller = Distiller(teacher, samples, device, teacher_iters, cfg.distill.train_iters, progress=cfg.progress,
+                          gt_weight=cfg.distill.gt_weight, init_weight=cfg.distill.init_weight)
+    # Pruning the teacher itself: scored at the targets' iteration count, so the unpruned model is 0 px from them
+    # (at another count it would already differ from itself); any other model at the count it is deployed with.
+    eval_iters = teacher_iters if getattr(model, "cfg", None) == getattr(teacher, "cfg", None) else deploy_iters(model)
     time_it = cfg.latency.measure == "always" or (cfg.latency.measure == "budget" and kind == "latency_ms")
     initial = measure_cost(model, cfg, latency=time_it)
     initial["eval"] = _evaluate(model, distiller, cfg.data.eval_samples, eval_iters, device)
@@ -546,7 +548,7 @@ def prune_to_budget(
     met = within(cost, fraction) if kind != "ratio" else False
     loss_fn, calib = _taylor_loss(distiller, cfg)
     spec = cfg.latency
-    bar = tqdm(total=cfg.max_steps, desc="pruning", disable=not cfg.progress)
+    bar = progress_bar(total=cfg.max_steps, desc="pruning", disable=not cfg.progress)
     try:
         for step in range(1, cfg.max_steps + 1):
             if met:

@@ -46,3 +46,22 @@ def test_ffsc_eval_reads_a_saved_student(tmp_path) -> None:
                  "--device", "cpu", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["iters"] == 1 and report["metrics"]["gt/epe"] > 0
+
+
+def test_ffsc_eval_without_ground_truth_refuses_in_one_line_or_scores_against_a_teacher(tmp_path, capsys) -> None:
+    write_synthetic_dataset(tmp_path / "data", 2, CFG, progress=False)
+    for gt in (tmp_path / "data").glob("*/disp0GT.pfm"):
+        gt.unlink()  # pairs only: no ground truth
+    torch.manual_seed(0)
+    save_student(build_student(preset("tiny")), tmp_path / "student")
+    torch.manual_seed(1)
+    save_student(build_student(preset("tiny")), tmp_path / "teacher")
+    out = tmp_path / "eval.json"
+    base = ["eval", "--model", str(tmp_path / "student"), "--data", str(tmp_path / "data"), "--iters", "1",
+            "--device", "cpu", "--json", str(out)]
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ground-truth" in err and "--teacher" in err and not out.exists()
+    assert main([*base, "--teacher", str(tmp_path / "teacher"), "--teacher-iters", "1"]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["teacher/epe"] > 0 and not any(k.startswith("gt/") for k in metrics)

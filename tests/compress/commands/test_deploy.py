@@ -240,12 +240,13 @@ def test_infer_scale_and_remove_invisible(work: Path, tmp_path: Path) -> None:
     from compress.geometry import invisible_mask
 
     out = tmp_path / "out"
-    code = main(["infer", "--model", str(work / "student"), "--left", str(work / "left.png"), "--right",
-                 str(work / "right.png"), "--intrinsics", str(_intrinsics(tmp_path)), "--scale", "0.5",
+    # 70x100 halved: 35x50, above the 32x32 the models take (60x90 would give 30x45, refused).
+    code = main(["infer", "--model", str(work / "student"), "--left", str(work / "big_left.png"), "--right",
+                 str(work / "big_right.png"), "--intrinsics", str(_intrinsics(tmp_path)), "--scale", "0.5",
                  "--remove-invisible", "--formats", "npy,pfm", "--out", str(out)])
     assert code == 0
     disp, depth = np.load(out / "disparity.npy"), np.load(out / "depth.npy")
-    assert disp.shape == depth.shape == (30, 45) and (out / "depth.pfm").is_file()
+    assert disp.shape == depth.shape == (35, 50) and (out / "depth.pfm").is_file()
     keep = (disp > 0) & ~invisible_mask(disp)
     np.testing.assert_allclose(depth[keep], FX * 0.5 * BASELINE / disp[keep], rtol=1e-5)
     assert np.all(depth[~keep] == 0)
@@ -264,7 +265,7 @@ def test_infer_folders_skip_a_bad_frame_and_go_on(work: Path, tmp_path: Path, ca
     captured = capsys.readouterr()
     assert code == 1  # one frame skipped
     assert "skipped c:" in captured.err and "90x60" in captured.err and "2 of 3 pairs" in captured.out
-    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    assert sorted(p.name for p in out.iterdir()) == [".ffsc-infer.json", "a", "b"]  # the record of the input
     for name, shape in (("a", (60, 90)), ("b", (40, 70))):
         assert np.load(out / name / "disparity.npy").shape == shape
         assert (out / name / "depth.png").is_file() and (out / name / "cloud.ply").is_file()
@@ -279,7 +280,7 @@ def test_infer_pairs_folder_with_an_onnx_model(work: Path, tmp_path: Path, capsy
     out = tmp_path / "out"
     assert main(["infer", "--model", str(work / "static.onnx"), "--pairs", str(pairs), "--out", str(out)]) == 0
     assert "ONNX file" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["x", "y"]
+    assert sorted(p.name for p in out.iterdir()) == [".ffsc-infer.json", "x", "y"]
     assert sorted(p.name for p in (out / "x").iterdir()) == ["disparity.npy", "disparity.png"]
 
 

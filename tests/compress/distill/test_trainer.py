@@ -141,7 +141,7 @@ def _crash_at(step: int):
 
 
 @pytest.mark.parametrize("student", ["toy", pytest.param("tiny", marks=pytest.mark.slow)])
-def test_crashed_run_resumes_to_the_same_weights(tmp_path: Path, cache: Path, student: str) -> None:
+def test_crashed_run_resumes_to_the_same_weights(tmp_path: Path, cache: Path, student: str, capsys) -> None:
     # batch 1 over 4 pairs: 4 steps per epoch, so the step-6 checkpoint resumes in the middle of epoch 1, with
     # random crops and colour jitter drawn per (seed, epoch, index).
     steps = ["steps=8", "checkpoint_every=3"] if student == "toy" else ["steps=4", "checkpoint_every=2"]
@@ -153,8 +153,11 @@ def test_crashed_run_resumes_to_the_same_weights(tmp_path: Path, cache: Path, st
     crash_step = 7 if student == "toy" else 3
     with pytest.raises(_Crash):
         distill(_recipe(tmp_path / "crashed", cache, *overrides), callbacks=[_crash_at(crash_step)])
-    resumed = distill(_recipe(tmp_path / "crashed", cache, *overrides))
+    capsys.readouterr()
+    resumed = distill(_recipe(tmp_path / "crashed", cache, *overrides, "progress=true"))  # progress: free on resume
     assert resumed.resumed_from == (6 if student == "toy" else 2)
+    total = 8 if student == "toy" else 4
+    assert f"resuming from step {resumed.resumed_from} of {total}" in capsys.readouterr().out  # says what is redone
     _assert_same_run(tmp_path / "whole", tmp_path / "crashed")
     assert resumed.eval_metrics == whole.eval_metrics
     # The log holds every step once, as an uninterrupted run's does.

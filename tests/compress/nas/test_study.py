@@ -86,7 +86,7 @@ def test_study_front_is_mutually_non_dominated_and_values_follow_the_spec(tmp_pa
     assert {f.name for f in result.files} == {"pareto_front.csv", "pareto_front.json", "pareto_front.png"}
 
 
-def test_objective_exceptions_fail_the_trial_with_a_reason_and_the_study_goes_on(tmp_path):
+def test_objective_exceptions_fail_the_trial_with_a_reason_and_the_study_goes_on(tmp_path, capsys):
     torch = pytest.importorskip("torch")
 
     def flaky(trial: optuna.Trial) -> dict[str, float]:
@@ -108,6 +108,10 @@ def test_objective_exceptions_fail_the_trial_with_a_reason_and_the_study_goes_on
     assert "epe=nan" in trials[4].user_attrs["fail_reason"]
     assert {t.number for t in result.study.trials if t.state == TrialState.COMPLETE} == {0, 2, 5, 6, 7}
     assert all(p.number not in (1, 3, 4) for p in result.front.points)
+    # Output captured is not a terminal: one plain line per trial (no carriage-return redraws), naming it.
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("NAS flaky:")]
+    assert "\r" not in "".join(lines) and any("8/8" in line for line in lines)
+    assert all(f"trial {n} " in "".join(lines) for n in range(8)) and "trial 1 fail" in "".join(lines)
 
 
 def test_objective_breaking_the_metrics_contract_stops_the_study(tmp_path):

@@ -4,6 +4,7 @@ table: the official config has ``valid_iters``, not ``iters``), the teacher time
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -14,6 +15,11 @@ from tests.paths import REPO
 from tests.reference_weights import rule_state_dict
 
 RECIPE = REPO / "recipes" / "fast_foundationstereo_nas.yaml"
+_SYNTH = "synthetic: {height: 64, width: 128, max_disp: 24, num_objects: 2"
+SYNTHETIC_DATA = [  # in place of the recipe's FSD folders
+    f"data.train={{kind: synthetic, path: null, limit: null, num_samples: 2, {_SYNTH}, seed: 0}}}}",
+    f"data.eval={{kind: synthetic, path: null, options: {{}}, num_samples: 1, {_SYNTH}, seed: 1000}}}}",
+]
 
 
 def _official_checkpoint(folder: Path) -> Path:
@@ -33,12 +39,9 @@ def _official_checkpoint(folder: Path) -> Path:
 
 def test_the_gpu_recipe_runs_to_the_end_with_an_official_checkpoint(tmp_path):
     ckpt = _official_checkpoint(tmp_path / "weights")
-    synth = "synthetic: {height: 64, width: 128, max_disp: 24, num_objects: 2"
     run_dir = tmp_path / "run"
     code = main(["run", str(RECIPE), f"run_dir={run_dir}", f"teacher.checkpoint={ckpt}", "teacher.iters=null",
-                 "height=64", "width=128", "device=cpu", "progress=false", "search.space=tiny",
-                 f"data.train={{kind: synthetic, path: null, limit: null, num_samples: 2, {synth}, seed: 0}}}}",
-                 f"data.eval={{kind: synthetic, path: null, options: {{}}, num_samples: 1, {synth}, seed: 1000}}}}",
+                 "height=64", "width=128", "device=cpu", "progress=false", "search.space=tiny", *SYNTHETIC_DATA,
                  "data.labels={prob: full, feature_levels: [0], disp_dtype: float32, size: null}",
                  "search.n_trials=2", "search.distill_steps=1", "search.parent_steps=1", "search.batch_size=1",
                  "search.budget_ms=null", "distill.steps=1", "distill.batch_size=1", "export.formats=[onnx]",
@@ -56,3 +59,14 @@ def test_the_gpu_recipe_runs_to_the_end_with_an_official_checkpoint(tmp_path):
     assert labelled["labels"]["iters"] == 3
     assert summary["final"]["latency_ms"] > 0 and (run_dir / "export" / "student.onnx").is_file()
     assert (run_dir / "parent" / "student" / "model.safetensors").is_file()  # not of the family: 'largest'
+
+
+def test_the_gpu_recipe_with_its_engine_export_is_refused_before_any_work_without_tensorrt(tmp_path, capsys):
+    ckpt = _official_checkpoint(tmp_path / "weights")
+    run_dir = tmp_path / "run"
+    started = time.perf_counter()
+    assert main(["run", str(RECIPE), f"run_dir={run_dir}", f"teacher.checkpoint={ckpt}", "device=cpu",
+                 *SYNTHETIC_DATA, "search.latency.backend=torch", "search.latency.precision=fp32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "export.formats" in err and "TensorRT" in err and "Traceback" not in err
+    assert time.perf_counter() - started < 60 and not run_dir.exists()  # nothing labelled, nothing written

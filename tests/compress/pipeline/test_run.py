@@ -43,6 +43,8 @@ def test_run_leaves_every_artifact(finished_run):
     assert not (run_dir / "teacher").exists()  # the shipped teacher is used where it is, not copied
     assert summary["latency_backend"]["backend"] == "onnxruntime" and summary["latency_backend"]["reason"]
     assert summary["teacher"]["gt/epe"] > 0 and summary["teacher"]["latency_ms"] > 0
+    trials = [d for d in (run_dir / "trials").iterdir() if (d / "student" / "model.safetensors").is_file()]
+    assert trials and not any((d / "checkpoint.pt").exists() or (d / "inherited").exists() for d in trials)
 
 
 def test_every_run_scores_the_teacher_the_front_and_the_final_student_on_real_pairs(finished_run):

@@ -116,3 +116,13 @@ def test_data_path_given_by_an_override_is_read_as_a_folder(tmp_path) -> None:
     samples = build_samples(load_prune_config(None, [f"data.path={tmp_path / 'd'}"]))
     assert len(samples) == 2 and tuple(samples[0]["left"].shape[-2:]) == (64, 128)
     assert len(build_samples(load_prune_config(None, []))) == 8  # no path: 8 generated pairs
+
+
+def test_pruning_the_teacher_itself_scores_it_at_the_targets_iterations(tmp_path):
+    torch.manual_seed(0)
+    teacher = build_student(preset("tiny")).eval()  # deployed at 4 iterations; the targets use 2 (FAST)
+    model = build_student(preset("tiny")).eval()
+    model.load_state_dict(teacher.state_dict())
+    cfg = load_prune_config(None, [*FAST, "budget_gmacs=1000", f"out={tmp_path}", "importance.method=magnitude"])
+    result = prune_to_budget(cfg, model=model, teacher=teacher)  # a budget already met: no step, only the scores
+    assert result.evaluation["unpruned"]["teacher/epe"] == pytest.approx(0.0, abs=1e-4)
