@@ -57,15 +57,32 @@ def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph
 
         wanted = "CUDAExecutionProvider" if dev.type == "cuda" else "CPUExecutionProvider"
         if wanted not in ort.get_available_providers():
+            both = onnxruntime_conflict()
+            fix = (f"{both}: uninstall both and install onnxruntime-gpu alone" if both else
+                   "for CUDA replace onnxruntime with onnxruntime-gpu (pip uninstall onnxruntime, then pip install "
+                   "onnxruntime-gpu: the two share one module, so with both the CUDA provider disappears)")
             raise MissingDependencyError(
                 f"{key}='onnxruntime' on {device!r}: ONNX Runtime has no {wanted} here (it has "
-                f"{ort.get_available_providers()}); install onnxruntime-gpu for CUDA")
+                f"{ort.get_available_providers()}); {fix}")
     elif backend == "torch":
         if precision == "fp16" and dev.type == "cpu":
             raise ConfigError(f"{key}='torch' with precision 'fp16' on CPU: CPU autocast has no fp16; "
                               "use 'fp32' or 'bf16'")
     else:
         raise ConfigError(f"{key}={backend!r}: expected one of {list(BACKENDS)} (resolve 'auto' first)")
+
+
+def onnxruntime_conflict() -> str | None:
+    """A line when both onnxruntime and onnxruntime-gpu are installed (one overwrites the other's module)."""
+    from importlib import metadata
+
+    installed = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            installed.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return f"both {' and '.join(installed)} are installed" if len(installed) == 2 else None
 
 
 def check_checkpoint(path: str | os.PathLike, key: str = "checkpoint", trust_pickle: bool = False) -> None:

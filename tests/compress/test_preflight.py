@@ -150,3 +150,27 @@ def test_unwritable_filesystem() -> None:
     # /proc refuses new files even to root, which permission bits do not stop.
     with pytest.raises(ConfigError, match=r"out: /proc/ffsc-out\.png is not writable"):
         preflight.check_writable("/proc/ffsc-out.png", key="out")
+
+
+def test_onnxruntime_on_cuda_names_the_two_package_conflict(monkeypatch) -> None:
+    from importlib import metadata
+
+    import onnxruntime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine where ORT lost its CUDA provider
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    versions = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.32.0"}
+
+    def version(dist: str) -> str:
+        if dist not in versions:
+            raise metadata.PackageNotFoundError(dist)
+        return versions[dist]
+
+    monkeypatch.setattr(metadata, "version", version)
+    with pytest.raises(MissingDependencyError, match="both onnxruntime 1.32.0 and onnxruntime-gpu 1.32.0 are "
+                                                     "installed: uninstall both and install onnxruntime-gpu alone"):
+        preflight.check_backend("onnxruntime", "cuda")
+    del versions["onnxruntime-gpu"]
+    assert preflight.onnxruntime_conflict() is None
+    with pytest.raises(MissingDependencyError, match="replace onnxruntime with onnxruntime-gpu"):
+        preflight.check_backend("onnxruntime", "cuda")
