@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None, help="default: runs/bench-<recipe>-<time> (must be new)")
     parser.add_argument("--finished", default=None, help="report a finished run directory instead of running one "
                         "(its wall time is the one its summary.json recorded)")
-    parser.add_argument("--wall-s", type=float, default=None, help="with --finished: the run's wall time when it took "
-                        "more than one call (summary.json records the last call's only)")
+    parser.add_argument("--wall-s", type=float, default=None, help="with --finished: the run's wall time, in place of "
+                        "the one summary.json recorded over all its calls (seconds_total)")
     parser.add_argument("--note", default="", help="a remark on the machine for the report")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.finished:
         run_dir = Path(args.finished)
         summary = json.loads((run_dir / "summary.json").read_text())
-        wall, cpu, rss = float(args.wall_s or summary["seconds"]), None, None
+        # seconds_total: every call on the directory (older summaries recorded the last call's seconds only)
+        wall, cpu, rss = float(args.wall_s or summary.get("seconds_total") or summary["seconds"]), None, None
     else:
         run_dir = Path(args.run_dir or ROOT / "runs" / time.strftime(f"bench-{name}-%Y%m%d-%H%M%S"))
         if run_dir.exists():

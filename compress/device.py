@@ -11,13 +11,26 @@ if TYPE_CHECKING:  # imported where used: the command line picks devices without
     import torch
 
 
+def local_cuda_index() -> int:
+    """This process's GPU: ``LOCAL_RANK`` under torchrun, or 0 where the launcher shows each process one GPU."""
+    import torch
+
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local < count:
+        return local
+    if count == 1:  # CUDA_VISIBLE_DEVICES (or a scheduler) gave this process its own GPU: it is cuda:0 here
+        return 0
+    raise ConfigError(f"LOCAL_RANK={local} but this process sees {count} GPU(s) (CUDA_VISIBLE_DEVICES="
+                      f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); launch one process per visible GPU")
+
+
 def pick_device(name: str | torch.device | None = None) -> torch.device:
-    """``name``, or ``cuda:LOCAL_RANK`` (the process's GPU under torchrun) when CUDA is available, else cpu."""
+    """``name``, or this process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else cpu."""
     import torch
 
     if name is None or str(name) == "cuda":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", local_cuda_index())
         if name is None:
             return torch.device("cpu")
     try:
@@ -26,4 +39,19 @@ def pick_device(name: str | torch.device | None = None) -> torch.device:
         raise ConfigError(f"device {name!r} is not a torch device; expected cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {str(name)!r} requested but CUDA is not available; use device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(name)!r}: this process sees {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same one (``cuda`` means the current GPU, so ``cuda`` and ``cuda:1`` may differ)."""
+    import torch
+
+    def canonical(d: torch.device) -> torch.device:
+        if d.type == "cuda" and d.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return d
+
+    return a.type == b.type and (a.type != "cuda" or canonical(a) == canonical(b))

@@ -7,7 +7,8 @@ any weight change misses. A file (.onnx, .engine) hashes to the sha256 of its by
 
 Precision: the torch backend runs the model at the precision asked for (teacher.stages.use_precision), so a
 model whose config says mixed_precision is not timed in fp16 under an fp32 or bf16 label; a module exported for
-the other backends is traced in float32.
+the other backends is traced in float32. fp32 means fp32 on every backend: TF32 is off in PyTorch's timing (cuDNN
+allows it by default) and in TensorRT's fp32 engines.
 
 Compiled timing (compile=True): each measurement resets Dynamo's caches and compiles with dynamic=False, so one
 process can time any number of models; a recompile past Dynamo's limit (frames silently running eagerly) is
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.device import same_device
 from compress.errors import ConfigError, FFSCError
 from compress.export._files import sha256_file
 from compress.export._trt import import_tensorrt, require_cuda
@@ -303,18 +305,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _version(*distributions: str) -> str | None:
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def machine_info() -> dict[str, object]:
     """The hardware and library versions latency numbers are measured with, for reports."""
-    import onnxruntime
-
-    try:
-        tensorrt = metadata.version("tensorrt")
-    except metadata.PackageNotFoundError:
-        tensorrt = None
     return {
         "cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "tensorrt": tensorrt,
+        "python": platform.python_version(), "torch": torch.__version__,
+        "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "tensorrt": _version("tensorrt"),
     }
 
 
@@ -403,6 +409,16 @@ def _compile(model: nn.Module, cuda_graph: bool) -> nn.Module:
     return torch.compile(model, backend=backend, dynamic=False)
 
 
+def compile_counters() -> dict[str, int]:
+    """Dynamo and Inductor's process-wide counts a compiled timing can be judged by (diff two snapshots)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "recompile_limit_hits": _recompile_limit_hits(),
+            "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
+
+
 def _recompile_limit_hits() -> int:
     """Frames Dynamo gave up on at its recompile limit in this process (they run eagerly)."""
     from torch._dynamo.utils import counters
@@ -450,6 +466,15 @@ def _torch_step(model: nn.Module, left: torch.Tensor, right: torch.Tensor, iters
     from compress.cuda_graph import capture
 
     return capture(lambda _left: forward(), left)  # the inputs stay fixed across timed runs
+
+
+def compiled_warmup(warmup: int, backend: str, compile: bool, cuda_graph: bool) -> int:
+    """The untimed calls a measurement makes: at least those that compile and record, whatever ``warmup`` says."""
+    # The first compiled call compiles; compile's CUDA graphs (reduce-overhead) record on the following calls.
+    # Timing them would report seconds of compilation as latency, so warmup=0 cannot mean "none" there.
+    if backend != "torch" or not compile:
+        return warmup
+    return max(warmup, 3 if cuda_graph else 1)
 
 
 def _onnx_file(model_or_path: nn.Module | Path, workdir: Path, height: int, width: int, iters: int,
@@ -506,7 +531,9 @@ def _trt_step(model_or_path: nn.Module | Path, workdir: Path, left: torch.Tensor
     if path is None or Path(path).suffix == ".onnx":
         onnx_path = _onnx_file(model_or_path, workdir, height, width, iters, batch, device)
         engine = workdir / "model.engine"
-        build_engine(onnx_path, engine, precision=precision, iters=iters, cache=False)
+        # No engine cache (the workdir is temporary), but the timing cache of this TensorRT and GPU is shared by
+        # every build, so trials and block variants skip the tactic timings earlier builds made.
+        build_engine(onnx_path, engine, precision=precision, iters=iters, cache=False, device=device)
         path = engine
     runner = TensorRTRunner(path, device=device, cuda_graph=cuda_graph)
     if runner.info is not None and runner.info.precision != precision:
@@ -520,11 +547,26 @@ def _trt_step(model_or_path: nn.Module | Path, workdir: Path, left: torch.Tensor
     return runner.execute, runner.stream
 
 
+@contextlib.contextmanager
+def no_tf32(active: bool = True):
+    """TF32 off for cuDNN convolutions and CUDA matmuls within the block, as TensorRT's fp32 engines build it."""
+    # PyTorch allows TF32 in cuDNN convolutions by default: an "fp32" row would otherwise time 10-bit mantissas.
+    if not active:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     """The model itself when it lives on ``device``, else a copy moved there (the caller's model stays where
     it trains: a search distils on one device and may time on another, e.g. ONNX Runtime on the CPU)."""
     first = next(iter(list(model.parameters()) + list(model.buffers())), None)
-    if first is None or first.device.type == device.type:
+    if first is None or same_device(first.device, device):  # cuda:1 is not cuda:0: compare the index too
         return model
     import copy
 
@@ -627,6 +669,7 @@ def measure(
             if backend == "torch":
                 # The model runs at the precision the row is labelled with, whatever its own mixed_precision says.
                 stack.enter_context(use_precision(model_or_path, precision))
+                stack.enter_context(no_tf32(precision == "fp32"))
                 if compile:
                     stack.enter_context(_refuse_eager_fallback())
                 step = _torch_step(model_or_path, left, right, iters, device, precision, compile, cuda_graph)
@@ -636,8 +679,8 @@ def measure(
             else:
                 step, stream = _trt_step(model_or_path, workdir, left, right, height, width, iters, batch,
                                          device, precision, cuda_graph)
-            times = _time(step, device, warmup, repeats, events=backend != "onnxruntime", stream=stream,
-                          clock=clock)
+            times = _time(step, device, compiled_warmup(warmup, backend, compile, cuda_graph), repeats,
+                          events=backend != "onnxruntime", stream=stream, clock=clock)
     finally:
         if was_training:
             model_or_path.train()
@@ -711,7 +754,7 @@ def _deployable(model: nn.Module | str | os.PathLike, backend: str, workdir: Pat
     from compress.export.engine import build_engine
 
     engine = workdir / "model.engine"
-    build_engine(onnx_path, engine, precision=precision, iters=iters, cache=False)
+    build_engine(onnx_path, engine, precision=precision, iters=iters, cache=False, device=device)
     return engine
 
 

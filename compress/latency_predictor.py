@@ -383,7 +383,7 @@ def time_module(
             from compress.export.trt_runner import TensorRTRunner
 
             engine = Path(tmp) / "block.engine"
-            build_engine(path, engine, precision=precision, cache=False, keep_fp32_nodes=keep)
+            build_engine(path, engine, precision=precision, cache=False, keep_fp32_nodes=keep, device=device)
             runner = TensorRTRunner(engine, device=device)
             buffers = runner.bind({name: tuple(t.shape) for name, t in feeds.items()})
             for name, t in feeds.items():

@@ -62,6 +62,8 @@ def resolve_model(
     """Resolve a model spec (see the module docstring for the order); modules come back on the CPU, in eval mode."""
     import torch
 
+    from teacher.inference import model_iters
+
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
@@ -71,9 +73,9 @@ def resolve_model(
         model = load_model(path)
         if isinstance(model, StudentStereo):
             return ResolvedModel("student", f"student directory {path} ({model.cfg.name})", model, path,
-                                 model.cfg.iters)
+                                 model_iters(model))
         return ResolvedModel("teacher", f"pruned teacher directory {path} (FoundationStereo {model.cfg.vit_size})",
-                             model, path, model.cfg.valid_iters)
+                             model, path, model_iters(model))
     if path.is_file() and path.suffix == ".pt":
         try:
             obj = torch_load(path)
@@ -88,7 +90,7 @@ def resolve_model(
 
         model = load_teacher(path, cfg=config, trust_pickle=trust_checkpoint)
         return ResolvedModel("teacher", f"teacher checkpoint {path} (FoundationStereo {model.cfg.vit_size})", model,
-                             path, model.cfg.valid_iters)
+                             path, model_iters(model))
     if path.is_file() and allow_files and path.suffix == ".onnx":
         return ResolvedModel("onnx", f"ONNX file {path}", path=path, default_iters=_onnx_iters(path))
     if path.is_file() and allow_files and path.suffix in ENGINE_SUFFIXES:
@@ -102,7 +104,7 @@ def resolve_model(
             torch.manual_seed(seed)
             model = build_student(preset(spec)).eval()
         return ResolvedModel("preset", f"student preset {spec} (random weights, seed {seed})", model,
-                             default_iters=model.cfg.iters)
+                             default_iters=model_iters(model))
     if spec.startswith(TEACHER_PREFIX):
         from teacher import FoundationStereo, TeacherConfig
 
@@ -110,7 +112,7 @@ def resolve_model(
             torch.manual_seed(seed)
             model = FoundationStereo(TeacherConfig(vit_size=spec[len(TEACHER_PREFIX):])).eval()
         return ResolvedModel("random-teacher", f"FoundationStereo {model.cfg.vit_size} (random weights, seed {seed})",
-                             model, default_iters=model.cfg.valid_iters)
+                             model, default_iters=model_iters(model))
     files = "an .onnx file, a TensorRT engine, " if allow_files else ""
     if path.is_file():
         raise CheckpointError(f"--model {spec}: unsupported file type '{path.suffix}'; expected {files}a teacher "

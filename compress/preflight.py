@@ -52,15 +52,18 @@ def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph
                                          "`pip install -e \".[tensorrt]\"` on a CUDA machine, or use backend 'auto'")
         if not torch.cuda.is_available():
             raise MissingDependencyError(f"{key}='tensorrt' needs a CUDA GPU, and PyTorch sees none here")
+        prefix = key.removesuffix(".backend")
+        check_tensorrt_precision(precision, f"{prefix}.precision" if prefix != key else "precision")
     elif backend == "onnxruntime":
-        import onnxruntime as ort
+        from compress.export.runtime import import_onnxruntime
 
+        ort = import_onnxruntime()
         wanted = "CUDAExecutionProvider" if dev.type == "cuda" else "CPUExecutionProvider"
         if wanted not in ort.get_available_providers():
             both = onnxruntime_conflict()
             fix = (f"{both}: uninstall both and install onnxruntime-gpu alone" if both else
-                   "for CUDA replace onnxruntime with onnxruntime-gpu (pip uninstall onnxruntime, then pip install "
-                   "onnxruntime-gpu: the two share one module, so with both the CUDA provider disappears)")
+                   "for CUDA install the GPU build in its place: pip uninstall -y onnxruntime, then pip install -e "
+                   "\".[gpu]\" (the two share one module, so with both the CUDA provider disappears)")
             raise MissingDependencyError(
                 f"{key}='onnxruntime' on {device!r}: ONNX Runtime has no {wanted} here (it has "
                 f"{ort.get_available_providers()}); {fix}")
@@ -70,6 +73,18 @@ def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph
                               "use 'fp32' or 'bf16'")
     else:
         raise ConfigError(f"{key}={backend!r}: expected one of {list(BACKENDS)} (resolve 'auto' first)")
+
+
+def check_tensorrt_precision(precision: str, key: str = "precision") -> None:
+    """Refuse bf16 where the installed TensorRT is 11 or later (strongly typed only; ffsc writes no bf16 graph)."""
+    if precision != "bf16" or tensorrt_problem() is not None:
+        return
+    from compress.export._trt import import_tensorrt, trt_major
+
+    trt = import_tensorrt()
+    if trt_major(trt) >= 11:
+        raise ConfigError(f"{key}='bf16' with TensorRT {trt.__version__}: TensorRT 11 and later build strongly typed "
+                          "networks only and ffsc writes no bf16 graph; use 'fp16' or 'fp32'")
 
 
 def onnxruntime_conflict() -> str | None:

@@ -27,12 +27,14 @@ one pipeline over one ONNX graph and its node groups.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -254,8 +256,8 @@ def load_frames(source: Any, count: int, height: int, width: int, seed: int = 0,
         if isinstance(sample, dict):  # a Dataset of tensor dicts (e.g. LabelledDataset)
             left, right = sample["left"].numpy(), sample["right"].numpy()
             if left.shape[-2:] != (height, width):
-                raise DataError(f"calibration item {i} is {left.shape[-1]}x{left.shape[-2]}, the model takes "
-                                f"{width}x{height}")
+                raise DataError(f"calibration item {i} is {left.shape[-2]}x{left.shape[-1]} (height x width), "
+                                f"the model takes {height}x{width}")
             disp = sample["disp"][0].numpy() if bool(sample.get("has_gt", False)) else None
             valid = sample["valid"][0].numpy() if disp is not None else None
         else:
@@ -328,6 +330,38 @@ def _method(name: str):
             "percentile": CalibrationMethod.Percentile}[name]
 
 
+PREPROCESS_ADVICE = "pre-processing before quantization"
+"""Part of ONNX Runtime's advice to run ``quant_pre_process`` first, logged twice per ``quantize_static`` call."""
+
+
+class _DropPreprocessAdvice(logging.Filter):
+    """Drops ONNX Runtime's 'consider pre-processing' advice; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return PREPROCESS_ADVICE not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_preprocess_advice() -> Iterator[None]:
+    """Within: ONNX Runtime's 'consider pre-processing' advice is not printed; its real warnings and errors are."""
+    # The advice is no finding: its shape-inference pre-pass does not change our graphs' Q/DQ placement, and the
+    # sensitivity pass quantizes many times, so it printed ~30 identical lines. It goes to the root logger.
+    root = logging.getLogger()
+    advice = _DropPreprocessAdvice()
+    root.addFilter(advice)
+    handler = None
+    if not root.handlers:  # else logging.warning() would basicConfig() a root handler that outlives the call
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+        if handler is not None:
+            root.removeHandler(handler)
+
+
 def _quantize(src: Path, dst: Path, cfg: QuantizeConfig, cache: Path, frames: list[Frame] | None,
               nodes_to_quantize: list[str] | None, nodes_to_exclude: list[str]) -> None:
     import inspect
@@ -348,13 +382,14 @@ def _quantize(src: Path, dst: Path, cfg: QuantizeConfig, cache: Path, frames: li
     if cfg.method == "percentile":
         extra["CalibPercentile"] = 99.999
     try:
-        quantize_static(
-            str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(cfg.op_types),
-            per_channel=cfg.per_channel, activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude,
-            calibrate_method=_method(cfg.method), calibration_cache_path=str(cache), extra_options=extra,
-        )
+        with quiet_preprocess_advice():
+            quantize_static(
+                str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(cfg.op_types),
+                per_channel=cfg.per_channel, activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude,
+                calibrate_method=_method(cfg.method), calibration_cache_path=str(cache), extra_options=extra,
+            )
     except Exception as err:
         raise ExportError(f"ONNX Runtime quantize_static failed on {src}: {type(err).__name__}: {err}") from err
 
@@ -419,7 +454,7 @@ def quantize_onnx(
             raise ConfigError(f"{src} has a dynamic input size; pass height and width for calibration")
         height, width = size
     elif size is not None and size != (height, width):
-        raise ConfigError(f"{src} takes {size[1]}x{size[0]} images, but {width}x{height} was asked")
+        raise ConfigError(f"{src} takes {size[0]}x{size[1]} images (height x width), but {height}x{width} was asked")
     meta = read_metadata(model)
     iters = int(meta["iters"]) if meta.get("iters") else None
     islands = list(recorded_fp32_nodes(model)) + list(cfg.exclude)

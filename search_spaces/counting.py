@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from teacher.inference import model_iters
+
 
 @dataclass
 class ModelCost:
@@ -60,9 +62,8 @@ def count_macs(model: nn.Module, height: int, width: int, iters: int | None = No
     """MACs of one forward in test mode at ``height`` x ``width`` with ``iters`` GRU iterations."""
     if height % 32 or width % 32:
         raise ValueError(f"input size {height}x{width} must be divisible by 32")
-    cfg = getattr(model, "cfg", None)
     if iters is None:
-        iters = cfg.iters  # every model of the family answers cfg.iters (the official teacher: valid_iters)
+        iters = model_iters(model)  # the one rule (the official teacher: valid_iters)
     params = count_params(model)
     # Count on the meta device: shapes only, no memory, no arithmetic.
     meta = copy.deepcopy(model).to("meta").eval()

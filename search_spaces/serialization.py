@@ -157,7 +157,7 @@ def save_pruned_teacher(model: nn.Module, path: str | Path) -> Path:
 def load_pruned_teacher(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a teacher saved by :func:`save_pruned_teacher` exactly and load its weights strictly."""
     from teacher.config import TeacherConfig
-    from teacher.loading import check_state_dict, read_state_dict
+    from teacher.loading import check_state_dict, take_state_dict
     from teacher.model import FoundationStereo
 
     path = Path(path)
@@ -172,7 +172,7 @@ def load_pruned_teacher(path: str | Path, device: str | torch.device = "cpu") ->
         raise CheckpointError(f"{files[1]} is not valid JSON: {exc}") from None
     model = FoundationStereo(TeacherConfig.from_yaml(files[0]))
     apply_layer_shapes(model, shapes)
-    state = read_state_dict(files[2])
+    state = take_state_dict(files[2])  # a preflight's read of it moments ago is not repeated
     check_state_dict(model, state, str(files[2]))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -70,6 +70,15 @@ def disparity_regression(prob: torch.Tensor, max_disp: int) -> torch.Tensor:
     return torch.sum(prob * values, 1, keepdim=True)
 
 
+class DisparityRegression(Float32Island):
+    """Softmax over the classifier's logits and the soft-argmin, in float32 (fp16 would round the disparity)."""
+
+    def forward(self, logits: torch.Tensor, levels: int) -> torch.Tensor:
+        """B x 1 x h x w expected disparity index."""
+        with fp32_region(logits.device):
+            return disparity_regression(torch.softmax(logits.float(), dim=1), levels)
+
+
 class Hourglass(nn.Module):
     """3D hourglass (1-3 levels) with APC convs, feature attention and a disparity transformer branch.
 

@@ -18,12 +18,45 @@ from .model import FoundationStereo
 _POS_EMBED = "feature.dino.depth_anything.pretrained.pos_embed"
 _SHOW = 5
 
+# The last teacher checkpoint read and checked, kept until take_state_dict takes it: a run's preflight reads and
+# checks the official checkpoint (1.3 GB for vitl) and the teacher stage loads it moments later, so the file is read
+# once. One entry (a new teacher read replaces it, so at most one is held), keyed by the file's identity and
+# modification time; students' files (no ViT) are never kept.
+_last_teacher_read: tuple[tuple, dict[str, torch.Tensor]] | None = None
+
+
+def _file_key(path: Path, trust_pickle: bool) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, trust_pickle)
+
 
 def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file: ``{"model": sd, ...}`` .pth, a bare state dict, or .safetensors."""
+    global _last_teacher_read
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    key = _file_key(path, trust_pickle)
+    tensors = _read_state_dict(path, trust_pickle)
+    if _POS_EMBED in tensors:  # a FoundationStereo teacher: the one worth not reading twice
+        _last_teacher_read = (key, tensors)
+    return tensors
+
+
+def take_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Like read_state_dict, but a teacher checkpoint read (and checked) moments ago, and unchanged since, is taken
+    from memory instead of read again; the kept copy is released either way."""
+    global _last_teacher_read
+    path = Path(path)
+    entry, _last_teacher_read = _last_teacher_read, None
+    if entry is not None and path.is_file() and entry[0] == _file_key(path, trust_pickle):
+        return entry[1]
+    tensors = read_state_dict(path, trust_pickle=trust_pickle)
+    _last_teacher_read = None  # the caller holds this one; keeping it too would double the memory
+    return tensors
+
+
+def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -141,7 +174,7 @@ def load_teacher(
         cfg = TeacherConfig.from_yaml(cfg_path)
     elif not isinstance(cfg, TeacherConfig):
         cfg = TeacherConfig.from_yaml(cfg)
-    state_dict = read_state_dict(checkpoint, trust_pickle=trust_pickle)
+    state_dict = take_state_dict(checkpoint, trust_pickle=trust_pickle)  # preflight may have read it moments ago
     model = FoundationStereo(cfg)
     check_state_dict(model, state_dict, str(checkpoint))
     model.load_state_dict(state_dict, strict=True)

@@ -20,14 +20,14 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cost_volume import build_concat_volume, disparity_regression
+from .cost_volume import DisparityRegression, build_concat_volume
 from .features import normalize_image
 from .geometry import GeometryEncoding
 from .layers import BasicConv, BasicConvIN, ResnetBasicBlock
 from .outputs import StereoOutput
+from .update import ConvexCombination, DisparityUpdate
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 """Precisions a caller may set on a model (None = not chosen: see precision_ctx)."""
@@ -108,8 +108,17 @@ class StereoStages(nn.Module):
 
     base: int = 0
     """Index of the pyramid level at the cost volume's resolution."""
+
     precision: str | None = None
     """The precision a caller chose for the stages (set it with :func:`use_precision`); None = not chosen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Parameterless float32 islands (no checkpoint keys): the disparity itself never passes through fp16,
+        # in PyTorch under autocast and in an fp16-cast ONNX graph alike, where they are named modules.
+        self.disparity_regression = DisparityRegression()
+        self.disparity_update = DisparityUpdate()
+        self.convex_combination = ConvexCombination()
 
     @property
     def volume_disparities(self) -> int:
@@ -149,7 +158,7 @@ class StereoStages(nn.Module):
         """Filtered volume -> classifier logits (B x D x h x w) and their soft-argmin disparity."""
         with self.autocast(vol.device):
             logits = self.classifier(vol).squeeze(1)
-            return logits, disparity_regression(F.softmax(logits, dim=1), self.volume_disparities)
+        return logits, self.disparity_regression(logits, self.volume_disparities)
 
     def context(
         self, feats_l: list[Tensor], image: Tensor | None = None, vit_feat: Tensor | None = None
@@ -179,12 +188,13 @@ class StereoStages(nn.Module):
         geo_feat = geo.lookup(disp)
         with self.autocast(disp.device):
             net, mask_feat, delta = self.update_block(net, inp, geo_feat, disp, att)
-        return disp + delta.float(), net, mask_feat
+        return self.disparity_update(disp, delta), net, mask_feat
 
     def upsample(self, disp: Tensor, mask_feat: Tensor, stem_2x: Tensor) -> Tensor:
         """Convex upsampling of a volume-resolution disparity to full resolution (float32 result)."""
         with self.autocast(disp.device):
-            return self.convex_upsampler(disp, mask_feat.float(), stem_2x.float()).float()
+            logits = self.convex_upsampler.logits(mask_feat.float(), stem_2x.float())
+        return self.convex_combination(disp, logits, self.convex_upsampler.factor)
 
     def refine(
         self, geo: GeometryEncoding, disp: Tensor, net: list[Tensor], inp: list[Tensor], att: list[Tensor],

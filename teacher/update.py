@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2x, EdgeNextConvEncoder
+from .layers import Conv2x, EdgeNextConvEncoder, Float32Island, fp32_region
 
 
 class BasicMotionEncoder(nn.Module):
@@ -170,6 +170,28 @@ def context_upsample(disp_low: torch.Tensor, up_weights: torch.Tensor, factor: i
     return (unfold * up_weights).sum(1, keepdim=True)
 
 
+class DisparityUpdate(Float32Island):
+    """The disparity accumulator ``disp + delta``, in float32: in fp16, values above 256 px sit 0.25 px apart."""
+
+    def forward(self, disp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The updated disparity (float32)."""
+        with fp32_region(disp.device):
+            return disp.float() + delta.float()
+
+
+class ConvexCombination(Float32Island):
+    """Softmax of the upsampling logits and the convex combination of each 3x3 neighbourhood, in float32.
+
+    Its output is the full-resolution disparity: in an fp16 graph the weights' rounding and the sum's spacing
+    (0.25 px above 256 px) would land directly in the result.
+    """
+
+    def forward(self, disp_low: torch.Tensor, logits: torch.Tensor, factor: int) -> torch.Tensor:
+        """Full-resolution disparity (float32) from the volume-resolution one and 9 logits per output pixel."""
+        with fp32_region(disp_low.device):
+            return context_upsample(disp_low.float() * factor, F.softmax(logits.float(), 1), factor)
+
+
 class ConvexUpsampler(nn.Module):
     """Mask feature at volume resolution + 1/2-res stem feature -> 9 softmax weights per output pixel."""
 
@@ -179,7 +201,10 @@ class ConvexUpsampler(nn.Module):
         self.spx_2_gru = Conv2x(mask_dim, stem_dim)
         self.spx_gru = nn.Sequential(nn.ConvTranspose2d(2 * stem_dim, 9, kernel_size=4, stride=2, padding=1))
 
+    def logits(self, mask_feat: torch.Tensor, stem_2x: torch.Tensor) -> torch.Tensor:
+        """The 9 combination logits per full-resolution pixel."""
+        return self.spx_gru(self.spx_2_gru(mask_feat, stem_2x))
+
     def forward(self, disp: torch.Tensor, mask_feat: torch.Tensor, stem_2x: torch.Tensor) -> torch.Tensor:
-        x = self.spx_2_gru(mask_feat, stem_2x)
-        weights = F.softmax(self.spx_gru(x), 1)
-        return context_upsample(disp * self.factor, weights, self.factor)
+        """Full-resolution disparity."""
+        return context_upsample(disp * self.factor, F.softmax(self.logits(mask_feat, stem_2x), 1), self.factor)

@@ -29,7 +29,15 @@ def cmd_nas(args: argparse.Namespace) -> int:
     """Only the search stage: create the study, or join it as a worker (several processes or machines)."""
     import dataclasses
 
-    from compress.pipeline.run import preflight, prepare_labels, quiet_third_party, resolve_run_dir, run_search
+    from compress.pipeline.run import (
+        describe_latency,
+        latency_settings,
+        preflight,
+        prepare_labels,
+        quiet_third_party,
+        resolve_run_dir,
+        run_search,
+    )
     from compress.pipeline.teacher_stage import get_teacher
     from compress.tracking import Tracker
 
@@ -42,7 +50,7 @@ def cmd_nas(args: argparse.Namespace) -> int:
 
         raise ConfigError("--worker needs --run-dir (the run directory the study was created in, shared by workers)")
     recipe, choice = preflight(recipe)  # each worker checks its own machine before it writes anything
-    console().print(f"latency: {choice.backend} on {choice.device} ({choice.reason})")
+    console().print(f"latency: {describe_latency(latency_settings(recipe.search.latency))} ({choice.reason})")
     run_dir = resolve_run_dir(recipe)
     recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
     device = pick_device(recipe.device)
@@ -92,12 +100,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from compress.data.readers import open_dataset
     from compress.evaluation import evaluate_student
     from compress.models import resolve_model
+    from teacher import model_iters
 
     device = pick_device(args.device)
     model_path = Path(args.model)
     resolved = resolve_model(model_path)
     model = resolved.module.to(device)
-    iters = args.iters or resolved.default_iters or 8
+    iters = model_iters(model, args.iters, key="--iters")
     dataset = open_dataset(args.data, kind=args.kind)
     records = getattr(dataset, "records", None)
     no_gt = records is not None and not any(r.disp is not None for r in records)
@@ -110,7 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.teacher:
         resolved_teacher = resolve_model(Path(args.teacher))
         teacher = resolved_teacher.module.to(device).eval()
-        teacher_iters = args.teacher_iters or resolved_teacher.default_iters
+        teacher_iters = model_iters(teacher, args.teacher_iters, key="--teacher-iters")
     if args.limit:
         from torch.utils.data import Subset
 

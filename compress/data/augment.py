@@ -100,8 +100,8 @@ def crop_sample(sample: StereoSample, top: int, left: int, height: int, width: i
     """
     if top < 0 or left < 0 or top + height > sample.height or left + width > sample.width:
         raise DataError(
-            f"sample {sample.name!r}: crop {width}x{height} at ({left}, {top}) does not fit the "
-            f"{sample.width}x{sample.height} image."
+            f"sample {sample.name!r}: crop {height}x{width} (height x width) at (top {top}, left {left}) does not fit "
+            f"the {sample.height}x{sample.width} image."
         )
     win = (slice(top, top + height), slice(left, left + width))
     disp = None if sample.disp is None else sample.disp[win].copy()
@@ -144,8 +144,8 @@ def random_crop(sample: StereoSample, size: tuple[int, int], rng: np.random.Gene
     h, w = size
     if sample.height < h or sample.width < w:
         raise DataError(
-            f"sample {sample.name!r} is {sample.width}x{sample.height}, smaller than the crop {w}x{h}; "
-            "use a smaller crop_size or enable scaling (scale_prob > 0) to enlarge small images."
+            f"sample {sample.name!r} is {sample.height}x{sample.width} (height x width), smaller than the crop "
+            f"{h}x{w}; use a smaller crop_size or enable scaling (scale_prob > 0) to enlarge small images."
         )
     top = int(rng.integers(0, sample.height - h + 1))
     left = int(rng.integers(0, sample.width - w + 1))
@@ -172,7 +172,7 @@ def scale_sample(sample: StereoSample, height: int, width: int) -> StereoSample:
     neighbour so that sparse ground truth (KITTI) and invalid markers are never blended with valid values.
     """
     if height <= 0 or width <= 0:
-        raise DataError(f"sample {sample.name!r}: cannot resize to {width}x{height}.")
+        raise DataError(f"sample {sample.name!r}: cannot resize to {height}x{width} (height x width).")
     iy = _nearest_index(height, sample.height)[:, None]
     ix = _nearest_index(width, sample.width)[None, :]
     factor = width / sample.width

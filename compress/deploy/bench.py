@@ -29,9 +29,9 @@ def backend_device(backend: str, requested: str | None) -> str:
     if not torch.cuda.is_available():
         return "cpu"
     if backend == "onnxruntime":
-        import onnxruntime as ort
+        from compress.export.runtime import import_onnxruntime
 
-        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        return "cuda" if "CUDAExecutionProvider" in import_onnxruntime().get_available_providers() else "cpu"
     return "cuda"
 
 

@@ -50,9 +50,11 @@ def export_model(
         raise ConfigError("--format onnx supports --precision fp32 or fp16 (an fp16 graph); bf16 is for engines")
     if fmt == "engine":  # fail before the (slow) ONNX export when no engine can be built here
         from compress.export._trt import import_tensorrt, require_cuda
+        from compress.preflight import check_tensorrt_precision
 
         import_tensorrt()
         require_cuda("building a TensorRT engine")
+        check_tensorrt_precision(precision, "--precision")
     model = resolved.module.to(device)
     report: dict = {"model": resolved.description, "kind": resolved.kind, "format": fmt, "precision": precision,
                     "output": str(out)}

@@ -59,6 +59,7 @@ from compress.data.readers import StereoDataset, StereoSample, sample_to_tensors
 from compress.data.synthetic import SyntheticStereoDataset
 from compress.errors import ConfigError, DataError
 from compress.terminal import progress_bar
+from teacher.inference import model_iters
 
 from .config import LabelCacheConfig
 
@@ -179,7 +180,8 @@ def _centre_window(hw: tuple[int, int], size: tuple[int, int], name: str) -> tup
     th, tw = size
     if h < th or w < tw:
         raise DataError(
-            f"sample {name!r} is {w}x{h}, smaller than the label cache size {tw}x{th}; set the cache size "
+            f"sample {name!r} is {h}x{w} (height x width), smaller than the label cache size {th}x{tw}; set the "
+            "cache size "
             "(label cache 'size') to at most the smallest image of the dataset"
         )
     return (h - th) // 2, (w - tw) // 2
@@ -282,7 +284,8 @@ def _teacher_arrays(out: Any, cfg: LabelCacheConfig) -> dict[str, torch.Tensor]:
             h, w = prob.shape[-2:]
             k = cfg.prob_downsample
             if h % k or w % k:
-                raise ConfigError(f"prob_downsample {k} does not divide the teacher volume size {w}x{h}")
+                raise ConfigError(f"prob_downsample {k} does not divide the teacher volume size {h}x{w} "
+                                  "(height x width)")
             prob = F.avg_pool2d(prob, k)
         if cfg.prob == "full":
             arrays["prob"] = prob.cpu().to(dtype[cfg.prob_dtype])
@@ -341,7 +344,7 @@ def build_label_cache(
         param = next(teacher.parameters(), None)
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
-    iters = cfg.iters or int(teacher.cfg.iters)  # the teacher's own inference iterations (official: valid_iters)
+    iters = model_iters(teacher, cfg.iters, key="label cache iters")  # official teacher: valid_iters
     identity = identity if identity is not None else teacher_identity(teacher, checkpoint)
     fingerprint = dataset_fingerprint(dataset)
     if cfg.size is not None:
@@ -350,7 +353,7 @@ def build_label_cache(
         h, w = _source_size(dataset, 0)
         size = (h // 32 * 32, w // 32 * 32)
         if 0 in size:
-            raise DataError(f"the first sample is {w}x{h}; the teacher needs images of at least 32x32")
+            raise DataError(f"the first sample is {h}x{w} (height x width); the teacher needs images of at least 32x32")
     labels = {**cfg.content_key(), "size": list(size), "iters": iters}
 
     manifest = _read_manifest(root)
@@ -629,8 +632,8 @@ class LabelledDataset(Dataset):
             ch, cw = self.crop_size
             if ch % a or cw % a or ch > self.cache.size[0] or cw > self.cache.size[1]:
                 raise ConfigError(
-                    f"crop {cw}x{ch} must be multiples of {a} (the coarsest cached label stride) and fit the "
-                    f"cached size {self.cache.size[1]}x{self.cache.size[0]}"
+                    f"crop {ch}x{cw} (height x width) must be multiples of {a} (the coarsest cached label stride) and "
+                    f"fit the cached size {self.cache.size[0]}x{self.cache.size[1]}"
                 )
 
     def __len__(self) -> int:

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from compress.atomic import atomic_write, atomic_write_text
 from compress.data.datasets import ResumableSampler, augmentor, build_dataset
-from compress.device import pick_device
+from compress.device import local_cuda_index, pick_device
 from compress.errors import CheckpointError, ConfigError, DataError, FFSCError
 from compress.evaluation import evaluate_student
 from compress.models import (
@@ -50,7 +50,7 @@ from compress.models import (
     torch_load,
 )
 from compress.training import autocast, fit, rng_state, seed_all, set_rng_state, to_device
-from teacher.inference import infer
+from teacher.inference import infer, model_iters
 from teacher.outputs import StereoOutput
 from teacher.stages import use_precision
 
@@ -115,7 +115,7 @@ def _setup_distributed(cfg: DistillConfig) -> tuple[_Dist, torch.device]:
     device = pick_device(cfg.device)
     if device.type == "cuda":
         if world > 1:
-            device = torch.device("cuda", local)  # one GPU per process, whatever index the recipe named
+            device = torch.device("cuda", local_cuda_index())  # one GPU per process, whatever the recipe named
         torch.cuda.set_device(device)
     ctx = _Dist(rank=rank, world_size=world, local_rank=local)
     if world > 1 and not dist.is_initialized():
@@ -248,8 +248,7 @@ class Trainer:
     def _teacher(self) -> nn.Module:
         if self.teacher is None:
             self.teacher = teacher_from_spec(self.cfg.teacher, self.device)
-            if self.teacher_iters is None:
-                self.teacher_iters = int(self.teacher.cfg.iters)
+            self.teacher_iters = model_iters(self.teacher, self.teacher_iters, key="teacher.iters")
         return self.teacher
 
     def _prepare_cache(self) -> LabelCache | None:
@@ -501,8 +500,8 @@ class Trainer:
         left, right = batch["left"], batch["right"]
         if left.shape[-1] % 32 or left.shape[-2] % 32:
             raise DataError(
-                f"training images are {left.shape[-1]}x{left.shape[-2]}; the models need multiples of 32 "
-                "(set data.crop_size)"
+                f"training images are {left.shape[-2]}x{left.shape[-1]} (height x width); the models need multiples "
+                "of 32 (set data.crop_size)"
             )
         targets = self._targets(batch, left, right)
         return self.model(left, right, targets, GroundTruth.from_batch(batch), self.cfg.train_iters,
@@ -578,7 +577,7 @@ class Trainer:
                 self.save_checkpoint()
             return postfix
 
-        if self.resumed_from is not None and self.dist.is_main and cfg.progress:
+        if self.resumed_from is not None and self.dist.is_main:  # said even without progress: steps run again
             from compress.terminal import console
 
             console().print(f"distilling in {self.run_dir}: resuming from step {self.step} of {cfg.steps}, its last "

@@ -6,7 +6,7 @@ from types import ModuleType
 
 import torch
 
-from compress.errors import MissingDependencyError
+from compress.errors import ConfigError, MissingDependencyError
 
 
 def import_tensorrt() -> ModuleType:
@@ -32,8 +32,20 @@ def trt_major(trt: ModuleType) -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
-def gpu_identity(device: int | None = None) -> tuple[str, str]:
-    """(GPU name, compute capability "major.minor") of a CUDA device."""
-    index = torch.cuda.current_device() if device is None else device
+def cuda_index(device: int | str | torch.device | None = None) -> int:
+    """The CUDA device index a device spec names; None or a bare 'cuda' is the current device."""
+    if isinstance(device, int):
+        return device
+    if device is None:
+        return torch.cuda.current_device()
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ConfigError(f"TensorRT runs on a CUDA device, got '{device}'")
+    return dev.index if dev.index is not None else torch.cuda.current_device()
+
+
+def gpu_identity(device: int | str | torch.device | None = None) -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor") of a CUDA device (default: the current one)."""
+    index = cuda_index(device)
     major, minor = torch.cuda.get_device_capability(index)
     return torch.cuda.get_device_name(index), f"{major}.{minor}"

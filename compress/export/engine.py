@@ -1,8 +1,15 @@
-"""Build TensorRT engines from ONNX, with a JSON sidecar and a build cache keyed on everything that matters.
+"""Build TensorRT engines from ONNX, with a JSON sidecar, a build cache keyed on everything that matters,
+and a TensorRT timing cache shared by every build on the same TensorRT and GPU.
 
 TensorRT 10 builds weakly typed networks: precision comes from BuilderFlag.FP16 / BF16. TensorRT 11
 builds strongly typed networks only (the precision flags are gone), so fp16 there means an fp16
-graph: build_engine casts the ONNX with cast_onnx_fp16 first, keeping fp32 islands.
+graph: build_engine casts the ONNX with cast_onnx_fp16 first, keeping fp32 islands. An INT8 graph
+(explicit Q/DQ nodes, from `ffsc quantize --target tensorrt`) builds with precision 'int8': strongly
+typed wherever TensorRT has strong typing (10 and later), as TensorRT's explicit-quantization docs
+ask, from the graph as it is (no fp16 cast pass: Casts between DequantizeLinear and Conv would stop
+TensorRT fusing them into INT8 kernels). fp32 means IEEE float32: TensorRT allows TF32 by default, so
+build_engine clears BuilderFlag.TF32 wherever the engine's float layers are meant to be float32 (precision
+'fp32', and the float layers of a strongly typed 'int8' build), and the sidecar records it.
 """
 
 from __future__ import annotations
@@ -10,22 +17,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
+import torch
 
 from compress.errors import ConfigError, ExportError
 from compress.export._files import atomic_write_bytes, atomic_write_text, sha256_file, staging_dir
-from compress.export._trt import gpu_identity, import_tensorrt, require_cuda, trt_major
+from compress.export._trt import cuda_index, gpu_identity, import_tensorrt, require_cuda, trt_major
 from compress.export.fp16 import DEFAULT_KEEP_FP32_OPS, cast_onnx_fp16, fp32_island_names
 from compress.export.onnx_export import ffsc_version, read_metadata, recorded_fp32_nodes
 from compress.export.runtime import INPUT_NAMES
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+"""'int8' is for graphs with Q/DQ nodes (`ffsc quantize --target tensorrt`); the others for float graphs."""
+TIMING_CACHE_ENV = "FFSC_TRT_TIMING_CACHE_DIR"
+"""Environment variable naming the folder of TensorRT timing caches (default ~/.cache/ffsc/tensorrt)."""
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 ShapeProfile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 """(min, opt, max) shape of one input for a TensorRT optimization profile."""
+_GIB = 1 << 30
 
 
 def _round32(value: int) -> int:
@@ -120,6 +134,11 @@ class EngineInfo:
     cache_key: str
     strongly_typed: bool = False
     keep_fp32: dict = field(default_factory=dict)
+    tf32: bool = True
+    """Whether TensorRT could run float32 layers in TF32 (sidecars written before this field: it was on)."""
+    workspace_bytes: int | None = None
+    timing_cache: str | None = None
+    """The TensorRT timing cache file the build loaded and updated (None: built without one)."""
     cached: bool = False
     """True when build_engine found this engine in the cache instead of building it (not stored)."""
 
@@ -217,6 +236,57 @@ def _pin_fp32_layers(trt, network, config, node_names: list[str]) -> int:
     return pinned
 
 
+def count_qdq_nodes(onnx_path: str | os.PathLike) -> int:
+    """How many QuantizeLinear / DequantizeLinear nodes the ONNX graph has (0: a float graph)."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return sum(node.op_type in QDQ_OPS for node in model.graph.node)
+
+
+def default_timing_cache_dir() -> Path:
+    """$FFSC_TRT_TIMING_CACHE_DIR, else $XDG_CACHE_HOME/ffsc/tensorrt (~/.cache/ffsc/tensorrt)."""
+    if folder := os.environ.get(TIMING_CACHE_ENV):
+        return Path(folder).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ffsc" / "tensorrt"
+
+
+def timing_cache_path(tensorrt_version: str, gpu_name: str, capability: str,
+                      cache_dir: str | os.PathLike | None = None) -> Path:
+    """The timing cache file of one TensorRT version on one GPU model (name and compute capability)."""
+    gpu = re.sub(r"[^A-Za-z0-9.]+", "-", gpu_name).strip("-") or "gpu"
+    folder = Path(cache_dir) if cache_dir is not None else default_timing_cache_dir()
+    return folder / f"timing-trt{tensorrt_version}-{gpu}-sm{capability}.cache"
+
+
+def _attach_timing_cache(config, path: Path):
+    """Load path's timing cache (an empty one when there is none) into config; returns the ITimingCache."""
+    data = path.read_bytes() if path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(data)
+    except (RuntimeError, TypeError, ValueError):  # an unreadable file is a cold cache, not a failed build
+        cache = None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    # Its header names another TensorRT, CUDA or GPU: start afresh instead of mixing timings of another device.
+    print(f"[ffsc tensorrt] timing cache {path} does not match this TensorRT/GPU; starting a new one", flush=True)
+    cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _workspace_bytes(index: int, workspace_gb: float) -> int:
+    """workspace_gb in bytes, capped at the free memory of CUDA device index (after PyTorch's cache is freed)."""
+    wanted = int(workspace_gb * _GIB)
+    # Blocks PyTorch's caching allocator keeps are not free to TensorRT's builder: hand them back first.
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(index)
+    if wanted <= free:
+        return wanted
+    print(f"[ffsc tensorrt] builder workspace capped at {free / _GIB:.2f} GiB, the free memory of cuda:{index} "
+          f"({workspace_gb:g} GiB asked)", flush=True)
+    return int(free)
+
+
 def build_engine(
     onnx_path: str | os.PathLike,
     engine_path: str | os.PathLike,
@@ -229,12 +299,20 @@ def build_engine(
     keep_fp32_ops: tuple[str, ...] = DEFAULT_KEEP_FP32_OPS,
     keep_fp32_nodes: tuple[str, ...] | None = None,
     verbose: bool = False,
+    device: int | str | torch.device | None = None,
+    timing_cache: bool = True,
+    timing_cache_dir: str | os.PathLike | None = None,
 ) -> EngineInfo:
-    """Build (or reuse from cache) a TensorRT engine for an ONNX model; writes engine + JSON sidecar.
+    """Build (or reuse from cache) a TensorRT engine for an ONNX model on a CUDA device; writes engine + sidecar.
 
-    strongly_typed=None means: strongly typed on TensorRT >= 11 (the only mode there), weakly typed
-    with precision flags on TensorRT 10. iters defaults to the value to_onnx stored in the ONNX.
+    precision: fp32 | fp16 | bf16 for float graphs, int8 for Q/DQ graphs (`ffsc quantize --target tensorrt`).
+    strongly_typed=None means: strongly typed on TensorRT >= 11 (the only mode there), and for int8 wherever
+    TensorRT has strong typing; weakly typed with precision flags on TensorRT 10 otherwise.
+    iters defaults to the value to_onnx stored in the ONNX.
     keep_fp32_nodes=None keeps the float32 islands to_onnx recorded (the correlation normalisation).
+    device: the CUDA device to build for (default: the current one); the build runs with it current.
+    timing_cache: load and update the timing cache of this TensorRT and GPU in timing_cache_dir
+    (default_timing_cache_dir()), so later builds skip the tactic timings already made.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if precision not in PRECISIONS:
@@ -243,45 +321,72 @@ def build_engine(
         raise ExportError(f"ONNX model {onnx_path} does not exist; export it first (to_onnx / `ffsc export`)")
     trt = import_tensorrt()
     require_cuda("building a TensorRT engine")
-    typed = trt_major(trt) >= 11 if strongly_typed is None else strongly_typed
+    qdq = count_qdq_nodes(onnx_path)
+    if precision == "int8" and not qdq:
+        raise ConfigError(f"precision 'int8' builds a quantized graph, and {onnx_path} has no Q/DQ nodes; run "
+                          f"`ffsc quantize {onnx_path} --target tensorrt --calib DATA --out OUT.onnx` first and "
+                          "build from OUT.onnx")
+    if qdq and precision != "int8":
+        raise ConfigError(f"{onnx_path} is an INT8 graph ({qdq} QuantizeLinear/DequantizeLinear nodes); build it "
+                          f"with precision='int8', not '{precision}'")
+    # TensorRT 11 keeps STRONGLY_TYPED for compatibility (always on); TensorRT 8 has no strong typing.
+    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly_typed is None:
+        typed = typed_flag is not None if precision == "int8" else trt_major(trt) >= 11
+    else:
+        typed = strongly_typed
+    if typed and typed_flag is None:
+        raise ConfigError(f"TensorRT {trt.__version__} has no strongly typed networks; pass strongly_typed=False")
     if typed and precision == "bf16":
         raise ConfigError("bf16 with a strongly typed network needs a bf16 graph, which ffsc does not write; "
                           "use precision='fp16' or 'fp32' (or strongly_typed=False on TensorRT 10)")
     if trt_major(trt) >= 11 and not typed:
         raise ConfigError("TensorRT >= 11 builds strongly typed networks only; leave strongly_typed unset")
+    index = cuda_index(device)
     shapes = shapes if shapes is not None else _static_shapes(onnx_path)
     if iters is None and "iters" in (meta := read_metadata(onnx_path)):
         iters = int(meta["iters"])
     if keep_fp32_nodes is None:
         keep_fp32_nodes = recorded_fp32_nodes(onnx_path)
-    gpu_name, capability = gpu_identity()
-    keep = {"ops": list(keep_fp32_ops), "nodes": list(keep_fp32_nodes)} if precision != "fp32" else {}
+    gpu_name, capability = gpu_identity(index)
+    # Float layers in reduced precision: fp16/bf16, and a weakly typed int8 build (its FP16 flag covers the rest).
+    reduced = precision in ("fp16", "bf16") or (precision == "int8" and not typed)
+    keep = {"ops": list(keep_fp32_ops), "nodes": list(keep_fp32_nodes)} if reduced else {}
+    tf32 = not (precision == "fp32" or (precision == "int8" and typed))
     onnx_sha = sha256_file(onnx_path)
     key = engine_cache_key(onnx_sha, trt.__version__, gpu_name, precision, shapes, iters,
-                           extra={"strongly_typed": typed, "keep_fp32": keep})
+                           extra={"strongly_typed": typed, "keep_fp32": keep, "tf32": tf32})
     if cache and (hit := find_cached_engine(engine_path, key)) is not None:
         return hit
+    cache_file = (timing_cache_path(str(trt.__version__), gpu_name, capability, timing_cache_dir)
+                  if timing_cache else None)
 
     start = time.perf_counter()
-    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    # TensorRT 11 keeps STRONGLY_TYPED only for compatibility (always on); 0 is the weakly typed default of 10.
-    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network = builder.create_network(1 << int(typed_flag) if typed and typed_flag is not None else 0)
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if not typed and precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif not typed and precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    with staging_dir(engine_path) as stage:
+    # TensorRT builds for the current CUDA device: make it the one asked for, for the whole build.
+    with torch.cuda.device(index), staging_dir(engine_path) as stage:
+        workspace = _workspace_bytes(index, workspace_gb)
+        logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(typed_flag) if typed else 0)
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+        if not typed and precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)  # weakly typed, Q/DQ layers need it; FP16 below for the rest
+        if not typed and precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif not typed and precision == "bf16":
+            config.set_flag(trt.BuilderFlag.BF16)
+        if not tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)
+        timings = _attach_timing_cache(config, cache_file) if cache_file is not None else None
         source = onnx_path
         if typed and precision == "fp16":
             source = cast_onnx_fp16(onnx_path, stage / onnx_path.name, keep_fp32_ops, keep_fp32_nodes).path
         _parse(trt, network, logger, source)
-        if not typed and precision != "fp32":
+        if not typed and reduced:
             islands = fp32_island_names(onnx_path, keep_fp32_ops, keep_fp32_nodes)
             keep["pinned_layers"] = _pin_fp32_layers(trt, network, config, islands)
+        # One optimisation profile covers every network input.
         profile = builder.create_optimization_profile()
         names = [network.get_input(i).name for i in range(network.num_inputs)]
         missing = sorted(set(names) - set(shapes))
@@ -295,6 +400,8 @@ def build_engine(
     if serialized is None:
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above); "
                           "try a larger workspace_gb or precision='fp32'")
+    if timings is not None:  # the next build (trial, block variant) reuses this one's tactic timings
+        atomic_write_bytes(cache_file, memoryview(timings.serialize()))
     # Drop the old sidecar first: an interrupted write then leaves a cache miss, never a wrong hit.
     sidecar_path(engine_path).unlink(missing_ok=True)
     atomic_write_bytes(engine_path, memoryview(serialized))
@@ -302,7 +409,8 @@ def build_engine(
         engine_path=engine_path, onnx_sha256=onnx_sha, tensorrt_version=str(trt.__version__), gpu_name=gpu_name,
         compute_capability=capability, precision=precision, shapes=_canonical_shapes(shapes), iters=iters,
         build_seconds=time.perf_counter() - start, ffsc_version=ffsc_version(), cache_key=key,
-        strongly_typed=typed, keep_fp32=keep,
+        strongly_typed=typed, keep_fp32=keep, tf32=tf32, workspace_bytes=workspace,
+        timing_cache=str(cache_file) if cache_file is not None else None,
     )
     write_sidecar(info)
     return info

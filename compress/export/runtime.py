@@ -24,9 +24,24 @@ def random_stereo_pair(
     return pair[0].to(device), pair[1].to(device)
 
 
+ORT_INSTALL_HINT = ("pip install -e \".[cpu]\" (onnxruntime), or \".[gpu]\" on a CUDA machine (onnxruntime-gpu); "
+                    "never both: the two share one module")
+"""How to install ONNX Runtime: the two builds are separate extras because installed together they break each other."""
+
+
+def import_onnxruntime():
+    """The onnxruntime module, or one line saying which extra installs it."""
+    # Lazy: a TensorRT- or torch-only install runs without ONNX Runtime, and the CPU and GPU builds are alternatives.
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise MissingDependencyError(f"ONNX Runtime is not installed: {ORT_INSTALL_HINT}") from err
+    return onnxruntime
+
+
 def ort_providers(device: str | torch.device, require: bool) -> list[str]:
     """Execution providers for a device: CUDA when asked for and present, else CPU (or an error if required)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     device = torch.device(device)
     if device.type == "cuda":
@@ -35,7 +50,8 @@ def ort_providers(device: str | torch.device, require: bool) -> list[str]:
         if require:
             raise MissingDependencyError(
                 "ONNX Runtime has no CUDAExecutionProvider here (found "
-                f"{ort.get_available_providers()}); install onnxruntime-gpu to run ONNX models on CUDA")
+                f"{ort.get_available_providers()}); install the GPU build to run ONNX models on CUDA: "
+                f"{ORT_INSTALL_HINT}")
     elif device.type != "cpu":
         raise DataError(f"ONNX Runtime runs on 'cpu' or 'cuda', got device '{device}'")
     return ["CPUExecutionProvider"]
@@ -48,7 +64,7 @@ def make_session(
     require_device: bool = False,
 ):
     """An ONNX Runtime InferenceSession with all graph optimisations on, for a path or serialized model."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -16,6 +16,11 @@ _DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16
            "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
 
 
+def _device_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised I/O buffer on the engine's device."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _torch_dtype(trt, dtype) -> torch.dtype:
     for name, torch_dtype in _DTYPES.items():
         if getattr(trt.DataType, name, None) == dtype:
@@ -27,7 +32,9 @@ class TensorRTRunner:
     """Deserializes an engine once; binds torch CUDA buffers; runs execute_async_v3 on its own stream.
 
     With cuda_graph=True the first execute() for a set of shapes captures the enqueue into a CUDA
-    graph and later calls replay it, which removes per-kernel launch overhead.
+    graph and later calls replay it, which removes per-kernel launch overhead. Every call into the
+    execution context (shapes, addresses, enqueue) runs with the engine's device current: TensorRT
+    works on the current CUDA device, which on a multi-GPU machine need not be the engine's.
     """
 
     def __init__(
@@ -73,21 +80,25 @@ class TensorRTRunner:
         key = tuple(tuple(int(d) for d in shapes[n]) for n in self.input_names)
         if key == self._bound:
             return self.buffers
-        for name, shape in zip(self.input_names, key, strict=True):
-            if not self._context.set_input_shape(name, shape):
-                low, _, high = self._engine.get_tensor_profile_shape(name, 0)
-                raise DataError(f"input '{name}' shape {shape} is outside the engine's profile "
-                                f"{tuple(low)}..{tuple(high)}; rebuild the engine with matching shapes")
-        buffers = {}
-        for name in self.input_names + self.output_names:
-            shape = shapes[name] if name in shapes else tuple(self._context.get_tensor_shape(name))
-            buffers[name] = torch.empty(tuple(shape), dtype=self._dtypes[name], device=self.device)
-            self._context.set_tensor_address(name, buffers[name].data_ptr())
+        with torch.cuda.device(self.device):
+            for name, shape in zip(self.input_names, key, strict=True):
+                if not self._context.set_input_shape(name, shape):
+                    low, _, high = self._engine.get_tensor_profile_shape(name, 0)
+                    raise DataError(f"input '{name}' shape {shape} is outside the engine's profile "
+                                    f"{tuple(low)}..{tuple(high)}; rebuild the engine with matching shapes")
+            buffers = {}
+            for name in self.input_names + self.output_names:
+                # Output shapes are known only once every input shape is set, hence shapes first.
+                shape = shapes[name] if name in shapes else tuple(self._context.get_tensor_shape(name))
+                buffers[name] = _device_buffer(tuple(shape), self._dtypes[name], self.device)
+                self._context.set_tensor_address(name, buffers[name].data_ptr())
         self.buffers, self._bound, self._graph = buffers, key, None
         return buffers
 
     def _enqueue(self) -> None:
-        if not self._context.execute_async_v3(self.stream.cuda_stream):
+        with torch.cuda.device(self.device):
+            ok = self._context.execute_async_v3(self.stream.cuda_stream)
+        if not ok:
             raise ExportError(f"TensorRT execute_async_v3 failed for {self.engine_path}; see the TensorRT log")
 
     def _capture(self) -> None:
@@ -106,10 +117,11 @@ class TensorRTRunner:
         if not self.cuda_graph:
             self._enqueue()
             return
-        if self._graph is None:
-            self._capture()
-        with torch.cuda.stream(self.stream):
-            self._graph.replay()
+        with torch.cuda.device(self.device):
+            if self._graph is None:
+                self._capture()
+            with torch.cuda.stream(self.stream):
+                self._graph.replay()
 
     def infer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """Disparity (B x 1 x H x W) for B x 3 x H x W images in 0..255, as a CUDA tensor."""

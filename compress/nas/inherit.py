@@ -82,9 +82,13 @@ def inherit_state(parent_state: dict[str, torch.Tensor], child_state: dict[str, 
     return out, report
 
 
-def inherit_student(parent: nn.Module, cfg: StudentConfig) -> tuple[StudentStereo, InheritReport]:
+def inherit_student(parent: nn.Module, cfg: StudentConfig, seed: int = 0) -> tuple[StudentStereo, InheritReport]:
     """The student ``cfg`` describes, with weights sliced from ``parent`` (a trained larger member of its space)."""
-    child = build_student(cfg, pretrained=False)
+    # Weights the parent cannot supply come from a generator seeded here, not from whatever the process drew
+    # before: a trial retried after a kill then starts from the same weights as the first try.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        child = build_student(cfg, pretrained=False)
     state, report = inherit_state(parent.state_dict(), child.state_dict())
     child.load_state_dict(state, strict=True)
     return child, report
@@ -146,7 +150,13 @@ def _permute_group(coupling, gid: int, order: list[int]) -> bool:
     return True
 
 
-def order_by_importance(parent: StudentStereo, height: int = 64, width: int = 128, seed: int = 0) -> dict[str, int]:
+CHECK_SIZE = (64, 128)
+"""The pair size that checks a permutation: a reordering that keeps the output at one size keeps it at every size
+(the weights are permuted, not changed), so the working size (480x640: ~35 min on 2 CPU cores) is not needed."""
+
+
+def order_by_importance(parent: StudentStereo, height: int = CHECK_SIZE[0], width: int = CHECK_SIZE[1], seed: int = 0,
+                        ) -> dict[str, int]:
     """Reorder ``parent``'s channels, most important first, without changing what it computes.
 
     Groups of coupled channels come from the pruning stage's dependency graph (:mod:`compress.prune.coupling`)
@@ -163,7 +173,8 @@ def order_by_importance(parent: StudentStereo, height: int = 64, width: int = 12
     groups = [g for g in coupling.groups if g.prunable and g.unit == "channel" and g.size > 1]
     scores = group_scores(coupling, groups, "magnitude")
     gen = torch.Generator().manual_seed(seed)
-    left, right = (torch.rand(1, 3, height, width, generator=gen) * 255 for _ in range(2))
+    device = next(parent.parameters()).device
+    left, right = (torch.rand(1, 3, height, width, generator=gen).to(device) * 255 for _ in range(2))
     with torch.no_grad():  # one GRU iteration runs every layer once: enough to check a permutation, and cheaper
         ref = parent(left, right, iters=1, test_mode=True)
     tol = 1e-4 * max(1.0, float(ref.abs().max()))

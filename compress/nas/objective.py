@@ -115,9 +115,11 @@ class StudentSearchObjective:
                 folder = distill(self._distill_config(self.s.run_dir / "parent", spec, cfg.iters,
                                                       self.s.parent_steps)).student_path
                 drop_training_state(self.s.run_dir / "parent")
-            parent = load_student(folder, device="cpu")
-            order_by_importance(parent, self.s.height, self.s.width, self.s.seed)  # the same order in every worker
-            self._parent = parent
+            # Ordered on the study's device (one forward per channel group) and kept on the CPU, where trials
+            # slice it; the same seed gives the same order in every worker.
+            parent = load_student(folder, device=self.s.device)
+            order_by_importance(parent, seed=self.s.seed)
+            self._parent = parent.to("cpu")
         return self._parent
 
     def latency_ms(self, model: torch.nn.Module, cfg) -> float:
@@ -129,8 +131,10 @@ class StudentSearchObjective:
             raw = predict_latency(self.s.latency_table, cfg, lat.height, lat.width, iters=lat.iters)
             return raw * self.s.latency_scale
         from compress.latency import measure
+        from teacher import model_iters
 
-        stats = measure(model, lat.backend, lat.height, lat.width, iters=lat.iters or cfg.iters, device=lat.device,
+        iters = model_iters(model, lat.iters, key="search.latency.iters")
+        stats = measure(model, lat.backend, lat.height, lat.width, iters=iters, device=lat.device,
                         cache=self.latency_cache, **lat.timing())
         return float(stats.median_ms)
 
@@ -158,7 +162,7 @@ class StudentSearchObjective:
 
             from .inherit import inherit_student
 
-            child, report = inherit_student(self.parent(), cfg)
+            child, report = inherit_student(self.parent(), cfg, seed=s.seed)
             trial.set_user_attr("inherited_fraction", report.fraction_inherited())
             spec = StudentSpec(kind="search_space", init_checkpoint=str(save_student(child, trial_dir / "inherited")))
         result = distill(self._distill_config(trial_dir, spec, cfg.iters, s.distill_steps))

@@ -225,6 +225,10 @@ class RunRecipe:
         if unknown:
             raise ConfigError(f"stages: unknown {unknown}; expected a subset of {list(STAGES)}")
         searching = "search" in self.stages and self.search.enabled
+        t_iters, l_iters = self.teacher.iters, self.data.labels.iters
+        if t_iters is not None and l_iters is not None and t_iters != l_iters:  # one count labels, times and scores
+            raise ConfigError(f"teacher.iters={t_iters} and data.labels.iters={l_iters} disagree: the teacher labels, "
+                              "is timed and is scored at one count; set one of them (teacher.iters)")
         if "prune" in self.stages and self.prune.enabled and not searching:
             raise ConfigError("prune.enabled prunes the student the search chose, but the search stage is off; "
                               "use `ffsc prune` to prune a saved model on its own")

@@ -6,6 +6,7 @@ order they run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,6 +23,7 @@ from compress.atomic import atomic_write_text
 from compress.device import pick_device
 from compress.errors import ConfigError
 from compress.structured import dump_yaml
+from teacher import model_iters
 
 from .recipe import RunRecipe
 from .teacher_stage import get_teacher
@@ -40,9 +42,52 @@ class RunSummary:
     exports: dict[str, str] = field(default_factory=dict)
     latency_backend: dict[str, Any] = field(default_factory=dict)
     """The backend the run timed on, and why ('auto' resolved on this machine)."""
+    latency: dict[str, Any] = field(default_factory=dict)
+    """What the table's latencies were timed with (see :func:`latency_settings`); each row also names its own
+    ``latency_iters``, ``latency_backend``, ``latency_precision`` and ``latency_mode``."""
     real_pairs: dict[str, Any] = field(default_factory=dict)
     """Scores on labelled real pairs (see :func:`score_real_pairs`); reported, never used to train or choose."""
     seconds: float = 0.0
+    """Wall time of this call of ``ffsc run``."""
+    seconds_total: float = 0.0
+    """Wall time over every call on this run directory (a resume adds to the earlier calls'; see WallTime)."""
+    calls: int = 1
+    """Calls of ``ffsc run`` on this run directory since it was started (or started over)."""
+
+
+WALL_TIME_RECORD = "wall_time.json"
+
+
+@dataclass
+class WallTime:
+    """The run's wall time over all its calls: earlier calls' seconds are read from run_dir/wall_time.json, and
+    this call's are added once when it ends (finished, failed or interrupted)."""
+
+    path: Path
+    start: float
+    earlier_seconds: float = 0.0
+    earlier_calls: int = 0
+    ended: dict[str, float] | None = None
+
+    @classmethod
+    def open(cls, run_dir: Path, start: float) -> WallTime:
+        """The record of ``run_dir`` (zero calls when it has none or it is unreadable), this call started at
+        ``start`` (a ``time.perf_counter()`` value)."""
+        path = run_dir / WALL_TIME_RECORD
+        try:
+            saved = json.loads(path.read_text())
+            return cls(path, start, float(saved["seconds_total"]), int(saved["calls"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls(path, start)
+
+    def end(self) -> dict[str, float]:
+        """This call's and the total seconds and the number of calls, recorded (atomically) on the first call."""
+        if self.ended is None:
+            seconds = time.perf_counter() - self.start
+            self.ended = {"seconds": seconds, "seconds_total": self.earlier_seconds + seconds,
+                          "calls": self.earlier_calls + 1}
+            atomic_write_text(self.path, json.dumps(self.ended, indent=2))
+        return self.ended
 
 
 def quiet_third_party() -> None:
@@ -111,6 +156,7 @@ def preflight(recipe: RunRecipe):
                                          f"here ({problem}); export 'onnx' only (export.formats=[onnx]) and build "
                                          "the engine on the target with `ffsc export`, or run on a CUDA machine with "
                                          "TensorRT")
+        pf.check_tensorrt_precision(recipe.export.precision, "export.precision")
     pf.check_writable(recipe.run_dir or "runs", key="run_dir")
     if lat.mode == "predicted":
         from compress.latency_predictor import open_table
@@ -169,7 +215,8 @@ def _say(recipe: RunRecipe, message: str, force: bool = False) -> None:
 
 
 def _labels_config(recipe: RunRecipe):
-    return dataclasses.replace(recipe.data.labels, iters=recipe.data.labels.iters or recipe.teacher.iters)
+    # teacher.iters wins (the recipe refuses a data.labels.iters that disagrees); None: the teacher's own count
+    return dataclasses.replace(recipe.data.labels, iters=recipe.teacher.iters or recipe.data.labels.iters)
 
 
 def prepare_labels(recipe: RunRecipe, run_dir: Path, teacher, device: torch.device):
@@ -322,7 +369,7 @@ def speedup_budget(recipe: RunRecipe, run_dir: Path, teacher_model: torch.nn.Mod
         saved = None
     if saved is None or saved.get("key") != key:
         _say(recipe, f"search: timing the teacher for the {s.speedup:g}x speedup budget ({lat.backend}, "
-                     f"{lat.height}x{lat.width}, {iters} iterations)")
+                     f"{lat.precision}, {lat.height}x{lat.width}, {iters} iterations)")
         stats = measure(teacher_model, lat.backend, lat.height, lat.width, iters=iters, device=lat.device or device,
                         cache=LatencyCache(run_dir / "latency_cache.sqlite"), **lat.timing())
         saved = {"key": key, "teacher_ms": stats.median_ms, "budget_ms": stats.median_ms / s.speedup}
@@ -435,10 +482,10 @@ def score_student(path: Path, recipe: RunRecipe, eval_set, device) -> dict[str, 
     from search_spaces import count_macs, load_student
 
     model = load_student(path, device=device)
-    iters = model.cfg.iters
+    iters = model_iters(model)
     scores = evaluate_student(model, eval_set, iters=iters, device=device)
     cost = count_macs(model, recipe.height, recipe.width, iters=iters)
-    return {**scores, "gmacs": cost.gmacs, "mparams": cost.params / 1e6, "path": str(path)}
+    return {**scores, "iters": iters, "gmacs": cost.gmacs, "mparams": cost.params / 1e6, "path": str(path)}
 
 
 def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torch.nn.Module, device,
@@ -466,7 +513,7 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
         models["final"] = load_student(summary.final["path"], device=device)
     for name, model in models.items():
         if name not in iters:
-            iters[name] = model.cfg.iters
+            iters[name] = model_iters(model)  # the final table times each model at the count it is used with
     settings = {"backend": lat.backend, "height": lat.height, "width": lat.width, "precision": lat.precision,
                 "warmup": lat.warmup, "repeats": lat.repeats, "threads": lat.threads,
                 "device": str(lat.device or device), "iters": iters,
@@ -493,12 +540,47 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
                                  device=lat.device or device,
                                  cache=cache, **lat.timing()).median_ms
                    for name, model in models.items()}
-    summary.teacher["latency_ms"] = medians["teacher"]
+    summary.latency = latency_settings(lat, device)
+    timed_here = {"latency_backend": lat.backend, "latency_precision": lat.precision, "latency_mode": "measured"}
+    summary.teacher.update(latency_ms=medians["teacher"], latency_iters=iters["teacher"], **timed_here)
     for row in summary.front:
         if (found := medians.get(f"trial {row['trial']}")) is not None:
             row["search_latency_ms"], row["latency_ms"] = row["latency_ms"], found
+            row.update(latency_iters=iters[f"trial {row['trial']}"], **timed_here)
+        else:  # the search's number: measured or predicted at search.latency.iters, else the student's own count
+            row.update(latency_iters=lat.iters or row.get("iters"), latency_backend=lat.backend,
+                       latency_precision=lat.precision, latency_mode=lat.mode)
     if summary.final:
-        summary.final["latency_ms"] = medians["final"]
+        summary.final.update(latency_ms=medians["final"], latency_iters=iters["final"], **timed_here)
+
+
+def latency_settings(lat, device: torch.device | str | None = None) -> dict[str, Any]:
+    """What latencies are timed with: backend, device, precision, CPU threads (None on a GPU) and the rest."""
+    dev = str(lat.device or device or "cpu")
+    threads = None
+    if dev.startswith("cpu"):  # threads matter on a CPU only
+        threads = torch.get_num_threads() if lat.backend == "torch" else lat.threads
+    return {"backend": lat.backend, "device": dev, "precision": lat.precision, "threads": threads,
+            "mode": lat.mode, "clock": lat.clock, "compile": lat.compile, "cuda_graph": lat.cuda_graph,
+            "size": [lat.height, lat.width],
+            "side_by_side": lat.mode == "measured" and lat.report_rounds > 0}
+
+
+def describe_latency(settings: dict[str, Any], notes: bool = True) -> str:
+    """One line of latency settings, e.g. 'onnxruntime on cpu, fp32, 2 threads' (``notes``: with caveats)."""
+    parts = [f"{settings['backend']} on {settings['device']}", settings["precision"]]
+    cpu = settings["device"].startswith("cpu")
+    if cpu:
+        threads = settings["threads"]
+        parts.append(f"{threads} thread{'' if threads == 1 else 's'}" if threads else "default threads")
+    if notes and cpu and settings["precision"] != "fp32":  # said, not silently accepted
+        parts.append(f"{settings['precision']} on a CPU runs as casts: not what a GPU's {settings['precision']} gives")
+    parts += [name for key, name in (("compile", "compiled"), ("cuda_graph", "CUDA graphs")) if settings[key]]
+    if settings["clock"] != "wall":
+        parts.append(f"{settings['clock']} clock")
+    if settings["mode"] == "predicted":
+        parts.append("search rows predicted")
+    return ", ".join(parts)
 
 
 def score_real_pairs(summary: RunSummary, recipe: RunRecipe, teacher_model: torch.nn.Module, pairs, device) -> None:
@@ -537,8 +619,8 @@ def score_real_pairs(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
 
 
 def _teacher_iters(recipe: RunRecipe, teacher_model: torch.nn.Module) -> int:
-    """The teacher's GRU iterations: those it labels with (the one count it is timed and scored at)."""
-    return int(_labels_config(recipe).iters or teacher_model.cfg.iters)
+    """The teacher's GRU iterations: those it labels with (the one count it is timed, counted and scored at)."""
+    return model_iters(teacher_model, _labels_config(recipe).iters, key="teacher.iters")
 
 
 def export_student(path: Path, recipe: RunRecipe, run_dir: Path) -> dict[str, str]:
@@ -570,10 +652,11 @@ def export_student(path: Path, recipe: RunRecipe, run_dir: Path) -> dict[str, st
 def _front_rows(front, study) -> list[dict[str, Any]]:
     rows = []
     for p in front.points:
-        m = p.metrics
+        m, attrs = p.metrics, study.trials[p.number].user_attrs
         rows.append({"trial": p.number, "epe_vs_teacher": m.get("teacher_epe"), "epe_vs_gt": m.get("gt_epe"),
+                     "iters": (attrs.get("student_config") or {}).get("iters"),  # scored and MACs counted at
                      "latency_ms": m.get("latency_ms"), "gmacs": m.get("gmacs"), "mparams": m.get("mparams"),
-                     "student_path": study.trials[p.number].user_attrs.get("student_path")})
+                     "student_path": attrs.get("student_path")})
     return sorted(rows, key=lambda r: r["latency_ms"] or 0.0)
 
 
@@ -587,31 +670,40 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
         return "-" if v is None else fmt.format(v)
 
     t = summary.teacher
-    lat = recipe.search.latency
-    together = lat.mode == "measured" and lat.report_rounds > 0
-    latency_header = f"latency (ms, {lat.backend}" + (", timed side by side)" if together else ")")
+    settings = summary.latency or latency_settings(recipe.search.latency)
+    latency_header = f"latency (ms, {describe_latency(settings, notes=False)}" + (
+        ", timed side by side)" if settings["side_by_side"] else ")")
     real = summary.real_pairs
     real_cols = ["real EPE (px)", "real BP-2 (%)"] if real else []
-    table = Table("model", "EPE vs GT (px)", "EPE vs teacher (px)", *real_cols, latency_header,
-                  "GMACs", "params (M)", title=f"{recipe.name}: results at {recipe.height}x{recipe.width}")
+    table = Table("model", "iters", "EPE vs GT (px)", "EPE vs teacher (px)", *real_cols, latency_header,
+                  "GMACs", "params (M)", title=f"{recipe.name}: results at {recipe.height}x{recipe.width} "
+                                               "(height x width)")
 
     def real_of(row: dict[str, Any]) -> list[str]:
         return [f(row.get("real_epe")), f(row.get("real_bp2"), "{:.1f}")] if real else []
 
-    table.add_row("teacher", f(t.get("gt/epe")), "0.00", *real_of(t), f(t.get("latency_ms")), f(t.get("gmacs")),
-                  f(t.get("mparams")))
+    def iters_of(row: dict[str, Any]) -> str:
+        """The count a row is scored and counted at, and the one it was timed at when that differs."""
+        iters, timed = row.get("iters"), row.get("latency_iters")
+        return f(iters, "{}") + (f" (timed at {timed})" if timed is not None and timed != iters else "")
+
+    table.add_row("teacher", iters_of(t), f(t.get("gt/epe")), "0.00", *real_of(t), f(t.get("latency_ms")),
+                  f(t.get("gmacs")), f(t.get("mparams")))
     if real and "sgbm" in real["scores"]:
         sg = real["scores"]["sgbm"]["mean"]
-        table.add_row("OpenCV SGBM (real pairs only)", "-", "-", f(sg["epe"]), f(sg["bp2"], "{:.1f}"), "-", "-", "-")
+        table.add_row("OpenCV SGBM (real pairs only)", "-", "-", "-", f(sg["epe"]), f(sg["bp2"], "{:.1f}"), "-", "-",
+                      "-")
     for row in summary.front:
-        table.add_row(f"front trial {row['trial']}", f(row["epe_vs_gt"]), f(row["epe_vs_teacher"]), *real_of(row),
-                      f(row["latency_ms"]), f(row["gmacs"]), f(row["mparams"], "{:.3f}"))
+        table.add_row(f"front trial {row['trial']}", iters_of(row), f(row["epe_vs_gt"]), f(row["epe_vs_teacher"]),
+                      *real_of(row), f(row["latency_ms"]) + (" (predicted)" if row.get("latency_mode") == "predicted"
+                                                              else ""),
+                      f(row["gmacs"]), f(row["mparams"], "{:.3f}"))
     if summary.final:
         fz = summary.final
         done = (["pruned"] if summary.pruned else []) + (
             ["distilled"] if "distill" in recipe.stages and recipe.distill.enabled else [])
         label = f"final (trial {summary.chosen['trial']}{', ' + ' + '.join(done) if done else ''})"
-        table.add_row(f"[bold]{label}[/bold]", f(fz.get("gt/epe")),
+        table.add_row(f"[bold]{label}[/bold]", iters_of(fz), f(fz.get("gt/epe")),
                       f(fz.get("teacher/epe")), *real_of(fz), f(fz.get("latency_ms")), f(fz.get("gmacs")),
                       f(fz.get("mparams"), "{:.3f}"))
     out = console()
@@ -624,7 +716,7 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
                      "(retention: student BP-2 / teacher BP-2)")
         out.print(line)
     if summary.latency_backend:
-        out.print(f"latency backend: {summary.latency_backend['backend']} ({summary.latency_backend['reason']})")
+        out.print(f"latency: {describe_latency(settings)} ({summary.latency_backend['reason']})")
     out.print(f"run directory: {summary.run_dir}")
     for name in ("search/pareto_front.png", "search/pareto_front.csv", "prune/model", "final/student",
                  "export/student.onnx", "mlflow.db"):
@@ -638,7 +730,8 @@ def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
                   f"{tracker.ui_url()}")
     elif recipe.tracking.uri is not None:
         out.print(f"MLflow: {recipe.tracking.uri}, experiment {recipe.tracking.experiment}")
-    out.print(f"wall time {summary.seconds:.0f} s")
+    out.print(f"wall time {summary.seconds_total:.0f} s" + (
+        f" over {summary.calls} calls ({summary.seconds:.0f} s in this one)" if summary.calls > 1 else ""))
 
 
 RESUME_CHECKED = ("seed", "height", "width", "data.", "teacher.", "search.", "loss.", "optim.")
@@ -679,7 +772,7 @@ def claim_run_dir(recipe: RunRecipe, run_dir: Path, start_over: bool = False) ->
                 f"run directory {run_dir} holds a run of another recipe ({shown}{' ...' if len(changed) > 4 else ''});"
                 " resuming would mix the two. Use another run_dir, or add --start-over to delete its results and "
                 "start again")
-        _say(recipe, f"resuming run directory {run_dir}: finished stages are reused, unfinished ones go on")
+        _say(recipe, f"resuming run directory {run_dir}: finished stages are reused, unfinished ones go on", force=True)
     dump_yaml(recipe, record)
 
 
@@ -695,25 +788,32 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None, start_over: bo
     recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
     with RunDirLock(run_dir, say=lambda m: _say(recipe, m, force=True)):
         claim_run_dir(recipe, run_dir, start_over)
-        return _run_stages(recipe, run_dir, choice, storage_url, start)
+        clock = WallTime.open(run_dir, start)  # after claim_run_dir: --start-over starts the count again
+        try:
+            return _run_stages(recipe, run_dir, choice, storage_url, clock)
+        finally:
+            with contextlib.suppress(OSError):  # the stage's own error, if any, is the one to show
+                clock.end()  # a failed or interrupted call's time counts too (a no-op after a finished call)
 
 
-def _run_stages(recipe: RunRecipe, run_dir: Path, choice, storage_url: str | None, start: float) -> RunSummary:
+def _run_stages(recipe: RunRecipe, run_dir: Path, choice, storage_url: str | None, clock: WallTime) -> RunSummary:
     from compress.tracking import Tracker
     from search_spaces import count_macs
 
     device = pick_device(recipe.device)
     torch.manual_seed(recipe.seed)
     _say(recipe, f"run directory {run_dir} on {device}")
-    _say(recipe, f"latency: {choice.backend} on {choice.device} ({choice.reason})")
-    summary = RunSummary(run_dir=run_dir, latency_backend=dataclasses.asdict(choice))
+    settings = latency_settings(recipe.search.latency, device)
+    _say(recipe, f"latency: {describe_latency(settings)} ({choice.reason})")
+    summary = RunSummary(run_dir=run_dir, latency_backend=dataclasses.asdict(choice), latency=settings)
 
     teacher = get_teacher(recipe, run_dir, device)
     _say(recipe, f"teacher: {teacher.description}")
     labels_dir, eval_set = prepare_labels(recipe, run_dir, teacher, device)
+    teacher_iters = _teacher_iters(recipe, teacher.model)  # labelled, scored, counted and timed at
     summary.teacher = {"description": teacher.description, "path": str(teacher.path) if teacher.path else None,
-                       "iters": _teacher_iters(recipe, teacher.model), **teacher_scores(eval_set)}
-    cost = count_macs(teacher.model, recipe.height, recipe.width, iters=_teacher_iters(recipe, teacher.model))
+                       "iters": teacher_iters, **teacher_scores(eval_set)}
+    cost = count_macs(teacher.model, recipe.height, recipe.width, iters=teacher_iters)
     summary.teacher.update({"gmacs": cost.gmacs, "mparams": cost.params / 1e6})
 
     from compress.real_pairs import load_real_pairs
@@ -757,7 +857,8 @@ def _run_stages(recipe: RunRecipe, run_dir: Path, choice, storage_url: str | Non
             front_png = run_dir / "search" / "pareto_front.png"
             tracker.log_overview(f"{recipe.name}: final student (front trial {summary.chosen['trial']})",
                                  summary.final, final_path / "config.yaml", front_png if front_png.exists() else None)
-    summary.seconds = time.perf_counter() - start
+    ended = clock.end()
+    summary.seconds, summary.seconds_total, summary.calls = ended["seconds"], ended["seconds_total"], ended["calls"]
     atomic_write_text(run_dir / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2, default=str))
     print_summary(summary, recipe)
     return summary

@@ -32,6 +32,7 @@ from compress.errors import CheckpointError, ConfigError, DataError, FFSCError
 from compress.models import resolve_model
 from compress.terminal import progress_bar
 from compress.training import fit
+from teacher import model_iters
 
 from .config import PruneConfig
 from .coupling import Coupling, FamilyRules, analyze, apply_plan, rules_for
@@ -50,7 +51,7 @@ MODEL_DIR = "model"
 
 def deploy_iters(model: nn.Module) -> int:
     """The GRU iteration count a model is deployed with (student ``iters``, teacher ``valid_iters``)."""
-    return int(model.cfg.iters)
+    return model_iters(model)  # the one rule, shared with the pipeline, labelling and inference
 
 
 def _check_scope(rules: FamilyRules, scope: Iterable[str]) -> None:
@@ -207,7 +208,7 @@ def measure_cost(model: nn.Module, cfg: PruneConfig, latency: bool) -> dict[str,
     from search_spaces import count_macs
 
     spec = cfg.latency
-    iters = spec.iters or deploy_iters(model)
+    iters = model_iters(model, spec.iters, key="latency.iters")
     cost = count_macs(model, spec.height, spec.width, iters=iters)
     out: dict[str, Any] = {"gmacs": cost.gmacs, "macs": cost.macs, "mparams": cost.params / 1e6, "latency": None}
     if latency:
@@ -511,6 +512,10 @@ def prune_to_budget(
     out = Path(cfg.out) if cfg.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        # Pruning has no resume: this run starts over. The result file is the seal on the folder (written last, after
+        # model/; `ffsc run` reuses a prune by it), so an earlier prune's goes first: a run killed from here on leaves
+        # no result beside its own config and partial log, and a half-rewritten model/ is never taken as finished.
+        (out / RESULT_NAME).unlink(missing_ok=True)
         (out / LOG_NAME).unlink(missing_ok=True)
         import yaml
 
@@ -528,7 +533,7 @@ def prune_to_budget(
                 p.requires_grad_(False)
 
     samples = samples if samples is not None else build_samples(cfg)
-    teacher_iters = cfg.distill.teacher_iters or deploy_iters(teacher)
+    teacher_iters = model_iters(teacher, cfg.distill.teacher_iters, key="distill.teacher_iters")
     distiller = Distiller(teacher, samples, device, teacher_iters, cfg.distill.train_iters, progress=cfg.progress,
                           gt_weight=cfg.distill.gt_weight, init_weight=cfg.distill.init_weight)
     # Pruning the teacher itself: scored at the targets' iteration count, so the unpruned model is 0 px from them
@@ -559,7 +564,8 @@ def prune_to_budget(
                 upper = max((1 - cfg.step_ratio) ** step, 1 - value)
             else:
                 upper = fraction
-                costs = layer_costs(model, spec.height, spec.width, spec.iters or deploy_iters(model), cost["macs"])
+                iters = model_iters(model, spec.iters, key="latency.iters")
+                costs = layer_costs(model, spec.height, spec.width, iters, cost["macs"])
                 target = _step_target(kind, value, cost, cfg.step_ratio, costs)
             changed, fraction = prune_step(
                 model, upper, cfg.scope, importance=cfg.importance.method, round_to=cfg.round_to,

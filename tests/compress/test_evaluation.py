@@ -65,3 +65,13 @@ def test_ffsc_eval_without_ground_truth_refuses_in_one_line_or_scores_against_a_
     assert main([*base, "--teacher", str(tmp_path / "teacher"), "--teacher-iters", "1"]) == 0
     metrics = json.loads(out.read_text())["metrics"]
     assert metrics["teacher/epe"] > 0 and not any(k.startswith("gt/") for k in metrics)
+
+
+def test_ffsc_eval_without_iters_runs_the_models_own_count(tmp_path) -> None:
+    write_synthetic_dataset(tmp_path / "data", 1, CFG, progress=False)
+    torch.manual_seed(0)
+    save_student(build_student(preset("tiny", iters=2)), tmp_path / "student")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tmp_path / "student"), "--data", str(tmp_path / "data"), "--device", "cpu",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["iters"] == 2  # its cfg.iters, not a guessed 8

@@ -72,6 +72,24 @@ def test_a_recompile_limit_hit_is_refused(compile_spy: list[dict], monkeypatch: 
     torch._dynamo.reset()
 
 
+def test_warmup_zero_never_times_the_compilation(compile_spy: list[dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real_time = latency._time
+
+    def spy(step, device, warmup, repeats, *args, **kwargs):
+        calls.append(warmup)
+        return real_time(step, device, warmup, repeats, *args, **kwargs)
+
+    monkeypatch.setattr(latency, "_time", spy)
+    model = _students(1)[0]
+    measure(model, "torch", H, W, iters=1, warmup=0, repeats=1, device="cpu", compile=True)
+    measure(model, "torch", H, W, iters=1, warmup=0, repeats=1, device="cpu")
+    assert calls == [1, 0]  # compiled: the compiling call is untimed; eager: warmup 0 is honoured
+    assert latency.compiled_warmup(0, "torch", True, True) == 3  # compile's CUDA graphs record on calls 2-3
+    assert latency.compiled_warmup(5, "torch", True, True) == 5 and latency.compiled_warmup(0, "onnxruntime", True,
+                                                                                              True) == 0
+
+
 @pytest.fixture
 def gpu_without_tensorrt(monkeypatch: pytest.MonkeyPatch) -> str:
     """A machine whose PyTorch sees a CUDA GPU and where TensorRT does not import; returns TensorRT's problem."""

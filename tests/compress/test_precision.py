@@ -110,6 +110,22 @@ def test_measure_times_the_precision_it_labels(model_default_on_cpu, precision: 
     assert model.precision is None
 
 
+@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("bf16", True)])
+def test_fp32_timing_turns_tf32_off_and_restores_it(model_default_on_cpu, precision: str, tf32: bool) -> None:
+    model = _tiny()
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append((torch.backends.cudnn.allow_tf32,
+                                                        torch.backends.cuda.matmul.allow_tf32)))
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # PyTorch's cuDNN default
+    try:
+        measure(model, "torch", H, W, iters=1, warmup=0, repeats=1, device="cpu", precision=precision)
+        assert seen and set(seen) == {(tf32, tf32)}
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_block_timing_runs_the_precision_of_its_table(model_default_on_cpu) -> None:
     model = _tiny()
     blocks = student_blocks(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 from compress import preflight
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
 from compress.latency import LatencyConfig, resolve_backend
+from tests.paths import REPO
 
 
 @pytest.mark.parametrize("value", [0, -5, math.nan, math.inf, None, True, "3"])
@@ -172,5 +174,36 @@ def test_onnxruntime_on_cuda_names_the_two_package_conflict(monkeypatch) -> None
         preflight.check_backend("onnxruntime", "cuda")
     del versions["onnxruntime-gpu"]
     assert preflight.onnxruntime_conflict() is None
-    with pytest.raises(MissingDependencyError, match="replace onnxruntime with onnxruntime-gpu"):
+    with pytest.raises(MissingDependencyError, match=r"install the GPU build in its place: pip uninstall -y "
+                                                     r"onnxruntime, then pip install -e \"\.\[gpu\]\""):
         preflight.check_backend("onnxruntime", "cuda")
+
+
+def test_the_cpu_and_gpu_onnxruntime_builds_are_alternative_extras() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~ ;\[]", dep, maxsplit=1)[0] for dep in project["dependencies"]}
+    assert not names & {"onnxruntime", "onnxruntime-gpu"}  # a core pin would sit beside the GPU build and break it
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("onnxruntime>=") for d in extras["cpu"]) and not any("gpu" in d for d in extras["cpu"])
+    assert any(d.startswith("onnxruntime-gpu>=") for d in extras["gpu"])
+    assert not any(d.startswith("onnxruntime>=") for d in extras["gpu"] + extras["tensorrt"] + extras["real"])
+
+
+def test_a_missing_onnxruntime_is_one_line_naming_the_extras(monkeypatch) -> None:
+    import builtins
+
+    from compress.export.runtime import import_onnxruntime, make_session
+
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name.split(".")[0] == "onnxruntime":
+            raise ModuleNotFoundError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    for call in (import_onnxruntime, lambda: make_session(b"not used")):
+        with pytest.raises(MissingDependencyError, match=r'ONNX Runtime is not installed: pip install -e "\.\[cpu\]"'):
+            call()

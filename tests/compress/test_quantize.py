@@ -157,7 +157,7 @@ def test_bad_inputs_get_one_clear_error(fp32_onnx: Path, quantized, tmp_path: Pa
         quantize_onnx(out, tmp_path / "again.onnx", "synthetic", QuantizeConfig(**FAST))
     with pytest.raises(ExportError, match="does not exist"):
         quantize_onnx(tmp_path / "missing.onnx", tmp_path / "x.onnx", "synthetic")
-    with pytest.raises(ConfigError, match="takes 128x64"):
+    with pytest.raises(ConfigError, match=r"takes 64x128 images \(height x width\), but 96x128"):
         quantize_onnx(fp32_onnx, tmp_path / "x.onnx", "synthetic", height=96, width=128)
     with pytest.raises(DataError, match="no such folder"):
         quantize_onnx(fp32_onnx, tmp_path / "x.onnx", tmp_path / "nowhere")
@@ -198,3 +198,32 @@ def test_recipe_export_formats_onnx_int8(tmp_path: Path) -> None:
     assert report["heldout"]["frames"] == 2 and report["passed"] is True
     with pytest.raises(ConfigError, match="quantize.method"):
         load_run_recipe(root / "recipes" / "quickstart_cpu.yaml", ["export.quantize.method=kl"])
+
+
+def test_quantizing_prints_no_preprocessing_advice(fp32_onnx: Path, tmp_path: Path, capfd, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        quantize_onnx(fp32_onnx, tmp_path / "quiet_int8.onnx", "synthetic",
+                      QuantizeConfig(**{**FAST, "sensitivity": False}), measure_latency=False)
+    captured = capfd.readouterr()
+    printed = captured.out + captured.err + caplog.text
+    assert (tmp_path / "quiet_int8.onnx").is_file()
+    assert "pre-processing" not in printed and "consider" not in printed.lower()
+
+
+def test_the_advice_filter_keeps_real_warnings_and_leaves_no_root_handler(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import logging\n"
+        "from compress.quantize import quiet_preprocess_advice\n"
+        "with quiet_preprocess_advice():\n"
+        "    logging.warning('Please consider pre-processing before quantization. See https://x')\n"
+        "    logging.error('a real problem')\n"
+        "assert not logging.getLogger().handlers and not logging.getLogger().filters\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines() == ["ERROR:root:a real problem"]

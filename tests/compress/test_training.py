@@ -73,3 +73,47 @@ def test_pick_device_checks_what_it_is_given() -> None:
         assert pick_device(None) == torch.device("cpu")
         with pytest.raises(ConfigError, match="CUDA is not available"):
             pick_device("cuda:1")
+
+
+def _gpus(monkeypatch, count: int, current: int = 0) -> None:
+    """A machine showing this process ``count`` GPUs (only the counts: nothing here touches a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+
+
+def test_local_rank_picks_the_process_gpu_or_the_only_one_it_sees(monkeypatch) -> None:
+    _gpus(monkeypatch, 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert pick_device(None) == torch.device("cuda", 2) == pick_device("cuda")
+    _gpus(monkeypatch, 1)  # the launcher exposed one GPU per process: cuda:2 does not exist here
+    assert pick_device(None) == torch.device("cuda", 0)
+    _gpus(monkeypatch, 2)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=2 but this process sees 2 GPU\(s\)"):
+        pick_device(None)
+    with pytest.raises(ConfigError, match=r"'cuda:3': this process sees 2 GPU\(s\), cuda:0 to cuda:1"):
+        pick_device("cuda:3")
+
+
+def test_same_device_tells_gpus_apart(monkeypatch) -> None:
+    from compress.device import same_device
+
+    _gpus(monkeypatch, 2, current=1)
+    cuda = torch.device
+    assert same_device(cuda("cuda"), cuda("cuda", 1)) and not same_device(cuda("cuda"), cuda("cuda", 0))
+    assert not same_device(cuda("cuda", 0), cuda("cuda", 1)) and same_device(cuda("cpu"), cuda("cpu"))
+    assert not same_device(cuda("cpu"), cuda("cuda", 0))
+
+
+def test_on_device_moves_a_model_between_gpus_by_index(monkeypatch) -> None:
+    from compress import latency
+
+    _gpus(monkeypatch, 2)
+    model = torch.nn.Linear(2, 2)
+    moved = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, device: moved.append(device) or self)
+    assert latency.on_device(model, torch.device("cpu")) is model and not moved
+    monkeypatch.setattr(latency, "same_device", lambda a, b: str(b) == "cuda:0")  # the model lives on cuda:0
+    assert latency.on_device(model, torch.device("cuda", 0)) is model
+    latency.on_device(model, torch.device("cuda", 1))
+    assert moved == [torch.device("cuda", 1)]

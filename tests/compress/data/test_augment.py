@@ -79,7 +79,7 @@ def test_crop_drops_matches_that_leave_the_window():
 
 def test_crop_too_small_names_sample():
     sample = generate_sample(SYN, 0)
-    with pytest.raises(DataError, match="synthetic_s11_00000.*smaller than the crop 160x64"):
+    with pytest.raises(DataError, match="synthetic_s11_00000.*smaller than the crop 64x160"):
         augment(sample, AugmentConfig(crop_size=(64, 160), **NO_JITTER), np.random.default_rng(0))
 
 

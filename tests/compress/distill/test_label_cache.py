@@ -236,3 +236,22 @@ def test_fingerprint_leaves_out_generator_features_that_are_off(tmp_path):
     on = SyntheticConfig(height=32, width=64, max_disp=12, texture_dir=str(tmp_path), max_disp_low=6)
     fp = dataset_fingerprint(SyntheticStereoDataset(2, on))["synthetic"]
     assert fp["texture_dir"] == str(tmp_path) and fp["photo_prob"] == 0.5 and fp["max_disp_low"] == 6
+
+
+def test_images_smaller_than_the_cache_size_are_named_height_by_width(tmp_path: Path, tiny_teacher) -> None:
+    import dataclasses
+
+    from compress.errors import DataError
+
+    cfg = dataclasses.replace(CFG, size=[64, 64])  # the images are 36 high, 70 wide
+    with pytest.raises(DataError, match=r"is 36x70 \(height x width\), smaller than the label cache size 64x64"):
+        build_label_cache(tiny_teacher, _dataset(1), tmp_path / "labels", cfg, progress=False)
+
+
+def test_labels_default_to_the_teachers_own_iterations(tmp_path: Path, tiny_teacher) -> None:
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, iters=None)
+    root = tmp_path / "labels"
+    build_label_cache(tiny_teacher, _dataset(1), root, cfg, progress=False)
+    assert LabelCache(root).manifest["labels"]["iters"] == tiny_teacher.cfg.valid_iters == 32

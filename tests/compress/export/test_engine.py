@@ -22,7 +22,19 @@ from compress.export import (
     sidecar_path,
     write_sidecar,
 )
-from compress.export.engine import ShapeProfile
+from compress.export.engine import (
+    TIMING_CACHE_ENV,
+    ShapeProfile,
+    default_timing_cache_dir,
+    timing_cache_path,
+)
+from tests.compress.export.fake_tensorrt import (
+    FakeCuda,
+    FakeTensorRT,
+    install_tensorrt,
+    write_float_onnx,
+    write_qdq_onnx,
+)
 from tests.stereo_toy import make_toy
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -177,3 +189,201 @@ def test_build_run_and_cache_engine(toy_onnx, tmp_path: Path, precision: str, at
     second = graphed.infer(left.cuda(), right.cuda())
     torch.testing.assert_close(first, second)
     np.testing.assert_allclose(first.cpu().numpy(), runner.run(left, right), atol=1e-4)
+
+
+# --- the real build path against a recording fake TensorRT (10.x and 11.x) -------------------------------------
+
+TRT10, TRT11 = "10.8.0", "11.0.0"
+
+
+@pytest.fixture
+def timing_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The timing cache folder, set through the environment variable users set."""
+    folder = tmp_path / "timing"
+    monkeypatch.setenv(TIMING_CACHE_ENV, str(folder))
+    return folder
+
+
+def _rig(monkeypatch: pytest.MonkeyPatch, version: str = TRT10, **cuda) -> tuple[FakeTensorRT, FakeCuda]:
+    trt = install_tensorrt(monkeypatch, version)
+    return trt, FakeCuda(**cuda).install(monkeypatch, trt)
+
+
+@pytest.mark.parametrize("version, precision, flags, typed", [
+    (TRT10, "fp32", set(), False),              # TF32 cleared: fp32 means fp32
+    (TRT10, "fp16", {"TF32", "FP16"}, False),
+    (TRT10, "bf16", {"TF32", "BF16"}, False),
+    (TRT11, "fp32", set(), True),
+    (TRT11, "fp16", {"TF32"}, True),            # 11 has no precision flags: the fp16 graph carries the precision
+])
+def test_builder_flags_per_version(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, timing_dir: Path, version: str,
+                                   precision: str, flags: set[str], typed: bool) -> None:
+    trt, _ = _rig(monkeypatch, version)
+    onnx_path = write_float_onnx(tmp_path / "m.onnx")
+    info = build_engine(onnx_path, tmp_path / "m.engine", precision=precision)
+    (config,), (network,) = trt.configs, trt.networks
+    assert {flag.name for flag in config.flags} == flags
+    assert network.strongly_typed is typed and info.strongly_typed is typed
+    assert info.tf32 is (precision != "fp32") and read_sidecar(tmp_path / "m.engine").tf32 is info.tf32
+    assert (("clear_flag", ("TF32",)) in [(n, a) for n, a, _ in trt.calls]) is (precision == "fp32")
+    # Strongly typed fp16 parses the fp16-cast graph (Casts at its boundary); everything else the ONNX as is.
+    assert ("Cast" in network.op_types) is (typed and precision == "fp16")
+
+
+def test_bf16_on_tensorrt_11_is_refused_by_build_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         timing_dir: Path) -> None:
+    trt, _ = _rig(monkeypatch, TRT11)
+    with pytest.raises(ConfigError, match="bf16 with a strongly typed network"):
+        build_engine(write_float_onnx(tmp_path / "m.onnx"), tmp_path / "m.engine", precision="bf16")
+    assert "Builder" not in trt.names()
+
+
+def test_one_optimisation_profile_covers_every_input(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     timing_dir: Path) -> None:
+    trt, _ = _rig(monkeypatch)
+    shapes = make_shape_profiles(64, 128, dynamic=True, max_batch=2)
+    build_engine(write_float_onnx(tmp_path / "m.onnx"), tmp_path / "m.engine", precision="fp16", shapes=shapes)
+    (config,) = trt.configs
+    assert len(config.profiles) == 1 and trt.names().count("add_optimization_profile") == 1
+    assert config.profiles[0].shapes == {name: [list(s) for s in shapes[name]] for name in ("left", "right")}
+
+
+def test_timing_cache_is_loaded_and_saved_per_tensorrt_and_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                               timing_dir: Path) -> None:
+    trt, _ = _rig(monkeypatch, TRT10)
+    first = build_engine(write_float_onnx(tmp_path / "a.onnx"), tmp_path / "a.engine", device="cuda:1")
+    path = timing_dir / "timing-trt10.8.0-Fake-GPU-H100-sm9.0.cache"
+    assert first.timing_cache == str(path) and path.is_file()
+    saved = path.read_bytes()
+    assert trt.timing_caches[0].loaded == b"" and b"a.onnx" in saved  # cold start, then this build's timings
+    names = trt.names()
+    assert names.index("create_timing_cache") < names.index("set_timing_cache") < \
+        names.index("build_serialized_network") < names.index("serialize_timing_cache")
+    assert ("set_timing_cache", (False,)) in [(n, a) for n, a, _ in trt.calls]
+
+    # A block variant (another ONNX, another precision) on the same TensorRT and GPU starts from those timings.
+    second = build_engine(write_float_onnx(tmp_path / "b.onnx", 64, 96), tmp_path / "b.engine", precision="fp32",
+                          device=1)
+    assert trt.timing_caches[1].loaded == saved and second.timing_cache == str(path)
+    assert b"a.onnx" in path.read_bytes() and b"b.onnx" in path.read_bytes()
+
+    # Another GPU, and another TensorRT, each get a cache of their own, cold.
+    build_engine(tmp_path / "a.onnx", tmp_path / "a0.engine", device=0)
+    assert trt.timing_caches[2].loaded == b""
+    trt11, _ = _rig(monkeypatch, TRT11)
+    build_engine(tmp_path / "a.onnx", tmp_path / "a11.engine", device=1)
+    assert trt11.timing_caches[0].loaded == b""
+    assert sorted(p.name for p in timing_dir.iterdir()) == [
+        "timing-trt10.8.0-Fake-GPU-A100-sm8.0.cache", "timing-trt10.8.0-Fake-GPU-H100-sm9.0.cache",
+        "timing-trt11.0.0-Fake-GPU-H100-sm9.0.cache"]
+
+
+def test_a_foreign_timing_cache_is_replaced_not_mixed_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         timing_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    trt, _ = _rig(monkeypatch)
+    path = timing_cache_path(TRT10, "Fake GPU A100", "8.0")
+    path.parent.mkdir(parents=True)
+    foreign = b"a timing cache of another CUDA or driver"
+    path.write_bytes(foreign)
+    build_engine(write_float_onnx(tmp_path / "m.onnx"), tmp_path / "m.engine")
+    assert [c.loaded for c in trt.timing_caches] == [foreign, b""]
+    assert trt.configs[0].timing_cache is trt.timing_caches[1]
+    assert path.read_bytes().startswith(b"FAKE-TRT-TIMING-CACHE 10.8.0")
+    assert "does not match this TensorRT/GPU" in capsys.readouterr().out
+
+
+def test_timing_cache_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, timing_dir: Path) -> None:
+    trt, _ = _rig(monkeypatch)
+    info = build_engine(write_float_onnx(tmp_path / "m.onnx"), tmp_path / "m.engine", timing_cache=False)
+    assert info.timing_cache is None and "create_timing_cache" not in trt.names() and not timing_dir.exists()
+
+
+def test_default_timing_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(TIMING_CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_timing_cache_dir() == tmp_path / "ffsc" / "tensorrt"
+    monkeypatch.setenv(TIMING_CACHE_ENV, str(tmp_path / "mine"))
+    assert timing_cache_path("10.8.0", "NVIDIA H100 80GB HBM3", "9.0") == \
+        tmp_path / "mine" / "timing-trt10.8.0-NVIDIA-H100-80GB-HBM3-sm9.0.cache"
+
+
+def test_build_runs_on_the_device_asked_for(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                            timing_dir: Path) -> None:
+    trt, cuda = _rig(monkeypatch)
+    assert cuda.current_device() == 0
+    info = build_engine(write_float_onnx(tmp_path / "m.onnx"), tmp_path / "m.engine", device="cuda:1")
+    assert (info.gpu_name, info.compute_capability) == ("Fake GPU H100", "9.0")
+    devices = {name: device for name, _, device in trt.calls}
+    assert devices["Builder"] == devices["parse_from_file"] == devices["build_serialized_network"] == 1
+    assert ("empty_cache", 1) in cuda.calls and ("mem_get_info", 1) in cuda.calls
+    assert cuda.current_device() == 0
+    build_engine(tmp_path / "m.onnx", tmp_path / "m0.engine")  # default: the current device
+    assert trt.calls[-1][2] == 0 and read_sidecar(tmp_path / "m0.engine").gpu_name == "Fake GPU A100"
+
+
+def test_workspace_is_capped_at_free_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, timing_dir: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    trt, cuda = _rig(monkeypatch, free_bytes=1 << 30, initialized=False)
+    info = build_engine(write_float_onnx(tmp_path / "m.onnx"), tmp_path / "m.engine", workspace_gb=4.0)
+    assert ("set_memory_pool_limit", ("WORKSPACE", 1 << 30)) in [(n, a) for n, a, _ in trt.calls]
+    assert info.workspace_bytes == 1 << 30
+    assert "workspace capped at 1.00 GiB, the free memory of cuda:0 (4 GiB asked)" in capsys.readouterr().out
+    assert not any(name == "empty_cache" for name, _ in cuda.calls), "CUDA was not initialised: nothing to free"
+    cuda.initialized = True
+    build_engine(tmp_path / "m.onnx", tmp_path / "m2.engine", workspace_gb=0.5)
+    assert ("empty_cache", 0) in cuda.calls and trt.configs[-1].pools[trt.MemoryPoolType.WORKSPACE] == 1 << 29
+    assert "capped" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("version", [TRT10, TRT11])
+def test_qdq_graph_builds_strongly_typed_as_int8(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, timing_dir: Path,
+                                                 version: str) -> None:
+    trt, _ = _rig(monkeypatch, version)
+    qdq = write_qdq_onnx(tmp_path / "m_int8.onnx")
+    info = build_engine(qdq, tmp_path / "m_int8.engine", precision="int8")
+    (config,), (network,) = trt.configs, trt.networks
+    assert network.strongly_typed and info.strongly_typed and info.precision == "int8"
+    assert {flag.name for flag in config.flags} == set(), "no FP16/INT8 flag, and TF32 cleared"
+    assert not info.tf32 and info.keep_fp32 == {}
+    # The graph TensorRT parsed is the Q/DQ file itself: no cast pass, so DequantizeLinear still feeds Conv.
+    assert network.source == "m_int8.onnx" and "Cast" not in network.op_types
+    assert network.op_types[network.op_types.index("Conv") - 1] == "DequantizeLinear"
+
+
+def test_weakly_typed_int8_on_tensorrt_10_sets_int8_and_fp16(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            timing_dir: Path) -> None:
+    trt, _ = _rig(monkeypatch, TRT10)
+    info = build_engine(write_qdq_onnx(tmp_path / "q.onnx"), tmp_path / "q.engine", precision="int8",
+                        strongly_typed=False)
+    assert {flag.name for flag in trt.configs[0].flags} == {"INT8", "FP16", "TF32"}
+    assert not trt.networks[0].strongly_typed and not info.strongly_typed
+
+
+def test_int8_needs_a_qdq_graph_and_a_qdq_graph_needs_int8(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                          timing_dir: Path) -> None:
+    trt, _ = _rig(monkeypatch, TRT10)
+    with pytest.raises(ConfigError, match=r"no Q/DQ nodes; run `ffsc quantize .* --target tensorrt"):
+        build_engine(write_float_onnx(tmp_path / "f.onnx"), tmp_path / "f.engine", precision="int8")
+    with pytest.raises(ConfigError, match=r"INT8 graph \(3 QuantizeLinear/DequantizeLinear nodes\).*'int8'"):
+        build_engine(write_qdq_onnx(tmp_path / "q.onnx"), tmp_path / "q.engine", precision="fp16")
+    assert "Builder" not in trt.names()
+
+
+@pytest.mark.parametrize("version, precision, refused", [
+    (TRT11, "bf16", True), (TRT10, "bf16", False), (TRT11, "fp16", False), (TRT11, "fp32", False),
+])
+def test_preflight_refuses_bf16_on_tensorrt_11(monkeypatch: pytest.MonkeyPatch, version: str, precision: str,
+                                               refused: bool) -> None:
+    from compress import preflight
+
+    install_tensorrt(monkeypatch, version)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if not refused:
+        preflight.check_backend("tensorrt", "cuda", precision, key="search.latency.backend")
+        preflight.check_tensorrt_precision(precision, "export.precision")
+        return
+    with pytest.raises(ConfigError, match=r"^search\.latency\.precision='bf16' with TensorRT 11\.0\.0: .*use 'fp16' "
+                                          r"or 'fp32'$"):
+        preflight.check_backend("tensorrt", "cuda", precision, key="search.latency.backend")
+    with pytest.raises(ConfigError, match=r"^export\.precision='bf16' with TensorRT 11\.0\.0"):
+        preflight.check_tensorrt_precision(precision, "export.precision")

@@ -27,7 +27,9 @@ from teacher import FoundationStereo, TeacherConfig
 from teacher.dinov2 import PRETRAIN_GRID, bicubic_matrix
 
 H, W = 64, 128
-STUDENT_ISLANDS = ["/model/correlation/*", "/model/pair_correlation/*"]
+# The correlations, and the disparity's own float32 path: soft-argmin, the GRU's accumulator, convex upsampling
+DISPARITY_ISLANDS = ["/model/convex_combination/*", "/model/disparity_regression/*", "/model/disparity_update/*"]
+STUDENT_ISLANDS = sorted(["/model/correlation/*", "/model/pair_correlation/*", *DISPARITY_ISLANDS])
 
 
 def _student(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -61,7 +63,10 @@ def test_tiny_student_exports_with_parity_and_clean_lint(tiny) -> None:
     assert report.keep_fp32_nodes == fp32_node_patterns(model, prefix="model") == STUDENT_ISLANDS
     assert list(recorded_fp32_nodes(report.path)) == STUDENT_ISLANDS
     names = [n.name for n in proto.graph.node]
-    for pattern, op in zip(STUDENT_ISLANDS, ("ReduceL2", "Einsum"), strict=True):
+    ops = {"/model/correlation/*": "ReduceL2", "/model/pair_correlation/*": "Einsum",
+           "/model/convex_combination/*": "Softmax", "/model/disparity_regression/*": "ReduceSum",
+           "/model/disparity_update/*": "Add"}
+    for pattern, op in ops.items():
         matched = [n for n in proto.graph.node if fnmatchcase(n.name, pattern)]
         assert op in {n.op_type for n in matched}, (pattern, names[:20])
 
@@ -143,4 +148,4 @@ def test_vits_teacher_exports_with_parity_and_clean_lint(tmp_path: Path) -> None
     report = to_onnx(teacher, tmp_path / "teacher.onnx", H, W, iters=1)
     assert report.max_abs_diff < 1e-3
     assert not _blockers(report)
-    assert report.keep_fp32_nodes == ["/model/gwc/*", "/model/pair_correlation/*"]
+    assert report.keep_fp32_nodes == sorted(["/model/gwc/*", "/model/pair_correlation/*", *DISPARITY_ISLANDS])

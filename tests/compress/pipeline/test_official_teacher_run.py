@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -37,7 +38,7 @@ def _official_checkpoint(folder: Path) -> Path:
     return folder / "model_best_bp2.pth"
 
 
-def test_the_gpu_recipe_runs_to_the_end_with_an_official_checkpoint(tmp_path):
+def test_the_gpu_recipe_runs_to_the_end_with_an_official_checkpoint(tmp_path, capsys):
     ckpt = _official_checkpoint(tmp_path / "weights")
     run_dir = tmp_path / "run"
     code = main(["run", str(RECIPE), f"run_dir={run_dir}", f"teacher.checkpoint={ckpt}", "teacher.iters=null",
@@ -59,6 +60,25 @@ def test_the_gpu_recipe_runs_to_the_end_with_an_official_checkpoint(tmp_path):
     assert labelled["labels"]["iters"] == 3
     assert summary["final"]["latency_ms"] > 0 and (run_dir / "export" / "student.onnx").is_file()
     assert (run_dir / "parent" / "student" / "model.safetensors").is_file()  # not of the family: 'largest'
+    # Every row names the count it was scored, counted and timed at, and the backend and precision it was timed on.
+    rows = {"teacher": teacher, "final": summary["final"], **{f"trial {r['trial']}": r for r in summary["front"]}}
+    for name, row in rows.items():
+        assert row["iters"] == row["latency_iters"] == timed[name], name
+        assert (row["latency_backend"], row["latency_precision"], row["latency_mode"]) == ("torch", "fp32",
+                                                                                          "measured"), name
+    from search_spaces import count_macs
+    from teacher import load_teacher
+
+    # The teacher's MACs at the 3 iterations it was timed at (once counted at another count: a 4x wrong ratio).
+    assert teacher["gmacs"] == pytest.approx(count_macs(load_teacher(ckpt), 64, 128, iters=3).gmacs)
+    threads = torch.get_num_threads()
+    assert summary["latency"] == {
+        "backend": "torch", "device": "cpu", "precision": "fp32", "threads": threads, "mode": "measured",
+        "clock": "wall", "compile": False, "cuda_graph": False, "size": [64, 128], "side_by_side": True}
+    out = capsys.readouterr().out
+    assert f"latency: torch on cpu, fp32, {threads} threads (named in the config)" in out
+    assert "results at 64x128 (height x width)" in out
+    assert summary["calls"] == 1 and summary["seconds_total"] == summary["seconds"] > 0
 
 
 def test_the_gpu_recipe_with_its_engine_export_is_refused_before_any_work_without_tensorrt(tmp_path, capsys):
@@ -70,3 +90,20 @@ def test_the_gpu_recipe_with_its_engine_export_is_refused_before_any_work_withou
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "export.formats" in err and "TensorRT" in err and "Traceback" not in err
     assert time.perf_counter() - started < 60 and not run_dir.exists()  # nothing labelled, nothing written
+
+
+def test_the_teachers_count_is_teacher_iters_else_its_own_and_labels_cannot_disagree():
+    from compress.errors import ConfigError
+    from compress.pipeline import load_run_recipe
+    from compress.pipeline.run import _labels_config, _teacher_iters
+    from teacher import FoundationStereo, TeacherConfig
+
+    with torch.device("meta"):
+        official = FoundationStereo(TeacherConfig(vit_size="vits", hidden_dims=[32, 32, 32], valid_iters=3))
+    for overrides, want in ((["teacher.iters=null"], 3), (["teacher.iters=2"], 2),
+                            (["teacher.iters=null", "data.labels.iters=5"], 5), (["data.labels.iters=32"], 32)):
+        recipe = load_run_recipe(RECIPE, overrides)
+        assert _teacher_iters(recipe, official) == want, overrides
+        assert _labels_config(recipe).iters in (None, want), overrides  # None: the label cache asks the teacher
+    with pytest.raises(ConfigError, match="teacher.iters=32 and data.labels.iters=8 disagree"):
+        load_run_recipe(RECIPE, ["data.labels.iters=8"])

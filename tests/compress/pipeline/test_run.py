@@ -109,6 +109,7 @@ def test_mlflow_store_has_study_and_trials(finished_run):
 
 
 def test_rerun_resumes_without_redoing_work(finished_run, capsys):
+    first = json.loads((finished_run / "summary.json").read_text())
     before = (finished_run / "optuna.db").stat().st_mtime
     pruned_at = (finished_run / "prune" / "prune_result.json").stat().st_mtime
     timed_at = (finished_run / "report_latency.json").stat().st_mtime
@@ -118,7 +119,15 @@ def test_rerun_resumes_without_redoing_work(finished_run, capsys):
     assert (finished_run / "optuna.db").stat().st_mtime >= before
     assert (finished_run / "prune" / "prune_result.json").stat().st_mtime == pruned_at  # pruning was reused
     assert (finished_run / "report_latency.json").stat().st_mtime == timed_at  # so was the side-by-side timing
-    assert "wall time" in capsys.readouterr().out
+    # The wall time counts both calls, and says how much of it was this one.
+    second = json.loads((finished_run / "summary.json").read_text())
+    assert first["calls"] == 1 and second["calls"] == 2
+    assert second["seconds_total"] == pytest.approx(first["seconds_total"] + second["seconds"])
+    assert second["seconds"] < second["seconds_total"]
+    assert json.loads((finished_run / "wall_time.json").read_text())["seconds_total"] == second["seconds_total"]
+    out = capsys.readouterr().out
+    assert (f"wall time {second['seconds_total']:.0f} s over 2 calls ({second['seconds']:.0f} s in this one)"
+            in out)
 
 
 def test_rerun_with_other_prune_settings_prunes_and_distils_anew(finished_run):
@@ -187,6 +196,11 @@ def test_report_latencies_side_by_side_or_cached_singly(rounds, tmp_path):
     summary = RunSummary(run_dir=tmp_path, teacher={}, final={"path": str(tmp_path / "final")})
     report_latencies(summary, recipe, teacher, torch.device("cpu"), tmp_path)
     assert summary.teacher["latency_ms"] > 0 and summary.final["latency_ms"] > 0
+    for row in (summary.teacher, summary.final):  # each row says how it was timed
+        assert row["latency_iters"] == teacher.cfg.iters
+        assert (row["latency_backend"], row["latency_precision"]) == ("onnxruntime", "fp32")
+    assert summary.latency["precision"] == "fp32" and summary.latency["device"] == "cpu"
+    assert summary.latency["side_by_side"] is bool(rounds)
     record = tmp_path / "report_latency.json"
     if rounds == 0:  # each model once, through the run's latency cache
         assert not record.exists() and len(LatencyCache(tmp_path / "latency_cache.sqlite")) == 2
@@ -196,3 +210,30 @@ def test_report_latencies_side_by_side_or_cached_singly(rounds, tmp_path):
         stamp = record.stat().st_mtime
         report_latencies(summary, recipe, teacher, torch.device("cpu"), tmp_path)
         assert record.stat().st_mtime == stamp  # same models and settings: reused, not re-timed
+
+
+def test_wall_time_adds_up_over_calls_and_a_failed_call_counts(tmp_path):
+    import time
+
+    from compress.pipeline.run import WallTime
+
+    first = WallTime.open(tmp_path, time.perf_counter() - 10.0)  # a call that ran 10 s
+    assert first.end()["calls"] == 1 and first.end() == first.ended  # recorded once
+    second = WallTime.open(tmp_path, time.perf_counter() - 2.0)
+    ended = second.end()
+    assert ended["calls"] == 2 and ended["seconds_total"] == pytest.approx(first.ended["seconds"] + ended["seconds"])
+    assert 2.0 <= ended["seconds"] < 10.0
+    (tmp_path / "wall_time.json").write_text("{damaged")
+    assert WallTime.open(tmp_path, time.perf_counter()).earlier_calls == 0  # unreadable: counting starts again
+
+
+def test_a_call_that_fails_after_claiming_the_directory_still_counts(tmp_path, monkeypatch):
+    import compress.pipeline.run as run
+
+    def fail(*args, **kwargs):
+        raise run.ConfigError("stage failed")
+
+    monkeypatch.setattr(run, "_run_stages", fail)
+    with pytest.raises(ConfigError, match="stage failed"):
+        run.run_recipe(load_run_recipe(RECIPE, [f"run_dir={tmp_path}", "progress=false"]))
+    assert json.loads((tmp_path / "wall_time.json").read_text())["calls"] == 1
