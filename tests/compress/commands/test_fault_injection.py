@@ -220,11 +220,15 @@ def test_16_bit_and_grey_pairs_are_read_as_their_8_bit_rgb_pair(inputs: Path, tm
 # ------------------------------------------------------------------------------------- Ctrl-C (16, 20)
 
 
+STEPS = 400
+
+
 def test_ctrl_c_in_ffsc_distill_exits_130_and_the_rerun_says_where_it_resumes(tmp_path, cache, capsys):  # noqa: F811
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("seed: 3\nbatch_size: 1\ndata:\n  crop_size: [32, 32]\n  eval_samples: 0\n")
-    args = _overrides(tmp_path / "stopped", cache, *TOY_STUDENT, "steps=60", "checkpoint_every=10", "train_iters=1",
-                      "log_every=10")
+    # Enough steps that the run cannot finish between its first checkpoint and the signal on a fast machine
+    args = _overrides(tmp_path / "stopped", cache, *TOY_STUDENT, f"steps={STEPS}", "checkpoint_every=10",
+                      "train_iters=1", "log_every=10")
     proc = _cli_process(["distill", str(recipe), *args])
     _wait_for(proc, (tmp_path / "stopped" / "checkpoint.pt").exists, "the first checkpoint")
     proc.send_signal(signal.SIGINT)  # Ctrl-C
@@ -235,10 +239,10 @@ def test_ctrl_c_in_ffsc_distill_exits_130_and_the_rerun_says_where_it_resumes(tm
     assert main(["distill", str(recipe), *args, "progress=true"]) == 0  # the same command (progress shows the line)
     printed = capsys.readouterr().out
     assert (tmp_path / "stopped" / "student.pt").is_file()
-    said = re.search(r"resuming from step (\d+) of 60, its last checkpoint .* any steps after it run again",
+    said = re.search(rf"resuming from step (\d+) of {STEPS}, its last checkpoint .* any steps after it run again",
                      " ".join(printed.split()))  # the console wraps long lines
-    assert said and 10 <= int(said[1]) < 60 and int(said[1]) % 10 == 0, printed
-    assert main(["distill", str(recipe), *_overrides(tmp_path / "whole", cache, *TOY_STUDENT, "steps=60",
+    assert said and 10 <= int(said[1]) < STEPS and int(said[1]) % 10 == 0, printed
+    assert main(["distill", str(recipe), *_overrides(tmp_path / "whole", cache, *TOY_STUDENT, f"steps={STEPS}",
                                                      "checkpoint_every=10", "train_iters=1", "log_every=10")]) == 0
     # The part before Ctrl-C ran in another process: equal to float32 noise (bitwise: test_trainer's crash test).
     _assert_same_run(tmp_path / "whole", tmp_path / "stopped", exact=False)
@@ -361,11 +365,14 @@ def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path, cap
     a, b = _trials(whole), _trials(killed)
     assert a.keys() == b.keys()  # the same architectures were trained
     for config in a:
-        for key in ("epe", "gt_epe", "gt_bp2", "teacher_bp2", "gmacs", "mparams"):
-            assert b[config][key] == pytest.approx(a[config][key], rel=1e-5, abs=0.01), key
+        for key in ("epe", "gt_epe", "gmacs", "mparams"):
+            assert b[config][key] == pytest.approx(a[config][key], rel=1e-4, abs=1e-3), key
+        for key in ("gt_bp2", "teacher_bp2"):  # a pixel near the 2 px threshold may flip between processes
+            assert b[config][key] == pytest.approx(a[config][key], abs=0.1), key
     assert pb["teacher_epe"] == pytest.approx(pa["teacher_epe"], rel=1e-5)
-    for key in ERRORS:
-        assert sb["final"][key] == pytest.approx(sa["final"][key], rel=1e-5, abs=0.01), key
+    for key in ERRORS:  # EPE to float noise; pixel percentages to a few pixels near their thresholds
+        tolerance = dict(rel=1e-4, abs=1e-3) if key.endswith("epe") else dict(abs=0.1)
+        assert sb["final"][key] == pytest.approx(sa["final"][key], **tolerance), key
     assert sb["final"]["gmacs"] == sa["final"]["gmacs"] and sb["final"]["mparams"] == sa["final"]["mparams"]
     wa, wb = (load_file(d / "final" / "student" / "model.safetensors") for d in (whole, killed))
     assert wa.keys() == wb.keys()

@@ -76,7 +76,7 @@ def test_the_gpu_recipe_runs_to_the_end_with_an_official_checkpoint(tmp_path, ca
         "backend": "torch", "device": "cpu", "precision": "fp32", "threads": threads, "mode": "measured",
         "clock": "wall", "compile": False, "cuda_graph": False, "size": [64, 128], "side_by_side": True}
     out = capsys.readouterr().out
-    assert f"latency: torch on cpu, fp32, {threads} threads (named in the config)" in out
+    assert f"latency: torch on cpu, fp32, {threads} thread{'' if threads == 1 else 's'} (named in the config)" in out
     assert "results at 64x128 (height x width)" in out
     assert summary["calls"] == 1 and summary["seconds_total"] == summary["seconds"] > 0
 
