@@ -305,7 +305,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(*distributions: str) -> str | None:
+def installed_version(*distributions: str) -> str | None:
+    """The version of the first of ``distributions`` that is installed, or None."""
     for name in distributions:
         try:
             return metadata.version(name)
@@ -319,8 +320,9 @@ def machine_info() -> dict[str, object]:
     return {
         "cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__,
-        "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "tensorrt": _version("tensorrt"),
+        "onnxruntime": installed_version("onnxruntime", "onnxruntime-gpu"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "tensorrt": installed_version("tensorrt"),
     }
 
 

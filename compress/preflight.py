@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
-from compress.latency import BACKENDS, tensorrt_problem
+from compress.latency import BACKENDS, installed_version, tensorrt_problem
 
 
 def require_positive(key: str, value: float | None, allow_none: bool = False) -> None:
@@ -89,14 +89,8 @@ def check_tensorrt_precision(precision: str, key: str = "precision") -> None:
 
 def onnxruntime_conflict() -> str | None:
     """A line when both onnxruntime and onnxruntime-gpu are installed (one overwrites the other's module)."""
-    from importlib import metadata
-
-    installed = []
-    for dist in ("onnxruntime", "onnxruntime-gpu"):
-        try:
-            installed.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            pass
+    installed = [f"{dist} {version}" for dist in ("onnxruntime", "onnxruntime-gpu")
+                 if (version := installed_version(dist)) is not None]
     return f"both {' and '.join(installed)} are installed" if len(installed) == 2 else None
 
 
