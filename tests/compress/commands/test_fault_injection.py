@@ -335,8 +335,11 @@ def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path, cap
     latency cache), so the front's membership, which weighs latency, is not compared. A kill in an earlier trial
     would also change the later trials' architectures: a resumed study's sampler is seeded anew
     (compress.nas.study.derive_seed), so that it does not propose again what the killed process proposed. The part
-    before the kill ran in another process, where oneDNN may pick other kernels: errors and weights are compared to
-    float32 noise (they came out bitwise equal on the Xeon this was written on).
+    before the kill (the parent's distillation) ran in another process, where oneDNN may pick other kernels or
+    reduce in another order: a float32 difference there grows through every training step after it. It came out
+    bitwise equal on a Xeon and 5e-4 apart in a trial's EPE on another CPU, so errors are compared to 1% and the final
+    weights by their overall relative difference. What a broken resume changes is compared exactly (architectures,
+    pruning steps, sizes) or moves the errors by more: the unseeded fresh tensors found here moved a trial's EPE 5%.
     """
     from safetensors.torch import load_file
 
@@ -365,15 +368,17 @@ def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path, cap
     a, b = _trials(whole), _trials(killed)
     assert a.keys() == b.keys()  # the same architectures were trained
     for config in a:
-        for key in ("epe", "gt_epe", "gmacs", "mparams"):
-            assert b[config][key] == pytest.approx(a[config][key], rel=1e-4, abs=1e-3), key
-        for key in ("gt_bp2", "teacher_bp2"):  # a pixel near the 2 px threshold may flip between processes
-            assert b[config][key] == pytest.approx(a[config][key], abs=0.1), key
-    assert pb["teacher_epe"] == pytest.approx(pa["teacher_epe"], rel=1e-5)
-    for key in ERRORS:  # EPE to float noise; pixel percentages to a few pixels near their thresholds
-        tolerance = dict(rel=1e-4, abs=1e-3) if key.endswith("epe") else dict(abs=0.1)
+        assert (b[config]["gmacs"], b[config]["mparams"]) == (a[config]["gmacs"], a[config]["mparams"])
+        for key in ("epe", "gt_epe"):
+            assert b[config][key] == pytest.approx(a[config][key], rel=1e-2), key
+        for key in ("gt_bp2", "teacher_bp2"):  # percentages; pixels near the 2 px threshold may flip
+            assert b[config][key] == pytest.approx(a[config][key], abs=1.0), key
+    assert pb["teacher_epe"] == pytest.approx(pa["teacher_epe"], rel=1e-5)  # the teacher is not trained
+    for key in ERRORS:
+        tolerance = dict(rel=1e-2) if key.endswith("epe") else dict(abs=1.0)
         assert sb["final"][key] == pytest.approx(sa["final"][key], **tolerance), key
     assert sb["final"]["gmacs"] == sa["final"]["gmacs"] and sb["final"]["mparams"] == sa["final"]["mparams"]
     wa, wb = (load_file(d / "final" / "student" / "model.safetensors") for d in (whole, killed))
-    assert wa.keys() == wb.keys()
-    assert all(torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-5, atol=1e-6) for k in wa), "final weights"
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    va, vb = (torch.cat([w[k].float().flatten() for k in sorted(w)]) for w in (wa, wb))
+    assert (vb - va).norm() <= 1e-2 * va.norm(), "final weights"
