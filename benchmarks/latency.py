@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from compress.atomic import atomic_write_text
+from compress.backends import get_backend
 from compress.deploy import available_backends, backend_device
 from compress.latency import machine_info, machine_slug, measure
 from compress.models import resolve_model
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 cost["gmacs_official_iters"] = count_macs(resolved.module, height, width,
                                                           iters=TEACHER_OFFICIAL_ITERS).gmacs
             for backend in backends:
-                precision = args.trt_precision if backend == "tensorrt" else args.precision
+                precision = args.trt_precision if get_backend(backend).builds_engine else args.precision
                 device = backend_device(backend, None)
                 row = {"model": spec, "height": height, "width": width, "backend": backend, "iters": iters, **cost}
                 print(f"{spec} {height}x{width} {backend} ({iters} iterations) ...", flush=True)

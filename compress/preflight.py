@@ -16,8 +16,13 @@ from pathlib import Path
 
 import torch
 
+from compress.backends import (  # the last two are re-exported: callers check through preflight
+    BACKENDS,
+    check_tensorrt_precision,  # noqa: F401
+    get_backend,
+    onnxruntime_conflict,  # noqa: F401
+)
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
-from compress.latency import BACKENDS, installed_version, tensorrt_problem
 
 
 def require_positive(key: str, value: float | None, allow_none: bool = False) -> None:
@@ -45,53 +50,9 @@ def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph
                                      "(torch.cuda.is_available() is False); use device 'cpu' or backend 'auto'")
     if cuda_graph and dev.type != "cuda":
         raise ConfigError(f"{key}: CUDA graphs need device 'cuda', got {device!r}")
-    if backend == "tensorrt":
-        problem = tensorrt_problem()
-        if problem:
-            raise MissingDependencyError(f"{key}='tensorrt': {problem}; install it with "
-                                         "`pip install -e \".[tensorrt]\"` on a CUDA machine, or use backend 'auto'")
-        if not torch.cuda.is_available():
-            raise MissingDependencyError(f"{key}='tensorrt' needs a CUDA GPU, and PyTorch sees none here")
-        prefix = key.removesuffix(".backend")
-        check_tensorrt_precision(precision, f"{prefix}.precision" if prefix != key else "precision")
-    elif backend == "onnxruntime":
-        from compress.export.runtime import import_onnxruntime
-
-        ort = import_onnxruntime()
-        wanted = "CUDAExecutionProvider" if dev.type == "cuda" else "CPUExecutionProvider"
-        if wanted not in ort.get_available_providers():
-            both = onnxruntime_conflict()
-            fix = (f"{both}: uninstall both and install onnxruntime-gpu alone" if both else
-                   "for CUDA install the GPU build in its place: pip uninstall -y onnxruntime, then pip install -e "
-                   "\".[gpu]\" (the two share one module, so with both the CUDA provider disappears)")
-            raise MissingDependencyError(
-                f"{key}='onnxruntime' on {device!r}: ONNX Runtime has no {wanted} here (it has "
-                f"{ort.get_available_providers()}); {fix}")
-    elif backend == "torch":
-        if precision == "fp16" and dev.type == "cpu":
-            raise ConfigError(f"{key}='torch' with precision 'fp16' on CPU: CPU autocast has no fp16; "
-                              "use 'fp32' or 'bf16'")
-    else:
+    if backend not in BACKENDS:
         raise ConfigError(f"{key}={backend!r}: expected one of {list(BACKENDS)} (resolve 'auto' first)")
-
-
-def check_tensorrt_precision(precision: str, key: str = "precision") -> None:
-    """Refuse bf16 where the installed TensorRT is 11 or later (strongly typed only; ffsc writes no bf16 graph)."""
-    if precision != "bf16" or tensorrt_problem() is not None:
-        return
-    from compress.export._trt import import_tensorrt, trt_major
-
-    trt = import_tensorrt()
-    if trt_major(trt) >= 11:
-        raise ConfigError(f"{key}='bf16' with TensorRT {trt.__version__}: TensorRT 11 and later build strongly typed "
-                          "networks only and ffsc writes no bf16 graph; use 'fp16' or 'fp32'")
-
-
-def onnxruntime_conflict() -> str | None:
-    """A line when both onnxruntime and onnxruntime-gpu are installed (one overwrites the other's module)."""
-    installed = [f"{dist} {version}" for dist in ("onnxruntime", "onnxruntime-gpu")
-                 if (version := installed_version(dist)) is not None]
-    return f"both {' and '.join(installed)} are installed" if len(installed) == 2 else None
+    get_backend(backend).check_here(dev, precision, key)
 
 
 def check_checkpoint(path: str | os.PathLike, key: str = "checkpoint", trust_pickle: bool = False) -> None:
@@ -286,10 +247,9 @@ def check_latency(lat, key: str = "latency") -> None:
     clock valid."""
     from compress.latency import check_clock
 
-    device = lat.device or ("cuda" if lat.backend == "tensorrt" or torch.cuda.is_available() else "cpu")
+    device = lat.timing_config().run_device()
     check_backend(lat.backend, device, lat.precision, lat.cuda_graph, key=f"{key}.backend")
-    if lat.backend == "onnxruntime" and lat.precision == "bf16":
-        raise ConfigError(f"{key}.precision='bf16': the onnxruntime backend times fp32 or fp16 graphs")
+    get_backend(lat.backend).check_precision(lat.precision, f"{key}.precision")
     try:
         check_clock(lat.clock, torch.device(device), lat.threads)
     except ConfigError as err:

@@ -1,6 +1,7 @@
 """The layers of ARCHITECTURE.md, checked on the imports: every import in teacher/, search_spaces/, compress/ and
 benchmarks/ (top-level, inside functions, under TYPE_CHECKING) must point down the table below, or sideways
-inside a layer; stage packages must not import each other in a cycle."""
+inside a layer; stage packages must not import each other in a cycle. Latency backend names are compared only in
+the backend registry (compress.backends): everywhere else code asks the registry."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("search_spaces", ("search_spaces",)),
     ("core", ("compress.data", "compress.metrics", "compress.tracking",
               "compress.geometry", "compress.cuda_graph", "compress.training", "compress.evaluation",
-              "compress.real_pairs")),
-    ("stages", ("compress.export", "compress.latency", "compress.latency_predictor", "compress.models",
+              "compress.real_pairs", "compress.machine", "compress.compiled")),
+    ("stages", ("compress.export", "compress.backends", "compress.latency", "compress.latency_cache",
+                "compress.latency_config", "compress.latency_predictor", "compress.models",
                 "compress.distill", "compress.prune", "compress.nas", "compress.deploy", "compress.preflight",
                 "compress.quantize", "compress.importers")),
     ("pipeline", ("compress.pipeline",)),
@@ -178,6 +180,81 @@ def test_a_forbidden_import_is_reported_with_file_and_line(tmp_path: Path) -> No
         "above it",
         "compress/nas/__init__.py:2: imports compress.pipeline: the stages layer may not import the pipeline "
         "layer above it",
+    ]
+
+
+BACKEND_NAMES = frozenset({"torch", "onnxruntime", "tensorrt", "ort", "trt"})
+"""Latency backend names and their short forms: compared only inside the registry."""
+BACKEND_REGISTRY = ("compress.backends",)
+TEMPORARY_BACKEND_COMPARISONS = {
+    # compress/prune/ is being split in another change; there this line becomes
+    # `device=spec.device or (None if get_backend(spec.backend).cuda_only else device), **spec.timing())`.
+    ("compress/prune/budget.py", "spec.backend != 'tensorrt'"),
+}
+"""Known comparisons waiting for the registry; remove an entry when its line moves to the registry."""
+
+
+def _backend_constant(node: ast.expr) -> bool:
+    """A string constant naming a backend, or a tuple / list / set literal holding one."""
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return any(_backend_constant(element) for element in node.elts)
+    return isinstance(node, ast.Constant) and node.value in BACKEND_NAMES
+
+
+def _names_a_backend(node: ast.expr) -> bool:
+    """Whether an expression reads something called a backend (``backend``, ``lat.backend``, ``row["backend"]``)."""
+    for part in ast.walk(node):
+        name = (part.id if isinstance(part, ast.Name) else part.attr if isinstance(part, ast.Attribute)
+                else part.value if isinstance(part, ast.Constant) and isinstance(part.value, str) else "")
+        if "backend" in name.lower():
+            return True
+    return False
+
+
+def backend_comparisons(root: Path = ROOT) -> list[tuple[str, str]]:
+    """(file:line, comparison) for every comparison of a backend's name with a backend value outside the registry.
+
+    Precise on purpose: only a comparison between a backend-name constant and an expression that reads a
+    backend counts, so ``module == "torch"`` (a pickle's module) or ``precision == "fp16"`` do not."""
+    found = []
+    for path in all_files(root):
+        if module_name(path, root) in BACKEND_REGISTRY:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Compare):
+                continue
+            operands = [node.left, *node.comparators]
+            if any(_backend_constant(a) and any(_names_a_backend(b) for b in operands if b is not a)
+                   for a in operands):
+                found.append((f"{path.relative_to(root).as_posix()}:{node.lineno}", ast.unparse(node)))
+    return found
+
+
+def test_backend_names_are_compared_only_in_the_registry() -> None:
+    found = backend_comparisons()
+    left = [f"{where}: {text}" for where, text in found
+            if (where.rsplit(":", 1)[0], text) not in TEMPORARY_BACKEND_COMPARISONS]
+    assert not left, ("compare backends through compress.backends (get_backend(name) and its flags), not by name:\n"
+                      + "\n".join(left))
+    stale = TEMPORARY_BACKEND_COMPARISONS - {(where.rsplit(":", 1)[0], text) for where, text in found}
+    assert not stale, f"these comparisons are gone: remove them from TEMPORARY_BACKEND_COMPARISONS: {stale}"
+
+
+def test_a_planted_backend_comparison_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "compress").mkdir()
+    (tmp_path / "compress" / "backends.py").write_text('def f(backend):\n    return backend == "torch"\n')
+    (tmp_path / "compress" / "timing.py").write_text(
+        'def f(backend, lat, precision, module, row):\n'
+        '    if precision == "fp16" or module == "torch":\n'
+        '        return None\n'
+        '    if lat.backend in ("torch", "auto"):\n'
+        '        return 1\n'
+        '    return row["backend"] != "trt" and "tensorrt" == backend\n')
+    assert backend_comparisons(tmp_path) == [
+        ("compress/timing.py:4", "lat.backend in ('torch', 'auto')"),
+        ("compress/timing.py:6", "row['backend'] != 'trt'"),
+        ("compress/timing.py:6", "'tensorrt' == backend"),
     ]
 
 

@@ -8,31 +8,20 @@ from compress.models import ResolvedModel
 
 def available_backends() -> list[str]:
     """Latency backends usable here: torch and onnxruntime always, tensorrt with TensorRT and a CUDA GPU."""
-    import importlib.util
-
+    # Imported here, as torch is: the command line lists its commands without loading torch.
     import torch
 
-    found = ["torch", "onnxruntime"]
-    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
-        found.append("tensorrt")
-    return found
+    from compress.backends import all_backends
+
+    return [b.name for b in all_backends()
+            if b.available() is None and (not b.cuda_only or torch.cuda.is_available())]
 
 
 def backend_device(backend: str, requested: str | None) -> str:
     """Device a backend runs on: the requested one, else CUDA where that backend can use it, else the CPU."""
-    import torch
+    from compress.backends import get_backend
 
-    if requested:
-        return requested
-    if backend == "tensorrt":
-        return "cuda"
-    if not torch.cuda.is_available():
-        return "cpu"
-    if backend == "onnxruntime":
-        from compress.export.runtime import import_onnxruntime
-
-        return "cuda" if "CUDAExecutionProvider" in import_onnxruntime().get_available_providers() else "cpu"
-    return "cuda"
+    return get_backend(backend).default_device(requested or None)
 
 
 def bench_model(
@@ -54,12 +43,13 @@ def bench_model(
     """Time a resolved model on each backend; returns machine, model cost and one row per backend."""
     import torch
 
+    from compress.backends import BACKENDS, get_backend
     from compress.latency import machine_info, measure
     from search_spaces import count_macs, count_params
 
-    unknown = sorted(set(backends) - {"torch", "onnxruntime", "tensorrt"})
+    unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
-        raise ConfigError(f"unknown --backend {', '.join(unknown)}; valid: torch, onnxruntime, tensorrt")
+        raise ConfigError(f"unknown --backend {', '.join(unknown)}; valid: {', '.join(BACKENDS)}")
     cost = {"params": None, "gmacs": None}
     if resolved.module is not None:
         macs = count_macs(resolved.module, height, width, iters=iters)
@@ -68,7 +58,7 @@ def bench_model(
     for backend in backends:
         dev = backend_device(backend, device)
         target = resolved.module.to(dev) if resolved.module is not None else resolved.path
-        if backend == "torch" and threads is not None:
+        if get_backend(backend).own_threads and threads is not None:
             torch.set_num_threads(threads)  # the user asked for this thread count for this run
         stats = measure(target, backend, height, width, iters=iters, warmup=warmup, repeats=repeats, device=dev,
                         precision=precision, compile=compile, cuda_graph=cuda_graph, cache=cache,

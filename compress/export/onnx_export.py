@@ -135,11 +135,14 @@ def _check_output(disp: object, batch: int, height: int, width: int) -> None:
 
 
 def _torch_export(
-    wrapper: nn.Module, args: tuple[torch.Tensor, ...], dest: Path, opset: int, dynamic: bool, dynamo: bool
+    wrapper: nn.Module, args: tuple[torch.Tensor, ...], dest: Path, opset: int, dynamic: bool, dynamo: bool,
+    input_names: tuple[str, ...] = INPUT_NAMES, output_names: tuple[str, ...] | None = (OUTPUT_NAME,),
 ) -> None:
     dims = {0: "batch", 2: "height", 3: "width"}
-    names = [*INPUT_NAMES, OUTPUT_NAME]
-    kwargs: dict = dict(opset_version=opset, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME])
+    names = [*input_names, *(output_names or ())]
+    kwargs: dict = dict(opset_version=opset, input_names=list(input_names))
+    if output_names is not None:
+        kwargs["output_names"] = list(output_names)
     if dynamo:
         try:
             import onnxscript  # noqa: F401  (the dynamo exporter's hard dependency)
@@ -168,7 +171,7 @@ def _torch_export(
             with torch.no_grad():
                 torch.onnx.export(wrapper, args, str(dest), dynamo=dynamo, **kwargs)
         except Exception as err:
-            raise ExportError(f"torch.onnx.export failed for {type(wrapper.model).__name__}: "
+            raise ExportError(f"torch.onnx.export failed for {type(getattr(wrapper, 'model', wrapper)).__name__}: "
                               f"{type(err).__name__}: {err}. The forward must be traceable: no data-dependent "
                               "Python control flow, no .item()/.cpu() on the hot path") from err
 
@@ -180,6 +183,20 @@ def _slim(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnxslim.slim(model)
     except Exception as err:
         raise ExportError(f"onnxslim failed to simplify the graph ({err}); retry with simplify=False") from err
+
+
+def export_module(module: nn.Module, inputs: tuple[torch.Tensor, ...], dest: str | os.PathLike,
+                  opset: int = 17) -> list[str]:
+    """ONNX of any traceable module on fixed inputs named x0, x1, ... (the exporter and onnxslim to_onnx uses,
+    without parity or metadata: a part of a model timed alone); returns the graph's input names."""
+    dest = Path(dest)
+    names = tuple(f"x{i}" for i in range(len(inputs)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notices about shape-dependent Python values are expected here
+        _torch_export(module, inputs, dest, opset, dynamic=False, dynamo=False, input_names=names, output_names=None)
+    proto = _slim(onnx.load(str(dest)))
+    onnx.save_model(proto, str(dest))
+    return [i.name for i in proto.graph.input]
 
 
 def _set_metadata(model: onnx.ModelProto, values: dict[str, object]) -> None:

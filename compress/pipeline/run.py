@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from compress.atomic import atomic_write_text
+from compress.backends import get_backend
 from compress.device import pick_device
 from compress.errors import ConfigError
 from compress.structured import dump_yaml
@@ -149,9 +150,9 @@ def preflight(recipe: RunRecipe):
             pf.check_dataset(spec.path, spec.kind, key=f"data.{name}.path", options=spec.options)
     if "export" in recipe.stages and recipe.export.enabled and "engine" in recipe.export.formats:
         from compress.errors import MissingDependencyError
-        from compress.latency import tensorrt_problem
 
-        if problem := tensorrt_problem() or (None if torch.cuda.is_available() else "PyTorch sees no CUDA GPU"):
+        gpu_problem = None if torch.cuda.is_available() else "PyTorch sees no CUDA GPU"
+        if problem := get_backend("tensorrt").available() or gpu_problem:
             raise MissingDependencyError(f"export.formats={recipe.export.formats}: a TensorRT engine cannot be built "
                                          f"here ({problem}); export 'onnx' only (export.formats=[onnx]) and build "
                                          "the engine on the target with `ffsc export`, or run on a CUDA machine with "
@@ -559,7 +560,7 @@ def latency_settings(lat, device: torch.device | str | None = None) -> dict[str,
     dev = str(lat.device or device or "cpu")
     threads = None
     if dev.startswith("cpu"):  # threads matter on a CPU only
-        threads = torch.get_num_threads() if lat.backend == "torch" else lat.threads
+        threads = get_backend(lat.backend).threads(lat.threads)
     return {"backend": lat.backend, "device": dev, "precision": lat.precision, "threads": threads,
             "mode": lat.mode, "clock": lat.clock, "compile": lat.compile, "cuda_graph": lat.cuda_graph,
             "size": [lat.height, lat.width],

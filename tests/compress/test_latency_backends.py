@@ -12,7 +12,10 @@ import torch._dynamo
 import torch.utils._triton
 from torch._dynamo.utils import counters
 
+import compress.backends as backends
 import compress.latency as latency
+import compress.latency_config as latency_config
+from compress.compiled import recompile_limit_hits
 from compress.errors import FFSCError
 from compress.latency import COMPILE_BACKEND_ENV, LatencyConfig, measure, resolve_backend, triton_problem
 from search_spaces import build_student, preset
@@ -46,7 +49,7 @@ def compile_spy(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
 
 def test_compiled_timing_of_ten_models_never_falls_back_to_eager(compile_spy: list[dict]) -> None:
-    hits = latency._recompile_limit_hits()
+    hits = recompile_limit_hits()
     for i, model in enumerate(_students(10)):
         graphs = counters["stats"]["unique_graphs"]
         stats = measure(model, "torch", H, W, iters=1, warmup=1, repeats=1, device="cpu", compile=True)
@@ -54,7 +57,7 @@ def test_compiled_timing_of_ten_models_never_falls_back_to_eager(compile_spy: li
         assert stats.options["compile_dynamic"] is False
         # Each model ran as a graph Dynamo compiled for it, not as eager frames.
         assert counters["stats"]["unique_graphs"] > graphs, f"student {i} ran without a compiled graph"
-    assert latency._recompile_limit_hits() == hits, "a frame hit Dynamo's recompile limit and ran eagerly"
+    assert recompile_limit_hits() == hits, "a frame hit Dynamo's recompile limit and ran eagerly"
     assert compile_spy == [{"backend": "eager", "dynamic": False}] * 10
 
 
@@ -96,12 +99,12 @@ def gpu_without_tensorrt(monkeypatch: pytest.MonkeyPatch) -> str:
     problem = "TensorRT does not import (No module named 'tensorrt')"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
-    monkeypatch.setattr(latency, "tensorrt_problem", lambda: problem)
+    monkeypatch.setattr(backends, "tensorrt_problem", lambda: problem)
     return problem
 
 
 def test_auto_compiles_where_triton_works(gpu_without_tensorrt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(latency, "triton_problem", lambda device=None: None)
+    monkeypatch.setattr(latency_config, "triton_problem", lambda device=None: None)
     choice = resolve_backend("auto")
     assert (choice.backend, choice.device, choice.compile, choice.cuda_graph) == ("torch", "cuda", True, True)
     assert choice.reason == (f"auto: {gpu_without_tensorrt}; PyTorch on CUDA (Test GPU) with torch.compile and "
@@ -111,7 +114,7 @@ def test_auto_compiles_where_triton_works(gpu_without_tensorrt: str, monkeypatch
 def test_auto_without_triton_uses_cuda_graphs_uncompiled(gpu_without_tensorrt: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     no_triton = "Triton does not import (No module named 'triton')"
-    monkeypatch.setattr(latency, "triton_problem", lambda device=None: no_triton)
+    monkeypatch.setattr(latency_config, "triton_problem", lambda device=None: no_triton)
     choice = resolve_backend("auto")
     assert (choice.backend, choice.device, choice.compile, choice.cuda_graph) == ("torch", "cuda", False, True)
     assert choice.reason == (f"auto: {gpu_without_tensorrt}; PyTorch on CUDA (Test GPU) with CUDA graphs, without "

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import compress.latency as latency
+from compress.backends import get_backend
 from compress.errors import DataError
 from compress.export import TensorRTRunner, build_engine, make_shape_profiles
 from compress.export.engine import TIMING_CACHE_ENV
@@ -82,9 +82,10 @@ def test_latency_trt_step_builds_on_its_device_and_shares_the_timing_cache(rig, 
         workdir = tmp_path / trial
         workdir.mkdir()
         onnx_path = write_float_onnx(workdir / "student.onnx")
-        step, stream = latency._trt_step(onnx_path, workdir, left, right, 64, 128, 1, 1, device, "fp16", False)
+        step = get_backend("tensorrt").prepare(onnx_path, {"left": left, "right": right}, workdir, device, "fp16",
+                                               iters=1)
         steps.append(step)
-        assert stream.cuda_stream == 7001
+        assert step.stream.cuda_stream == 7001
     first, second = trt.timing_caches
     assert first.loaded == b"" and second.loaded.startswith(b"FAKE-TRT-TIMING-CACHE 10.8.0\n")
     assert b"student.onnx" in second.loaded, "the second trial's build started from the first one's timings"
