@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compress.compiled import compile_backend, compile_for_timing, no_tf32, refuse_eager_fallback
+from compress.device import pick_device
 from compress.errors import ConfigError, MissingDependencyError
 from compress.export._trt import import_tensorrt, require_cuda
 from compress.machine import installed_version
@@ -104,7 +105,8 @@ class Backend:
         return "cuda" if self._uses_gpu() else "cpu"
 
     def _uses_gpu(self) -> bool:
-        return torch.cuda.is_available()
+        # The project's one device policy: this process's GPU when there is one (its index is resolved at timing).
+        return pick_device(None).type == "cuda"
 
     def threads(self, intra_op_threads: int | None) -> int | None:
         """The thread count a measurement runs with (part of its cache key on CPU)."""
@@ -202,7 +204,7 @@ class OnnxRuntimeBackend(Backend):
     gpu_events = False
 
     def _uses_gpu(self) -> bool:
-        if not torch.cuda.is_available():
+        if pick_device(None).type != "cuda":
             return False
         from compress.export.runtime import import_onnxruntime
 

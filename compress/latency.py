@@ -209,7 +209,7 @@ def measure(
         options["compile_dynamic"] = False
         if compile_backend() != "inductor":
             options["compile_backend"] = compile_backend()
-    if b.own_threads and device.type == "cuda":
+    if not b.exports_onnx and device.type == "cuda":  # a backend running the module itself
         # Entries cached before the stages ran the labelled precision timed mixed_precision models in fp16.
         options["precision_pinned"] = True
     if device.type == "cpu":

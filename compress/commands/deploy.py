@@ -104,6 +104,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _print_bench(report: dict) -> None:
     from rich.table import Table
 
+    from compress.backends import get_backend  # with torch, which the command line loads only when it times
+
     machine = report["machine"]
     title = (f"ffsc bench: {report['model']} at {report['height']}x{report['width']}, {report['iters']} iterations")
     table = Table("backend", "device", "precision", "median ms", "p10 ms", "p90 ms", "params (M)", "GMACs",
@@ -111,8 +113,8 @@ def _print_bench(report: dict) -> None:
     for row in report["results"]:
         params = "-" if row["params"] is None else f"{row['params'] / 1e6:.2f}"
         gmacs = "-" if row["gmacs"] is None else f"{row['gmacs']:.1f}"
-        table.add_row(row["backend"], row["device"], row["precision"], f"{row['median_ms']:.2f}",
-                      f"{row['p10_ms']:.2f}", f"{row['p90_ms']:.2f}", params, gmacs)
+        table.add_row(get_backend(row["backend"]).describe(), row["device"], row["precision"],
+                      f"{row['median_ms']:.2f}", f"{row['p10_ms']:.2f}", f"{row['p90_ms']:.2f}", params, gmacs)
     out = console()
     out.print(table)
     out.print(f"machine: {machine['cpu']} ({machine['cores']} cores), GPU {machine['gpu'] or 'none'}, torch "

@@ -569,7 +569,7 @@ def latency_settings(lat, device: torch.device | str | None = None) -> dict[str,
 
 def describe_latency(settings: dict[str, Any], notes: bool = True) -> str:
     """One line of latency settings, e.g. 'onnxruntime on cpu, fp32, 2 threads' (``notes``: with caveats)."""
-    parts = [f"{settings['backend']} on {settings['device']}", settings["precision"]]
+    parts = [f"{get_backend(settings['backend']).describe()} on {settings['device']}", settings["precision"]]
     cpu = settings["device"].startswith("cpu")
     if cpu:
         threads = settings["threads"]

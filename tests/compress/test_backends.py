@@ -64,6 +64,7 @@ def test_default_device_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> Non
     import onnxruntime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert get_backend("torch").default_device() == "cuda"
     assert get_backend("onnxruntime").default_device() == "cpu"  # no CUDA provider: ONNX Runtime stays on the CPU
