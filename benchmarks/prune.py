@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     from compress.data import SyntheticConfig
     from compress.latency import machine_info, machine_slug
     from compress.prune import PruneConfig, build_samples, prune_once
-    from compress.prune.budget import Distiller
     from compress.prune.config import DataSpec
+    from compress.prune.recovery import Distiller
     from search_spaces import build_student, count_macs, preset
     from teacher import FoundationStereo, TeacherConfig
 

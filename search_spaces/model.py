@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.pruning_rules import FamilyRules, names_of
 from teacher.cost_volume import Hourglass, build_gwc_volume
 from teacher.features import StereoFeature, build_edgenext, build_timm_backbone
 from teacher.geometry import PairCorrelation
@@ -16,6 +17,7 @@ from teacher.layers import (
     ResnetBasicBlock,
     SpatialAttentionExtractor,
 )
+from teacher.pruning import family_rules
 from teacher.stages import StereoStages, disparity_classifier, image_stem
 from teacher.update import ConvexUpsampler, SelectiveMultiUpdateBlock
 
@@ -138,6 +140,18 @@ class StudentStereo(StereoStages):
     def convex_upsampler(self) -> ConvexUpsampler:
         """The convex upsampler (its factor is the volume scale)."""
         return self.upsampler
+
+    def pruning_rules(self) -> FamilyRules:
+        """A student prunes every part; a timm backbone keeps its stage widths (timm derives split sizes, heads and
+        positional projections from them), so only its MLP hidden widths are pruned."""
+        parts = {
+            "backbone": ("feature",),
+            "cost_filtering": ("proj_cmb", "corr_stem", "corr_feature_att", "cost_agg", "classifier"),
+            "refinement": ("cnet", "cam", "sam", "update_block", "upsampler", "stem_2"),
+        }
+        restricted = {"feature.stem": (), "feature.stages": ("mlp.fc1",)}
+        return family_rules(self, "student", parts, "upsampler.spx_gru", restricted=restricted,
+                            correlations=names_of(self, GroupwiseCorrelation))
 
     def context_features(self, feats_l: list[torch.Tensor], image: torch.Tensor | None = None,
                          vit_feat: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.pruning_rules import FamilyRules
+
 from .config import TeacherConfig
 from .context import ContextNet
 from .cost_volume import GwcVolume, Hourglass
@@ -12,6 +14,7 @@ from .dinov2 import VIT_SPECS
 from .features import StereoFeature, build_edgenext
 from .geometry import PairCorrelation
 from .layers import BasicConv, ChannelAttentionEnhancement, FeatureAtt, ResnetBasicBlock, SpatialAttentionExtractor
+from .pruning import family_rules
 from .stages import StereoStages, autocast_ctx, disparity_classifier, image_stem
 from .update import ConvexUpsampler, SelectiveMultiUpdateBlock
 
@@ -95,6 +98,12 @@ class FoundationStereo(StereoStages):
     def convex_upsampler(self) -> ConvexUpsampler:
         """The upsampler whose modules sit at the top level of the official checkpoint."""
         return self._upsampler[0]
+
+    def pruning_rules(self) -> FamilyRules:
+        """The teacher prunes only its refinement; the DINOv2 ViT is frozen and left out of the trace."""
+        parts = ("cnet.outputs04", "cnet.outputs08", "cnet.outputs16", "cam", "sam", "update_block", "spx_2_gru",
+                 "spx_gru", "stem_2")
+        return family_rules(self, "teacher", {"refinement": parts}, "spx_gru", frozen=("feature.dino",))
 
     def context_features(self, feats_l: list[torch.Tensor], image: torch.Tensor,
                          vit_feat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -48,7 +48,7 @@ def _prune_tracked(cfg):
     from pathlib import Path
 
     from compress.prune import prune_to_budget, tracker_callback
-    from compress.prune.budget import RESULT_NAME
+    from compress.prune.report import RESULT_NAME
     from compress.tracking import ROLE_TAG, Tracker
 
     if not cfg.mlflow:

@@ -120,7 +120,7 @@ def _tensor_dims(target, side: str, pruning_dim: int) -> list[tuple[str, int]] |
 
 def _permute_group(coupling, gid: int, order: list[int]) -> bool:
     """Move root channel ``order[k]`` to position ``k`` in every layer of the group; False if a layer is unknown."""
-    from compress.prune.coupling import _is_op
+    from compress.prune.trace import is_op
 
     natural = coupling.tp_group(gid, list(range(len(order))))._group
     moved = coupling.tp_group(gid, order)._group
@@ -128,7 +128,7 @@ def _permute_group(coupling, gid: int, order: list[int]) -> bool:
         return False
     done = set()
     for a, b in zip(natural, moved, strict=True):
-        if _is_op(a.dep.target):
+        if is_op(a.dep.target):
             continue
         if a.dep.target is not b.dep.target or len(a.idxs) != len(b.idxs):
             return False

@@ -400,7 +400,7 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
                  tracker) -> tuple[Path, dict[str, Any]]:
     """Prune the chosen student to the recipe's budget, distilling from the teacher (reused on a re-run)."""
     from compress.prune import DataSpec, PruneConfig, PruneSettings, prune_to_budget, tracker_callback
-    from compress.prune.budget import MODEL_DIR, RESULT_NAME
+    from compress.prune.report import MODEL_DIR, RESULT_NAME
 
     p, train = recipe.prune, recipe.data.train
     out = run_dir / "prune"

@@ -1,26 +1,17 @@
 """Structured pruning of FoundationStereo-family models to a latency, MAC or parameter budget.
 
-``coupling`` (which channels move together: torch-pruning's dependency graph plus the family's rules),
-``importance`` (which channels to remove: magnitude, Taylor, random; per-group or global ranking) and
-``budget`` (the iterative prune -> distil -> measure loop and the final recovery) are apart, as in
-Torch-Pruning. Pruned models save as students (or pruned teachers) that reload without this package.
+``trace`` (torch-pruning's dependency graph, traced on a meta copy and repaired), ``coupling`` (which channels
+move together: that graph cut into groups by the rules the model's family declares, ``compress.pruning_rules``),
+``importance`` (which channels to remove: magnitude, Taylor, random; per-group or global ranking), ``step`` (one
+pruning step), ``samples`` (the cropped calibration pairs), ``recovery`` (distillation against the teacher),
+``cost`` (MACs, parameters, latency), ``report`` (``prune_result.json``, the log) and ``budget`` (the iterative
+prune -> distil -> measure loop and the final recovery) are apart, as in Torch-Pruning. Pruned models save as
+students (or pruned teachers) that reload without this package.
 """
 
 from search_spaces.serialization import load_model, load_pruned_teacher, save_model, save_pruned_teacher
 
-from .budget import (
-    Callback,
-    Distiller,
-    PruneResult,
-    StepRecord,
-    build_samples,
-    crop_samples,
-    measure_cost,
-    prune_once,
-    prune_step,
-    prune_to_budget,
-    tracker_callback,
-)
+from .budget import prune_to_budget
 from .config import (
     DataSpec,
     DistillSpec,
@@ -29,19 +20,22 @@ from .config import (
     PruneSettings,
     load_prune_config,
 )
-from .coupling import PARTS, ChannelGroup, Coupling, FamilyRules, analyze, apply_plan, rules_for
+from .cost import measure_cost
+from .coupling import ChannelGroup, Coupling, analyze, apply_plan, rules_for
 from .importance import METHODS, group_scores, plan_removals
+from .recovery import Distiller
+from .report import Callback, PruneResult, StepRecord, tracker_callback
+from .samples import build_samples, crop_samples
+from .step import prune_once, prune_step
 
 __all__ = [
     "METHODS",
-    "PARTS",
     "Callback",
     "ChannelGroup",
     "Coupling",
     "DataSpec",
     "DistillSpec",
     "Distiller",
-    "FamilyRules",
     "ImportanceConfig",
     "PruneConfig",
     "PruneSettings",

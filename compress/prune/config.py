@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 from compress.distill.config import DatasetSpec
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
+from compress.pruning_rules import PARTS
 from compress.structured import check_size, load_structured, to_plain
 
-from .coupling import PARTS
 from .importance import METHODS
 
 BUDGETS = {"budget_ms": "latency_ms", "budget_gmacs": "gmacs", "budget_mparams": "mparams", "ratio": "ratio"}

@@ -335,7 +335,7 @@ def test_finetune_under_torchrun(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("scope", ["cost_filtering", "refinement"])
 def test_searched_blocks_prune_and_reload(scope: str, tmp_path: Path) -> None:
-    from compress.prune.budget import prune_once
+    from compress.prune.step import prune_once
     from search_spaces import count_params, save_student
 
     model = import_fast_foundationstereo(DATA / "searched_variant" / CKPT, tmp_path / "s")

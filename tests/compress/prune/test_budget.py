@@ -110,7 +110,7 @@ def test_prune_to_onnxruntime_latency_budget(tmp_path):
 def test_data_path_given_by_an_override_is_read_as_a_folder(tmp_path) -> None:
     """kind 'auto' without a path means synthetic pairs; a path given later must still be read as a folder."""
     from compress.data.synthetic import SyntheticConfig, write_synthetic_dataset
-    from compress.prune.budget import build_samples
+    from compress.prune.samples import build_samples
 
     write_synthetic_dataset(tmp_path / "d", 2, SyntheticConfig(height=70, width=140, max_disp=16), progress=False)
     samples = build_samples(load_prune_config(None, [f"data.path={tmp_path / 'd'}"]))
