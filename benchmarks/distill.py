@@ -21,6 +21,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    from benchmarks.report import machine_line, write_report
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
+    from report import machine_line, write_report
+
 
 def _plot(metrics_file: Path, out_png: Path, title: str) -> None:
     from matplotlib.figure import Figure
@@ -46,7 +51,6 @@ def _plot(metrics_file: Path, out_png: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON, Markdown and PNG."""
-    from compress.atomic import atomic_write_text
     from compress.device import pick_device
     from compress.distill.config import DataConfig, DistillConfig, StudentSpec, TeacherSpec
     from compress.distill.trainer import distill
@@ -120,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         "before": before, "after": after, "final_train_losses": result.train_losses,
         "train_seconds": train_s, "total_seconds": time.perf_counter() - start,
     }
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=2, default=str))
     md = [
-        f"# Distillation benchmark ({machine.get('cpu', '?')}, {machine.get('gpu') or 'no GPU'})", "",
+        "# Distillation benchmark", "",
+        machine_line(machine),
         f"{args.preset}, {args.steps} steps x batch {args.batch_size} at {args.height}x{args.width}, "
         f"{iters} GRU iterations, {train_s:.0f} s of training. Teacher: {teacher.description}.", "",
         "| | EPE vs GT (px) | D1 vs GT (%) | EPE vs teacher (px) |", "|---|---|---|---|",
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| student after | {after['gt/epe']:.2f} | {after['gt/d1']:.1f} | {after['teacher/epe']:.2f} |",
         "", f"Loss curves: `{stem.with_suffix('.png').name}`.",
     ]
-    atomic_write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
+    write_report(stem, report, "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

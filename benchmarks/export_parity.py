@@ -13,17 +13,20 @@ Writes ``benchmarks/results/export-parity-<machine>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from compress.atomic import atomic_write_text
 from compress.export import to_onnx
 from compress.latency import machine_info, machine_slug
 from compress.models import resolve_model
 from search_spaces import PRESETS
+
+try:
+    from benchmarks.report import machine_line, write_report
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
+    from report import machine_line, write_report
 
 BAR_PX = 1e-2
 
@@ -33,8 +36,8 @@ def _markdown(report: dict) -> str:
     lines = [
         f"# ONNX export parity at {report['height']}x{report['width']} (float32)",
         "",
-        f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, onnxruntime {m['onnxruntime']}. Random "
-        "weights (seed 0), one random stereo pair; ONNX Runtime CPU against PyTorch eager. "
+        machine_line(m),
+        "Random weights (seed 0), one random stereo pair; ONNX Runtime CPU against PyTorch eager. "
         f"Bar: max abs diff below {BAR_PX:g} px.",
         "",
         "| model | iters | max abs diff (px) | below bar | nodes | ONNX MB | TensorRT lint (err/warn) | export s |",
@@ -92,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"export-parity-{machine_slug(info)}"
     data = {"machine": info, "height": args.height, "width": args.width, "bar_px": BAR_PX, "results": results,
             "command": " ".join(["python benchmarks/export_parity.py", *(argv if argv is not None else sys.argv[1:])])}
-    atomic_write_text(out / f"{stem}.json", json.dumps(data, indent=2) + "\n")
-    atomic_write_text(out / f"{stem}.md", _markdown(data))
+    write_report(out / stem, data, _markdown(data))
     print(f"wrote {out / stem}.json and .md")
     return 0 if all("error" not in r and r["max_abs_diff"] < BAR_PX for r in results) else 1
 

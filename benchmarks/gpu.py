@@ -23,7 +23,6 @@ skips) and is marked "fell back" when parts of it ran eagerly or without graphs,
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -33,10 +32,14 @@ from pathlib import Path
 
 import torch
 
-from compress.atomic import atomic_write_text
 from compress.latency import compile_counters, measure
 from compress.models import resolve_model
 from search_spaces import count_macs, count_params
+
+try:
+    from benchmarks.report import write_report
+except ModuleNotFoundError:  # run as `python benchmarks/gpu.py`: this folder is on sys.path, the repository not
+    from report import write_report
 
 PRESET = "fast_foundationstereo"
 MODES = {  # name: (compile, cuda_graph)
@@ -204,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": time.perf_counter() - start}
     slug = "".join(c if c.isalnum() else "-" for c in env["gpu"].lower()).strip("-")
     stem = args.out / f"gpu-{slug}{'-quick' if args.quick else ''}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2))
-    atomic_write_text(stem.with_suffix(".md"), markdown(result))
+    write_report(stem, result, markdown(result))
     print(f"wrote {stem}.json and .md ({result['seconds']:.0f} s)")
     return 0
 

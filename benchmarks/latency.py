@@ -14,19 +14,22 @@ Writes ``benchmarks/results/latency-<machine>.json`` and ``.md`` (``-<tag>`` and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from compress.atomic import atomic_write_text
 from compress.backends import get_backend
 from compress.deploy import available_backends, backend_device
 from compress.latency import machine_info, machine_slug, measure
 from compress.models import resolve_model
 from search_spaces import PRESETS, count_macs, count_params
+
+try:
+    from benchmarks.report import machine_line, write_report
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
+    from report import machine_line, write_report
 
 REFERENCE = "fast_foundationstereo"
 TEACHER_OFFICIAL_ITERS = 32
@@ -65,8 +68,7 @@ def _markdown(data: dict) -> str:
     lines = [
         "# Teacher vs student presets: latency, parameters, GMACs",
         "",
-        f"Machine: {m['cpu']} ({m['cores']} cores{', ' + s['note'] if s['note'] else ''}), GPU {m['gpu'] or 'none'}, "
-        f"TensorRT {m['tensorrt'] or 'none'}; torch {m['torch']}, onnxruntime {m['onnxruntime']}.",
+        machine_line(m, s["note"]),
         f"Medians of {s['repeats']} runs after {s['warmup']} warm-up runs ("
         + ("one CPU thread, timed by the thread's CPU time" if s["clock"] == "thread" else "wall-clock time")
         + f"); random weights; batch 1; precision "
@@ -168,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["python benchmarks/latency.py", *(argv if argv is not None else sys.argv[1:])])}
     out = Path(args.out)
     stem = f"latency-{machine_slug(info)}" + (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick else "")
-    atomic_write_text(out / f"{stem}.json", json.dumps(data, indent=2) + "\n")
-    atomic_write_text(out / f"{stem}.md", _markdown(data))
+    write_report(out / stem, data, _markdown(data))
     for q in data["ratios"]:
         print(f"{q['teacher']} / {REFERENCE} at {q['height']}x{q['width']} on {q['backend']}: latency "
               f"{q['latency_ratio']:.2f}x, GMACs {q['gmacs_ratio_measured_iters']:.1f}x "

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-from compress.atomic import atomic_write_text
 from compress.latency import machine_info, machine_slug
 from compress.latency_predictor import (
     LatencyTable,
@@ -30,6 +29,11 @@ from compress.latency_predictor import (
     space_block_variants,
 )
 from search_spaces import load_space
+
+try:
+    from benchmarks.report import machine_line, write_report
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
+    from report import machine_line, write_report
 
 GOAL = 0.10
 
@@ -48,8 +52,7 @@ def _markdown(data: dict) -> str:
     lines = [
         f"# Latency predictor on the {s['space']} space ({ev['n']} students, {s['height']}x{s['width']})",
         "",
-        f"Machine: {m['cpu']} ({m['cores']} cores{', ' + s['note'] if s['note'] else ''}), GPU {m['gpu'] or 'none'}; "
-        f"torch {m['torch']}, onnxruntime {m['onnxruntime']}.",
+        machine_line(m, s["note"]),
         f"Backend: {ev['backend']} on {ev['device']}, {ev['precision']}; medians of {s['repeats']} runs after "
         f"{s['warmup']} warm-up runs (blocks and whole models alike), "
         + ("wall-clock time." if ev["clock"] == "wall" else "timed by the thread's CPU time (single-threaded runs)."),
@@ -132,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.rerender)
         data = json.loads(path.read_text())
         data["calibrated"] = calibrated(data["evaluation"], args.calibrate)
-        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-        atomic_write_text(path.with_suffix(".md"), _markdown(data))
+        write_report(path.with_suffix(""), data, _markdown(data))
         print(f"rewrote {path} and its .md")
         return 0
 
@@ -164,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     stem = f"predictor-{slug}" + ("" if args.space == "tiny" else f"-{args.space}-{args.height}x{args.width}")
     stem += "" if args.clock == "wall" else f"-{args.clock}-clock"
-    atomic_write_text(out / f"{stem}.json", json.dumps(data, indent=2) + "\n")
-    atomic_write_text(out / f"{stem}.md", _markdown(data))
+    write_report(out / stem, data, _markdown(data))
     ev = evaluation
     print(f"median |error| {100 * ev.median_abs_relative_error:.1f}%, mean {100 * ev.mean_abs_relative_error:.1f}% "
           f"over {len(ev.rows)} students -> {out / stem}.json and .md")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -28,6 +27,11 @@ import warnings
 from pathlib import Path
 
 import torch
+
+try:
+    from benchmarks.report import machine_line, write_report
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
+    from report import machine_line, write_report
 
 TEACHERS = {
     "tiny": "tiny FoundationStereo (vitt, hidden 32) with **random weights**, so the EPE columns show the "
@@ -61,7 +65,7 @@ def _markdown(r: dict) -> str:
     lines = [
         f"# Pruning {s['ratio']:.0%} of the {s['preset']} student's {'+'.join(s['scope'])}",
         "",
-        f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, onnxruntime {m['onnxruntime']}. "
+        machine_line(m),
         f"Latency: {s['backend']} on {b['latency']['device']}, {s['latency_size'][0]}x{s['latency_size'][1]}, "
         f"{s['iters']} GRU iterations, fp32; {s['rounds']} rounds alternating the unpruned and the pruned model "
         f"in one process, each a median of {s['repeats']} runs after {s['warmup']} warm-up; the table gives the "
@@ -103,7 +107,6 @@ def _markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON and Markdown."""
-    from compress.atomic import atomic_write_text
     from compress.data import SyntheticConfig
     from compress.latency import machine_info, machine_slug
     from compress.prune import PruneConfig, build_samples, prune_once
@@ -215,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     stem = out / f"prune-{args.teacher}-teacher-{machine_slug(info)}"
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=2))
-    atomic_write_text(stem.with_suffix(".md"), _markdown(report))
+    write_report(stem, report, _markdown(report))
     print(_markdown(report))
     print(f"wrote {stem}.json and {stem}.md")
     return 0

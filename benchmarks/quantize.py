@@ -31,6 +31,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    from benchmarks.report import machine_line, write_report
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
+    from report import machine_line, write_report
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -115,7 +120,6 @@ def quantize_one(name: str, info: dict, work_dir: Path, height: int, width: int,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON and Markdown."""
-    from compress.atomic import atomic_write_text
     from compress.latency import machine_info, machine_slug
     from compress.quantize import QuantizeConfig
 
@@ -156,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "OMP_NUM_THREADS=1 python benchmarks/quantize.py " + " ".join(argv or sys.argv[1:])}
     out = Path(args.out)
     stem = out / f"quantize-{machine_slug(machine)}"
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2, default=str) + "\n")
-    atomic_write_text(stem.with_suffix(".md"), _markdown(result))
+    write_report(stem, result, _markdown(result))
     print(_markdown(result))
     return 0
 
@@ -166,10 +169,10 @@ def _markdown(result: dict) -> str:
     m = result["machine"]
     flags = ", ".join(f for f, on in m["cpu_int8_flags"].items() if on) or "none"
     h, w = result["size"]
-    lines = [f"# INT8 vs fp32 in ONNX Runtime on the CPU ({m['cpu']}, {m['cores']} cores)", "",
+    lines = [f"# INT8 vs fp32 in ONNX Runtime on the CPU ({m['cpu']}, {m['cores']} cores)", "", machine_line(m),
              f"{h}x{w}, batch 1, one ONNX Runtime thread for both (`OMP_NUM_THREADS=1`, intra-op threads 1), timed "
              "by the thread's CPU clock in alternating fp32/INT8 rounds. CPU INT8 features: " + flags +
-             f". onnxruntime {m['onnxruntime']}, torch {m['torch']}. Goal: >= 1.5x faster at <= 0.1 px EPE change.",
+             ". Goal: >= 1.5x faster at <= 0.1 px EPE change.",
              "", "| model | fp32 ms | INT8 ms | speedup | EPE INT8 vs fp32 (held-out) | EPE vs GT fp32 / INT8 | "
              "kept float | goal met |", "|---|---|---|---|---|---|---|---|"]
     for name, row in result["models"].items():

@@ -27,8 +27,12 @@ from pathlib import Path
 
 import yaml
 
-from compress.atomic import atomic_write_text
 from compress.latency import machine_info, machine_slug
+
+try:
+    from benchmarks.report import machine_line, write_report
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
+    from report import machine_line, write_report
 
 GOAL_S = 300.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +52,7 @@ def _markdown(data: dict) -> str:
     lines = [
         f"# `ffsc run {data.get('recipe', 'recipes/quickstart_cpu.yaml')}`",
         "",
-        f"Machine: {m['cpu']} ({m['cores']} cores{', ' + data['note'] if data['note'] else ''}), GPU "
-        f"{m['gpu'] or 'none'}; torch {m['torch']}, onnxruntime {m['onnxruntime']}.",
+        machine_line(m, data["note"]),
         "",
         f"**Wall time {data['wall_s']:.0f} s** (goal: under {data.get('goal_s', GOAL_S):.0f} s: "
         f"{'met' if data['goal_met'] else 'NOT met'})"
@@ -213,13 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         "png": png.name if png else None,
         "command": "python benchmarks/quickstart.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    text, md = json.dumps(data, indent=2, default=str) + "\n", _markdown(data)
-    for path, name in ((run_dir.resolve(), "<run_dir>"), (run_dir, "<run_dir>"), (ROOT, ".")):
-        # a result names no path of the machine that made it: the run directory and the repository by role
-        text, md = text.replace(str(path), name), md.replace(str(path), name)
-    atomic_write_text(stem.with_suffix(".json"), text)
-    atomic_write_text(stem.with_suffix(".md"), md)
-    print(md)
+    _, md_path = write_report(stem, data, _markdown(data), run_dir=run_dir)
+    print(md_path.read_text())
     print(f"wrote {stem}.json and .md")
     return 0
 

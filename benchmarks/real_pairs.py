@@ -21,7 +21,6 @@ Writes benchmarks/results/real-pairs-<machine>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -31,6 +30,11 @@ from typing import Any
 import numpy as np
 
 from compress.real_pairs import load_motorcycle, require_optional, resize_pair, score, sgbm, sgbm_num_disparities
+
+try:
+    from benchmarks.report import machine_line, write_report
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
+    from report import machine_line, write_report
 
 TABLE_KEYS = (("epe", "EPE px"), ("bp1", "bad-1 %"), ("bp2", "bad-2 %"), ("bp3", "bad-3 %"), ("d1", "D1 %"))
 
@@ -78,8 +82,8 @@ def _plot(sizes: list[dict[str, Any]], images: list[dict[str, np.ndarray]], path
 def _markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     md = ["# Real pair: Middlebury Motorcycle (scikit-image), models beside OpenCV SGBM", "",
-          f"Machine: {m.get('cpu', '?')} ({m.get('cores', '?')} cores), GPU {m.get('gpu') or 'none'}; models on "
-          f"the CPU with {report['threads']} torch thread(s), SGBM with as many OpenCV threads; OpenCV "
+          machine_line(m),
+          f"Models on the CPU with {report['threads']} torch thread(s), SGBM with as many OpenCV threads; OpenCV "
           f"{report['opencv']}, scikit-image {report['skimage']}.", "",
           "Scored: GT pixels whose match lies inside the right image (x - d >= 0); the last column adds the left "
           "band (x < d) no method can match. EPE px; bad-N: % of pixels with error > N px; D1: > 3 px and > 5%. "
@@ -110,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run SGBM and every --model on the Motorcycle pair at each height; write JSON, Markdown and PNG."""
     import torch
 
-    from compress.atomic import atomic_write_text
     from compress.deploy import open_predictor
     from compress.latency import machine_info, machine_slug
 
@@ -173,10 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                    for name, p in predictors.items()},
         "sizes": sizes,
     }
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=2, default=str) + "\n")
     _plot(sizes, images, stem.with_suffix(".png"))
     md = _markdown(report)
-    atomic_write_text(stem.with_suffix(".md"), md)
+    write_report(stem, report, md)
     print(md)
     return 0
 

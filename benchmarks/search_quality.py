@@ -71,6 +71,11 @@ from typing import Any
 import numpy as np
 import torch
 
+try:
+    from benchmarks.report import machine_line, write_report
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
+    from report import machine_line, write_report
+
 VARIANTS = ("distill", "inherit", "inherit0", "inherit_plain", "distill_hot", "inherit_hot")
 HOT = {"lr_scale": 2.5, "warmup_steps": 2}
 """The few-step schedule of the *_hot variants."""
@@ -479,7 +484,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON, Markdown and PNG."""
-    from compress.atomic import atomic_write_text
     from compress.latency import machine_info, machine_slug
     from compress.nas.inherit import inherit_student, order_by_importance, parent_config
     from compress.pipeline.run import _teacher_folder, quiet_third_party, search_parent, search_space
@@ -657,13 +661,11 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary, "students": rows, "handmade": handmade, "seed_noise": noise,
         "invocation_seconds": time.perf_counter() - start, "measured_seconds": measured, "command": command,
     }
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=2, default=str))
     _plot(rows, variants, stem.with_suffix(".png"),
           f"{args.world} world: space {space.name} at {h}x{w}, proxy vs final", handmade)
     truth_gt = world.teacher_vs_gt_truth.get("gt/epe", float("nan"))
     md = [f"# Search proxy quality ({args.world} world): {label}", "",
-          f"Machine: {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores), GPU {machine.get('gpu') or 'none'}."
-          + (f" {args.note}" if args.note else ""), ""]
+          machine_line(machine, args.note), ""]
     if qs:
         md += [
             f"The CPU quick start's search as `{report['recipe']}` runs it: teacher {world.teacher.description} "
@@ -736,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
            + ("Parent and student" if not qs else "Student") + " trainings and evaluations: "
            f"{measured:.0f} s (stored measurements, seed-noise retrainings included; the teacher's time is in its "
            f"description); this invocation {report['invocation_seconds']:.0f} s. Command: `{command}`."]
-    atomic_write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
+    write_report(stem, report, "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -2,8 +2,9 @@
 
 Conventions follow the official FoundationStereo demo: the intrinsics file holds the 3x3 camera matrix
 flattened row by row on its first line and the baseline in metres on its second; depth = fx * baseline /
-disparity; points are in the left camera's OpenCV frame (x right, y down, z forward), in metres. Depth maps
-use 0 for "no depth" (no positive disparity).
+(disparity + doffs), doffs being the two cameras' principal-point offset in x (Middlebury's calib.txt; 0 for
+the demo's rectified pairs); points are in the left camera's OpenCV frame (x right, y down, z forward), in
+metres. Depth maps use 0 for "no depth" (no positive disparity).
 """
 
 from __future__ import annotations
@@ -73,11 +74,15 @@ def read_intrinsics(path: PathLike) -> StereoCalibration:
     return StereoCalibration(K, baseline)
 
 
-def depth_from_disparity(disp: np.ndarray, fx: float, baseline: float) -> np.ndarray:
-    """Depth in metres (float32) = fx * baseline / disparity; 0 where the disparity is not positive."""
-    d = np.asarray(disp, dtype=np.float64)
+def depth_from_disparity(
+    disp: np.ndarray, fx: float, baseline: float, doffs: float = 0.0, *, invalid: float = 0.0
+) -> np.ndarray:
+    """Depth (float32, in the baseline's unit) = fx * baseline / (disparity + doffs); ``invalid`` where not positive."""
+    # Computed in float64 and rounded once, so depth maps and PLY points match across callers bit for bit.
+    # invalid=0.0 is what depth files and point clouds mean by "no depth"; a ratio-based check may want inf.
+    d = np.asarray(disp, dtype=np.float64) + doffs
     ok = np.isfinite(d) & (d > 0)
-    depth = np.zeros(d.shape, dtype=np.float64)
+    depth = np.full(d.shape, invalid, dtype=np.float64)
     depth[ok] = fx * baseline / d[ok]
     return depth.astype(np.float32)
 

@@ -104,8 +104,9 @@ class QuantizeConfig:
 
 
 @dataclass
-class Frame:
-    """One stereo pair as the exported graph takes it (1 x 3 x H x W float32, 0..255), with its ground truth."""
+class CalibrationFrame:
+    """One stereo pair as the exported graph takes it (1 x 3 x H x W float32, 0..255), with its ground truth:
+    the unit of calibration, sensitivity and held-out checks."""
 
     left: np.ndarray
     right: np.ndarray
@@ -242,7 +243,9 @@ def open_frames_source(source: Any, count: int, height: int, width: int, seed: i
     return open_dataset(root)
 
 
-def load_frames(source: Any, count: int, height: int, width: int, seed: int = 0, offset: int = 0) -> list[Frame]:
+def load_frames(
+    source: Any, count: int, height: int, width: int, seed: int = 0, offset: int = 0
+) -> list[CalibrationFrame]:
     """``count`` frames (from index ``offset``) of a frames source, fitted to height x width."""
     from compress.data.readers import StereoDataset
 
@@ -265,7 +268,7 @@ def load_frames(source: Any, count: int, height: int, width: int, seed: int = 0,
             left = np.ascontiguousarray(sample.left.transpose(2, 0, 1), dtype=np.float32)
             right = np.ascontiguousarray(sample.right.transpose(2, 0, 1), dtype=np.float32)
             disp, valid = sample.disp, sample.valid
-        frames.append(Frame(left[None].astype(np.float32), right[None].astype(np.float32), disp, valid))
+        frames.append(CalibrationFrame(left[None].astype(np.float32), right[None].astype(np.float32), disp, valid))
     return frames
 
 
@@ -312,7 +315,7 @@ def quantizable_groups(model: onnx.ModelProto, op_types: Sequence[str], depth: i
 class _Reader:
     """ONNX Runtime CalibrationDataReader over frames."""
 
-    def __init__(self, frames: list[Frame]) -> None:
+    def __init__(self, frames: list[CalibrationFrame]) -> None:
         self._it = iter(frames)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -362,7 +365,7 @@ def quiet_preprocess_advice() -> Iterator[None]:
             root.removeHandler(handler)
 
 
-def _quantize(src: Path, dst: Path, cfg: QuantizeConfig, cache: Path, frames: list[Frame] | None,
+def _quantize(src: Path, dst: Path, cfg: QuantizeConfig, cache: Path, frames: list[CalibrationFrame] | None,
               nodes_to_quantize: list[str] | None, nodes_to_exclude: list[str]) -> None:
     import inspect
 
@@ -394,7 +397,7 @@ def _quantize(src: Path, dst: Path, cfg: QuantizeConfig, cache: Path, frames: li
         raise ExportError(f"ONNX Runtime quantize_static failed on {src}: {type(err).__name__}: {err}") from err
 
 
-def _run(path: Path, frames: list[Frame], threads: int | None) -> list[np.ndarray]:
+def _run(path: Path, frames: list[CalibrationFrame], threads: int | None) -> list[np.ndarray]:
     session = make_session(path, "cpu", intra_op_threads=threads)
     try:
         return [session.run([OUTPUT_NAME], f.feeds())[0] for f in frames]
@@ -411,7 +414,7 @@ def _static_size(model: onnx.ModelProto) -> tuple[int, int] | None:
     return (dims[2], dims[3]) if len(dims) == 4 and dims[2] and dims[3] else None
 
 
-def _gt_epe(disps: list[np.ndarray], frames: list[Frame]) -> float | None:
+def _gt_epe(disps: list[np.ndarray], frames: list[CalibrationFrame]) -> float | None:
     from compress.metrics import epe
 
     scores = [epe(d[0, 0], f.disp, f.valid) for d, f in zip(disps, frames, strict=True)
@@ -600,7 +603,7 @@ __all__ = [
     "CALIBRATION_METHODS",
     "TARGETS",
     "DEFAULT_OP_TYPES",
-    "Frame",
+    "CalibrationFrame",
     "GroupSensitivity",
     "QuantizeConfig",
     "QuantizeReport",

@@ -2,9 +2,10 @@
 
 from .config import StudentConfig
 from .counting import ModelCost, count_macs, count_params
-from .model import StudentStereo
+from .layer_shapes import apply_layer_shapes
+from .model import StudentStereo, build_student
 from .presets import PRESETS, preset
-from .serialization import apply_layer_shapes, build_student, load_student, record_layer_shapes, save_student
+from .serialization import load_student, record_layer_shapes, save_student
 from .space import SUBNETS, SearchSpace, load_space, subnet_space
 
 __all__ = [

@@ -22,6 +22,7 @@ from teacher.stages import StereoStages, disparity_classifier, image_stem
 from teacher.update import ConvexUpsampler, SelectiveMultiUpdateBlock
 
 from .config import StudentConfig
+from .layer_shapes import apply_layer_shapes
 
 
 class GroupwiseCorrelation(Float32Island):
@@ -163,3 +164,18 @@ class StudentStereo(StereoStages):
         """Disparity of the left view; outputs as FoundationStereo.forward."""
         iters = self.cfg.iters if iters is None else iters
         return self.run(image1, image2, iters, test_mode, init_disp, return_intermediates)
+
+
+def build_student(cfg: StudentConfig, pretrained: bool = True) -> StudentStereo:
+    """The student network for a config, with any recorded per-layer widths applied.
+
+    ``pretrained``: load ``cfg.backbone_weights`` (if set) into the backbone; off when saved weights follow.
+    """
+    model = StudentStereo(cfg)
+    if cfg.layer_shapes:
+        apply_layer_shapes(model, cfg.layer_shapes)
+    if pretrained and cfg.backbone_weights:
+        from .pretrained import load_backbone_weights
+
+        load_backbone_weights(model, cfg.backbone_weights)
+    return model

@@ -48,7 +48,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# The shipped stand-in teacher (search_spaces/standin_teacher/): the quick start's teacher with a cost volume deep
+# The shipped stand-in teacher (teacher/standin/): the quick start's teacher with a cost volume deep
 # enough for disparities up to 128 px at 256x320 (40 bins at 1/4 resolution cover 160 px).
 PRESETS["standin_teacher"] = dict(PRESETS["quickstart_teacher"], max_disp=160)
 

@@ -18,32 +18,13 @@ from compress.atomic import atomic_write, atomic_write_text
 from compress.errors import CheckpointError
 
 from .config import StudentConfig
-from .model import StudentStereo
+from .layer_shapes import apply_layer_shapes, tensor_shapes, width_attrs
+from .model import StudentStereo, build_student
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 TEACHER_CONFIG_NAME = "cfg.yaml"
 SHAPES_NAME = "layer_shapes.json"
-
-# Module attributes that carry a width; recorded when pruning changed them.
-_WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                "normalized_shape", "num_heads")
-
-
-def build_student(cfg: StudentConfig, pretrained: bool = True) -> StudentStereo:
-    """The student network for a config, with any recorded per-layer widths applied.
-
-    ``pretrained``: load ``cfg.backbone_weights`` (if set) into the backbone; off when saved weights follow.
-    """
-    model = StudentStereo(cfg)
-    if cfg.layer_shapes:
-        apply_layer_shapes(model, cfg.layer_shapes)
-    if pretrained and cfg.backbone_weights:
-        from .pretrained import load_backbone_weights
-
-        load_backbone_weights(model, cfg.backbone_weights)
-    return model
-
 
 def record_layer_shapes(model: nn.Module, reference: StudentConfig | nn.Module) -> dict[str, dict[str, Any]]:
     """Per-module widths and tensor shapes of ``model`` that differ from ``reference``.
@@ -60,41 +41,10 @@ def record_layer_shapes(model: nn.Module, reference: StudentConfig | nn.Module) 
         ref = ref_modules.get(name)
         if ref is None:
             continue
-        own = _own_shapes(module)
-        attrs = {a: _plain(getattr(module, a)) for a in _WIDTH_ATTRS if hasattr(module, a)}
-        ref_attrs = {a: _plain(getattr(ref, a)) for a in _WIDTH_ATTRS if hasattr(ref, a)}
-        if own != _own_shapes(ref) or attrs != ref_attrs:
+        own, attrs = tensor_shapes(module), width_attrs(module)
+        if own != tensor_shapes(ref) or attrs != width_attrs(ref):
             shapes[name] = {"tensors": own, "attrs": attrs}
     return shapes
-
-
-def _own_shapes(module: nn.Module) -> dict[str, list[int]]:
-    tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-    return {k: list(v.shape) for k, v in tensors if v is not None}
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def apply_layer_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> None:
-    """Resize modules in place to recorded widths (values are placeholders until a state dict loads)."""
-    modules = dict(model.named_modules())
-    for name, spec in shapes.items():
-        if name not in modules:
-            raise CheckpointError(f"recorded layer {name!r} does not exist in this {type(model).__name__} architecture")
-        module = modules[name]
-        for attr, value in spec.get("attrs", {}).items():
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-        for tname, shape in spec.get("tensors", {}).items():
-            if tname in module._parameters and module._parameters[tname] is not None:
-                old = module._parameters[tname]
-                module._parameters[tname] = nn.Parameter(
-                    torch.zeros(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
-                )
-            elif tname in module._buffers and module._buffers[tname] is not None:
-                old = module._buffers[tname]
-                module._buffers[tname] = torch.zeros(shape, dtype=old.dtype, device=old.device)
 
 
 def save_student(model: StudentStereo, path: str | Path) -> Path:

@@ -340,7 +340,7 @@ def _builds(space: SearchSpace, values: dict[str, Any]) -> bool:
     """Whether the family builds the config (on the meta device: shapes only), e.g. a release's searched blocks."""
     import torch
 
-    from .serialization import build_student
+    from .model import build_student
 
     try:
         cfg = space.config_from_values(values)

@@ -224,8 +224,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from compress.deploy import (
         check_memory,
         check_outputs,
+        check_outputs_writable,
         check_pair,
-        check_writable,
         disparity_to_geometry,
         open_predictor,
         output_location,
@@ -248,7 +248,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     with_depth = calib is not None or fx_baseline is not None
     plans = [plan_outputs(out, f.name if folder_mode else None, formats, with_depth, calib is not None)
              for f in frames]
-    check_writable([p for plan in plans for p in plan.all()])
+    check_outputs_writable([p for plan in plans for p in plan.all()])
     size = None if folder_mode else check_pair(frames[0], args.scale)  # a folder's frames are checked one by one
     location, source = output_location(out, folder_mode), _source(args)
     previous = check_outputs(location, source, args.overwrite)

@@ -36,7 +36,6 @@ __all__ = [
     "SKIMAGE_TEXTURES",
     "SyntheticConfig",
     "SyntheticStereoDataset",
-    "depth_from_disparity",
     "generate_sample",
     "synthetic_calib",
     "write_synthetic_dataset",
@@ -368,13 +367,6 @@ def synthetic_calib(cfg: SyntheticConfig, disp: np.ndarray | None = None) -> dic
         calib["vmin"] = float(disp.min())
         calib["vmax"] = float(disp.max())
     return calib
-
-
-def depth_from_disparity(disp: np.ndarray, focal_px: float, baseline: float, doffs: float = 0.0) -> np.ndarray:
-    """Depth = focal_px * baseline / (disp + doffs), in the baseline's unit; inf where disp + doffs <= 0."""
-    d = np.asarray(disp, dtype=np.float64) + doffs
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(d > 0, focal_px * baseline / np.where(d > 0, d, 1.0), np.inf)
 
 
 def generate_sample(config: SyntheticConfig, index: int = 0) -> StereoSample:

@@ -196,9 +196,9 @@ def plan_outputs(out: Path, name: str | None, formats: tuple[str, ...], depth: b
                       folder / "cloud.ply" if cloud else None)
 
 
-def check_writable(paths: list[Path]) -> None:
+def check_outputs_writable(paths: list[Path]) -> None:
     """Fail before any inference when an output cannot be written (a file in the way, no permission)."""
-    from compress.preflight import check_writable as probe
+    from compress.preflight import check_writable
 
     # Probe one file per folder, not the folder itself: an existing file where the folder should be
     # (--out afile/disp.npy) passes as a writable file but fails mkdir only after inference.
@@ -206,7 +206,7 @@ def check_writable(paths: list[Path]) -> None:
     for path in paths:
         first_in_folder.setdefault(path.parent, path)
     for path in first_in_folder.values():
-        probe(path, key="--out")
+        check_writable(path, key="--out")
     for path in paths:
         if path.is_dir():
             raise DataError(f"cannot write {path}: a folder of that name is in the way")

@@ -126,7 +126,7 @@ def _setup_distributed(cfg: DistillConfig) -> tuple[_Dist, torch.device]:
     return ctx, device
 
 
-class _Distiller(nn.Module):
+class _StudentWithLoss(nn.Module):
     """Student plus loss (with its feature adapters) in one module, so DDP sees every trainable parameter."""
 
     def __init__(self, student: nn.Module, loss: DistillLoss) -> None:
@@ -211,7 +211,7 @@ class Trainer:
         self.feature_strides = self._feature_strides()
         adapters = self._discover_adapters() if cfg.loss.feature.enabled else FeatureAdapters([])
         self.loss = DistillLoss(cfg.loss, adapters).to(self.device)
-        self.module = _Distiller(self.student, self.loss)
+        self.module = _StudentWithLoss(self.student, self.loss)
         self.model: nn.Module = self.module
         if self.dist.active:
             self.model = nn.parallel.DistributedDataParallel(

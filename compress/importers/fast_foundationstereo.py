@@ -499,7 +499,7 @@ def release_state(root: Node) -> dict[str, torch.Tensor]:
 
 def layer_widths(model: nn.Module, root: Node, state: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """Per-layer widths (tensor shapes and width attributes) where the release differs from the built student."""
-    from search_spaces.serialization import _WIDTH_ATTRS
+    from search_spaces.layer_shapes import WIDTH_ATTRS
 
     shapes: dict[str, dict[str, Any]] = {}
     nodes = {rename(n.path): n for n in root.walk()}
@@ -510,7 +510,7 @@ def layer_widths(model: nn.Module, root: Node, state: dict[str, torch.Tensor]) -
         node = nodes.get(name)
         attrs = {}
         if node is not None:
-            for a in _WIDTH_ATTRS:
+            for a in WIDTH_ATTRS:
                 if hasattr(module, a) and a in node.attrs:
                     attrs[a] = _hp(node.attrs[a])
         changed = any(list(v.shape) != tensors.get(k) for k, v in own.items() if v is not None and k in tensors)
@@ -528,7 +528,8 @@ def import_fast_foundationstereo(ckpt: str | Path, out_dir: str | Path, name: st
     ``model.safetensors`` and ``import_report.json``.
     """
     from search_spaces import StudentStereo
-    from search_spaces.serialization import apply_layer_shapes, load_student, save_student
+    from search_spaces.layer_shapes import apply_layer_shapes
+    from search_spaces.serialization import load_student, save_student
     from teacher.loading import check_state_dict
 
     ckpt = Path(ckpt)

@@ -33,7 +33,7 @@ class TeacherStage:
     iters: int | None = None
     """Teacher GRU iterations for labelling; None = valid_iters of its config."""
     stand_in: str = "shipped"
-    """Without a checkpoint: 'shipped' (the stand-in teacher in search_spaces/standin_teacher, trained once on
+    """Without a checkpoint: 'shipped' (the stand-in teacher in teacher/standin, trained once on
     procedural scenes with photographic textures), 'train' (train ``fallback_preset`` here on the training set's
     ground truth) or a saved student folder (e.g. from ``ffsc teacher train-standin``)."""
     fallback_preset: str = "quickstart_teacher"

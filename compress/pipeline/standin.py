@@ -1,7 +1,7 @@
 """The stand-in teacher: a small student trained on procedural stereo with exact ground truth, for users without
 the official FoundationStereo checkpoint.
 
-One is shipped in ``search_spaces/standin_teacher/`` (config, weights and ``training.json``, which records the
+One is shipped in ``teacher/standin/`` (config, weights and ``training.json``, which records the
 recipe, the texture photographs' hashes, the machine and the losses); ``ffsc teacher train-standin
 recipes/standin_teacher.yaml --out DIR`` reproduces it. Training is resumable: a state file every
 ``checkpoint_every`` steps, and each step's batch is a pure function of (seed, step).
@@ -40,7 +40,7 @@ from compress.preflight import require_at_least, require_positive
 from compress.structured import load_structured, to_plain
 from compress.training import fit, to_device
 
-SHIPPED_DIR = Path(str(files("search_spaces") / "standin_teacher"))
+SHIPPED_DIR = Path(str(files("teacher") / "standin"))
 """Where the shipped stand-in teacher lives (a saved student directory, package data of search_spaces)."""
 
 

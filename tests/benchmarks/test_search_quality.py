@@ -18,6 +18,7 @@ from benchmarks.search_quality import (
     within_groups,
 )
 from search_spaces import load_space
+from tests.paths import REPO
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -131,7 +132,8 @@ def test_quickstart_world_smoke(tmp_path, one_thread):
     report = json.loads(json_path.read_text())
     assert report["world"] == "quickstart" and report["space"] == SUBNETS and report["size"] == [64, 128]
     assert report["budgets"]["parent_steps"] == 0 and report["parent"]["steps"] == 0
-    assert report["parent"]["path"] == str(SHIPPED_DIR) and "shipped stand-in" in report["teacher"]
+    assert report["parent"]["path"] == SHIPPED_DIR.relative_to(REPO).as_posix()  # no path of this machine
+    assert "shipped stand-in" in report["teacher"]
     assert report["data"]["train"]["synthetic"]["texture_dir"] == "skimage" and report["max_disp"] == 48
     assert set(report["summary"]) == {"inherit", "inherit0", "distill"}
     assert report["summary"]["inherit0"]["per_candidate_steps"] == 0

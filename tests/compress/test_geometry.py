@@ -67,6 +67,32 @@ def test_depth_and_cloud_recover_the_scene(tmp_path) -> None:
     np.testing.assert_array_equal(back_rgb, rgb)
 
 
+def test_depth_is_bit_identical_to_the_former_definitions() -> None:
+    """Deployment depth (0 for no depth) and the synthetic rig's (inf, with Middlebury's doffs) as they were."""
+    from compress.data.synthetic import SyntheticConfig, generate_sample
+    from compress.deploy.infer import disparity_to_geometry
+
+    z, disp = scene()
+    disp[0, :3] = (0.0, -1.0, np.nan)
+    d64 = disp.astype(np.float64)
+    ok = np.isfinite(d64) & (d64 > 0)
+    former = np.zeros(d64.shape)
+    former[ok] = FX * BASELINE / d64[ok]
+    result = disparity_to_geometry(disp, np.zeros(z.shape + (3,), np.uint8), StereoCalibration(K, BASELINE))
+    assert result.depth.dtype == np.float32
+    np.testing.assert_array_equal(result.depth, former.astype(np.float32))
+
+    sample = generate_sample(SyntheticConfig(height=32, width=64, max_disp=12.0, seed=5))
+    f, baseline, doffs = sample.calib["cam0"][0, 0], sample.calib["baseline"], 1.5
+    d = sample.disp.astype(np.float64) + doffs
+    with np.errstate(divide="ignore"):
+        former_synthetic = np.where(d > 0, f * baseline / np.where(d > 0, d, 1.0), np.inf)
+    np.testing.assert_array_equal(
+        depth_from_disparity(sample.disp, f, baseline, doffs, invalid=np.inf), former_synthetic.astype(np.float32)
+    )
+    assert np.isinf(depth_from_disparity(np.array([-doffs, 0.0]), f, baseline, doffs, invalid=np.inf)[0])
+
+
 def test_zfar_and_invisible_points_are_dropped() -> None:
     z, disp = scene()
     depth = depth_from_disparity(disp, FX, BASELINE)

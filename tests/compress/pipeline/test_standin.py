@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,17 @@ def test_shipped_teacher_is_present_and_loads():
     # The record says how it was made: the repo's recipe, its photographs' hashes, the machine and the result.
     assert record["recipe"] == json.loads(json.dumps(record["recipe"])) and record["textures"]
     assert record["recipe"]["data"]["synthetic"]["max_disp"] == 128 and record["eval"]["gt/epe"] < 5
+
+
+def test_the_shipped_teacher_lives_with_the_teacher_and_installs_as_package_data():
+    """teacher/standin/, and pyproject's package-data globs carry each of its files into an install."""
+    import tomllib
+
+    assert SHIPPED_DIR == REPO / "teacher" / "standin"
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["teacher"]
+    files = sorted(p.relative_to(REPO / "teacher").as_posix() for p in SHIPPED_DIR.iterdir())
+    assert files == ["standin/config.yaml", "standin/model.safetensors", "standin/training.json"]
+    assert all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
 
 
 def test_run_uses_the_shipped_teacher_or_a_named_one(tmp_path):
