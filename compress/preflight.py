@@ -280,7 +280,7 @@ def check_prune(cfg):
     check_model_source(cfg.teacher, key="--teacher")
     if cfg.data.path:
         check_dataset(cfg.data.path, cfg.data.kind, key="--data", options=cfg.data.options)
-    check_writable(cfg.out, key="--out")  # also where the MLflow store goes by default
+    check_writable(cfg.run_dir, key="--out")  # also where the MLflow store goes by default
     lat, choice = cfg.latency.resolved()
     timed = cfg.budget.kind == "latency_ms" or lat.measure == "always"
     if timed and lat.measure == "never":

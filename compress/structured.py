@@ -2,7 +2,9 @@
 
 The one place configs are read and written: ``load_structured`` (recipes), ``read_yaml`` (one YAML mapping,
 for configs that are not OmegaConf schemas), ``check_keys`` (unknown keys, with "did you mean") and
-``to_plain`` / ``dump_yaml`` (dataclasses to YAML-ready data). It depends on compress.errors only, so that
+``to_plain`` / ``dump_yaml`` (dataclasses to YAML-ready data). A schema lists the keys it renamed in a ``RENAMED``
+class variable (old key -> new key, both dotted from the schema); an old key in a file or an override fails with
+one line naming the new one (``check_renamed``). It depends on compress.errors only, so that
 teacher/ and search_spaces/ use it as they use compress.errors.
 """
 
@@ -87,6 +89,29 @@ def _nested(schema: type) -> dict[str, type]:
     return out
 
 
+def renamed_keys(schema: type, prefix: str = "") -> dict[str, str]:
+    """Every renamed key of a schema and of the schemas nested in it: dotted old key -> dotted new key."""
+    out = {prefix + old: prefix + new for old, new in getattr(schema, "RENAMED", {}).items()}
+    for name, sub in _nested(schema).items():
+        out.update(renamed_keys(sub, f"{prefix}{name}."))
+    return out
+
+
+def _dotted_keys(data: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
+    for key, value in data.items():
+        yield f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _dotted_keys(value, f"{prefix}{key}.")
+
+
+def check_renamed(schema: type, keys: Iterable[str], where: str) -> None:
+    """Raise a ConfigError for the first key in ``keys`` (dotted) that ``schema`` renamed, naming the new key."""
+    renamed = renamed_keys(schema)
+    for key in keys:
+        if key in renamed:
+            raise ConfigError(f"{where}: key {key!r} was renamed to {renamed[key]!r}")
+
+
 def _suggest(schema: type, key: str) -> str:
     """A "did you mean" for an unknown dotted key: a close field name, or the same name one level down."""
     *parents, leaf = key.split(".")
@@ -102,7 +127,7 @@ def _suggest(schema: type, key: str) -> str:
 
 def load_structured(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                     what: str = "recipe") -> T:
-    """An instance of ``schema`` from YAML plus overrides; unknown keys and wrong types are ConfigErrors."""
+    """An instance of ``schema`` from YAML plus overrides; unknown, renamed keys and wrong types are ConfigErrors."""
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -114,10 +139,13 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides: 
             if not path.is_file():
                 raise ConfigError(f"{what} {path} does not exist")
             layers.append(OmegaConf.load(path))
+            if isinstance(plain := OmegaConf.to_container(layers[-1]), Mapping):
+                check_renamed(schema, _dotted_keys(plain), where)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
+            check_renamed(schema, (o.split("=", 1)[0].lstrip("+~") for o in overrides), "override")
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         # to_object runs every dataclass __post_init__ check.
         return OmegaConf.to_object(OmegaConf.merge(*layers))

@@ -23,6 +23,17 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "ffsc"
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    """MLflow, the same keys in every recipe: a SQLite store in the run directory unless ``uri`` names one."""
+
+    enabled: bool = True
+    """Log the run to MLflow (params, every step's or trial's metrics, the result files)."""
+    uri: str | None = None
+    """MLflow tracking URI; None = a SQLite store ``mlflow.db`` in the run directory."""
+    experiment: str = DEFAULT_EXPERIMENT
 RUN_RECORD = "mlflow_runs.json"
 ROLE_TAG = "ffsc.role"
 STUDY_TAG = "ffsc.study"

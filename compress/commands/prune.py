@@ -8,7 +8,7 @@ from .common import console
 
 # CLI flag -> PruneConfig key; values pass through as overrides on top of the recipe.
 _FLAGS = {
-    "model": "model", "teacher": "teacher", "out": "out", "device": "device", "latency_device": "latency.device",
+    "model": "model", "teacher": "teacher", "out": "run_dir", "device": "device", "latency_device": "latency.device",
     **{flag: f"latency.{flag}" for flag in ("backend", "precision", "height", "width", "iters", "warmup", "repeats",
                                              "threads", "clock", "measure")},
     "data": "data.path", "data_kind": "data.kind",
@@ -36,9 +36,9 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     if args.no_progress:
         out.append("progress=false")
     if args.no_mlflow:
-        out.append("mlflow=false")
+        out.append("tracking.enabled=false")
     if args.tracking_uri:
-        out.append(f"tracking_uri={args.tracking_uri}")
+        out.append(f"tracking.uri={args.tracking_uri}")
     return out + list(args.overrides)
 
 
@@ -51,18 +51,18 @@ def _prune_tracked(cfg):
     from compress.prune.report import RESULT_NAME
     from compress.tracking import ROLE_TAG, Tracker
 
-    if not cfg.mlflow:
+    if not cfg.tracking.enabled:
         return prune_to_budget(cfg)
-    tracker = Tracker(cfg.out, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment)
+    tracker = Tracker(cfg.run_dir, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
     # A new MLflow run per invocation: a second prune into the same folder has its own params and steps.
-    name = f"prune-{Path(cfg.out).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = f"prune-{Path(cfg.run_dir).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker.start_study_run(name, params=cfg.to_dict(),
                             tags={ROLE_TAG: "prune", "ffsc.model": cfg.model})
     with tracker:  # ends the run FAILED (or KILLED on Ctrl-C) when pruning raises
         result = prune_to_budget(cfg, callbacks=[tracker_callback(tracker)])
         tracker.log_metrics({"met": float(result.met), "final_gmacs": result.final["gmacs"],
                              "final_mparams": result.final["mparams"], "steps": float(len(result.steps))})
-        tracker.log_artifact(Path(cfg.out) / RESULT_NAME)
+        tracker.log_artifact(Path(cfg.run_dir) / RESULT_NAME)
         if result.model_path:
             tracker.log_artifact(result.model_path, "model")
     return result
@@ -111,7 +111,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                   f"{lat['warmup']} warm-up")
     status = "met" if result.met else "NOT met"
     out.print(f"budget {result.budget_kind} <= {result.budget_value:g}: {status} after {len(result.steps)} step(s); "
-              f"model -> {result.model_path}, report -> {cfg.out}/prune_result.json")
+              f"model -> {result.model_path}, report -> {cfg.run_dir}/prune_result.json")
     return 0 if result.met else 1
 
 

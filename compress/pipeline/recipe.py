@@ -14,6 +14,7 @@ from compress.prune.config import BUDGETS, DistillSpec, PruneSettings
 from compress.quantize import QuantizeConfig
 from compress.real_pairs import RealPairsConfig
 from compress.structured import check_size, load_structured, to_plain
+from compress.tracking import TrackingConfig
 
 STAGES = ("teacher", "search", "prune", "distill", "export")
 CHOICES = ("min_error", "fastest")
@@ -179,14 +180,6 @@ class ExportStage:
 
 
 @dataclass
-class TrackingStage:
-    """MLflow: a local SQLite store in the run directory unless a tracking URI is given."""
-
-    uri: str | None = None
-    experiment: str = "ffsc"
-
-
-@dataclass
 class RunRecipe:
     """One source of truth for a run (``ffsc run RECIPE key=value ...``)."""
 
@@ -207,7 +200,7 @@ class RunRecipe:
     export: ExportStage = field(default_factory=ExportStage)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
-    tracking: TrackingStage = field(default_factory=TrackingStage)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     real_pairs: RealPairsConfig = field(default_factory=RealPairsConfig)
     """Labelled real pairs the teacher, the front and the final student are scored on (reported only: never used
     to train or to choose a student). Default: Middlebury Motorcycle at full size, with scikit-image."""
@@ -221,6 +214,9 @@ class RunRecipe:
         for key in ("height", "width"):  # latency is timed at the working size unless the recipe says otherwise
             if getattr(self.search.latency, key) is None:
                 setattr(self.search.latency, key, getattr(self, key))
+        if not self.tracking.enabled:  # the study's parent run and its trials are where `ffsc run` keeps the search
+            raise ConfigError("tracking.enabled=false: `ffsc run` records the search in MLflow; point tracking.uri "
+                              "at another store instead (default: mlflow.db in the run directory)")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"stages: unknown {unknown}; expected a subset of {list(STAGES)}")

@@ -406,7 +406,7 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
     out = run_dir / "prune"
     cfg = PruneConfig(  # the stage's settings, on the recipe's training data (its first p.samples) and latency
         **{f.name: getattr(p, f.name) for f in dataclasses.fields(PruneSettings)},
-        model=str(student_path), out=str(out), seed=recipe.seed, device=str(device), progress=recipe.progress,
+        model=str(student_path), run_dir=str(out), seed=recipe.seed, device=str(device), progress=recipe.progress,
         latency=recipe.search.latency,
         data=DataSpec(**{**vars(train), "limit": min(p.samples, train.limit or p.samples)},
                       size=[recipe.height, recipe.width], eval_samples=min(2, p.samples)),

@@ -76,7 +76,7 @@ def prune_to_budget(
         raise ConfigError("no budget: set one of budget_ms, budget_gmacs, budget_mparams, ratio")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    out = Path(cfg.out) if cfg.out else None
+    out = Path(cfg.run_dir) if cfg.run_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         # Pruning has no resume: this run starts over. The result file is the seal on the folder (written last, after

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from compress.distill.config import DatasetSpec
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
 from compress.pruning_rules import PARTS
 from compress.structured import check_size, load_structured, to_plain
+from compress.tracking import TrackingConfig
 
 from .importance import METHODS
 
@@ -157,23 +158,24 @@ class PruneSettings:
 class PruneConfig(PruneSettings):
     """A whole pruning run (``ffsc prune``)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"out": "run_dir", "mlflow": "tracking.enabled",
+                                         "tracking_uri": "tracking.uri", "experiment": "tracking.experiment"}
+
     model: str = "preset:fast_foundationstereo"
     """A saved student or pruned-teacher folder, an official teacher checkpoint (cfg.yaml beside it), or
     preset:NAME (a randomly initialised student preset)."""
     teacher: str | None = None
     """Distillation teacher (same forms); None = the unpruned model itself."""
-    out: str = "runs/prune"
+    run_dir: str = "runs/prune"
+    """The output folder: model/, prune_result.json, log.jsonl, config.yaml (and mlflow.db by default)."""
     seed: int = 0
     device: str | None = None
     """Where pruning and distillation run; None = cuda when available, else cpu."""
     progress: bool = True
     trace_size: list[int] = field(default_factory=lambda: [32, 64])
     """[height, width] of the (meta-device) forward that builds the dependency graph."""
-    mlflow: bool = True
-    """Log the run to MLflow (``ffsc prune``): config as params, every step's metrics, the result file."""
-    tracking_uri: str | None = None
-    """MLflow tracking URI; None = a SQLite store ``mlflow.db`` in the output folder."""
-    experiment: str = "ffsc"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow (``ffsc prune``): the config as params, every step's metrics, the result file."""
     latency: LatencyConfig = field(default_factory=lambda: LatencyConfig(height=480, width=640))
     data: DataSpec = field(default_factory=DataSpec)
 

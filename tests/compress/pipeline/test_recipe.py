@@ -30,6 +30,36 @@ def test_unknown_keys_get_a_did_you_mean(override, suggestion):
     assert suggestion in str(err.value) and len(str(err.value).splitlines()) == 1
 
 
+@pytest.mark.parametrize("old, new, value", [
+    ("out", "run_dir", "runs/p"),
+    ("mlflow", "tracking.enabled", "false"),
+    ("tracking_uri", "tracking.uri", "sqlite:///x.db"),
+    ("experiment", "tracking.experiment", "e"),
+])
+def test_a_renamed_key_names_its_new_name_in_a_file_and_in_an_override(tmp_path, old, new, value):
+    with pytest.raises(ConfigError, match=f"^override: key '{old}' was renamed to '{new}'$"):
+        load_prune_config(None, [f"{old}={value}"])
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text(f"{old}: {value}\n")
+    with pytest.raises(ConfigError, match=f"prune recipe {recipe}: key '{old}' was renamed to '{new}'$"):
+        load_prune_config(recipe)
+    cfg = load_prune_config(None, [f"{new}={value}"])  # the new key reads what the old one did
+    assert str(cfg.run_dir if new == "run_dir" else getattr(cfg.tracking, new.split(".")[1])).lower() == value
+
+
+def test_every_recipe_spells_tracking_and_the_output_folder_alike():
+    from compress.pipeline.recipe import RunRecipe
+    from compress.prune.config import PruneConfig
+    from compress.tracking import TrackingConfig
+
+    assert RunRecipe().tracking == PruneConfig().tracking == TrackingConfig()
+    assert {"run_dir", "tracking"} <= set(vars(PruneConfig())) and hasattr(RunRecipe(), "run_dir")
+    with pytest.raises(ConfigError, match="^tracking.enabled=false: `ffsc run` records the search in MLflow"):
+        load_run_recipe(QUICKSTART, ["tracking.enabled=false"])
+    prune = load_prune_config(RECIPES / "prune_to_budget.yaml")  # the shipped recipe uses the new keys
+    assert prune.run_dir == "runs/prune/fast_foundationstereo" and prune.tracking.enabled
+
+
 def test_student_and_teacher_configs_read_through_the_same_loader(tmp_path):
     with pytest.raises(ConfigError, match="unknown field.*hiden_dim; did you mean 'hidden_dim'"):
         StudentConfig.from_dict({"hiden_dim": 64})

@@ -66,8 +66,9 @@ def test_prune_to_macs_budget(tmp_path):
     model = build_student(preset("tiny")).eval()
     before = count_macs(model, 64, 128)
     budget = 0.8 * before.gmacs
-    cfg = load_prune_config(None, [*FAST, f"budget_gmacs={budget}", f"out={tmp_path}", "importance.method=magnitude",
-                                   "scope=[backbone,cost_filtering,refinement]", "step_ratio=0.15"])
+    cfg = load_prune_config(None, [*FAST, f"budget_gmacs={budget}", f"run_dir={tmp_path}",
+                                   "importance.method=magnitude", "scope=[backbone,cost_filtering,refinement]",
+                                   "step_ratio=0.15"])
     events = []
     result = prune_to_budget(cfg, model=model, callbacks=[lambda kind, step, m: events.append((kind, step, m))])
     assert result.met and result.final["gmacs"] <= budget < result.initial["gmacs"]
@@ -98,7 +99,7 @@ def test_prune_to_onnxruntime_latency_budget(tmp_path):
               "latency.threads=1"]
     base = measure(model, "onnxruntime", 64, 128, iters=4, warmup=2, repeats=7, intra_op_threads=1)
     budget = 0.7 * base.median_ms  # generous enough to be stable on a noisy machine
-    cfg = load_prune_config(None, [*FAST, *timing, f"budget_ms={budget}", f"out={tmp_path}",
+    cfg = load_prune_config(None, [*FAST, *timing, f"budget_ms={budget}", f"run_dir={tmp_path}",
                                    "importance.method=magnitude", "scope=[refinement]", "step_ratio=0.4"])
     result = prune_to_budget(cfg, model=model)
     assert result.met and result.final["latency"]["median_ms"] <= budget
@@ -123,6 +124,6 @@ def test_pruning_the_teacher_itself_scores_it_at_the_targets_iterations(tmp_path
     teacher = build_student(preset("tiny")).eval()  # deployed at 4 iterations; the targets use 2 (FAST)
     model = build_student(preset("tiny")).eval()
     model.load_state_dict(teacher.state_dict())
-    cfg = load_prune_config(None, [*FAST, "budget_gmacs=1000", f"out={tmp_path}", "importance.method=magnitude"])
+    cfg = load_prune_config(None, [*FAST, "budget_gmacs=1000", f"run_dir={tmp_path}", "importance.method=magnitude"])
     result = prune_to_budget(cfg, model=model, teacher=teacher)  # a budget already met: no step, only the scores
     assert result.evaluation["unpruned"]["teacher/epe"] == pytest.approx(0.0, abs=1e-4)
