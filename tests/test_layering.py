@@ -186,12 +186,6 @@ def test_a_forbidden_import_is_reported_with_file_and_line(tmp_path: Path) -> No
 BACKEND_NAMES = frozenset({"torch", "onnxruntime", "tensorrt", "ort", "trt"})
 """Latency backend names and their short forms: compared only inside the registry."""
 BACKEND_REGISTRY = ("compress.backends",)
-TEMPORARY_BACKEND_COMPARISONS = {
-    # compress/prune/ is being split in another change; there this line becomes
-    # `device=spec.device or (None if get_backend(spec.backend).cuda_only else device), **spec.timing())`.
-    ("compress/prune/budget.py", "spec.backend != 'tensorrt'"),
-}
-"""Known comparisons waiting for the registry; remove an entry when its line moves to the registry."""
 
 
 def _backend_constant(node: ast.expr) -> bool:
@@ -232,13 +226,9 @@ def backend_comparisons(root: Path = ROOT) -> list[tuple[str, str]]:
 
 
 def test_backend_names_are_compared_only_in_the_registry() -> None:
-    found = backend_comparisons()
-    left = [f"{where}: {text}" for where, text in found
-            if (where.rsplit(":", 1)[0], text) not in TEMPORARY_BACKEND_COMPARISONS]
+    left = [f"{where}: {text}" for where, text in backend_comparisons()]
     assert not left, ("compare backends through compress.backends (get_backend(name) and its flags), not by name:\n"
                       + "\n".join(left))
-    stale = TEMPORARY_BACKEND_COMPARISONS - {(where.rsplit(":", 1)[0], text) for where, text in found}
-    assert not stale, f"these comparisons are gone: remove them from TEMPORARY_BACKEND_COMPARISONS: {stale}"
 
 
 def test_a_planted_backend_comparison_is_reported(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.backends import get_backend
 from teacher import model_iters
 
 from .config import PruneConfig
@@ -32,7 +33,8 @@ def measure_cost(model: nn.Module, cfg: PruneConfig, latency: bool) -> dict[str,
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the export for ONNX/TensorRT timing
             warnings.filterwarnings("ignore", message=".*instance_norm.*")
             stats = measure(model, spec.backend, spec.height, spec.width, iters=iters,
-                            device=spec.device or (device if spec.backend != "tensorrt" else None), **spec.timing())
+                            device=spec.device or (None if get_backend(spec.backend).cuda_only else device),
+                            **spec.timing())
         out["latency"] = {**stats.to_dict(), "warmup": spec.warmup}
     return out
 
