@@ -105,10 +105,18 @@ RECIPE = REPO / "recipes" / "quickstart_cpu.yaml"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
+def _terminal_signals() -> None:
+    # A child inherits an ignored SIGINT, and Python then installs no KeyboardInterrupt handler: something earlier
+    # in a full test session leaves SIGINT ignored in this process (the Ctrl-C test failed only there, the child
+    # running to the end). A user's shell starts ffsc with the default disposition; so does this.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli_process(argv: list[str], **kwargs) -> subprocess.Popen:
-    """``ffsc ARGV`` in a process of its own (so it can be stopped, interrupted or killed)."""
+    """``ffsc ARGV`` in a process of its own (so it can be stopped, interrupted or killed), started as a shell
+    starts it."""
     return subprocess.Popen([sys.executable, "-m", "compress.cli", *argv], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_terminal_signals, **kwargs)
 
 
 def _wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 900) -> None:
@@ -373,7 +381,7 @@ def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path, cap
             assert b[config][key] == pytest.approx(a[config][key], rel=1e-2), key
         for key in ("gt_bp2", "teacher_bp2"):  # percentages; pixels near the 2 px threshold may flip
             assert b[config][key] == pytest.approx(a[config][key], abs=1.0), key
-    assert pb["teacher_epe"] == pytest.approx(pa["teacher_epe"], rel=1e-5)  # the teacher is not trained
+    assert pb["teacher_epe"] == pytest.approx(pa["teacher_epe"], rel=1e-2)  # the pruned student's, trained too
     for key in ERRORS:
         tolerance = dict(rel=1e-2) if key.endswith("epe") else dict(abs=1.0)
         assert sb["final"][key] == pytest.approx(sa["final"][key], **tolerance), key
