@@ -193,7 +193,6 @@ def against_handmade(rows: list[dict], hand: dict, front: list[int]) -> dict[str
     return {"dominated_by": by, "front_dominates": sorted(set(by) & set(front)), "dominates": beaten}
 
 
-
 def spread_students(space, n: int, pool: int, height: int, width: int, seed: int) -> list[dict[str, Any]]:
     """``n`` distinct students at evenly spaced GMACs quantiles of ``pool`` random members of the space."""
     from search_spaces import build_student, count_macs

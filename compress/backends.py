@@ -49,8 +49,6 @@ def tensorrt_problem() -> str | None:
     return None
 
 
-
-
 def onnxruntime_conflict() -> str | None:
     """A line when both onnxruntime and onnxruntime-gpu are installed (one overwrites the other's module)."""
     installed = [f"{dist} {version}" for dist in ("onnxruntime", "onnxruntime-gpu")

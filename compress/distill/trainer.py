@@ -87,7 +87,6 @@ def _student_config(model: nn.Module, spec: StudentSpec) -> dict[str, Any] | Non
 # -------------------------------------------------------------------------------------- distributed
 
 
-
 @dataclass
 class _Dist:
     rank: int = 0
@@ -178,7 +177,6 @@ class DistillResult:
     """Mean of each loss over the last logging window."""
     eval_metrics: dict[str, float] = field(default_factory=dict)
     """The final evaluation ('gt/epe', 'teacher/epe', ...)."""
-
 
 
 # ---------------------------------------------------------------------------------------------- trainer

@@ -41,7 +41,6 @@ _BLOCK_INPUT_FIELDS: dict[str, tuple[str, ...]] = {
 _COUPLED = ("volume_scale", "hourglass_levels", "hourglass_widths", "volume_dim", "gru_levels")
 
 
-
 def pyramid_widths(cfg: StudentConfig) -> list[int]:
     """Channel widths of the student's feature pyramid at 1/4, 1/8, 1/16, 1/32."""
     if cfg.backbone == "edgenext":

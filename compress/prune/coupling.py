@@ -50,7 +50,6 @@ def rules_for(model: nn.Module) -> FamilyRules:
     return declare()
 
 
-
 # ------------------------------------------------------------------------------------ correlation pruner
 
 

@@ -62,7 +62,6 @@ def is_op(node) -> bool:
     return isinstance(node.module, _OP_TYPES)
 
 
-
 def _trace_forward(iters: int, gradfn_module: dict, types: tuple):
     """A forward_fn for the graph: several GRU iterations, recording every module call's output grad_fn."""
 
