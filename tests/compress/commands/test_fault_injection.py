@@ -345,7 +345,8 @@ def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path, cap
     before the kill (the parent's distillation) ran in another process, where oneDNN may pick other kernels or
     reduce in another order: a float32 difference there grows through every training step after it. It came out
     bitwise equal on a Xeon and 5e-4 apart in a trial's EPE on another CPU, so errors are compared to 1%. What a
-    broken resume changes is compared exactly (architectures, pruning steps, sizes) or moves the errors by more: the unseeded fresh tensors found here moved a trial's EPE 5%.
+    broken resume changes is compared exactly (architectures, pruning steps, sizes) or moves the errors by more:
+    the unseeded fresh tensors found here moved a trial's EPE 5%.
     """
     from safetensors.torch import load_file
 
