@@ -15,6 +15,11 @@ BACKBONES = ("edgenext",)
 """Backbones built from explicit widths/depths; any other name must be a timm model with stem + 4 stages."""
 
 
+_WRITTEN_IF_SET: dict[str, Any] = {"classifier_kernel": 7}
+"""Fields added after configs were first saved, with the value every earlier model has: written only when they
+differ from it, so an earlier model's config, and the label-cache and latency keys built from it, stay the same."""
+
+
 @dataclass
 class StudentConfig:
     """A student stereo network: no ViT, a timm backbone, a hybrid cost volume, 1-3 GRU levels.
@@ -47,6 +52,8 @@ class StudentConfig:
     agg_blocks: int = 2
     transformer_layers: int = 4
     transformer_heads: int = 4
+    classifier_kernel: int = 7
+    """The disparity classifier's last 3-D kernel; a sub-network may take the parent's centre (e.g. 3 of 7)."""
     # refinement
     gru_levels: int = 1
     hidden_dim: int = 128
@@ -140,11 +147,17 @@ class StudentConfig:
             self._fail("motion_conv_kernel", self.motion_conv_kernel, "an odd kernel size")
         if self.iters < 1:
             self._fail("iters", self.iters, ">= 1 GRU iteration")
+        if self.classifier_kernel < 1 or self.classifier_kernel % 2 == 0:
+            self._fail("classifier_kernel", self.classifier_kernel, "an odd kernel size")
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (YAML/JSON-ready)."""
-        return dataclasses.asdict(self)
+        """Plain data (YAML/JSON-ready); a field added later is left out at its default (see _WRITTEN_IF_SET)."""
+        data = dataclasses.asdict(self)
+        for name, default in _WRITTEN_IF_SET.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudentConfig:

@@ -102,7 +102,7 @@ class StudentStereo(StereoStages):
             base_scale=s,
             heads_as_sequence=cfg.attention_heads_as_sequence,
         )
-        self.classifier = disparity_classifier(vd)
+        self.classifier = disparity_classifier(vd, cfg.classifier_kernel)
         n = cfg.gru_levels
         h = cfg.hidden_dim
         self.cnet = SharedContext(feats[:n], h)

@@ -26,6 +26,9 @@ BACKBONE_PREFIX = "feature."
 def slice_leading(src: torch.Tensor, shape: torch.Size | tuple[int, ...], key: str = "") -> torch.Tensor | None:
     """``src``'s leading block of ``shape`` (None when ``src`` is smaller in some dimension or of another rank).
 
+    A conv kernel's spatial dimensions (odd sizes) keep their centre, so a 3x3x3 kernel cut from a 7x7x7 one
+    looks at the same neighbours.
+
     A fused query/key/value projection (a ``qkv`` key) is sliced in its three parts, so each keeps its leading
     channels rather than the first third taking the queries' rows.
     """
@@ -36,7 +39,16 @@ def slice_leading(src: torch.Tensor, shape: torch.Size | tuple[int, ...], key: s
         thirds = src.reshape(3, src.shape[0] // 3, *src.shape[1:])
         head = thirds[(slice(None), slice(0, shape[0] // 3), *(slice(0, d) for d in shape[1:]))]
         return head.reshape(tuple(shape)).clone()
-    return src[tuple(slice(0, d) for d in shape)].clone()
+    sizes = enumerate(zip(src.shape, shape, strict=True))
+    return src[tuple(_window(i, have, want, src.dim()) for i, (have, want) in sizes)].clone()
+
+
+def _window(dim: int, have: int, want: int, rank: int) -> slice:
+    """The part of one dimension a smaller tensor takes: a conv kernel's centre, else the leading channels."""
+    if rank in (4, 5) and dim >= 2 and have % 2 == 1 and want % 2 == 1:  # odd kernels: a 3 inside a 7 is its middle
+        start = (have - want) // 2
+        return slice(start, start + want)
+    return slice(0, want)
 
 
 _BLOCK = re.compile(r"^(.*stages\.(\d+)\.blocks\.)(\d+)(\..*)$")

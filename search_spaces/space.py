@@ -258,7 +258,7 @@ class SearchSpace:
 _SUPPLIED = ("backbone_dims", "backbone_depths", "feature_dim", "concat_dim", "volume_dim", "hourglass_levels",
              "hourglass_widths", "transformer_layers", "gru_levels", "hidden_dim", "motion_dim", "motion_corr_dim",
              "motion_disp_dim", "corr_radius", "corr_levels", "iters", "max_disp", "volume_scale", "stem_blocks",
-             "agg_blocks", "head_blocks", "cv_groups", "transformer_heads")
+             "agg_blocks", "head_blocks", "cv_groups", "transformer_heads", "classifier_kernel")
 """Fields a sub-network may shrink (never grow) relative to its parent; other searched fields must match it."""
 
 

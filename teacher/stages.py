@@ -85,13 +85,13 @@ def image_stem(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-def disparity_classifier(volume_dim: int) -> nn.Sequential:
-    """3-D head turning the filtered volume into one logit per disparity."""
+def disparity_classifier(volume_dim: int, kernel: int = 7) -> nn.Sequential:
+    """3-D head turning the filtered volume into one logit per disparity (its last conv ``kernel`` wide)."""
     half = volume_dim // 2
     return nn.Sequential(
         BasicConv(volume_dim, half, kernel_size=3, padding=1, is_3d=True),
         ResnetBasicBlock(half, half, is_3d=True),
-        nn.Conv3d(half, 1, kernel_size=7, padding=3),
+        nn.Conv3d(half, 1, kernel_size=kernel, padding=kernel // 2),
     )
 
 

@@ -30,7 +30,7 @@ _BLOCK_INPUT_FIELDS: dict[str, tuple[str, ...]] = {
                "backbone_dims"),
     "hourglass": ("volume_scale", "max_disp", "volume_dim", "hourglass_levels", "hourglass_widths", "apc_kernel",
                   "agg_blocks", "transformer_layers", "transformer_heads", "feature_dim", "backbone_dims"),
-    "classifier": ("volume_scale", "max_disp", "volume_dim"),
+    "classifier": ("volume_scale", "max_disp", "volume_dim", "classifier_kernel"),
     "context": ("volume_scale", "max_disp", "volume_dim", "gru_levels", "hidden_dim", "corr_levels", "feature_dim",
                 "backbone_dims"),
     "gru_iteration": ("volume_scale", "max_disp", "volume_dim", "gru_levels", "hidden_dim", "motion_dim",
@@ -73,7 +73,8 @@ def block_fields(cfg: StudentConfig, block: str) -> dict:
                 "hourglass_widths": cfg.hourglass_widths, "apc_kernel": cfg.apc_kernel, "agg_blocks": cfg.agg_blocks,
                 **att, "feature_widths": d[base: base + cfg.hourglass_levels + 1]}
     if block == "classifier":
-        return {**common, "max_disp": cfg.max_disp, "volume_dim": cfg.volume_dim}
+        kernel = {} if cfg.classifier_kernel == 7 else {"classifier_kernel": cfg.classifier_kernel}  # old keys stay
+        return {**common, "max_disp": cfg.max_disp, "volume_dim": cfg.volume_dim, **kernel}
     if block == "context":
         return {**common, "max_disp": cfg.max_disp, "volume_dim": cfg.volume_dim, "gru_levels": cfg.gru_levels,
                 "hidden_dim": cfg.hidden_dim, "corr_levels": cfg.corr_levels,

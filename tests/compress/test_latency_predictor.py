@@ -53,6 +53,14 @@ def test_variants_depend_only_on_their_fields() -> None:
     assert all(a.identity() != b.identity() for a, b in zip(base.values(), other_size, strict=True))
 
 
+def test_a_smaller_classifier_kernel_is_its_own_variant_and_the_default_keeps_old_keys() -> None:
+    base = {v.block: v for v in block_variants(preset("tiny"), H, W)}
+    small = {v.block: v for v in block_variants(preset("tiny", classifier_kernel=3), H, W)}
+    assert {b for b in BLOCKS if base[b] != small[b]} == {"classifier"}
+    assert "classifier_kernel" not in base["classifier"].fields  # tables measured before the field still match
+    assert small["classifier"].fields["classifier_kernel"] == 3
+
+
 def test_space_enumeration_covers_sampled_students() -> None:
     space = load_space("tiny")
     variants = space_block_variants(space, H, W)

@@ -96,7 +96,7 @@ def test_space_validation_names_the_problem(tmp_path):
 @pytest.mark.parametrize(
     "field,value",
     [("cv_groups", 5), ("backbone", "resnet_does_not_exist"), ("iters", 0), ("volume_scale", 2),
-     ("transformer_heads", 3), ("max_disp", 100), ("gru_levels", 4)],
+     ("transformer_heads", 3), ("max_disp", 100), ("gru_levels", 4), ("classifier_kernel", 4)],
 )
 def test_invalid_config_names_field(field, value):
     with pytest.raises(ConfigError, match=f"StudentConfig.{field}"):
@@ -112,6 +112,16 @@ def test_config_yaml_json_roundtrip(tmp_path):
     assert json.loads(cfg.to_json())["volume_scale"] == 8
     with pytest.raises(ConfigError, match="unknown field"):
         StudentConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_a_field_added_later_is_written_only_off_its_default():
+    cfg = preset("tiny")
+    assert "classifier_kernel" not in cfg.to_dict()  # earlier configs and the keys built from them are unchanged
+    assert StudentConfig.from_dict(cfg.to_dict()).classifier_kernel == 7
+    small = cfg.replace(classifier_kernel=3)
+    assert small.to_dict()["classifier_kernel"] == 3
+    assert StudentConfig.from_dict(small.to_dict()) == small
+    assert build_student(small).classifier[2].weight.shape[2:] == (3, 3, 3)
 
 
 def test_student_intermediates_match_teacher_contract():

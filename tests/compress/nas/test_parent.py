@@ -61,6 +61,27 @@ def test_a_narrower_sub_network_keeps_every_untouched_layer_of_the_parent(standi
     assert sliced and all(child.state_dict()[k].numel() < parent_state[k].numel() for k in sliced)
 
 
+def test_a_smaller_classifier_kernel_takes_the_centre_of_the_parents(standin):
+    cfg = standin.cfg.replace(classifier_kernel=3)
+    child, report = inherit_student(standin, cfg)
+    key = "classifier.2.weight"
+    assert report.sliced == [key] and not report.fresh
+    assert torch.equal(child.state_dict()[key], standin.state_dict()[key][:, :, 2:5, 2:5, 2:5])
+    a, b = _pair()
+    with torch.no_grad():
+        assert torch.isfinite(child.eval()(a, b, iters=1, test_mode=True)).all()
+
+
+def test_the_cpu_realtime_space_is_made_of_the_stand_ins_sub_networks(standin):
+    space = load_space("cpu_realtime", parent=standin.cfg, parent_name="stand-in")
+    for cfg in space.enumerate(limit=40):
+        assert cfg.max_disp == 96 and cfg.iters <= 2 and cfg.classifier_kernel in (3, 7)
+        _, report = inherit_student(standin, cfg)
+        assert not report.fresh  # every weight comes from the parent
+    with pytest.raises(ConfigError, match="classifier_kernel=7 needs classifier_kernel 7, small has 3"):
+        load_space("cpu_realtime", parent=standin.cfg.replace(classifier_kernel=3), parent_name="small")
+
+
 def test_the_subnet_space_holds_only_what_the_parent_can_supply(standin):
     space = subnet_space(standin.cfg)
     names = {d.name for d in space.dimensions}
