@@ -238,7 +238,7 @@ def test_a_call_that_fails_after_claiming_the_directory_still_counts(tmp_path, m
     import compress.pipeline.run as run
 
     def fail(*args, **kwargs):
-        raise run.ConfigError("stage failed")
+        raise ConfigError("stage failed")
 
     monkeypatch.setattr(run, "_run_stages", fail)
     with pytest.raises(ConfigError, match="stage failed"):
