@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from compress.evaluation import evaluate_student
     from compress.latency import machine_info, machine_slug
     from compress.models import resolve_model, student_from_spec
-    from compress.pipeline import load_run_recipe
-    from compress.pipeline.run import prepare_labels, quiet_third_party
+    from compress.pipeline import load_run_recipe, prepare_labels, quiet_third_party
     from compress.pipeline.teacher_stage import get_teacher
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(None)
     teacher = get_teacher(recipe, run_dir, device)
     labels_dir, eval_set = prepare_labels(recipe, run_dir, teacher, device)
-    from compress.pipeline.run import _labels_config, teacher_scores
+    from compress.pipeline import labels_config, teacher_scores
 
     spec = StudentSpec(kind="search_space", preset=args.preset)
     torch.manual_seed(0)
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_iters=iters, device=str(device), log_every=max(1, args.steps // 50),
         checkpoint_every=max(1, args.steps // 4), eval_every=0, progress=True,
         data=DataConfig(train=recipe.data.train, eval=None, eval_samples=0), student=spec,
-        teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=_labels_config(recipe)),
+        teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=labels_config(recipe)),
         loss=recipe.loss, optim=dataclasses.replace(recipe.optim, lr=5e-4, warmup_steps=20),
     )
     t0 = time.perf_counter()

@@ -50,7 +50,7 @@ def prepare_models(work_dir: Path, ffs_steps: int, names: tuple[str, ...] = ("qu
     """Train (or reuse) the stand-in teacher and the two distilled students; returns name -> info."""
     from compress.distill.config import DataConfig, DistillConfig, StudentSpec, TeacherSpec
     from compress.distill.trainer import distill
-    from compress.pipeline.run import _labels_config, prepare_labels, quiet_third_party
+    from compress.pipeline import labels_config, prepare_labels, quiet_third_party
     from compress.pipeline.teacher_stage import get_teacher
 
     quiet_third_party()
@@ -73,7 +73,7 @@ def prepare_models(work_dir: Path, ffs_steps: int, names: tuple[str, ...] = ("qu
             run_dir=str(out), seed=0, steps=steps, batch_size=batch, train_iters=iters, eval_iters=iters,
             device="cpu", log_every=max(1, steps // 10), checkpoint_every=max(1, steps // 2), eval_every=0,
             progress=True, data=DataConfig(train=recipe.data.train, eval=None, eval_samples=0), student=spec,
-            teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=_labels_config(recipe)),
+            teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=labels_config(recipe)),
             loss=recipe.loss, optim=dataclasses.replace(recipe.optim, lr=5e-4 if preset != "tiny" else recipe.optim.lr,
                                                         warmup_steps=10),
         )

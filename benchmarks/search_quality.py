@@ -11,8 +11,8 @@ Two worlds (``--world``), both built on the CPU quick start's recipe (``recipes/
     The shipped stand-in teacher (``teacher.stand_in: shipped``) and the recipe's data exactly (photo-textured
     procedural scenes at 64x128, disparities up to 48 px, labelled by that teacher; ``--train-samples`` /
     ``--eval-samples`` override only the counts). The space is ``subnets``: the stand-in's sub-networks, as the
-    recipe's ``search.parent: auto`` resolves them (:func:`compress.pipeline.run.search_parent`,
-    :func:`~compress.pipeline.run.search_space`). The parent is the stand-in itself, so it costs nothing per
+    recipe's ``search.parent: auto`` resolves them (:func:`compress.pipeline.search_parent`,
+    :func:`~compress.pipeline.search_space`). The parent is the stand-in itself, so it costs nothing per
     study. The truth is each student's final distillation for ``--final-steps`` (default 150) starting from its
     sliced weights, as the pipeline's final distillation starts from the chosen trial's (inherited) student; 150
     is 2x the 20 + 50 steps a quick-start student gets in the pipeline (trial plus final), long enough that the
@@ -279,8 +279,7 @@ class World:
 
     def __init__(self, args: argparse.Namespace, overrides: list[str], truth_samples: int = 0) -> None:
         from compress.device import pick_device
-        from compress.pipeline import load_run_recipe
-        from compress.pipeline.run import _labels_config, prepare_labels, teacher_scores
+        from compress.pipeline import labels_config, load_run_recipe, prepare_labels, teacher_scores
         from compress.pipeline.teacher_stage import get_teacher
 
         self.recipe = load_run_recipe(RECIPE, [f"run_dir={args.work_dir}", f"seed={args.seed}", *overrides])
@@ -290,7 +289,7 @@ class World:
         self.device = pick_device(None)
         self.teacher = get_teacher(self.recipe, self.run_dir, self.device)
         self.labels_dir, self.eval_set = prepare_labels(self.recipe, self.run_dir, self.teacher, self.device)
-        self.labels = _labels_config(self.recipe)
+        self.labels = labels_config(self.recipe)
         self.truth_set = self._held_out("truth", truth_samples) if truth_samples else self.eval_set
         self.teacher_vs_gt = teacher_scores(self.eval_set)
         self.teacher_vs_gt_truth = teacher_scores(self.truth_set)
@@ -485,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON, Markdown and PNG."""
     from compress.latency import machine_info, machine_slug
     from compress.nas.inherit import inherit_student, order_by_importance, parent_config
-    from compress.pipeline.run import _teacher_folder, quiet_third_party, search_parent, search_space
+    from compress.pipeline import quiet_third_party, search_parent, search_space, teacher_folder
     from compress.structured import to_plain
     from search_spaces import build_student, count_macs, load_space, load_student, save_student
 
@@ -504,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         args.proxy_steps = recipe.search.distill_steps
     separate_truth = world.truth_set is not world.eval_set
     if qs:  # the pipeline's own resolution of search.parent: auto and space subnets
-        parent_dir = search_parent(recipe, _teacher_folder(recipe))
+        parent_dir = search_parent(recipe, teacher_folder(recipe))
         space = search_space(recipe, parent_dir)
     else:
         parent_dir, space = None, load_space(args.space)

@@ -172,6 +172,8 @@ class Tracker:
         self.experiment = experiment
         self.teacher = teacher
         self.parent_run_id: str | None = None
+        self.held = False
+        """Whether a ``with tracker:`` block holds it: that block, not run_study, then ends the study run."""
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
 
@@ -424,7 +426,9 @@ class Tracker:
             self.parent_run_id = None
 
     def __enter__(self) -> Tracker:
+        self.held = True
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.held = False
         self.end("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))

@@ -3,86 +3,137 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 from pathlib import Path
 
+from rich.table import Table
+from torch.utils.data import Subset
+
+from compress.atomic import atomic_write_text
+from compress.data.readers import open_dataset
 from compress.device import pick_device
+from compress.distill import distill, load_recipe
+from compress.errors import ConfigError, DataError
+from compress.evaluation import evaluate_student
+from compress.models import resolve_model
+from compress.nas import create_study, make_storage
+from compress.pipeline import RunRecipe, RunSummary, load_run_recipe, prepare_run, run_recipe
+from compress.pipeline.report import describe_latency, latency_settings
+from compress.pipeline.search import run_search, study_spec, with_budget
+from compress.preflight import check_distill
+from compress.tracking import Tracker
+from teacher import model_iters
 
 from .common import console, recipe_from_args
 
 
 def _recipe(args: argparse.Namespace, load=None):
-    from compress.pipeline import load_run_recipe
-
     return recipe_from_args(args, load or load_run_recipe)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run a recipe's stages (teacher -> search -> prune -> distill -> export)."""
-    from compress.pipeline import run_recipe
-
-    run_recipe(_recipe(args), start_over=args.start_over)
+    """Run a recipe's stages (teacher -> search -> prune -> distill -> export) and print the final table."""
+    recipe = _recipe(args)
+    print_summary(run_recipe(recipe, start_over=args.start_over), recipe)
     return 0
 
 
 def cmd_nas(args: argparse.Namespace) -> int:
     """Only the search stage: create the study, or join it as a worker (several processes or machines)."""
-    import dataclasses
-
-    from compress.pipeline.run import (
-        describe_latency,
-        latency_settings,
-        preflight,
-        prepare_labels,
-        quiet_third_party,
-        resolve_run_dir,
-        run_search,
-    )
-    from compress.pipeline.teacher_stage import get_teacher
-    from compress.tracking import Tracker
-
-    quiet_third_party()
     recipe = _recipe(args)
     if args.run_dir:
         recipe = dataclasses.replace(recipe, run_dir=args.run_dir)
     if args.worker and not recipe.run_dir:
-        from compress.errors import ConfigError
-
         raise ConfigError("--worker needs --run-dir (the run directory the study was created in, shared by workers)")
-    recipe, choice = preflight(recipe)  # each worker checks its own machine before it writes anything
-    console().print(f"latency: {describe_latency(latency_settings(recipe.search.latency))} ({choice.reason})")
-    run_dir = resolve_run_dir(recipe)
-    recipe = dataclasses.replace(recipe, run_dir=str(run_dir))
-    device = pick_device(recipe.device)
-    teacher = get_teacher(recipe, run_dir, device)
-    labels_dir, eval_set = prepare_labels(recipe, run_dir, teacher, device)
-    tracker = Tracker(run_dir, tracking_uri=recipe.tracking.uri, experiment=recipe.tracking.experiment,
-                      teacher=teacher.identity)
-    n_trials = 0 if args.create_only else None
-    if n_trials == 0:
-        from compress.nas.storage import make_storage
-        from compress.nas.study import create_study
-        from compress.pipeline.run import study_spec, with_budget
-
-        recipe = with_budget(recipe, run_dir, teacher.model, device)
-        create_study(study_spec(recipe), make_storage(args.storage or recipe.search.storage, run_dir))
-        console().print(f"study {study_spec(recipe).name} ready in {args.storage or run_dir}; start workers with "
+    ctx = prepare_run(recipe)  # each worker checks its own machine before it writes anything
+    console().print(f"latency: {describe_latency(latency_settings(ctx.recipe.search.latency))} ({ctx.choice.reason})")
+    ctx.open_teacher()
+    run_dir = ctx.run_dir
+    if args.create_only:
+        spec = study_spec(with_budget(ctx.recipe, run_dir, ctx.teacher.model, ctx.device))
+        create_study(spec, make_storage(args.storage or ctx.recipe.search.storage, run_dir))
+        console().print(f"study {spec.name} ready in {args.storage or run_dir}; start workers with "
                         f"ffsc nas ... --worker --run-dir {run_dir}")
         return 0
-    result = run_search(recipe, run_dir, labels_dir, eval_set, device, tracker, teacher, args.storage,
-                        worker_id=args.worker_id, choice=choice)
+    result = run_search(ctx, args.storage, worker_id=args.worker_id)
     console().print(f"{result.ran} trials run here; study has {result.n_complete} complete, {result.n_failed} "
                     f"failed; front of {len(result.front.points)} in {run_dir / 'search'}")
     return 0
 
 
+def print_summary(summary: RunSummary, recipe: RunRecipe) -> None:
+    """The final table: teacher, every front student and the final student."""
+
+    def f(v, fmt="{:.2f}"):
+        return "-" if v is None else fmt.format(v)
+
+    t = summary.teacher
+    settings = summary.latency or latency_settings(recipe.search.latency)
+    latency_header = f"latency (ms, {describe_latency(settings, notes=False)}" + (
+        ", timed side by side)" if settings["side_by_side"] else ")")
+    real = summary.real_pairs
+    real_cols = ["real EPE (px)", "real BP-2 (%)"] if real else []
+    table = Table("model", "iters", "EPE vs GT (px)", "EPE vs teacher (px)", *real_cols, latency_header,
+                  "GMACs", "params (M)", title=f"{recipe.name}: results at {recipe.height}x{recipe.width} "
+                                               "(height x width)")
+
+    def real_of(row: dict) -> list[str]:
+        return [f(row.get("real_epe")), f(row.get("real_bp2"), "{:.1f}")] if real else []
+
+    def iters_of(row: dict) -> str:
+        """The count a row is scored and counted at, and the one it was timed at when that differs."""
+        iters, timed = row.get("iters"), row.get("latency_iters")
+        return f(iters, "{}") + (f" (timed at {timed})" if timed is not None and timed != iters else "")
+
+    table.add_row("teacher", iters_of(t), f(t.get("gt/epe")), "0.00", *real_of(t), f(t.get("latency_ms")),
+                  f(t.get("gmacs")), f(t.get("mparams")))
+    if real and "sgbm" in real["scores"]:
+        sg = real["scores"]["sgbm"]["mean"]
+        table.add_row("OpenCV SGBM (real pairs only)", "-", "-", "-", f(sg["epe"]), f(sg["bp2"], "{:.1f}"), "-", "-",
+                      "-")
+    for front_row in summary.front:
+        row = front_row.to_dict()
+        table.add_row(f"front trial {row['trial']}", iters_of(row), f(row["epe_vs_gt"]), f(row["epe_vs_teacher"]),
+                      *real_of(row), f(row["latency_ms"]) + (" (predicted)" if row.get("latency_mode") == "predicted"
+                                                              else ""),
+                      f(row["gmacs"]), f(row["mparams"], "{:.3f}"))
+    if summary.final:
+        fz = summary.final
+        done = (["pruned"] if summary.pruned else []) + (["distilled"] if recipe.distill.enabled else [])
+        label = f"final (trial {summary.chosen.trial}{', ' + ' + '.join(done) if done else ''})"
+        table.add_row(f"[bold]{label}[/bold]", iters_of(fz), f(fz.get("gt/epe")),
+                      f(fz.get("teacher/epe")), *real_of(fz), f(fz.get("latency_ms")), f(fz.get("gmacs")),
+                      f(fz.get("mparams"), "{:.3f}"))
+    out = console()
+    out.print(table)
+    if real:
+        size = "x".join(map(str, real["size"]))
+        line = f"real pairs: {', '.join(real['pairs'])} at {size}, held out (never trained on or chosen by)"
+        if summary.final and "real_retention" in summary.final:
+            line += (f"; the final student's BP-2 is {summary.final['real_retention']:.2f}x the teacher's "
+                     "(retention: student BP-2 / teacher BP-2)")
+        out.print(line)
+    if summary.latency_backend:
+        out.print(f"latency: {describe_latency(settings)} ({summary.latency_backend['reason']})")
+    out.print(f"run directory: {summary.run_dir}")
+    for name in ("search/pareto_front.png", "search/pareto_front.csv", "prune/model", "final/student",
+                 "export/student.onnx", "mlflow.db"):
+        if (summary.run_dir / name).exists():
+            out.print(f"  {name}")
+    if recipe.tracking.uri is None and (summary.run_dir / "mlflow.db").exists():
+        tracker = Tracker(summary.run_dir, experiment=recipe.tracking.experiment)
+        out.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{summary.run_dir / 'mlflow.db'}, then open "
+                  f"{tracker.ui_url()}")
+    elif recipe.tracking.uri is not None:
+        out.print(f"MLflow: {recipe.tracking.uri}, experiment {recipe.tracking.experiment}")
+    out.print(f"wall time {summary.seconds_total:.0f} s" + (
+        f" over {summary.calls} calls ({summary.seconds:.0f} s in this one)" if summary.calls > 1 else ""))
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distil a student from the teacher as a distill recipe says (``torchrun ... -m compress.cli distill``: DDP)."""
-    import os
-
-    from compress.distill import distill, load_recipe
-    from compress.preflight import check_distill
-
     cfg = _recipe(args, load_recipe)
     check_distill(cfg)
     result = distill(cfg)
@@ -94,14 +145,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """EPE/D1/bad-pixel of a model on a dataset; prints a table and writes JSON."""
-    from rich.table import Table
-
-    from compress.atomic import atomic_write_text
-    from compress.data.readers import open_dataset
-    from compress.evaluation import evaluate_student
-    from compress.models import resolve_model
-    from teacher import model_iters
-
     device = pick_device(args.device)
     model_path = Path(args.model)
     resolved = resolve_model(model_path)
@@ -111,8 +154,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     records = getattr(dataset, "records", None)
     no_gt = records is not None and not any(r.disp is not None for r in records)
     if no_gt and not args.teacher:
-        from compress.errors import DataError
-
         raise DataError(f"--data {args.data}: none of its {len(records)} pairs has a ground-truth disparity, so there "
                         "is nothing to score against; give --teacher MODEL to score against a teacher's disparity")
     teacher = teacher_iters = None
@@ -121,8 +162,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         teacher = resolved_teacher.module.to(device).eval()
         teacher_iters = model_iters(teacher, args.teacher_iters, key="--teacher-iters")
     if args.limit:
-        from torch.utils.data import Subset
-
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))
     metrics = evaluate_student(model, dataset, iters=iters, device=device, teacher=teacher,
                                teacher_iters=teacher_iters, progress=True)

@@ -11,15 +11,10 @@ from compress.nas.pareto import (
     plot_front,
     write_front,
 )
+from compress.nas.spec import StudySpec, create_study
 from compress.nas.storage import describe_storage, make_storage
-from compress.nas.study import (
-    StudyResult,
-    StudySpec,
-    create_study,
-    reap_dead_trials,
-    run_study,
-    trial_counts,
-)
+from compress.nas.study import StudyResult, run_study
+from compress.nas.workers import reap_dead_trials, trial_counts
 
 __all__ = [
     "ParetoFront",

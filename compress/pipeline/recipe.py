@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from compress.distill.config import DatasetSpec, LabelCacheConfig, LossConfig, OptimConfig
 from compress.errors import ConfigError
@@ -16,7 +16,6 @@ from compress.real_pairs import RealPairsConfig
 from compress.structured import check_size, load_structured, to_plain
 from compress.tracking import TrackingConfig
 
-STAGES = ("teacher", "search", "prune", "distill", "export")
 CHOICES = ("min_error", "fastest")
 EXPORT_FORMATS = ("onnx", "onnx_int8", "engine")
 ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -183,6 +182,9 @@ class ExportStage:
 class RunRecipe:
     """One source of truth for a run (``ffsc run RECIPE key=value ...``)."""
 
+    # A stage is switched off by its own ``enabled`` (the teacher and labels always run).
+    RENAMED: ClassVar[dict[str, str]] = {"stages": "search.enabled, prune.enabled, distill.enabled, export.enabled"}
+
     name: str = "run"
     run_dir: str | None = None
     """None = runs/<name>-<time>; point at an existing run directory to resume it."""
@@ -191,7 +193,6 @@ class RunRecipe:
     height: int = 64
     width: int = 128
     """Working resolution: latency is measured and models are exported at this size."""
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
     data: DataStage = field(default_factory=DataStage)
     teacher: TeacherStage = field(default_factory=TeacherStage)
     search: SearchStage = field(default_factory=SearchStage)
@@ -217,15 +218,11 @@ class RunRecipe:
         if not self.tracking.enabled:  # the study's parent run and its trials are where `ffsc run` keeps the search
             raise ConfigError("tracking.enabled=false: `ffsc run` records the search in MLflow; point tracking.uri "
                               "at another store instead (default: mlflow.db in the run directory)")
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown:
-            raise ConfigError(f"stages: unknown {unknown}; expected a subset of {list(STAGES)}")
-        searching = "search" in self.stages and self.search.enabled
         t_iters, l_iters = self.teacher.iters, self.data.labels.iters
         if t_iters is not None and l_iters is not None and t_iters != l_iters:  # one count labels, times and scores
             raise ConfigError(f"teacher.iters={t_iters} and data.labels.iters={l_iters} disagree: the teacher labels, "
                               "is timed and is scored at one count; set one of them (teacher.iters)")
-        if "prune" in self.stages and self.prune.enabled and not searching:
+        if self.prune.enabled and not self.search.enabled:
             raise ConfigError("prune.enabled prunes the student the search chose, but the search stage is off; "
                               "use `ffsc prune` to prune a saved model on its own")
 

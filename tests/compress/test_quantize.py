@@ -182,7 +182,7 @@ def test_cli_quantize(fp32_onnx: Path, tmp_path: Path, capsys) -> None:
 
 def test_recipe_export_formats_onnx_int8(tmp_path: Path) -> None:
     from compress.pipeline import load_run_recipe
-    from compress.pipeline.run import export_student
+    from compress.pipeline.finish import export_student
     from search_spaces import build_student, preset, save_student
 
     root = REPO

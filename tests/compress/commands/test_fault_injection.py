@@ -148,9 +148,9 @@ def _one_line(capsys, *expected: str) -> str:
 # ------------------------------------------------------------------------------- the run directory (1, 2, 6-8)
 
 # A whole `ffsc run` in seconds: the teacher stage only (labels, the teacher's scores and timing).
-TEACHER_ONLY = ["stages=[teacher]", "real_pairs.enabled=false", "data.train.num_samples=2", "data.eval.num_samples=1",
-                "search.latency.report_rounds=0", "search.latency.repeats=1", "search.latency.warmup=0",
-                "progress=false"]
+TEACHER_ONLY = ["search.enabled=false", "real_pairs.enabled=false", "data.train.num_samples=2",
+                "data.eval.num_samples=1", "search.latency.report_rounds=0", "search.latency.repeats=1",
+                "search.latency.warmup=0", "progress=false"]
 
 
 def _holder(lock: Path) -> int | None:
@@ -327,7 +327,7 @@ ERRORS = ("gt/epe", "teacher/epe", "gt/d1", "teacher/d1", "gt/bp2", "teacher/bp2
 # as in pipeline/test_budget.py), pruned in one step, without what only reads the final student (real pairs, export,
 # the side-by-side timing): about 40 s a run instead of 250.
 SMALL_RUN = ["run", str(RECIPE), *SMALL, "search.space=tiny", "search.parent=largest", "prune.step_ratio=0.3",
-             "real_pairs.enabled=false", "stages=[teacher,search,prune,distill]", "search.latency.report_rounds=0"]
+             "real_pairs.enabled=false", "export.enabled=false", "search.latency.report_rounds=0"]
 
 
 # Found here: the fresh tensors of a trial's inherited start (those its parent cannot supply) come from the

@@ -188,8 +188,8 @@ def test_search_proxy_inherit_trains_the_parent_once_and_starts_trials_from_it(t
     import optuna
 
     from compress.nas.objective import StudentSearchObjective
-    from compress.pipeline import load_run_recipe
-    from compress.pipeline.run import _settings, prepare_labels
+    from compress.pipeline import load_run_recipe, prepare_labels
+    from compress.pipeline.search import trial_settings
 
     synth = "synthetic: {height: 64, width: 128, max_disp: 24, num_objects: 2"
     recipe = load_run_recipe("recipes/quickstart_cpu.yaml", [
@@ -202,7 +202,7 @@ def test_search_proxy_inherit_trains_the_parent_once_and_starts_trials_from_it(t
     torch.manual_seed(0)
     teacher = SimpleNamespace(model=build_student(preset("tiny")).eval(), identity={"name": "test-teacher"})
     labels_dir, eval_set = prepare_labels(recipe, tmp_path, teacher, torch.device("cpu"))
-    settings = dataclasses.replace(_settings(recipe, tmp_path, labels_dir, eval_set, torch.device("cpu")),
+    settings = dataclasses.replace(trial_settings(recipe, tmp_path, labels_dir, eval_set, torch.device("cpu")),
                                    proxy=recipe.search.proxy, parent_steps=recipe.search.parent_steps)
     objective = StudentSearchObjective(load_space("tiny"), settings)
     study = optuna.create_study(directions=["minimize", "minimize"])

@@ -13,8 +13,8 @@ from compress.errors import ConfigError
 from compress.importers import import_fast_foundationstereo
 from compress.nas.inherit import inherit_student, order_by_importance
 from compress.nas.objective import StudentSearchObjective
-from compress.pipeline import load_run_recipe
-from compress.pipeline.run import _settings, prepare_labels, search_parent, search_space
+from compress.pipeline import load_run_recipe, prepare_labels, search_parent, search_space
+from compress.pipeline.search import trial_settings
 from compress.pipeline.standin import SHIPPED_DIR
 from search_spaces import load_space, load_student, subnet_space
 from search_spaces.space import _can_supply
@@ -132,7 +132,7 @@ def test_a_search_over_an_imported_fast_foundationstereo_release_runs_two_trials
     parent = search_parent(recipe, None)
     assert parent == parent_dir
     space = search_space(recipe, parent)
-    settings = dataclasses.replace(_settings(recipe, tmp_path, labels_dir, eval_set, torch.device("cpu"),
+    settings = dataclasses.replace(trial_settings(recipe, tmp_path, labels_dir, eval_set, torch.device("cpu"),
                                              parent=parent))
     objective = StudentSearchObjective(space, settings)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))

@@ -12,8 +12,8 @@ import torch
 
 from compress.errors import ConfigError
 from compress.nas.objective import OVER_BUDGET_ATTR, StudentSearchObjective
-from compress.pipeline import load_run_recipe
-from compress.pipeline.run import _settings, prepare_labels, with_budget
+from compress.pipeline import load_run_recipe, prepare_labels
+from compress.pipeline.search import trial_settings, with_budget
 from search_spaces import build_student, load_space, preset
 from tests.paths import REPO
 
@@ -52,7 +52,7 @@ def test_a_trial_over_the_budget_is_timed_and_not_distilled(tmp_path):
     torch.manual_seed(0)
     teacher = SimpleNamespace(model=build_student(preset("tiny")).eval(), identity={"name": "test-teacher"})
     labels_dir, eval_set = prepare_labels(recipe, tmp_path, teacher, torch.device("cpu"))
-    settings = dataclasses.replace(_settings(recipe, tmp_path, labels_dir, eval_set, torch.device("cpu")),
+    settings = dataclasses.replace(trial_settings(recipe, tmp_path, labels_dir, eval_set, torch.device("cpu")),
                                    budget_ms=1e-6, proxy="distill")
     objective = StudentSearchObjective(load_space("tiny"), settings)
     trial = optuna.create_study(directions=["minimize", "minimize"]).ask()

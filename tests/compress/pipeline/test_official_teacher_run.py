@@ -94,8 +94,7 @@ def test_the_gpu_recipe_with_its_engine_export_is_refused_before_any_work_withou
 
 def test_the_teachers_count_is_teacher_iters_else_its_own_and_labels_cannot_disagree():
     from compress.errors import ConfigError
-    from compress.pipeline import load_run_recipe
-    from compress.pipeline.run import _labels_config, _teacher_iters
+    from compress.pipeline import labels_config, load_run_recipe, teacher_iters
     from teacher import FoundationStereo, TeacherConfig
 
     with torch.device("meta"):
@@ -103,7 +102,7 @@ def test_the_teachers_count_is_teacher_iters_else_its_own_and_labels_cannot_disa
     for overrides, want in ((["teacher.iters=null"], 3), (["teacher.iters=2"], 2),
                             (["teacher.iters=null", "data.labels.iters=5"], 5), (["data.labels.iters=32"], 32)):
         recipe = load_run_recipe(RECIPE, overrides)
-        assert _teacher_iters(recipe, official) == want, overrides
-        assert _labels_config(recipe).iters in (None, want), overrides  # None: the label cache asks the teacher
+        assert teacher_iters(recipe, official) == want, overrides
+        assert labels_config(recipe).iters in (None, want), overrides  # None: the label cache asks the teacher
     with pytest.raises(ConfigError, match="teacher.iters=32 and data.labels.iters=8 disagree"):
         load_run_recipe(RECIPE, ["data.labels.iters=8"])

@@ -94,7 +94,7 @@ def test_budget_has_one_name_from_recipe_to_report():
         load_prune_config(None, ["budget_ms=5", "ratio=0.5"])
     with pytest.raises(ConfigError, match="prune.enabled needs one of prune.budget_ms"):
         load_run_recipe(QUICKSTART, ["prune.ratio=null"])
-    from compress.pipeline.run import study_spec
+    from compress.pipeline.search import study_spec
 
     assert study_spec(recipe).budget_ms == 9.0
 

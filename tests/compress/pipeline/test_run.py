@@ -145,7 +145,7 @@ def test_predicted_latency_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("FFSC_CACHE_DIR", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
     args = ["run", str(RECIPE), f"run_dir={run_dir}", *SMALL, "search.latency.mode=predicted",
-            "search.latency.check_students=1", "stages=[teacher,search]"]
+            "search.latency.check_students=1", "distill.enabled=false", "export.enabled=false"]
     assert main(args) == 0
     check = json.loads((run_dir / "search" / "predictor_check.json").read_text())
     assert check["students"] == 1 and check["median_abs_error"] >= 0 and check["scale"] > 0
@@ -159,7 +159,13 @@ def test_predicted_latency_end_to_end(tmp_path, monkeypatch):
 
 def test_prune_stage_needs_the_search():
     with pytest.raises(ConfigError, match="search stage is off"):
-        load_run_recipe(RECIPE, ["stages=[teacher,prune,distill]"])
+        load_run_recipe(RECIPE, ["search.enabled=false", "prune.enabled=true"])
+
+
+def test_stages_list_is_renamed_to_each_stages_enabled():
+    """A stage is switched off one way, by its own ``enabled``: the old ``stages:`` list fails in one line."""
+    with pytest.raises(ConfigError, match="'stages' was renamed to 'search.enabled, prune.enabled"):
+        load_run_recipe(RECIPE, ["stages=[teacher,search]"])
 
 
 def test_recipe_overrides_are_type_checked():
@@ -185,7 +191,8 @@ def test_report_latencies_side_by_side_or_cached_singly(rounds, tmp_path):
     import torch
 
     from compress.latency import LatencyCache
-    from compress.pipeline.run import RunSummary, report_latencies
+    from compress.pipeline import RunSummary
+    from compress.pipeline.report import report_latencies
     from search_spaces import build_student, preset, save_student
 
     torch.manual_seed(0)
@@ -215,7 +222,7 @@ def test_report_latencies_side_by_side_or_cached_singly(rounds, tmp_path):
 def test_wall_time_adds_up_over_calls_and_a_failed_call_counts(tmp_path):
     import time
 
-    from compress.pipeline.run import WallTime
+    from compress.pipeline.records import WallTime
 
     first = WallTime.open(tmp_path, time.perf_counter() - 10.0)  # a call that ran 10 s
     assert first.end()["calls"] == 1 and first.end() == first.ended  # recorded once
@@ -231,7 +238,7 @@ def test_a_call_that_fails_after_claiming_the_directory_still_counts(tmp_path, m
     import compress.pipeline.run as run
 
     def fail(*args, **kwargs):
-        raise run.ConfigError("stage failed")
+        raise ConfigError("stage failed")
 
     monkeypatch.setattr(run, "_run_stages", fail)
     with pytest.raises(ConfigError, match="stage failed"):

@@ -15,7 +15,7 @@ import pytest
 from compress.cli import main
 from compress.errors import ConfigError
 from compress.pipeline import load_run_recipe
-from compress.pipeline.run import claim_run_dir
+from compress.pipeline.context import claim_run_dir
 from compress.run_lock import LOCK_NAME, RunDirBusy, RunDirLock
 from tests.paths import REPO
 

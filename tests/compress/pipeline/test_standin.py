@@ -15,7 +15,7 @@ from compress.data.io import write_image
 from compress.data.synthetic import SyntheticStereoDataset
 from compress.errors import CheckpointError, ConfigError
 from compress.pipeline import load_run_recipe
-from compress.pipeline.run import preflight
+from compress.pipeline.context import preflight
 from compress.pipeline.standin import SHIPPED_DIR, load_standin, load_standin_recipe, train_standin
 from compress.pipeline.teacher_stage import get_teacher
 from search_spaces import load_student
