@@ -142,9 +142,9 @@ def prune_to_budget(
             )
             if not changed:
                 break  # every in-scope group is at its smallest allowed width
-            loss = distiller.train(model, cfg.distill.steps_between, cfg.distill.lr, cfg.distill.batch_size,
-                                   cfg.distill.grad_clip, cfg.distill.freeze_norm_stats,
-                                   desc=f"distilling after step {step}", progress=cfg.progress)
+            loss = distiller.train(model, cfg.distill.steps_between, cfg.distill.optim, cfg.distill.batch_size,
+                                   cfg.distill.freeze_norm_stats, desc=f"distilling after step {step}",
+                                   progress=cfg.progress)
             model.eval()
             cost = measure_cost(model, cfg, latency=kind == "latency_ms")
             record = StepRecord(
@@ -172,8 +172,8 @@ def prune_to_budget(
         recovery.update(info)
     else:
         recovery["loss"] = distiller.train(
-            model, cfg.distill.recovery_steps, cfg.distill.lr, cfg.distill.batch_size, cfg.distill.grad_clip,
-            cfg.distill.freeze_norm_stats, desc="recovery", progress=cfg.progress,
+            model, cfg.distill.recovery_steps, cfg.distill.optim, cfg.distill.batch_size, cfg.distill.freeze_norm_stats,
+            desc="recovery", progress=cfg.progress,
         )
     model.eval()
     recovery["eval_after"] = evaluate_on_targets(model, distiller, cfg.data.eval_samples, eval_iters, device)
