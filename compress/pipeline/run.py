@@ -22,6 +22,7 @@ import yaml
 from compress.atomic import atomic_write_text
 from compress.backends import get_backend
 from compress.device import pick_device
+from compress.distill.config import LabelCacheConfig
 from compress.errors import ConfigError
 from compress.structured import dump_yaml
 from teacher import model_iters
@@ -218,6 +219,11 @@ def _say(recipe: RunRecipe, message: str, force: bool = False) -> None:
 def _labels_config(recipe: RunRecipe):
     # teacher.iters wins (the recipe refuses a data.labels.iters that disagrees); None: the teacher's own count
     return dataclasses.replace(recipe.data.labels, iters=recipe.teacher.iters or recipe.data.labels.iters)
+
+
+def labels_config(recipe: RunRecipe) -> LabelCacheConfig:
+    """The label-cache settings a run's labels are made with (teacher.iters wins over data.labels.iters)."""
+    return _labels_config(recipe)
 
 
 def prepare_labels(recipe: RunRecipe, run_dir: Path, teacher, device: torch.device):
