@@ -21,6 +21,15 @@ from pathlib import Path
 
 import torch
 
+from compress.device import pick_device
+from compress.distill.config import StudentSpec, from_label_cache
+from compress.distill.trainer import distill
+from compress.evaluation import evaluate_student
+from compress.latency import machine_info, machine_slug
+from compress.models import resolve_model, student_from_spec
+from compress.pipeline import labels_config, load_run_recipe, prepare_labels, quiet_third_party, teacher_scores
+from compress.pipeline.teacher_stage import get_teacher
+
 try:
     from benchmarks.report import machine_line, write_report
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
@@ -28,7 +37,7 @@ except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder
 
 
 def _plot(metrics_file: Path, out_png: Path, title: str) -> None:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional (ffsc[bench]) and slow to import: only to draw the plot
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
@@ -51,15 +60,6 @@ def _plot(metrics_file: Path, out_png: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON, Markdown and PNG."""
-    from compress.device import pick_device
-    from compress.distill.config import DataConfig, DistillConfig, StudentSpec, TeacherSpec
-    from compress.distill.trainer import distill
-    from compress.evaluation import evaluate_student
-    from compress.latency import machine_info, machine_slug
-    from compress.models import resolve_model, student_from_spec
-    from compress.pipeline import load_run_recipe, prepare_labels, quiet_third_party
-    from compress.pipeline.teacher_stage import get_teacher
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="fast_foundationstereo")
     parser.add_argument("--steps", type=int, default=300)
@@ -90,20 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(None)
     teacher = get_teacher(recipe, run_dir, device)
     labels_dir, eval_set = prepare_labels(recipe, run_dir, teacher, device)
-    from compress.pipeline import labels_config, teacher_scores
-
     spec = StudentSpec(kind="search_space", preset=args.preset)
     torch.manual_seed(0)
     before_model = student_from_spec(spec).to(device)
     iters = before_model.cfg.iters
     before = evaluate_student(before_model, eval_set, iters=iters, device=device)
-    dc = DistillConfig(
-        run_dir=str(run_dir / "student"), seed=0, steps=args.steps, batch_size=args.batch_size, train_iters=iters,
-        eval_iters=iters, device=str(device), log_every=max(1, args.steps // 50),
-        checkpoint_every=max(1, args.steps // 4), eval_every=0, progress=True,
-        data=DataConfig(train=recipe.data.train, eval=None, eval_samples=0), student=spec,
-        teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=labels_config(recipe)),
-        loss=recipe.loss, optim=dataclasses.replace(recipe.optim, lr=5e-4, warmup_steps=20),
+    dc = from_label_cache(
+        run_dir / "student", spec, recipe.data.train, labels_dir, labels_config(recipe), iters, seed=0,
+        steps=args.steps, batch_size=args.batch_size, device=str(device), log_every=max(1, args.steps // 50),
+        checkpoint_every=max(1, args.steps // 4), progress=True, loss=recipe.loss,
+        optim=dataclasses.replace(recipe.optim, lr=5e-4, warmup_steps=20),
     )
     t0 = time.perf_counter()
     result = distill(dc)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -27,6 +28,15 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from compress.data import SyntheticConfig
+from compress.evaluation import evaluate_student
+from compress.latency import machine_info, machine_slug, measure_together
+from compress.prune import PruneConfig, build_samples, prune_once
+from compress.prune.config import DataSpec, DistillSpec
+from compress.prune.recovery import Distiller
+from search_spaces import build_student, count_macs, preset
+from teacher import FoundationStereo, TeacherConfig
 
 try:
     from benchmarks.report import machine_line, write_report
@@ -42,15 +52,11 @@ TEACHERS = {
 
 
 def _epe(model, distiller, n: int, iters: int, reference: list[torch.Tensor] | None = None) -> float:
-    from compress.evaluation import evaluate_student
-
     disps = reference if reference is not None else [t.disp for t in distiller.targets[:n]]
     return evaluate_student(model, distiller.samples[:n], iters=iters, teacher_disps=disps[:n])["teacher/epe"]
 
 
 def _latencies(models: dict, args) -> dict[str, dict]:
-    from compress.latency import measure_together
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notices of the ONNX export behind the onnxruntime backend
         stats = measure_together(models, args.backend, args.latency_height, args.latency_width, iters=args.iters,
@@ -107,14 +113,6 @@ def _markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON and Markdown."""
-    from compress.data import SyntheticConfig
-    from compress.latency import machine_info, machine_slug
-    from compress.prune import PruneConfig, build_samples, prune_once
-    from compress.prune.config import DataSpec
-    from compress.prune.recovery import Distiller
-    from search_spaces import build_student, count_macs, preset
-    from teacher import FoundationStereo, TeacherConfig
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="fast_foundationstereo")
     parser.add_argument("--ratio", type=float, default=0.6)
@@ -161,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     samples = build_samples(cfg)
     distiller = Distiller(teacher, samples, torch.device("cpu"), args.teacher_iters, args.train_iters,
                           progress=True)
+    optim = dataclasses.replace(DistillSpec().optim, lr=args.lr)  # prune's recovery optimiser at this lr
     n_eval = min(args.eval_samples, len(samples))
     if args.pre_steps:
         print(f"distilling the unpruned student for {args.pre_steps} steps", file=sys.stderr)
-        distiller.train(student, args.pre_steps, args.lr, desc="pre-distillation", progress=True)
+        distiller.train(student, args.pre_steps, optim, desc="pre-distillation", progress=True)
     student.eval()
     unpruned = copy.deepcopy(student)
     with torch.no_grad():
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     after = {**cost(student), "latency": latency["pruned"],
              "epe_teacher_before_recovery": _epe(student, distiller, n_eval, args.iters),
              "epe_unpruned_before_recovery": _epe(student, distiller, n_eval, args.iters, reference)}
-    distiller.train(student, args.recovery_steps, args.lr, desc="recovery", progress=True)
+    distiller.train(student, args.recovery_steps, optim, desc="recovery", progress=True)
     student.eval()
     after["epe_teacher_after_recovery"] = _epe(student, distiller, n_eval, args.iters)
     after["epe_unpruned_after_recovery"] = _epe(student, distiller, n_eval, args.iters, reference)

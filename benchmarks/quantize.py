@@ -31,6 +31,17 @@ from pathlib import Path
 
 import torch
 
+from compress.distill.config import StudentSpec, from_label_cache
+from compress.distill.trainer import distill
+from compress.export import to_onnx
+from compress.latency import machine_info, machine_slug
+from compress.models import resolve_model
+from compress.pipeline import labels_config, load_run_recipe, prepare_labels, quiet_third_party
+from compress.pipeline.teacher_stage import get_teacher
+from compress.quantize import QuantizeConfig, quantize_onnx
+from compress.quantize import write_report as write_quantize_report
+from search_spaces import preset as get_preset
+
 try:
     from benchmarks.report import machine_line, write_report
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
@@ -40,19 +51,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _recipe(work_dir: Path):
-    from compress.pipeline import load_run_recipe
-
     return load_run_recipe(ROOT / "recipes" / "quickstart_cpu.yaml", [f"run_dir={work_dir}", "progress=true"])
 
 
 def prepare_models(work_dir: Path, ffs_steps: int, names: tuple[str, ...] = ("quickstart", "fast_foundationstereo"),
                    ) -> dict[str, dict]:
     """Train (or reuse) the stand-in teacher and the two distilled students; returns name -> info."""
-    from compress.distill.config import DataConfig, DistillConfig, StudentSpec, TeacherSpec
-    from compress.distill.trainer import distill
-    from compress.pipeline import labels_config, prepare_labels, quiet_third_party
-    from compress.pipeline.teacher_stage import get_teacher
-
     quiet_third_party()
     recipe = _recipe(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -66,16 +70,12 @@ def prepare_models(work_dir: Path, ffs_steps: int, names: tuple[str, ...] = ("qu
             continue
         out = work_dir / name
         spec = StudentSpec(kind="search_space", preset=preset)
-        from search_spaces import preset as get_preset
-
         iters = get_preset(preset).iters
-        dc = DistillConfig(
-            run_dir=str(out), seed=0, steps=steps, batch_size=batch, train_iters=iters, eval_iters=iters,
-            device="cpu", log_every=max(1, steps // 10), checkpoint_every=max(1, steps // 2), eval_every=0,
-            progress=True, data=DataConfig(train=recipe.data.train, eval=None, eval_samples=0), student=spec,
-            teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=labels_config(recipe)),
-            loss=recipe.loss, optim=dataclasses.replace(recipe.optim, lr=5e-4 if preset != "tiny" else recipe.optim.lr,
-                                                        warmup_steps=10),
+        dc = from_label_cache(
+            out, spec, recipe.data.train, labels_dir, labels_config(recipe), iters, seed=0, steps=steps,
+            batch_size=batch, device="cpu", log_every=max(1, steps // 10), checkpoint_every=max(1, steps // 2),
+            progress=True, loss=recipe.loss,
+            optim=dataclasses.replace(recipe.optim, lr=5e-4 if preset != "tiny" else recipe.optim.lr, warmup_steps=10),
         )
         t0 = time.perf_counter()
         result = distill(dc)
@@ -101,10 +101,6 @@ def _cpu_flags() -> dict[str, object]:
 
 def quantize_one(name: str, info: dict, work_dir: Path, height: int, width: int, cfg) -> dict:
     """Export the trained student at height x width, quantize it and return its report as plain data."""
-    from compress.export import to_onnx
-    from compress.models import resolve_model
-    from compress.quantize import quantize_onnx, write_report
-
     model = resolve_model(info["student"]).module
     fp32 = work_dir / f"{name}_{height}x{width}.onnx"
     if not fp32.is_file():
@@ -112,7 +108,7 @@ def quantize_one(name: str, info: dict, work_dir: Path, height: int, width: int,
     out = work_dir / f"{name}_{height}x{width}_int8.onnx"
     t0 = time.perf_counter()
     report = quantize_onnx(fp32, out, "synthetic", cfg, progress=True)
-    write_report(report, out.with_name(out.stem + "_report.json"), title=f"INT8 quantization of {name}")
+    write_quantize_report(report, out.with_name(out.stem + "_report.json"), title=f"INT8 quantization of {name}")
     data = report.to_dict()
     data["quantize_seconds"] = time.perf_counter() - t0
     return data
@@ -120,9 +116,6 @@ def quantize_one(name: str, info: dict, work_dir: Path, height: int, width: int,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON and Markdown."""
-    from compress.latency import machine_info, machine_slug
-    from compress.quantize import QuantizeConfig
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="runs/bench-quantize")
     parser.add_argument("--ffs-steps", type=int, default=30)

@@ -25,9 +25,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from compress.atomic import atomic_write
 from compress.latency import machine_info, machine_slug
+from compress.models import resolve_model
+from compress.pipeline import load_run_recipe
+from compress.pipeline.standin import SHIPPED_DIR
+from compress.real_pairs import load_real_pairs, predict_disparity, sgbm, sgbm_num_disparities
 
 try:
     from benchmarks.report import machine_line, write_report
@@ -122,15 +128,9 @@ def goals(summary: dict, recipe_name: str) -> list[dict]:
 
 def picture(summary: dict, path: Path) -> bool:
     """Left image, ground truth, teacher, final student and SGBM disparity of the first real pair, side by side."""
-    import numpy as np
+    # optional (ffsc[bench]) and slow to import: only to draw the picture
     from matplotlib import colormaps
     from matplotlib.figure import Figure
-
-    from compress.atomic import atomic_write
-    from compress.models import resolve_model
-    from compress.pipeline import load_run_recipe
-    from compress.pipeline.standin import SHIPPED_DIR
-    from compress.real_pairs import load_real_pairs, predict_disparity, sgbm, sgbm_num_disparities
 
     run_dir = Path(summary["run_dir"])
     recipe = load_run_recipe(run_dir / "recipe.yaml")

@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from compress.atomic import atomic_write
+from compress.deploy import open_predictor
+from compress.errors import FFSCError
+from compress.latency import machine_info, machine_slug
 from compress.real_pairs import load_motorcycle, require_optional, resize_pair, score, sgbm, sgbm_num_disparities
 
 try:
@@ -52,10 +57,9 @@ def _parse_models(specs: list[str], parser: argparse.ArgumentParser) -> dict[str
 
 
 def _plot(sizes: list[dict[str, Any]], images: list[dict[str, np.ndarray]], path: Path) -> None:
+    # optional (ffsc[bench]) and slow to import: only to draw the figure
     from matplotlib import colormaps
     from matplotlib.figure import Figure
-
-    from compress.atomic import atomic_write
 
     cols = len(images[0])
     fig = Figure(figsize=(3.2 * cols, 2.4 * len(sizes) + 0.4), dpi=100, layout="constrained")
@@ -112,11 +116,6 @@ def _markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run SGBM and every --model on the Motorcycle pair at each height; write JSON, Markdown and PNG."""
-    import torch
-
-    from compress.deploy import open_predictor
-    from compress.latency import machine_info, machine_slug
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
@@ -184,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from compress.errors import FFSCError
-
     try:
         sys.exit(main())
     except FFSCError as e:

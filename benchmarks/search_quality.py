@@ -11,8 +11,8 @@ Two worlds (``--world``), both built on the CPU quick start's recipe (``recipes/
     The shipped stand-in teacher (``teacher.stand_in: shipped``) and the recipe's data exactly (photo-textured
     procedural scenes at 64x128, disparities up to 48 px, labelled by that teacher; ``--train-samples`` /
     ``--eval-samples`` override only the counts). The space is ``subnets``: the stand-in's sub-networks, as the
-    recipe's ``search.parent: auto`` resolves them (:func:`compress.pipeline.search_parent`,
-    :func:`~compress.pipeline.search_space`). The parent is the stand-in itself, so it costs nothing per
+    recipe's ``search.parent: auto`` resolves them (:func:`compress.pipeline.run.search_parent`,
+    :func:`~compress.pipeline.run.search_space`). The parent is the stand-in itself, so it costs nothing per
     study. The truth is each student's final distillation for ``--final-steps`` (default 150) starting from its
     sliced weights, as the pipeline's final distillation starts from the chosen trial's (inherited) student; 150
     is 2x the 20 + 50 steps a quick-start student gets in the pipeline (trial plus final), long enough that the
@@ -53,6 +53,9 @@ Writes benchmarks/results/search-quality-[quickstart-]<machine>[-proxy<steps>][-
 quickstart world tags a proxy budget other than the recipe's); a rerun on the same --work-dir reuses every
 finished training (a work dir holds one world and one data setting), so other proxy budgets cost only their
 proxies: ``--world quickstart --variants inherit --proxy-steps 50``.
+
+Over the project's ~500-line guide on purpose: the two worlds, the stored measurements and the report read one set
+of arguments and rows, and the rank statistics already live apart (``benchmarks/rank_agreement.py``).
 """
 
 from __future__ import annotations
@@ -71,99 +74,54 @@ from typing import Any
 import numpy as np
 import torch
 
+from compress.atomic import atomic_write_text
+from compress.data.datasets import build_dataset
+from compress.device import pick_device
+from compress.distill import distill
+from compress.distill.config import StudentSpec, trial_config
+from compress.distill.label_cache import LabelledDataset, build_label_cache
+from compress.errors import ConfigError
+from compress.evaluation import evaluate_student
+from compress.latency import machine_info, machine_slug
+from compress.nas.inherit import inherit_student, order_by_importance, parent_config
+from compress.pipeline import (
+    labels_config,
+    load_run_recipe,
+    prepare_labels,
+    quiet_third_party,
+    search_parent,
+    search_space,
+    teacher_folder,
+    teacher_scores,
+)
+from compress.pipeline.teacher_stage import get_teacher
+from compress.structured import to_plain
+from search_spaces import SUBNETS, build_student, count_macs, load_space, load_student, save_student
+
 try:
+    from benchmarks.rank_agreement import (
+        against_handmade,
+        front_overlap,
+        kendall_tau_b,
+        pairwise_agreement,
+        spearman,
+        within_groups,
+    )
     from benchmarks.report import machine_line, write_report
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
+    from rank_agreement import (
+        against_handmade,
+        front_overlap,
+        kendall_tau_b,
+        pairwise_agreement,
+        spearman,
+        within_groups,
+    )
     from report import machine_line, write_report
 
 VARIANTS = ("distill", "inherit", "inherit0", "inherit_plain", "distill_hot", "inherit_hot")
 HOT = {"lr_scale": 2.5, "warmup_steps": 2}
 """The few-step schedule of the *_hot variants."""
-
-
-# ------------------------------------------------------------------------------------------- statistics
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean of their positions)."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for v in np.unique(x):
-        tied = x == v
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def kendall_tau_b(a: list[float], b: list[float]) -> float:
-    """Kendall's tau-b (tie-corrected) of two paired samples."""
-    x, y = np.asarray(a, float), np.asarray(b, float)
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif dx == dy:
-                concordant += 1
-            else:
-                discordant += 1
-    denom = np.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
-    return float((concordant - discordant) / denom) if denom else float("nan")
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation (Pearson on average ranks)."""
-    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def pairwise_agreement(proxy: list[float], truth: list[float], margin: float) -> dict[str, float]:
-    """Kendall-style agreement over the pairs whose true values differ by more than ``margin`` (a proxy tie
-    counts as neither): the rank agreement on the pairs that have a reliable true order."""
-    c = d = n = 0
-    for i in range(len(truth)):
-        for j in range(i + 1, len(truth)):
-            if abs(truth[i] - truth[j]) <= margin:
-                continue
-            n += 1
-            s = np.sign(proxy[i] - proxy[j]) * np.sign(truth[i] - truth[j])
-            c, d = c + (s > 0), d + (s < 0)
-    return {"tau": float((c - d) / n) if n else float("nan"), "pairs": n,
-            "concordant_share": float(c / n) if n else float("nan")}
-
-
-def within_groups(proxy: list[float], truth: list[float], groups: list[Any]) -> dict[str, float]:
-    """Kendall-style agreement over the pairs in the same group only (e.g. students of one cost-volume scale): how
-    well a proxy orders students where a coarse design choice does not already decide the order (a tie on either
-    side counts as neither)."""
-    c = d = n = 0
-    for i in range(len(truth)):
-        for j in range(i + 1, len(truth)):
-            if groups[i] != groups[j]:
-                continue
-            n += 1
-            s = np.sign(proxy[i] - proxy[j]) * np.sign(truth[i] - truth[j])
-            c, d = c + (s > 0), d + (s < 0)
-    return {"tau": float((c - d) / n) if n else float("nan"), "pairs": n}
-
-
-def front_overlap(cost: list[float], proxy: list[float], final: list[float]) -> dict[str, Any]:
-    """The proxy's and the true Pareto fronts (minimise cost and error) and how much they share."""
-    from compress.nas.pareto import pareto_front
-
-    true = set(pareto_front(np.c_[cost, final], ["minimize", "minimize"]).tolist())
-    found = set(pareto_front(np.c_[cost, proxy], ["minimize", "minimize"]).tolist())
-    both = true & found
-    return {"true_front": sorted(true), "proxy_front": sorted(found),
-            "recall": len(both) / len(true) if true else float("nan"),
-            "precision": len(both) / len(found) if found else float("nan")}
 
 
 # ------------------------------------------------------------------------------------------- students
@@ -180,23 +138,8 @@ HANDMADE = {
 }
 
 
-def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Whether (cost, error) ``a`` Pareto-dominates ``b`` (no worse in both, better in one)."""
-    return a[0] <= b[0] and a[1] <= b[1] and (a[0] < b[0] or a[1] < b[1])
-
-
-def against_handmade(rows: list[dict], hand: dict, front: list[int]) -> dict[str, Any]:
-    """Which students dominate the hand-made design, and whether the given front has one that does."""
-    point = (hand["gmacs"], hand["final"]["gt/epe"])
-    by = [r["index"] for r in rows if dominates((r["gmacs"], r["final"]["gt/epe"]), point)]
-    beaten = [r["index"] for r in rows if dominates(point, (r["gmacs"], r["final"]["gt/epe"]))]
-    return {"dominated_by": by, "front_dominates": sorted(set(by) & set(front)), "dominates": beaten}
-
-
 def spread_students(space, n: int, pool: int, height: int, width: int, seed: int) -> list[dict[str, Any]]:
     """``n`` distinct students at evenly spaced GMACs quantiles of ``pool`` random members of the space."""
-    from search_spaces import build_student, count_macs
-
     rng = random.Random(seed)
     seen, candidates = set(), []
     for _ in range(pool * 20):
@@ -278,10 +221,6 @@ class World:
     0 scores the truth on the recipe's held-out set, as the proxies are."""
 
     def __init__(self, args: argparse.Namespace, overrides: list[str], truth_samples: int = 0) -> None:
-        from compress.device import pick_device
-        from compress.pipeline import labels_config, load_run_recipe, prepare_labels, teacher_scores
-        from compress.pipeline.teacher_stage import get_teacher
-
         self.recipe = load_run_recipe(RECIPE, [f"run_dir={args.work_dir}", f"seed={args.seed}", *overrides])
         self.height, self.width = self.recipe.height, self.recipe.width
         self.run_dir = Path(args.work_dir)
@@ -297,10 +236,6 @@ class World:
 
     def _held_out(self, split: str, n: int):
         """Another held-out set of ``n`` scenes from the recipe's held-out generator, labelled by the teacher."""
-        from compress.data.datasets import build_dataset
-        from compress.distill.label_cache import LabelledDataset, build_label_cache
-        from compress.errors import ConfigError
-
         spec = self.recipe.data.eval
         if spec.kind != "synthetic":
             raise ConfigError(f"--truth-samples: the held-out data are {spec.kind!r}, not synthetic; pass 0")
@@ -324,32 +259,21 @@ class World:
         """Distil a student exactly as a search trial does (same loss, optimiser and warm-up rule; ``hot``: the
         few-step schedule), or with ``final`` as the pipeline's final distillation does (its batch, the recipe's
         warm-up unclipped)."""
-        from compress.distill import distill
-        from compress.distill.config import StudentSpec, from_label_cache
-
         spec = (StudentSpec(kind="search_space", init_checkpoint=str(init)) if init is not None
                 else StudentSpec(kind="search_space", config=cfg.to_dict()))
-        if final:
-            batch, optim = self.recipe.distill.batch_size, self.recipe.optim
-        else:
-            batch = self.recipe.search.batch_size
-            optim = dataclasses.replace(self.recipe.optim,
-                                        warmup_steps=min(self.recipe.optim.warmup_steps, steps // 4))
+        r = self.recipe
+        dc = trial_config(out_dir, spec, r.data.train, self.labels_dir, self.labels, cfg.iters, steps=steps,
+                          batch_size=r.distill.batch_size if final else r.search.batch_size, loss=r.loss,
+                          optim=r.optim, seed=self.args.seed if seed is None else seed, device=str(self.device),
+                          crop_size=r.data.crop_size)
+        if final:  # the pipeline's final distillation: the recipe's warm-up, unclipped
+            dc.optim = r.optim
         if hot:
-            optim = dataclasses.replace(optim, lr=optim.lr * HOT["lr_scale"], warmup_steps=HOT["warmup_steps"])
-        dc = from_label_cache(
-            out_dir, spec, self.recipe.data.train, self.labels_dir, self.labels, cfg.iters,
-            crop_size=self.recipe.data.crop_size, seed=self.args.seed if seed is None else seed,
-            steps=steps, batch_size=batch, amp="off", device=str(self.device),
-            log_every=max(1, steps // 4), checkpoint_every=steps, progress=False, loss=self.recipe.loss,
-            optim=optim,
-        )
+            dc.optim = dataclasses.replace(dc.optim, lr=dc.optim.lr * HOT["lr_scale"], warmup_steps=HOT["warmup_steps"])
         return distill(dc).student_path
 
     def score(self, model: torch.nn.Module, truth: bool = False) -> dict[str, float]:
         """EPE/D1 against the teacher and against ground truth on the held-out set (``truth``: the truth's)."""
-        from compress.evaluation import evaluate_student
-
         return evaluate_student(model.to(self.device).eval(), self.truth_set if truth else self.eval_set,
                                 iters=model.cfg.iters, device=self.device)
 
@@ -365,9 +289,6 @@ class Results:
 
     def check_world(self, fingerprint: dict[str, Any]) -> None:
         """Refuse measurements made in another world or on other data (their trainings would be resumed as done)."""
-        from compress.atomic import atomic_write_text
-        from compress.errors import ConfigError
-
         plain = json.loads(json.dumps(fingerprint, default=str))
         stored = self.data.get(self.WORLD_KEY)
         if stored is not None and stored != plain:
@@ -378,8 +299,6 @@ class Results:
 
     def get(self, key: str, make) -> Any:
         """The stored value of ``key``, or ``make()``'s, stored."""
-        from compress.atomic import atomic_write_text
-
         if key not in self.data:
             t0 = time.perf_counter()
             value = make()
@@ -393,7 +312,7 @@ class Results:
 
 
 def _plot(rows: list[dict], variants: list[str], out_png: Path, title: str, handmade: dict | None = None) -> None:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional (ffsc[bench]) and slow to import: only to draw the plot
 
     panels = len(variants) + 1
     cols = min(panels, 4)
@@ -430,8 +349,6 @@ def _plot(rows: list[dict], variants: list[str], out_png: Path, title: str, hand
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with the world's defaults (and ``--quick``'s budgets) filled in where not given."""
-    from search_spaces import SUBNETS
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", choices=WORLDS, default="legacy",
                         help="quickstart: the quick start's recipe as it runs (shipped stand-in, its sub-networks, "
@@ -482,12 +399,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON, Markdown and PNG."""
-    from compress.latency import machine_info, machine_slug
-    from compress.nas.inherit import inherit_student, order_by_importance, parent_config
-    from compress.pipeline import quiet_third_party, search_parent, search_space, teacher_folder
-    from compress.structured import to_plain
-    from search_spaces import build_student, count_macs, load_space, load_student, save_student
-
     command = "python benchmarks/search_quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     variants = args.variants

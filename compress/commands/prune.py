@@ -14,7 +14,7 @@ _FLAGS = {
     "data": "data.path", "data_kind": "data.kind",
     "samples": "data.num_samples", "importance": "importance.method", "step_ratio": "step_ratio",
     "max_steps": "max_steps", "round_to": "round_to", "max_ratio": "max_ratio",
-    "distill_steps": "distill.steps_between", "recovery_steps": "distill.recovery_steps", "lr": "distill.lr",
+    "distill_steps": "distill.steps_between", "recovery_steps": "distill.recovery_steps", "lr": "distill.optim.lr",
     "train_iters": "distill.train_iters", "teacher_iters": "distill.teacher_iters", "recovery_recipe": "distill.recipe",
     "seed": "seed",
 }
@@ -123,7 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Iteratively prune -> distil -> measure until the budget is met, then recover by "
         "distillation. Flags override the recipe's keys; trailing key=value pairs override both.",
     )
-    p.add_argument("overrides", nargs="*", help="PruneConfig overrides, e.g. distill.lr=5e-5 data.size=[320,640]")
+    p.add_argument("overrides", nargs="*", help="PruneConfig overrides, e.g. distill.optim.lr=5e-5 data.size=[320,640]")
     p.add_argument("--recipe", help="YAML recipe (see recipes/prune_to_budget.yaml)")
     p.add_argument("--model", help="saved student/pruned-teacher folder, teacher checkpoint, or preset:NAME")
     p.add_argument("--teacher", help="distillation teacher (same forms); default: the unpruned model itself")

@@ -15,6 +15,7 @@ from compress.data import DATASET_KINDS
 from compress.data.synthetic import SyntheticConfig
 from compress.errors import ConfigError
 from compress.structured import check_size, did_you_mean, load_structured, to_plain
+from compress.training import OptimConfig
 
 __all__ = [
     "AMP_MODES",
@@ -32,6 +33,7 @@ __all__ = [
     "config_to_dict",
     "from_label_cache",
     "load_recipe",
+    "trial_config",
 ]
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -288,35 +290,6 @@ class DataConfig:
                 raise ConfigError(f"data.{key}: got {getattr(self, key)}, expected a probability in [0, 1]")
 
 
-# --------------------------------------------------------------------------------------------- optimiser
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
-
-    lr: float = 2e-4
-    weight_decay: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-    """Clip the global gradient norm to this; None = no clipping."""
-
-    def __post_init__(self) -> None:
-        _positive("optim.lr", self.lr)
-        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"optim.betas: got {list(self.betas)}, expected two numbers in [0, 1)")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps: got {self.warmup_steps}, expected >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio: got {self.min_lr_ratio}, expected within [0, 1]")
-        if self.grad_clip is not None:
-            _positive("optim.grad_clip", self.grad_clip)
-
-
 # ---------------------------------------------------------------------------------------------------- run
 
 
@@ -388,6 +361,18 @@ def from_label_cache(run_dir: str | Path, student: StudentSpec, train: DatasetSp
     return DistillConfig(run_dir=str(run_dir), train_iters=iters, eval_iters=iters, eval_every=0, student=student,
                          data=DataConfig(train=train, eval=None, eval_samples=0, crop_size=crop_size),
                          teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=labels), **settings)
+
+
+def trial_config(run_dir: str | Path, student: StudentSpec, train: DatasetSpec, labels_dir: str | Path,
+                 labels: LabelCacheConfig, iters: int, *, steps: int, batch_size: int, loss: LossConfig,
+                 optim: OptimConfig, seed: int, device: str, crop_size: list[int] | None = None) -> DistillConfig:
+    """The short distillation of a search trial (and of its parent) from a label cache: fp32, quiet, one checkpoint
+    at the end, the warm-up clipped to a quarter of the steps."""
+    return from_label_cache(
+        run_dir, student, train, labels_dir, labels, iters, crop_size=crop_size, seed=seed, steps=steps,
+        batch_size=batch_size, amp="off", device=device, log_every=max(1, steps // 4), checkpoint_every=steps,
+        progress=False, loss=loss, optim=dataclasses.replace(optim, warmup_steps=min(optim.warmup_steps, steps // 4)),
+    )
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:

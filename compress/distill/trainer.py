@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -49,7 +50,18 @@ from compress.models import (
     teacher_from_spec,
     torch_load,
 )
-from compress.training import autocast, fit, rng_state, seed_all, set_rng_state, to_device
+from compress.terminal import console
+from compress.training import (
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    fit,
+    rng_state,
+    seed_all,
+    set_rng_state,
+    to_device,
+)
+from search_spaces.serialization import record_layer_shapes
 from teacher.inference import infer, model_iters
 from teacher.outputs import StereoOutput
 from teacher.stages import use_precision
@@ -79,8 +91,6 @@ def _student_config(model: nn.Module, spec: StudentSpec) -> dict[str, Any] | Non
     cfg = getattr(model, "cfg", None)
     if spec.kind != "search_space" or cfg is None or not hasattr(cfg, "to_dict"):
         return None
-    from search_spaces.serialization import record_layer_shapes
-
     return cfg.replace(layer_shapes=record_layer_shapes(model, cfg)).to_dict()
 
 
@@ -144,13 +154,6 @@ class _StudentWithLoss(nn.Module):
             )
         with torch.autocast(device_type=left.device.type, enabled=False):
             return self.loss(out, targets, gt)
-
-
-def _lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -217,10 +220,8 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.ddp_find_unused_parameters,
             )
-        self.optimizer = self._optimizer()
-        lr_factor = functools.partial(_lr_factor, warmup=cfg.optim.warmup_steps, total=cfg.steps,
-                                      min_ratio=cfg.optim.min_lr_ratio)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        self.optimizer = build_optimizer(self.module.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.sampler = ResumableSampler(self.train_set, self.dist.world_size, self.dist.rank, cfg.seed)
         self.steps_per_epoch = len(self.sampler) // cfg.batch_size
@@ -371,18 +372,7 @@ class Trainer:
             )
         return adapters.to(self.device)
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        decay, no_decay = [], []
-        for p in self.module.parameters():
-            if p.requires_grad:
-                (decay if p.ndim > 1 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-
     def _write_config(self) -> None:
-        import yaml
-
         atomic_write_text(self.run_dir / CONFIG_NAME, yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
 
     # ------------------------------------------------------------------------------------ checkpoints
@@ -576,8 +566,6 @@ class Trainer:
             return postfix
 
         if self.resumed_from is not None and self.dist.is_main:  # said even without progress: steps run again
-            from compress.terminal import console
-
             console().print(f"distilling in {self.run_dir}: resuming from step {self.step} of {cfg.steps}, its last "
                             f"checkpoint (every {cfg.checkpoint_every} steps); any steps after it run again")
         fit(self.module.parameters(), self.batch_loss, self.batches(), self.optimizer, self.scheduler, steps=cfg.steps,

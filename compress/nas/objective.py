@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from compress.distill.config import (
     LossConfig,
     OptimConfig,
     StudentSpec,
-    from_label_cache,
+    trial_config,
 )
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
@@ -92,12 +91,9 @@ class StudentSearchObjective:
 
     def _distill_config(self, run_dir: Path, spec: StudentSpec, iters: int, steps: int):
         s = self.s
-        return from_label_cache(
-            run_dir, spec, s.train_data, s.labels_dir, s.labels, iters, crop_size=s.crop_size, seed=s.seed, steps=steps,
-            batch_size=s.batch_size, amp="off", device=s.device, log_every=max(1, steps // 4),
-            checkpoint_every=steps, progress=False, loss=s.loss,
-            optim=dataclasses.replace(s.optim, warmup_steps=min(s.optim.warmup_steps, steps // 4)),
-        )
+        return trial_config(run_dir, spec, s.train_data, s.labels_dir, s.labels, iters, steps=steps,
+                            batch_size=s.batch_size, loss=s.loss, optim=s.optim, seed=s.seed, device=s.device,
+                            crop_size=s.crop_size)
 
     def parent(self) -> torch.nn.Module:
         """The study's parent: the trained one named by the settings, or the space's largest member distilled once

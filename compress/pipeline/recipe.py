@@ -16,6 +16,8 @@ from compress.real_pairs import RealPairsConfig
 from compress.structured import check_size, load_structured, to_plain
 from compress.tracking import TrackingConfig
 
+from .standin import standin_optim
+
 CHOICES = ("min_error", "fastest")
 EXPORT_FORMATS = ("onnx", "onnx_int8", "engine")
 ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -24,6 +26,8 @@ ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")
 @dataclass
 class TeacherStage:
     """The teacher: an official checkpoint, or (without one) a small stand-in trained on ground truth."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"train_lr": "optim.lr"}
 
     checkpoint: str | None = None
     """Official FoundationStereo model_best_bp2.pth (cfg.yaml beside it)."""
@@ -41,7 +45,8 @@ class TeacherStage:
     fallback_overrides: dict[str, Any] = field(default_factory=dict)
     train_steps: int = 300
     train_batch_size: int = 4
-    train_lr: float = 1e-3
+    optim: OptimConfig = field(default_factory=standin_optim)
+    """How the stand-in trains with stand_in 'train' (the stand-in recipe's optimiser)."""
 
     def __post_init__(self) -> None:
         if not self.stand_in:
@@ -50,7 +55,6 @@ class TeacherStage:
         why = "the stand-in teacher trains when no checkpoint is given"
         require_at_least("teacher.train_steps", self.train_steps, 1, why)
         require_at_least("teacher.train_batch_size", self.train_batch_size, 1, why)
-        require_positive("teacher.train_lr", self.train_lr)
         if self.iters is not None:
             require_at_least("teacher.iters", self.iters, 1)
 

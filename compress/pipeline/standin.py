@@ -20,10 +20,11 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,24 +33,39 @@ from torch.utils.data import default_collate
 
 from compress.atomic import atomic_write, atomic_write_text, sha256_file
 from compress.data.augment import AugmentConfig, StereoAugmentor
+from compress.data.io import read_image, write_image
 from compress.data.synthetic import SKIMAGE_TEXTURES, SyntheticConfig, SyntheticStereoDataset, skimage_photos
 from compress.distill.config import DatasetSpec, OutputLossConfig
 from compress.distill.losses import GroundTruth, TeacherTargets, output_loss
 from compress.errors import CheckpointError, ConfigError, DataError
-from compress.preflight import require_at_least, require_positive
+from compress.evaluation import evaluate_student
+from compress.machine import machine_info
+from compress.preflight import require_at_least
 from compress.structured import load_structured, to_plain
-from compress.training import fit, to_device
+from compress.training import OptimConfig, build_optimizer, build_scheduler, fit, to_device
+from search_spaces import build_student, load_student, preset, save_student
+from search_spaces.serialization import WEIGHTS_NAME
 
 SHIPPED_DIR = Path(str(files("teacher") / "standin"))
 """Where the shipped stand-in teacher lives (a saved student directory, package data of search_spaces)."""
 
 
 _GT_LOSS = OutputLossConfig(weight=0.0, gt_weight=1.0, init_weight=0.5, max_disp=None)
+_OPTIM_KEYS = ("lr", "weight_decay", "grad_clip")
+"""The stand-in recipe's optimiser keys before they moved under ``optim``."""
+
+
+def standin_optim() -> OptimConfig:
+    """How a stand-in teacher is optimised: AdamW on every parameter, torch's one-cycle schedule."""
+    return OptimConfig(lr=1e-3, weight_decay=1e-5, schedule="one_cycle", warmup_steps=0, warmup_ratio=0.05,
+                       decay_all=True, grad_clip=1.0)
 
 
 @dataclass
 class StandInRecipe:
     """How the stand-in teacher is trained: model preset, procedural data, augmentation and schedule."""
+
+    RENAMED: ClassVar[dict[str, str]] = {key: f"optim.{key}" for key in _OPTIM_KEYS}
 
     preset: str = "standin_teacher"
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -69,9 +85,7 @@ class StandInRecipe:
     """Given jitter, the probability that the right view gets its own (a camera mismatch)."""
     steps: int = 1500
     batch_size: int = 2
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    grad_clip: float = 1.0
+    optim: OptimConfig = field(default_factory=standin_optim)
     seed: int = 0
     checkpoint_every: int = 100
 
@@ -79,7 +93,6 @@ class StandInRecipe:
         require_at_least("steps", self.steps, 1)
         require_at_least("batch_size", self.batch_size, 1)
         require_at_least("checkpoint_every", self.checkpoint_every, 1)
-        require_positive("lr", self.lr)
         if self.crop is not None and (len(self.crop) != 2 or any(c <= 0 or c % 32 for c in self.crop)):
             raise ConfigError(f"crop: got {self.crop}, expected [height, width], positive multiples of 32, or null")
         syn = self.data.synthetic
@@ -102,10 +115,62 @@ def gt_loss(model: nn.Module, batch: dict[str, Any], device: torch.device,
     return parts["output_gt"] + parts["init"], parts
 
 
+class GroundTruthTrainer:
+    """A stand-in teacher trained on ground truth: its model, optimiser, schedule and losses. The one algorithm of
+    ``ffsc teacher train-standin`` and of a run's ``teacher.stand_in: train``; each hands it its own batches."""
+
+    def __init__(self, preset_name: str, overrides: dict[str, Any], optim: OptimConfig, steps: int, seed: int,
+                 device: torch.device, key: str = "optim.lr") -> None:
+        torch.manual_seed(seed)
+        self.cfg = preset(preset_name, **overrides)
+        self.model = build_student(self.cfg).to(device).train()
+        self.optim, self.steps, self.device, self.key = optim, steps, device, key
+        self.optimizer = build_optimizer(self.model.parameters(), optim)
+        self.scheduler = build_scheduler(self.optimizer, optim, steps)
+        self.losses: list[float] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimiser, schedule and losses, to resume from."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "losses": self.losses}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from what :meth:`state_dict` returned."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.losses = list(state["losses"])
+
+    def fit(self, batches: Iterable[dict[str, Any]], start: int = 0, after_step: Callable[[int], None] | None = None,
+            desc: str = "stand-in teacher", progress: bool = True) -> None:
+        """Train from step ``start`` to the last one; a non-finite loss stops it with the key to lower."""
+
+        def on_step(step: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, str]:
+            self.losses.append(float(total))
+            if not math.isfinite(self.losses[-1]):
+                raise DataError(f"the stand-in teacher's loss is not finite at step {step}; lower {self.key} "
+                                f"({self.optim.lr})")
+            if after_step is not None:
+                after_step(step)
+            return {"loss": f"{np.mean(self.losses[-20:]):.3f}"}
+
+        fit(self.model.parameters(), lambda b: gt_loss(self.model, b, self.device, self.cfg.iters), batches,
+            self.optimizer, self.scheduler, steps=self.steps, start=start, grad_clip=self.optim.grad_clip,
+            on_step=on_step, desc=desc, progress=progress)
+        self.model.eval()
+
+
+def _recorded(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe recorded before its optimiser keys moved under ``optim`` (an old state file), in today's keys."""
+    if "optim" in recipe:
+        return recipe
+    moved = {k: recipe[k] for k in _OPTIM_KEYS if k in recipe}
+    rest = {k: v for k, v in recipe.items() if k not in moved}
+    return {**rest, "optim": to_plain(dataclasses.replace(standin_optim(), **moved))}
+
+
 def export_skimage_textures(out_dir: Path) -> dict[str, str]:
     """Write scikit-image's bundled photographs in SKIMAGE_TEXTURES as PNGs; returns {file: sha256}."""
-    from compress.data.io import write_image
-
     out_dir.mkdir(parents=True, exist_ok=True)
     hashes = {}
     for name, img in zip(SKIMAGE_TEXTURES, skimage_photos(), strict=True):
@@ -116,14 +181,12 @@ def export_skimage_textures(out_dir: Path) -> dict[str, str]:
 
 
 def _skimage_version() -> str:
-    import skimage
+    import skimage  # optional (ffsc[real]) and slow to import: only when its photographs were used
 
     return skimage.__version__
 
 
 def _texture_hashes(folder: Path) -> dict[str, str]:
-    from compress.data.io import read_image
-
     return {f.name: hashlib.sha256(np.ascontiguousarray(read_image(f)).tobytes()).hexdigest()
             for f in sorted(folder.iterdir()) if f.is_file()}
 
@@ -141,8 +204,6 @@ def _datasets(recipe: StandInRecipe, texture_dir: str | None) -> tuple[Synthetic
 def train_standin(recipe: StandInRecipe, out_dir: str | Path, device: torch.device,
                   progress: bool = True) -> Path:
     """Train the stand-in teacher into ``out_dir`` (a saved student plus ``training.json``); resumes a stopped run."""
-    from search_spaces import build_student, preset, save_student
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     texture_dir, hashes = None, {}
@@ -156,23 +217,16 @@ def train_standin(recipe: StandInRecipe, out_dir: str | Path, device: torch.devi
         hashes = _texture_hashes(texture_dir)
     train_set, eval_set = _datasets(recipe, None if texture_dir is None else str(texture_dir))
 
-    cfg = preset(recipe.preset, **recipe.overrides)
-    torch.manual_seed(recipe.seed)
-    model = build_student(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.05,
-                                                anneal_strategy="cos")
+    trainer = GroundTruthTrainer(recipe.preset, recipe.overrides, recipe.optim, recipe.steps, recipe.seed, device)
     state_file = out_dir / "train_state.pt"
-    start, losses, seconds = 0, [], 0.0
+    start, seconds = 0, 0.0
     if state_file.is_file():
         state = torch.load(state_file, map_location=device, weights_only=False)
-        if state["recipe"] != to_plain(recipe):
+        if _recorded(state["recipe"]) != to_plain(recipe):
             raise ConfigError(f"{state_file} was written by a different recipe; delete it (or use another --out) "
                               "to train this one from the start")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, losses, seconds = state["step"], state["losses"], state["seconds"]
+        trainer.load_state_dict(state)
+        start, seconds = state["step"], state["seconds"]
 
     def batches():
         for step in range(start, recipe.steps):
@@ -180,31 +234,17 @@ def train_standin(recipe: StandInRecipe, out_dir: str | Path, device: torch.devi
             yield default_collate([train_set[base + k] for k in range(recipe.batch_size)])
 
     def save_state(step: int) -> None:
-        state = {"recipe": to_plain(recipe), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "step": step, "losses": losses,
-                 "seconds": seconds + time.perf_counter() - t0}
-        atomic_write(state_file, lambda tmp: torch.save(state, tmp))
-
-    def on_step(step: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, str]:
-        losses.append(float(total))
-        if not math.isfinite(losses[-1]):
-            raise DataError(f"the stand-in teacher's loss is not finite at step {step}; lower lr ({recipe.lr})")
         if step % recipe.checkpoint_every == 0 and step < recipe.steps:
-            save_state(step)
-        return {"loss": f"{np.mean(losses[-20:]):.3f}"}
+            state = {"recipe": to_plain(recipe), **trainer.state_dict(), "step": step,
+                     "seconds": seconds + time.perf_counter() - t0}
+            atomic_write(state_file, lambda tmp: torch.save(state, tmp))
 
     t0 = time.perf_counter()
-    fit(model.parameters(), lambda b: gt_loss(model, b, device, cfg.iters), batches(), opt, sched,
-        steps=recipe.steps, start=start, grad_clip=recipe.grad_clip, on_step=on_step, desc="stand-in teacher",
-        progress=progress)
+    trainer.fit(batches(), start=start, after_step=save_state, progress=progress)
     seconds += time.perf_counter() - t0
-    model.eval()
-    from compress.evaluation import evaluate_student
-
-    metrics = evaluate_student(model, eval_set, iters=cfg.iters, device=device)
+    model, losses = trainer.model, trainer.losses
+    metrics = evaluate_student(model, eval_set, iters=trainer.cfg.iters, device=device)
     save_student(model, out_dir)
-    from compress.latency import machine_info
-
     record = {
         "recipe": to_plain(recipe), "textures": hashes, "steps": recipe.steps, "train_seconds": seconds,
         "machine": machine_info(), "torch": torch.__version__, "python": platform.python_version(),
@@ -221,15 +261,11 @@ def train_standin(recipe: StandInRecipe, out_dir: str | Path, device: torch.devi
 
 def weights_digest(path: Path) -> str:
     """sha256 of a saved student's weights file (the stand-in's identity in label caches)."""
-    from search_spaces.serialization import WEIGHTS_NAME
-
     return sha256_file(Path(path) / WEIGHTS_NAME)
 
 
 def load_standin(where: str, device: torch.device) -> tuple[nn.Module, Path]:
     """The stand-in teacher named by ``where``: 'shipped' or a saved student directory."""
-    from search_spaces import load_student
-
     path = SHIPPED_DIR if where == "shipped" else Path(where).expanduser()
     try:
         return load_student(path, device=device), path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,11 @@ from torch.utils.data import DataLoader
 
 from compress.data.datasets import build_dataset
 from compress.errors import DataError
-from compress.training import fit
+from search_spaces import load_student, save_student
+from teacher import load_teacher
 
 from .recipe import RunRecipe
-from .standin import gt_loss, load_standin, weights_digest
+from .standin import GroundTruthTrainer, load_standin, weights_digest
 
 
 @dataclass
@@ -39,8 +39,6 @@ class TeacherInfo:
 
 
 def _official(recipe: RunRecipe, device: torch.device) -> TeacherInfo:
-    from teacher import load_teacher
-
     spec = recipe.teacher
     model = load_teacher(spec.checkpoint, cfg=spec.config, device=device, trust_pickle=spec.trust_checkpoint)
     identity = {"kind": "foundation_stereo", "checkpoint": str(spec.checkpoint), **model.cfg.to_dict()}
@@ -50,8 +48,6 @@ def _official(recipe: RunRecipe, device: torch.device) -> TeacherInfo:
 
 def train_fallback_teacher(recipe: RunRecipe, out_dir: Path, device: torch.device) -> TeacherInfo:
     """Train the stand-in teacher on the training set's ground truth (reused when already in ``out_dir``)."""
-    from search_spaces import build_student, load_student, preset, save_student
-
     spec = recipe.teacher
     done = out_dir / "teacher.json"
     if done.is_file():
@@ -59,9 +55,8 @@ def train_fallback_teacher(recipe: RunRecipe, out_dir: Path, device: torch.devic
         info = json.loads(done.read_text())
         return TeacherInfo(model, info["description"], info["identity"], True, out_dir)
 
-    cfg = preset(spec.fallback_preset, **spec.fallback_overrides)
-    torch.manual_seed(recipe.seed)
-    model = build_student(cfg).to(device).train()
+    trainer = GroundTruthTrainer(spec.fallback_preset, spec.fallback_overrides, spec.optim, spec.train_steps,
+                                 recipe.seed, device, key="teacher.optim.lr")
     dataset = build_dataset(recipe.data.train, seed=recipe.seed)
     probe = dataset[0]
     if not bool(probe.get("has_gt", False)):
@@ -74,23 +69,10 @@ def train_fallback_teacher(recipe: RunRecipe, out_dir: Path, device: torch.devic
     if len(loader) == 0:
         raise DataError(f"the training set has {len(dataset)} samples, fewer than teacher.train_batch_size "
                         f"{spec.train_batch_size}; lower it or add data")
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.train_lr, weight_decay=1e-5)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.train_lr, total_steps=spec.train_steps,
-                                                pct_start=0.05, anneal_strategy="cos")
     start = time.perf_counter()
-    losses: list[float] = []
-
-    def after_step(step: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, str]:
-        losses.append(float(total))
-        return {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}
-
     epochs = itertools.chain.from_iterable(itertools.repeat(loader))  # reshuffled by the generator each pass
-    fit(model.parameters(), lambda b: gt_loss(model, b, device, cfg.iters), epochs, opt, sched,
-        steps=spec.train_steps, grad_clip=1.0, on_step=after_step, desc="teacher (ground truth)",
-        progress=recipe.progress)
-    if not all(math.isfinite(x) for x in losses[-10:]):
-        raise DataError("the stand-in teacher's training diverged (non-finite loss); lower teacher.train_lr")
-    model.eval()
+    trainer.fit(epochs, desc="teacher (ground truth)", progress=recipe.progress)
+    model, losses = trainer.model, trainer.losses
     save_student(model, out_dir)
     description = (f"stand-in teacher '{spec.fallback_preset}' trained here on ground truth for {spec.train_steps} "
                    f"steps ({time.perf_counter() - start:.0f} s; no official checkpoint given)")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from compress.atomic import atomic_write_text
@@ -28,6 +29,7 @@ from compress.device import pick_device
 from compress.errors import ConfigError
 from compress.models import resolve_model
 from compress.terminal import progress_bar
+from search_spaces.serialization import load_model, save_model
 from teacher import model_iters
 
 from .config import PruneConfig
@@ -68,8 +70,6 @@ def prune_to_budget(
 ) -> PruneResult:
     """Run a pruning recipe end to end (see the module docstring); ``model``/``teacher``/``samples`` (as
     :func:`crop_samples` returns them) override the recipe's specs."""
-    from search_spaces.serialization import load_model, save_model
-
     callbacks = list(callbacks)
     kind, value = cfg.budget.kind, cfg.budget.value
     if kind is None:
@@ -84,8 +84,6 @@ def prune_to_budget(
         # no result beside its own config and partial log, and a half-rewritten model/ is never taken as finished.
         (out / RESULT_NAME).unlink(missing_ok=True)
         (out / LOG_NAME).unlink(missing_ok=True)
-        import yaml
-
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     model = (model if model is not None else resolve_model(cfg.model, seed=cfg.seed).module).to(device).eval()
     check_scope(rules_for(model), cfg.scope)  # before the teacher runs over the data
@@ -142,9 +140,9 @@ def prune_to_budget(
             )
             if not changed:
                 break  # every in-scope group is at its smallest allowed width
-            loss = distiller.train(model, cfg.distill.steps_between, cfg.distill.lr, cfg.distill.batch_size,
-                                   cfg.distill.grad_clip, cfg.distill.freeze_norm_stats,
-                                   desc=f"distilling after step {step}", progress=cfg.progress)
+            loss = distiller.train(model, cfg.distill.steps_between, cfg.distill.optim, cfg.distill.batch_size,
+                                   cfg.distill.freeze_norm_stats, desc=f"distilling after step {step}",
+                                   progress=cfg.progress)
             model.eval()
             cost = measure_cost(model, cfg, latency=kind == "latency_ms")
             record = StepRecord(
@@ -172,8 +170,8 @@ def prune_to_budget(
         recovery.update(info)
     else:
         recovery["loss"] = distiller.train(
-            model, cfg.distill.recovery_steps, cfg.distill.lr, cfg.distill.batch_size, cfg.distill.grad_clip,
-            cfg.distill.freeze_norm_stats, desc="recovery", progress=cfg.progress,
+            model, cfg.distill.recovery_steps, cfg.distill.optim, cfg.distill.batch_size, cfg.distill.freeze_norm_stats,
+            desc="recovery", progress=cfg.progress,
         )
     model.eval()
     recovery["eval_after"] = evaluate_on_targets(model, distiller, cfg.data.eval_samples, eval_iters, device)

@@ -16,6 +16,7 @@ from compress.latency import LatencyConfig
 from compress.pruning_rules import PARTS
 from compress.structured import check_size, load_structured, to_plain
 from compress.tracking import TrackingConfig
+from compress.training import OptimConfig
 
 from .importance import METHODS
 
@@ -71,15 +72,17 @@ class DataSpec(DatasetSpec):
 class DistillSpec:
     """Distillation between pruning steps and after the last one (recovery), against the teacher."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"lr": "optim.lr", "grad_clip": "optim.grad_clip"}
+
     steps_between: int = 20
     recovery_steps: int = 200
-    lr: float = 1e-4
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, warmup_steps=0))
+    """The built-in loop's optimiser: cosine decay from ``optim.lr`` over each distillation, no warm-up."""
     batch_size: int = 1
     train_iters: int = 4
     """Student GRU iterations while distilling."""
     teacher_iters: int | None = None
     """Teacher GRU iterations for the targets; None = the teacher's deployment count."""
-    grad_clip: float = 1.0
     gt_weight: float = 0.0
     """Weight of the smooth-L1 to ground truth where a sample has it (0 = distillation only)."""
     init_weight: float = 0.0
@@ -95,8 +98,9 @@ class DistillSpec:
         if self.steps_between < 0 or self.recovery_steps < 0:
             raise ConfigError(f"distill.steps_between/recovery_steps: got {self.steps_between}/"
                               f"{self.recovery_steps}, expected >= 0")
-        if self.lr <= 0 or self.batch_size < 1 or self.train_iters < 1 or self.grad_clip <= 0:
-            raise ConfigError("distill.lr, batch_size, train_iters and grad_clip must be positive")
+        if self.batch_size < 1 or self.train_iters < 1:
+            raise ConfigError(f"distill.batch_size/train_iters: got {self.batch_size}/{self.train_iters}, "
+                              "expected >= 1")
         if self.gt_weight < 0 or self.init_weight < 0:
             raise ConfigError(f"distill.gt_weight/init_weight: got {self.gt_weight}/{self.init_weight}, "
                               "expected >= 0")

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from compress.backends import get_backend
+from compress.latency import measure
+from search_spaces import count_macs, count_params
 from teacher import model_iters
 
 from .config import PruneConfig
@@ -20,9 +22,6 @@ from .trace import meta_copy
 
 def measure_cost(model: nn.Module, cfg: PruneConfig, latency: bool) -> dict[str, Any]:
     """MACs and parameters (at the latency size and iterations), and the latency when ``latency``."""
-    from compress.latency import measure
-    from search_spaces import count_macs
-
     spec = cfg.latency
     iters = model_iters(model, spec.iters, key="latency.iters")
     cost = count_macs(model, spec.height, spec.width, iters=iters)
@@ -74,7 +73,6 @@ class LayerCosts:
 def layer_costs(model: nn.Module, height: int, width: int, iters: int, total_macs: int | None = None) -> LayerCosts:
     """Per-layer MACs and parameters from one forward on a meta-device copy (shapes only); the model's total
     MACs come from ``search_spaces.count_macs`` unless given."""
-    from search_spaces import count_macs, count_params
 
     macs: dict[str, int] = {}
     meta = meta_copy(model, ())

@@ -6,17 +6,21 @@ recipe (``distill.recipe``) runs the full ``compress.distill`` trainer instead.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from compress.distill import DistillLoss, GroundTruth, LossConfig, TeacherTargets, distill, load_recipe
+from compress.distill.config import FeatureLossConfig, OutputLossConfig
 from compress.errors import ConfigError, FFSCError
+from compress.evaluation import evaluate_student
 from compress.models import resolve_model
 from compress.terminal import progress_bar
-from compress.training import fit
+from compress.training import OptimConfig, build_optimizer, build_scheduler, fit
+from search_spaces import StudentStereo
+from search_spaces.serialization import save_model
 
 from .config import PruneConfig
 from .samples import collate, index_batches
@@ -36,9 +40,6 @@ class Distiller:
 
     def __init__(self, teacher: nn.Module, samples: list[dict], device: torch.device, teacher_iters: int,
                  train_iters: int, progress: bool = False, gt_weight: float = 0.0, init_weight: float = 0.0) -> None:
-        from compress.distill import DistillLoss, LossConfig, TeacherTargets
-        from compress.distill.config import FeatureLossConfig, OutputLossConfig
-
         self.samples = samples
         self.device = device
         self.train_iters = train_iters
@@ -53,10 +54,8 @@ class Distiller:
                               test_mode=True, return_intermediates=True)
                 self.targets.append(TeacherTargets.from_output(out, feature_levels=[]).to("cpu"))
 
-    def targets_for(self, idxs: list[int]):
+    def targets_for(self, idxs: list[int]) -> TeacherTargets:
         """The batched teacher targets of samples ``idxs`` on the device."""
-        from compress.distill import TeacherTargets
-
         ts = [self.targets[i] for i in idxs]
         prob = None if ts[0].prob is None else torch.cat([t.prob for t in ts])
         return TeacherTargets(disp=torch.cat([t.disp for t in ts]), prob=prob, prob_scale=ts[0].prob_scale).to(
@@ -65,23 +64,21 @@ class Distiller:
 
     def loss_of(self, model: nn.Module, idxs: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Distillation loss of ``model`` on samples ``idxs`` (with gradients)."""
-        from compress.distill import GroundTruth
-
         batch = collate(self.samples, idxs, self.device)
         out = model(batch["left"], batch["right"], iters=self.train_iters, test_mode=False,
                     return_intermediates=True)
         return self.loss(out, self.targets_for(idxs), GroundTruth.from_batch(batch))
 
-    def train(self, model: nn.Module, steps: int, lr: float, batch_size: int = 1, grad_clip: float = 1.0,
+    def train(self, model: nn.Module, steps: int, optim: OptimConfig, batch_size: int = 1,
               freeze_norm_stats: bool = True, desc: str = "distilling", progress: bool = False) -> float:
-        """``steps`` AdamW steps (cosine decay); returns the mean loss of the last quarter of the steps."""
+        """``steps`` optimiser steps as ``optim`` says; returns the mean loss of the last quarter of the steps."""
         if steps <= 0:
             return float("nan")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameters to distil")
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        opt = build_optimizer(params, optim)
+        sched = build_scheduler(opt, optim, steps)
         was_training = model.training
         model.train()
         if freeze_norm_stats:
@@ -94,7 +91,8 @@ class Distiller:
             i, idxs = batch
             total, parts = self.loss_of(model, idxs)
             if not torch.isfinite(total):
-                raise FFSCError(f"the distillation loss became {float(total.detach())} at step {i}; lower distill.lr")
+                raise FFSCError(f"the distillation loss became {float(total.detach())} at step {i}; "
+                               "lower distill.optim.lr")
             return total, parts
 
         def after_step(step: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -104,7 +102,7 @@ class Distiller:
 
         try:
             fit(params, loss_of, enumerate(index_batches(self.samples, batch_size, 0, steps)), opt, sched,
-                steps=steps, grad_clip=grad_clip, on_step=after_step, desc=desc, progress=progress, leave=False)
+                steps=steps, grad_clip=optim.grad_clip, on_step=after_step, desc=desc, progress=progress, leave=False)
         finally:
             model.train(was_training)
         return sum(tail) / len(tail)
@@ -113,8 +111,6 @@ class Distiller:
 def evaluate_on_targets(model: nn.Module, distiller: Distiller, n: int, iters: int,
                         device: torch.device) -> dict[str, float]:
     """Scores of ``model`` on the first ``n`` samples against the teacher's disparities (and ground truth)."""
-    from compress.evaluation import evaluate_student
-
     n = min(n, len(distiller.samples))
     if n == 0:
         return {}
@@ -124,10 +120,6 @@ def evaluate_on_targets(model: nn.Module, distiller: Distiller, n: int, iters: i
 
 def recover_with_recipe(model: nn.Module, cfg: PruneConfig, out: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Recover ``model`` with the ``compress.distill`` trainer and ``cfg.distill.recipe``; returns it and a record."""
-    from compress.distill import distill, load_recipe
-    from search_spaces import StudentStereo
-    from search_spaces.serialization import save_model
-
     start = save_model(model, out / "recovery_start")
     if isinstance(model, StudentStereo):
         student = ["student.kind=search_space", "student.preset=null", "student.config={}",

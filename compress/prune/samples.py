@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from compress.data.datasets import build_dataset
 from compress.errors import DataError
 
 from .config import PruneConfig
@@ -19,8 +20,6 @@ def _crop(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def build_samples(cfg: PruneConfig) -> list[dict[str, Any]]:
     """The calibration / distillation samples: tensors cropped to multiples of 32 (see DataSpec)."""
-    from compress.distill import build_dataset
-
     spec = cfg.data
     dataset = build_dataset(spec, seed=cfg.seed)
     if len(dataset) == 0:

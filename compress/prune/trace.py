@@ -23,6 +23,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops as tp_ops
+from torch_pruning.dependency import index_mapping, shape_infer
 
 from compress.pruning_rules import under
 
@@ -40,7 +41,6 @@ _OP_TYPES = (
 
 class _Ranges:
     """Index mapping through a channel concatenation at known offsets (an input may appear several times)."""
-
     def __init__(self, ranges: list[tuple[int, int]], to_input: bool) -> None:
         self.ranges = ranges
         self.to_input = to_input
@@ -64,7 +64,6 @@ def is_op(node) -> bool:
 
 def _trace_forward(iters: int, gradfn_module: dict, types: tuple):
     """A forward_fn for the graph: several GRU iterations, recording every module call's output grad_fn."""
-
     def hook(module, inputs, output):
         out = output[0] if isinstance(output, (tuple, list)) else output
         if isinstance(out, torch.Tensor) and out.grad_fn is not None:
@@ -201,8 +200,6 @@ def build_graph(model: nn.Module, inputs: tuple, iters: int, pruners: dict,
                 gradfn_module: dict) -> tuple[tp.DependencyGraph, set]:
     """``DependencyGraph.build_dependency`` step by step, with our concatenation and broadcast mappings put in
     before the library computes its own (which fails on this family: it cannot size inputs without gradients)."""
-    from torch_pruning.dependency import index_mapping, shape_infer
-
     dg = tp.DependencyGraph()
     dg.verbose = False
     dg.model = model

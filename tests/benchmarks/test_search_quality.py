@@ -1,5 +1,5 @@
-"""benchmarks/search_quality.py: its rank statistics against SciPy, the Pareto bookkeeping and the hand-made
-design's place in the tiny space."""
+"""benchmarks/search_quality.py: its rank statistics (benchmarks/rank_agreement.py) against SciPy, the Pareto
+bookkeeping and the hand-made design's place in the tiny space."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks.search_quality import (
-    HANDMADE,
+from benchmarks.rank_agreement import (
     against_handmade,
     dominates,
     front_overlap,
@@ -17,6 +16,7 @@ from benchmarks.search_quality import (
     spearman,
     within_groups,
 )
+from benchmarks.search_quality import HANDMADE
 from search_spaces import load_space
 from tests.paths import REPO
 

@@ -1,4 +1,4 @@
-"""The one optimisation loop (fit) and the one device picker."""
+"""The one training setup (OptimConfig, the optimiser and schedule built from it, fit) and the one device picker."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from compress.device import pick_device
 from compress.errors import ConfigError
-from compress.training import fit
+from compress.training import OptimConfig, build_optimizer, build_scheduler, fit
 
 
 def _regression(n: int = 32) -> tuple[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -61,6 +61,26 @@ def test_fit_stops_when_the_batches_run_out_and_clips_gradients() -> None:
     assert fit(model.parameters(), huge, data[:1], opt, sched, steps=5, grad_clip=0.5) == 1
     moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
     assert moved.norm() == pytest.approx(0.5, rel=1e-5)  # SGD with lr 1 moves by exactly the clipped gradient
+
+
+def test_the_optimiser_and_schedule_follow_the_optim_config() -> None:
+    model, _ = _regression()
+    cfg = OptimConfig(lr=0.1, weight_decay=0.01, warmup_steps=2, min_lr_ratio=0.1)
+    opt = build_optimizer(model.parameters(), cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]  # the bias is not decayed
+    sched = build_scheduler(opt, cfg, steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:2] == pytest.approx([0.05, 0.1]) and lrs[-1] > 0.01 and lrs == sorted(lrs[:2]) + sorted(lrs[2:])[::-1]
+    one = OptimConfig(lr=0.1, schedule="one_cycle", decay_all=True)
+    opt = build_optimizer(model.parameters(), one)
+    assert len(opt.param_groups) == 1
+    assert isinstance(build_scheduler(opt, one, steps=10), torch.optim.lr_scheduler.OneCycleLR)
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        OptimConfig(schedule="linear")
 
 
 def test_pick_device_checks_what_it_is_given() -> None:

@@ -9,6 +9,7 @@ from compress.distill.config import DatasetSpec, load_recipe
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
 from compress.pipeline import load_run_recipe
+from compress.pipeline.standin import load_standin_recipe
 from compress.prune import build_samples, load_prune_config
 from compress.structured import dump_yaml
 from search_spaces import StudentConfig
@@ -21,7 +22,7 @@ QUICKSTART = RECIPES / "quickstart_cpu.yaml"
 
 @pytest.mark.parametrize("override, suggestion", [
     ("search.latncy.mode=measured", "'latency'"),          # a close name at the same level
-    ("prune.lr=1e-4", "'prune.distill.lr'"),               # a key that lives one level down
+    ("prune.train_iters=2", "'prune.distill.train_iters'"),  # a key that lives one level down
     ("data.train.synthetic.heigt=64", "'height'"),
 ])
 def test_unknown_keys_get_a_did_you_mean(override, suggestion):
@@ -133,3 +134,22 @@ def test_the_search_proxy_defaults_to_inheritance_and_distill_stays_selectable()
     assert load_run_recipe(QUICKSTART, ["search.proxy=distill"]).search.proxy == "distill"
     with pytest.raises(ConfigError, match="parent_steps: got 0"):
         load_run_recipe(QUICKSTART, ["search.parent_steps=0"])
+
+
+@pytest.mark.parametrize("load, old, new", [
+    (load_prune_config, "distill.lr", "distill.optim.lr"),
+    (load_prune_config, "distill.grad_clip", "distill.optim.grad_clip"),
+    (load_run_recipe, "teacher.train_lr", "teacher.optim.lr"),
+    (load_run_recipe, "prune.distill.lr", "prune.distill.optim.lr"),
+    (load_run_recipe, "prune.distill.grad_clip", "prune.distill.optim.grad_clip"),
+    (load_standin_recipe, "lr", "optim.lr"),
+    (load_standin_recipe, "weight_decay", "optim.weight_decay"),
+    (load_standin_recipe, "grad_clip", "optim.grad_clip"),
+])
+def test_every_optimiser_key_moved_under_optim(load, old, new):
+    """One key per optimiser setting in every recipe that trains: its ``optim`` section."""
+    with pytest.raises(ConfigError, match=f"^override: key '{old}' was renamed to '{new}'$"):
+        load(None, [f"{old}=1e-3"])
+    cfg = load(None, [f"{new}=1e-3"])  # the new key reads what the old one did
+    section = cfg.prune.distill if old.startswith("prune.") else getattr(cfg, old.split(".")[0], cfg)
+    assert getattr(section.optim, new.rsplit(".", 1)[1]) == 1e-3

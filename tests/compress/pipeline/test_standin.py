@@ -81,7 +81,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     assert torch.load(tmp_path / "crashed" / "train_state.pt", weights_only=False)["step"] == 2
     monkeypatch.setattr(SyntheticStereoDataset, "__getitem__", real_getitem)
     with pytest.raises(ConfigError, match="different recipe"):
-        train_standin(_tiny(tmp_path, "lr=5e-4"), tmp_path / "crashed", CPU, progress=False)
+        train_standin(_tiny(tmp_path, "optim.lr=5e-4"), tmp_path / "crashed", CPU, progress=False)
     resumed = train_standin(_tiny(tmp_path), tmp_path / "crashed", CPU, progress=False)
     ref = _weights(whole)
     assert all(torch.equal(v, ref[k]) for k, v in _weights(resumed).items())
