@@ -35,12 +35,6 @@ def check_keys(schema: type, data: Mapping[str, Any], what: str) -> None:
         raise ConfigError(f"{what}: unknown field(s) {', '.join(unknown)}{did_you_mean(unknown[0], names)}")
 
 
-def check_size(name: str, value: list[int] | None) -> None:
-    """Raise a ConfigError unless ``value`` is None or [height, width], both positive multiples of 32."""
-    if value is not None and (len(value) != 2 or any(int(v) <= 0 or int(v) % 32 for v in value)):
-        raise ConfigError(f"{name}: got {list(value)}, expected [height, width], both positive multiples of 32")
-
-
 def read_yaml(path: str | Path, what: str, missing_hint: str = "") -> dict[str, Any]:
     """The mapping a YAML (or JSON) file holds; a missing file, bad YAML or a non-mapping is a ConfigError."""
     import yaml

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from compress.data.io import write_calib, write_image, write_pfm
-from compress.data.readers import StereoDataset, StereoSample, Transform
+from compress.data.sample import StereoDataset, StereoSample, Transform
 from compress.errors import ConfigError
 from compress.terminal import progress_bar
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.data import DATASET_KINDS
-from compress.data.synthetic import SyntheticConfig
+from compress.checks import check_size
+from compress.data import DatasetSpec
 from compress.errors import ConfigError
-from compress.structured import check_size, did_you_mean, load_structured, to_plain
+from compress.structured import load_structured, to_plain
 
 __all__ = [
     "AMP_MODES",
@@ -228,39 +228,6 @@ class TeacherSpec:
 
 
 # -------------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class DatasetSpec:
-    """One dataset: ``kind`` 'synthetic', 'auto' (detect the layout of ``path``; synthetic without a path) or a
-    reader name. Every stage reads its data through this spec (compress.distill.build_dataset)."""
-
-    kind: str = "auto"
-    path: str | None = None
-    num_samples: int = 16
-    """Synthetic only: number of generated pairs."""
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    """Synthetic only: the generator's settings."""
-    limit: int | None = None
-    """Use only the first this many samples."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments of the reader (e.g. split)."""
-
-    def __post_init__(self) -> None:
-        # 'auto' without a path stays 'auto' (read as synthetic): a path given later by an override must still be
-        # read as a folder, which a kind rewritten here to 'synthetic' would silently ignore.
-        if self.kind == "synthetic" and self.path:
-            raise ConfigError(f"dataset kind 'synthetic' generates its pairs and reads no path, got path "
-                              f"{self.path!r}; set kind to 'auto' (or a reader name) to read that folder")
-        if self.kind not in ("synthetic", "auto", *DATASET_KINDS):
-            raise ConfigError(f"unknown dataset kind {self.kind!r}{did_you_mean(self.kind, DATASET_KINDS)} (expected "
-                              f"'synthetic', 'auto' or a reader: {', '.join(sorted(DATASET_KINDS))})")
-        if self.kind not in ("synthetic", "auto") and not self.path:
-            raise ConfigError(f"dataset kind {self.kind!r} needs a path (the dataset's root folder)")
-        if self.num_samples < 1:
-            raise ConfigError(f"dataset num_samples: got {self.num_samples}, expected >= 1")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"dataset limit: got {self.limit}, expected >= 1 or null")
 
 
 @dataclass

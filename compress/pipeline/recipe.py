@@ -6,14 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.distill.config import DatasetSpec, LabelCacheConfig, LossConfig, OptimConfig
+from compress.checks import check_size, require_at_least, require_positive
+from compress.data import DatasetSpec
+from compress.distill.config import LabelCacheConfig, LossConfig, OptimConfig
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
-from compress.preflight import require_at_least, require_positive
 from compress.prune.config import BUDGETS, DistillSpec, PruneSettings
 from compress.quantize import QuantizeConfig
 from compress.real_pairs import RealPairsConfig
-from compress.structured import check_size, load_structured, to_plain
+from compress.structured import load_structured, to_plain
 from compress.tracking import TrackingConfig
 
 STAGES = ("teacher", "search", "prune", "distill", "export")

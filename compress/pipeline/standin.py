@@ -31,12 +31,13 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from compress.atomic import atomic_write, atomic_write_text, sha256_file
+from compress.checks import require_at_least, require_positive
+from compress.data import DatasetSpec
 from compress.data.augment import AugmentConfig, StereoAugmentor
 from compress.data.synthetic import SKIMAGE_TEXTURES, SyntheticConfig, SyntheticStereoDataset, skimage_photos
-from compress.distill.config import DatasetSpec, OutputLossConfig
+from compress.distill.config import OutputLossConfig
 from compress.distill.losses import GroundTruth, TeacherTargets, output_loss
 from compress.errors import CheckpointError, ConfigError, DataError
-from compress.preflight import require_at_least, require_positive
 from compress.structured import load_structured, to_plain
 from compress.training import fit, to_device
 

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
-from compress.distill.config import DatasetSpec
+from compress.checks import check_size
+from compress.data import DatasetSpec
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
 from compress.pruning_rules import PARTS
-from compress.structured import check_size, load_structured, to_plain
+from compress.structured import load_structured, to_plain
 from compress.tracking import TrackingConfig
 
 from .importance import METHODS

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from compress.distill.config import DatasetSpec, load_recipe
+from compress.data import DatasetSpec
+from compress.distill.config import load_recipe
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
 from compress.pipeline import load_run_recipe
