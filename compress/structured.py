@@ -141,6 +141,8 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides: 
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
             check_renamed(schema, (o.split("=", 1)[0].lstrip("+~") for o in overrides), "override")
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+            if isinstance(plain := OmegaConf.to_container(layers[-1]), Mapping):  # a mapping value's keys too
+                check_renamed(schema, _dotted_keys(plain), "override")
         # to_object runs every dataclass __post_init__ check.
         return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as exc:

@@ -180,9 +180,8 @@ def _centre_window(hw: tuple[int, int], size: tuple[int, int], name: str) -> tup
     th, tw = size
     if h < th or w < tw:
         raise DataError(
-            f"sample {name!r} is {h}x{w} (height x width), smaller than the label cache size {th}x{tw}; set the "
-            "cache size "
-            "(label cache 'size') to at most the smallest image of the dataset"
+            f"sample {name!r} is {h}x{w} (height x width), smaller than the label cache size {th}x{tw}; set "
+            "data.size to at most the smallest image of the dataset"
         )
     return (h - th) // 2, (w - tw) // 2
 
@@ -323,6 +322,8 @@ def build_label_cache(
     root: str | os.PathLike,
     cfg: LabelCacheConfig | None = None,
     *,
+    iters: int | None = None,
+    size: tuple[int, int] | list[int] | None = None,
     checkpoint: str | os.PathLike | None = None,
     identity: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
@@ -330,7 +331,9 @@ def build_label_cache(
 ) -> LabelCache:
     """Label every not-yet-labelled sample of ``dataset`` with ``teacher`` into the cache at ``root``.
 
-    Resumes a partial cache made by the same teacher on the same dataset with the same settings; raises
+    ``iters``: the teacher's GRU iterations (None: its own count); ``size``: the [height, width] every sample is
+    centre-cropped to (None: the first sample's size rounded down to multiples of 32, which every sample must then
+    share). Resumes a partial cache made by the same teacher on the same dataset with the same settings; raises
     LabelCacheError when the existing manifest disagrees. ``identity`` defaults to
     :func:`teacher_identity` of the teacher (and its ``checkpoint`` file, if given).
     """
@@ -344,17 +347,18 @@ def build_label_cache(
         param = next(teacher.parameters(), None)
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
-    iters = model_iters(teacher, cfg.iters, key="label cache iters")  # official teacher: valid_iters
+    iters = model_iters(teacher, iters, key="teacher.iters")  # official teacher: valid_iters
     identity = identity if identity is not None else teacher_identity(teacher, checkpoint)
     fingerprint = dataset_fingerprint(dataset)
-    if cfg.size is not None:
-        size = (int(cfg.size[0]), int(cfg.size[1]))
+    if size is not None:
+        size = (int(size[0]), int(size[1]))
     else:
         h, w = _source_size(dataset, 0)
         size = (h // 32 * 32, w // 32 * 32)
         if 0 in size:
             raise DataError(f"the first sample is {h}x{w} (height x width); the teacher needs images of at least 32x32")
-    labels = {**cfg.content_key(), "size": list(size), "iters": iters}
+    # The same keys in the same order as when iters and size were fields of the config: old manifests still match.
+    labels = {**cfg.content_key(), "iters": iters, "size": list(size)}
 
     manifest = _read_manifest(root)
     if manifest is not None:

@@ -17,7 +17,6 @@ whole. Datasets, evaluation, models and the step loop itself live in their own m
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -264,15 +263,14 @@ class Trainer:
             if self.dist.is_main:
                 teacher = self._teacher()
                 source = build_dataset(self.cfg.data.train, seed=self.cfg.seed)
-                cache_cfg = dataclasses.replace(spec.cache, iters=spec.cache.iters or spec.iters)
                 build_label_cache(
-                    teacher, source, root, cache_cfg, checkpoint=spec.checkpoint, device=self.device,
-                    progress=self.cfg.progress,
+                    teacher, source, root, spec.cache, iters=spec.iters, size=self.cfg.data.size,
+                    checkpoint=spec.checkpoint, device=self.device, progress=self.cfg.progress,
                 )
             self.dist.barrier()
             self.teacher = None  # labelled; free it (eval builds it again only if it needs it)
         cache = LabelCache(root)
-        want = dataclasses.replace(spec.cache, iters=spec.cache.iters or spec.iters).content_key()
+        want = {**spec.cache.content_key(), "iters": spec.iters, "size": self.cfg.data.size}
         have = cache.manifest["labels"]
         differ = [
             f"{k}: cache {have.get(k)!r}, recipe {v!r}"
@@ -281,8 +279,8 @@ class Trainer:
         ]
         if differ:
             raise ConfigError(
-                f"label cache {root} holds other labels than teacher.cache asks for ({'; '.join(differ)}); "
-                "match the recipe to the cache or label into a new folder"
+                f"label cache {root} holds other labels than teacher.cache, teacher.iters and data.size ask for "
+                f"({'; '.join(differ)}); match the recipe to the cache or label into a new folder"
             )
         if spec.checkpoint and cache.teacher.get("checkpoint_sha256"):
             if file_sha256(spec.checkpoint) != cache.teacher["checkpoint_sha256"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from compress.checks import check_size, require_at_least, require_positive
 from compress.data import DatasetSpec
@@ -33,7 +33,8 @@ class TeacherStage:
     """cfg.yaml when it is not beside the checkpoint."""
     trust_checkpoint: bool = False
     iters: int | None = None
-    """Teacher GRU iterations for labelling; None = valid_iters of its config."""
+    """Teacher GRU iterations: the one count it labels, prunes against, is timed and is scored at; None = its own
+    count (the official teacher's valid_iters)."""
     stand_in: str = "shipped"
     """Without a checkpoint: 'shipped' (the stand-in teacher in teacher/standin, trained once on
     procedural scenes with photographic textures), 'train' (train ``fallback_preset`` here on the training set's
@@ -64,12 +65,18 @@ class DataStage:
     train: DatasetSpec = field(default_factory=lambda: DatasetSpec(num_samples=48))
     eval: DatasetSpec = field(default_factory=lambda: DatasetSpec(num_samples=8))
     labels: LabelCacheConfig = field(default_factory=LabelCacheConfig)
+    """What the label cache stores; the teacher labels at ``teacher.iters``, each pair centre-cropped to ``size``."""
+    size: list[int] | None = None
+    """[height, width] every training and held-out pair is centre-cropped to before the teacher labels it, fixed per
+    pair, multiples of 32; None: the first pair's size rounded down to multiples of 32, which every pair must then
+    share."""
     crop_size: list[int] | None = None
     """[height, width] random crop of each labelled training pair for every distillation (the search's proxy, the
-    final student), multiples of 32; None: whole pairs. Large scenes keep a realistic disparity range, crops keep
-    steps cheap."""
+    final student), drawn anew every step inside ``size``, multiples of 32; None: whole pairs. Large scenes keep a
+    realistic disparity range, crops keep steps cheap."""
 
     def __post_init__(self) -> None:
+        check_size("data.size", self.size)
         check_size("data.crop_size", self.crop_size)
 
 
@@ -184,6 +191,9 @@ class ExportStage:
 class RunRecipe:
     """One source of truth for a run (``ffsc run RECIPE key=value ...``)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"data.labels.iters": "teacher.iters", "data.labels.size": "data.size",
+                                         "prune.distill.teacher_iters": "teacher.iters"}
+
     name: str = "run"
     run_dir: str | None = None
     """None = runs/<name>-<time>; point at an existing run directory to resume it."""
@@ -222,10 +232,6 @@ class RunRecipe:
         if unknown:
             raise ConfigError(f"stages: unknown {unknown}; expected a subset of {list(STAGES)}")
         searching = "search" in self.stages and self.search.enabled
-        t_iters, l_iters = self.teacher.iters, self.data.labels.iters
-        if t_iters is not None and l_iters is not None and t_iters != l_iters:  # one count labels, times and scores
-            raise ConfigError(f"teacher.iters={t_iters} and data.labels.iters={l_iters} disagree: the teacher labels, "
-                              "is timed and is scored at one count; set one of them (teacher.iters)")
         if "prune" in self.stages and self.prune.enabled and not searching:
             raise ConfigError("prune.enabled prunes the student the search chose, but the search stage is off; "
                               "use `ffsc prune` to prune a saved model on its own")

@@ -216,8 +216,8 @@ def _say(recipe: RunRecipe, message: str, force: bool = False) -> None:
 
 
 def _labels_config(recipe: RunRecipe):
-    # teacher.iters wins (the recipe refuses a data.labels.iters that disagrees); None: the teacher's own count
-    return dataclasses.replace(recipe.data.labels, iters=recipe.teacher.iters or recipe.data.labels.iters)
+    # What the cache stores; the teacher's iterations (teacher.iters) and the label size (data.size) are passed apart
+    return recipe.data.labels
 
 
 def prepare_labels(recipe: RunRecipe, run_dir: Path, teacher, device: torch.device):
@@ -230,8 +230,8 @@ def prepare_labels(recipe: RunRecipe, run_dir: Path, teacher, device: torch.devi
     for split, spec in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         dataset = build_dataset(spec, seed=recipe.seed + (0 if split == "train" else 1))
         root = run_dir / "labels" / split
-        build_label_cache(teacher.model, dataset, root, labels, identity=teacher.identity, device=device,
-                          progress=recipe.progress)
+        build_label_cache(teacher.model, dataset, root, labels, iters=recipe.teacher.iters, size=recipe.data.size,
+                          identity=teacher.identity, device=device, progress=recipe.progress)
         out[split] = (root, dataset)
     eval_set = LabelledDataset(out["eval"][1], out["eval"][0], seed=recipe.seed)
     return out["train"][0], eval_set
@@ -406,7 +406,8 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
     out = run_dir / "prune"
     cfg = PruneConfig(  # the stage's settings, on the recipe's training data (its first p.samples) and latency
         **{f.name: getattr(p, f.name) for f in dataclasses.fields(PruneSettings)},
-        model=str(student_path), run_dir=str(out), seed=recipe.seed, device=str(device), progress=recipe.progress,
+        model=str(student_path), teacher_iters=recipe.teacher.iters, run_dir=str(out), seed=recipe.seed,
+        device=str(device), progress=recipe.progress,
         latency=recipe.search.latency,
         data=DataSpec(**{**vars(train), "limit": min(p.samples, train.limit or p.samples)},
                       size=[recipe.height, recipe.width], eval_samples=min(2, p.samples)),
@@ -437,6 +438,9 @@ def _prune_settings(config: dict[str, Any]) -> dict[str, Any]:
     """A prune config without the keys that do not change the pruned model (progress display, device name, the
     latency settings pruning does not read)."""
     out = {k: v for k, v in config.items() if k not in ("progress", "device")}
+    if "teacher_iters" in out.get("distill", {}):  # recorded before it became the prune config's teacher_iters
+        out["distill"] = {k: v for k, v in out["distill"].items() if k != "teacher_iters"}
+        out.setdefault("teacher_iters", config["distill"]["teacher_iters"])
     out["latency"] = {k: v for k, v in out.get("latency", {}).items() if k not in ("mode", "report_rounds")}
     return out
 
@@ -621,7 +625,7 @@ def score_real_pairs(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
 
 def _teacher_iters(recipe: RunRecipe, teacher_model: torch.nn.Module) -> int:
     """The teacher's GRU iterations: those it labels with (the one count it is timed, counted and scored at)."""
-    return model_iters(teacher_model, _labels_config(recipe).iters, key="teacher.iters")
+    return model_iters(teacher_model, recipe.teacher.iters, key="teacher.iters")
 
 
 def export_student(path: Path, recipe: RunRecipe, run_dir: Path) -> dict[str, str]:
