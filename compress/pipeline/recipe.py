@@ -11,6 +11,7 @@ from compress.data import DatasetSpec
 from compress.distill.config import LabelCacheConfig, LossConfig, OptimConfig
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
+from compress.nas.objective import check_proxy
 from compress.prune.config import BUDGETS, DistillSpec, PruneSettings
 from compress.quantize import QuantizeConfig
 from compress.real_pairs import RealPairsConfig
@@ -124,8 +125,6 @@ class SearchStage:
             raise ConfigError(f"search.speedup={self.speedup:g} and search.budget_ms={self.budget_ms:g} both set a "
                               "latency budget; keep one")
         require_positive("search.timeout", self.timeout, allow_none=True)
-        from compress.nas.objective import check_proxy
-
         check_proxy(self.proxy, self.parent_steps, "search")
         if not self.parent:
             raise ConfigError("search.parent: got an empty value, expected 'auto', 'teacher', 'largest' or a saved "
