@@ -48,6 +48,7 @@ from compress.models import (
     teacher_from_spec,
     torch_load,
 )
+from compress.structured import renamed_keys
 from compress.training import autocast, fit, rng_state, seed_all, set_rng_state, to_device
 from teacher.inference import infer, model_iters
 from teacher.outputs import StereoOutput
@@ -423,6 +424,11 @@ class Trainer:
         if not isinstance(state, dict) or state.get("format") != DISTILL_CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not a distillation checkpoint; move it away or set resume=false")
         old = _flatten(state["config"])
+        for was, now in renamed_keys(DistillConfig).items():  # a checkpoint written before a key was renamed
+            if was in old:
+                value = old.pop(was)
+                if now not in old:  # else the new key was recorded too, and it is the one that counted
+                    old[now] = value
         new = _flatten(config_to_dict(self.cfg))
         changed = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE and old.get(k) != new.get(k))
         if changed:
