@@ -337,6 +337,9 @@ class DistillConfig:
                 "no teacher: set teacher.checkpoint (official FoundationStereo .pth) or teacher.label_cache "
                 "(a pseudo-label folder)"
             )
+        if self.data.size is not None and self.teacher.label_cache is None:  # a live teacher sees the augmented pair
+            raise ConfigError("data.size is the size pairs are labelled at in the label cache; set teacher.label_cache "
+                              "too, or crop a live teacher's pairs with data.crop_size")
         if self.teacher.label_cache is not None and (self.data.scale_prob > 0 or self.data.vflip_prob > 0):
             raise ConfigError(
                 "data.scale_prob and data.vflip_prob need a live teacher: cached labels follow crops only; set "

@@ -59,7 +59,7 @@ def test_a_renamed_key_names_its_new_name_in_a_file_and_in_an_override(tmp_path,
 def test_the_teachers_iterations_and_the_label_size_have_one_key_each(load, old, new, value):
     with pytest.raises(ConfigError, match=f"^override: key '{old}' was renamed to '{new}'$"):
         load(None, [f"{old}={value}"])
-    teacher = ["teacher.allow_random_init=true"] if load is load_recipe else []  # a distill run needs a teacher
+    teacher = ["teacher.label_cache=labels"] if load is load_recipe else []  # a distill run needs its labels
     cfg = load(None, [*teacher, f"{new}={value}"])  # the new key reads what the old one did
     got = cfg
     for part in new.split("."):
