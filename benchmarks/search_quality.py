@@ -243,8 +243,9 @@ class World:
                                    synthetic=dataclasses.replace(spec.synthetic, seed=TRUTH_SEED))
         dataset = build_dataset(spec, seed=self.recipe.seed + 2)
         root = self.run_dir / "labels" / split
-        build_label_cache(self.teacher.model, dataset, root, self.labels, identity=self.teacher.identity,
-                          device=self.device, progress=False)
+        build_label_cache(self.teacher.model, dataset, root, self.labels, iters=self.recipe.teacher.iters,
+                          size=self.recipe.data.size, identity=self.teacher.identity, device=self.device,
+                          progress=False)
         return LabelledDataset(dataset, root, seed=self.recipe.seed)
 
     def fingerprint(self) -> dict[str, Any]:

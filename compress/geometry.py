@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from compress.atomic import atomic_write
+from compress.data.io import write_pfm
 from compress.errors import DataError
 
 PathLike = str | os.PathLike
@@ -175,8 +177,6 @@ def read_ply(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 def write_depth(path: PathLike, depth: np.ndarray) -> Path:
     """Write metres as .npy / .pfm (float32) or a 16-bit millimetre .png (0 = no depth or beyond 65.535 m)."""
-    from compress.data.io import write_pfm
-
     path = Path(path)
     d = np.asarray(depth, dtype=np.float32)
     suffix = path.suffix.lower()
@@ -185,8 +185,6 @@ def write_depth(path: PathLike, depth: np.ndarray) -> Path:
     if suffix == ".pfm":
         return write_pfm(path, d)
     if suffix == ".png":
-        from PIL import Image
-
         mm = np.rint(np.where(np.isfinite(d) & (d > 0), d, 0.0).astype(np.float64) * DEPTH_PNG_SCALE)
         raw = np.where(mm <= 65535, mm, 0).astype(np.uint16)
         img = Image.fromarray(raw)

@@ -9,7 +9,6 @@ of them writes anything that stays behind.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,22 +22,6 @@ from compress.backends import (  # the last two are re-exported: callers check t
     onnxruntime_conflict,  # noqa: F401
 )
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
-
-
-def require_positive(key: str, value: float | None, allow_none: bool = False) -> None:
-    """`key` must be a finite number > 0 (or None when allow_none)."""
-    if value is None and allow_none:
-        return
-    if value is None or isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or value <= 0:
-        raise ConfigError(f"{key}={value!r}: expected a number > 0")
-
-
-def require_at_least(key: str, value: int | None, minimum: int, why: str = "") -> None:
-    """`key` must be an integer >= minimum."""
-    if value is None or isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        reason = f" ({why})" if why else ""
-        raise ConfigError(f"{key}={value!r}: expected an integer >= {minimum}{reason}")
 
 
 def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph: bool = False,

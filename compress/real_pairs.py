@@ -33,9 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from compress.data.readers import open_dataset
 from compress.errors import ConfigError, DataError, MissingDependencyError
 from compress.metrics import compute_metrics
+from teacher import infer
 
 __all__ = [
     "MOTORCYCLE",
@@ -86,8 +89,6 @@ def fit_size(h0: int, w0: int, height: int) -> tuple[int, int]:
 def resize_pair(left: np.ndarray, right: np.ndarray, gt: np.ndarray, height: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The pair resized bilinearly; the GT sampled at the nearest pixel and scaled by the width's factor."""
-    from PIL import Image
-
     h0, w0 = gt.shape
     h, w = fit_size(h0, w0, height)
     left, right = (np.asarray(Image.fromarray(im).resize((w, h), Image.Resampling.BILINEAR)) for im in (left, right))
@@ -204,8 +205,6 @@ def _module_missing(module: str) -> bool:
 
 
 def _folder_pairs(entry: str, limit: int | None) -> list[RealPair]:
-    from compress.data.readers import open_dataset
-
     folder = Path(entry)
     try:
         ds = open_dataset(folder, kind="auto")
@@ -250,8 +249,6 @@ def load_real_pairs(cfg: RealPairsConfig, say: Callable[[str], None] = print) ->
 def predict_disparity(model: torch.nn.Module, pair: RealPair, iters: int | None,
                       device: str | torch.device) -> np.ndarray:
     """The model's HxW float32 disparity of a pair (moves the model to ``device``; eval mode for the call)."""
-    from teacher import infer
-
     model.to(device)
     training = model.training
     model.eval()

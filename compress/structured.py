@@ -4,18 +4,24 @@ The one place configs are read and written: ``load_structured`` (recipes), ``rea
 for configs that are not OmegaConf schemas), ``check_keys`` (unknown keys, with "did you mean") and
 ``to_plain`` / ``dump_yaml`` (dataclasses to YAML-ready data). A schema lists the keys it renamed in a ``RENAMED``
 class variable (old key -> new key, both dotted from the schema); an old key in a file or an override fails with
-one line naming the new one (``check_renamed``). It depends on compress.errors only, so that
-teacher/ and search_spaces/ use it as they use compress.errors.
+one line naming the new one (``check_renamed``). It depends on compress.errors and compress.atomic
+only, so that teacher/ and search_spaces/ use it as they use compress.errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from compress.atomic import atomic_write_text
 from compress.errors import ConfigError
 
 T = TypeVar("T")
@@ -35,16 +41,8 @@ def check_keys(schema: type, data: Mapping[str, Any], what: str) -> None:
         raise ConfigError(f"{what}: unknown field(s) {', '.join(unknown)}{did_you_mean(unknown[0], names)}")
 
 
-def check_size(name: str, value: list[int] | None) -> None:
-    """Raise a ConfigError unless ``value`` is None or [height, width], both positive multiples of 32."""
-    if value is not None and (len(value) != 2 or any(int(v) <= 0 or int(v) % 32 for v in value)):
-        raise ConfigError(f"{name}: got {list(value)}, expected [height, width], both positive multiples of 32")
-
-
 def read_yaml(path: str | Path, what: str, missing_hint: str = "") -> dict[str, Any]:
     """The mapping a YAML (or JSON) file holds; a missing file, bad YAML or a non-mapping is a ConfigError."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist{missing_hint}")
@@ -70,17 +68,11 @@ def to_plain(value: Any) -> Any:
 
 def dump_yaml(config: Any, path: str | Path, sort_keys: bool = False) -> None:
     """Write a config (dataclass or mapping) as YAML, atomically."""
-    import yaml
-
-    from compress.atomic import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_plain(config), sort_keys=sort_keys))
 
 
 def _nested(schema: type) -> dict[str, type]:
     """The fields of a dataclass schema that are themselves dataclasses (optional ones included)."""
-    import typing
-
     out = {}
     for name, hint in typing.get_type_hints(schema).items():
         hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
@@ -128,9 +120,6 @@ def _suggest(schema: type, key: str) -> str:
 def load_structured(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                     what: str = "recipe") -> T:
     """An instance of ``schema`` from YAML plus overrides; unknown, renamed keys and wrong types are ConfigErrors."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-
     layers = [OmegaConf.structured(schema)]
     where = f"{what} {path}" if path is not None else what
     try:
@@ -147,6 +136,8 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides: 
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
             check_renamed(schema, (o.split("=", 1)[0].lstrip("+~") for o in overrides), "override")
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+            if isinstance(plain := OmegaConf.to_container(layers[-1]), Mapping):  # a mapping value's keys too
+                check_renamed(schema, _dotted_keys(plain), "override")
         # to_object runs every dataclass __post_init__ check.
         return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as exc:

@@ -13,6 +13,9 @@ import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import yaml
 
 from compress.atomic import atomic_write_text
 from compress.errors import ConfigError
@@ -60,6 +63,7 @@ _KEY_UNSAFE = re.compile(r"[^\w\-. /]", re.ASCII)
 
 def _tag_value_limit() -> int:
     try:
+        # lazy: mlflow takes seconds to import, and only tracked runs need it
         from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
         return int(MAX_TAG_VAL_LENGTH)
@@ -69,6 +73,7 @@ def _tag_value_limit() -> int:
 
 def _limits() -> tuple[int, int]:
     try:
+        # lazy: mlflow takes seconds to import, and only tracked runs need it
         from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 
         return int(MAX_PARAM_VAL_LENGTH), int(MAX_ENTITY_KEY_LENGTH)
@@ -181,6 +186,7 @@ class Tracker:
     def client(self) -> MlflowClient:
         """The MlflowClient bound to this tracker's URI (created on first use)."""
         if self._client is None:
+            # lazy: mlflow takes seconds to import, and only tracked runs need it
             from mlflow import MlflowClient
 
             _quiet_mlflow_logging()
@@ -194,6 +200,7 @@ class Tracker:
     def experiment_id(self) -> str:
         """The id of the experiment, created on first use with artifacts under the run dir when local."""
         if self._experiment_id is None:
+            # lazy: mlflow takes seconds to import, and only tracked runs need it
             from mlflow.exceptions import MlflowException
 
             client = self.client
@@ -232,6 +239,7 @@ class Tracker:
     def _usable_run(self, run_id: str | None) -> bool:
         if not run_id:
             return False
+        # lazy: mlflow takes seconds to import, and only tracked runs need it
         from mlflow.exceptions import MlflowException
 
         try:
@@ -306,6 +314,7 @@ class Tracker:
         tags: Mapping[str, str] | None = None,
         step: int = 0,
     ) -> None:
+        # lazy: mlflow takes seconds to import, and only tracked runs need it
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
@@ -383,10 +392,6 @@ class Tracker:
 
         The image is logged under ``overview/`` and shown through the tracking server's ``get-artifact`` URL.
         """
-        from urllib.parse import quote
-
-        import yaml
-
         parent = self._require_parent()
         parts = [f"### {title}"]
         kept, _ = split_metrics(metrics or {})

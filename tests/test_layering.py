@@ -17,7 +17,7 @@ PACKAGES = ("teacher", "search_spaces", "compress", "benchmarks")
 # The longest matching prefix decides a module's layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("compress", "compress.errors", "compress.atomic", "compress.terminal", "compress.structured",
-                    "compress.device", "compress.run_lock", "compress.pruning_rules")),
+                    "compress.checks", "compress.device", "compress.run_lock", "compress.pruning_rules")),
     ("teacher", ("teacher",)),
     ("search_spaces", ("search_spaces",)),
     ("core", ("compress.data", "compress.metrics", "compress.tracking",

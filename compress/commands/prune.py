@@ -15,7 +15,7 @@ _FLAGS = {
     "samples": "data.num_samples", "importance": "importance.method", "step_ratio": "step_ratio",
     "max_steps": "max_steps", "round_to": "round_to", "max_ratio": "max_ratio",
     "distill_steps": "distill.steps_between", "recovery_steps": "distill.recovery_steps", "lr": "distill.optim.lr",
-    "train_iters": "distill.train_iters", "teacher_iters": "distill.teacher_iters", "recovery_recipe": "distill.recipe",
+    "train_iters": "distill.train_iters", "teacher_iters": "teacher_iters", "recovery_recipe": "distill.recipe",
     "seed": "seed",
 }
 _BUDGETS = ("budget_ms", "budget_gmacs", "budget_mparams", "ratio")  # flags named as PruneConfig's budget keys

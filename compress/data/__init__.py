@@ -1,4 +1,5 @@
-"""Stereo data: file formats, dataset readers, procedural synthetic pairs and training augmentation."""
+"""Stereo data: file formats, dataset readers, procedural synthetic pairs, training augmentation and the recipe
+section that names a dataset (``DatasetSpec``)."""
 
 from compress.data.augment import AugmentConfig, StereoAugmentor, augment
 from compress.data.own_footage import OwnFootageFolder  # registers the "own_footage" dataset kind
@@ -10,17 +11,17 @@ from compress.data.readers import (
     Kitti2015Dataset,
     MiddleburyDataset,
     SceneFlowDataset,
-    StereoDataset,
     StereoPairFolder,
-    StereoSample,
     open_dataset,
-    sample_to_tensors,
 )
+from compress.data.sample import StereoDataset, StereoSample, sample_to_tensors
+from compress.data.spec import DatasetSpec
 from compress.data.synthetic import SyntheticConfig, SyntheticStereoDataset, generate_sample, write_synthetic_dataset
 
 __all__ = [
     "DATASET_KINDS",
     "AugmentConfig",
+    "DatasetSpec",
     "ETH3DDataset",
     "FSDDataset",
     "Kitti2012Dataset",

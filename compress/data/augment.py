@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compress.data.readers import StereoSample
+from compress.data.sample import StereoSample
 from compress.errors import ConfigError, DataError
 
 __all__ = [

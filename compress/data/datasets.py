@@ -1,4 +1,4 @@
-"""Datasets from their recipe specs (a ``DatasetSpec``, the augmentation of a ``DataConfig``), and the resumable
+"""Datasets from their recipe specs (a ``DatasetSpec``, the augmentation of a distill ``DataConfig``), and the resumable
 sampler that makes the training data order a function of (seed, step) only."""
 
 from __future__ import annotations
@@ -8,13 +8,15 @@ from typing import Any
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from compress.data.augment import AugmentConfig, StereoAugmentor
-from compress.data.readers import Transform, open_dataset
+from compress.data.readers import open_dataset
+from compress.data.sample import Transform
+from compress.data.spec import DatasetSpec
 from compress.data.synthetic import SyntheticStereoDataset
 from compress.errors import ConfigError
 
 
-def build_dataset(spec: Any, transform: Transform | None = None, seed: int = 0) -> Dataset:
-    """The dataset a DatasetSpec (of compress.distill's recipes) describes, with ``transform`` on every sample."""
+def build_dataset(spec: DatasetSpec, transform: Transform | None = None, seed: int = 0) -> Dataset:
+    """The dataset a recipe's DatasetSpec describes, with ``transform`` on every sample."""
     if spec.kind == "synthetic" or (spec.kind == "auto" and not spec.path):
         n = spec.num_samples if spec.limit is None else min(spec.num_samples, spec.limit)
         return SyntheticStereoDataset(n, spec.synthetic, transform=transform, seed=seed)

@@ -9,7 +9,8 @@ from typing import ClassVar
 from compress.errors import ConfigError, DataError
 
 from .io import read_image
-from .readers import DATASET_KINDS, PairRecord, StereoPairFolder, Transform
+from .readers import DATASET_KINDS, PairRecord, StereoPairFolder
+from .sample import Transform
 
 SPLITS = ("train", "heldout", "all")
 

@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from compress.data.io import write_calib, write_image, write_pfm
-from compress.data.readers import StereoDataset, StereoSample, Transform
+from compress.data.augment import resize_image
+from compress.data.io import read_image, write_calib, write_image, write_pfm
+from compress.data.sample import StereoDataset, StereoSample, Transform
 from compress.errors import ConfigError
 from compress.terminal import progress_bar
 
@@ -185,8 +186,6 @@ def skimage_photos() -> tuple[np.ndarray, ...]:
 def _photos(folder: str) -> tuple[np.ndarray, ...]:
     """Every photograph in ``folder`` (sorted by name, so a texture's choice is reproducible), as uint8 RGB;
     ``skimage``: scikit-image's bundled ones."""
-    from compress.data.io import read_image
-
     if folder == SKIMAGE:
         return skimage_photos()
     root = Path(folder).expanduser()
@@ -201,8 +200,6 @@ def _photos(folder: str) -> tuple[np.ndarray, ...]:
 
 def _photo_texture(rng: np.random.Generator, photos: tuple[np.ndarray, ...], h: int, wc: int) -> np.ndarray:
     """A random crop of a random photograph, rescaled by 0.5-2x (at least to the canvas) and maybe mirrored."""
-    from compress.data.augment import resize_image
-
     photo = photos[int(rng.integers(len(photos)))]
     ph, pw = photo.shape[:2]
     scale = max(math.exp(rng.uniform(math.log(0.5), math.log(2.0))), h / ph, wc / pw)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from compress.data import DATASET_KINDS
-from compress.data.synthetic import SyntheticConfig
+from compress.checks import check_size
+from compress.data import DatasetSpec
 from compress.errors import ConfigError
-from compress.structured import check_size, did_you_mean, load_structured, to_plain
+from compress.structured import load_structured, to_plain
 from compress.training import OptimConfig
 
 __all__ = [
@@ -123,7 +123,10 @@ class LossConfig:
 
 @dataclass
 class LabelCacheConfig:
-    """What the teacher pseudo-label cache stores (see compress.distill.label_cache for sizes per sample)."""
+    """What the teacher pseudo-label cache stores (see compress.distill.label_cache for sizes per sample).
+
+    The teacher's iterations are the teacher's key (``teacher.iters``) and the size pairs are labelled at is the
+    data's (``data.size``): one key each in a recipe."""
 
     disp_dtype: str = "float16"
     prob: str = "full"
@@ -135,11 +138,6 @@ class LabelCacheConfig:
     feature_levels: list[int] = field(default_factory=list)
     """Teacher left-pyramid levels to store (0 = finest, 1/4); empty = none."""
     feature_dtype: str = "float16"
-    iters: int | None = None
-    """Teacher GRU iterations; None = the teacher config's valid_iters."""
-    size: list[int] | None = None
-    """[height, width] every sample is centre-cropped to before labelling; None = the first sample's size
-    rounded down to multiples of 32 (the teacher's stride), which every sample must then share."""
     batch_size: int = 1
     flush_every: int = 16
     """Persist the memory maps and the done-mask every this many samples (and at the end)."""
@@ -158,12 +156,10 @@ class LabelCacheConfig:
         if any(int(level) < 0 for level in self.feature_levels):
             raise ConfigError(f"label cache feature_levels: got {list(self.feature_levels)}, expected indices >= 0")
         self.feature_levels = sorted({int(level) for level in self.feature_levels})
-        if self.iters is not None and self.iters < 1:
-            raise ConfigError(f"label cache iters: got {self.iters}, expected >= 1 or null")
-        check_size("label cache size", self.size)
 
     def content_key(self) -> dict[str, Any]:
-        """The settings that change what is stored (a cache made with other ones must not be reused)."""
+        """The settings of this section that change what is stored (a cache made with other ones must not be
+        reused); the manifest adds the teacher's iterations and the label size (``build_label_cache``)."""
         out = dataclasses.asdict(self)
         unused = ["batch_size", "flush_every"]  # change how labels are made, not what they are
         if self.prob != "topk":
@@ -226,43 +222,11 @@ class TeacherSpec:
     """Label the missing samples of ``label_cache`` with the teacher before training (else: error)."""
     cache: LabelCacheConfig = field(default_factory=LabelCacheConfig)
     iters: int | None = None
-    """Teacher GRU iterations for live labels and eval; None = the teacher config's valid_iters."""
+    """Teacher GRU iterations for live labels, cached labels and eval; None = the teacher's own count (the
+    official teacher's valid_iters)."""
 
 
 # -------------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class DatasetSpec:
-    """One dataset: ``kind`` 'synthetic', 'auto' (detect the layout of ``path``; synthetic without a path) or a
-    reader name. Every stage reads its data through this spec (compress.distill.build_dataset)."""
-
-    kind: str = "auto"
-    path: str | None = None
-    num_samples: int = 16
-    """Synthetic only: number of generated pairs."""
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    """Synthetic only: the generator's settings."""
-    limit: int | None = None
-    """Use only the first this many samples."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments of the reader (e.g. split)."""
-
-    def __post_init__(self) -> None:
-        # 'auto' without a path stays 'auto' (read as synthetic): a path given later by an override must still be
-        # read as a folder, which a kind rewritten here to 'synthetic' would silently ignore.
-        if self.kind == "synthetic" and self.path:
-            raise ConfigError(f"dataset kind 'synthetic' generates its pairs and reads no path, got path "
-                              f"{self.path!r}; set kind to 'auto' (or a reader name) to read that folder")
-        if self.kind not in ("synthetic", "auto", *DATASET_KINDS):
-            raise ConfigError(f"unknown dataset kind {self.kind!r}{did_you_mean(self.kind, DATASET_KINDS)} (expected "
-                              f"'synthetic', 'auto' or a reader: {', '.join(sorted(DATASET_KINDS))})")
-        if self.kind not in ("synthetic", "auto") and not self.path:
-            raise ConfigError(f"dataset kind {self.kind!r} needs a path (the dataset's root folder)")
-        if self.num_samples < 1:
-            raise ConfigError(f"dataset num_samples: got {self.num_samples}, expected >= 1")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"dataset limit: got {self.limit}, expected >= 1 or null")
 
 
 @dataclass
@@ -273,8 +237,13 @@ class DataConfig:
     eval: DatasetSpec | None = None
     """None = evaluate on the first ``eval_samples`` training samples, un-augmented."""
     eval_samples: int = 4
+    size: list[int] | None = None
+    """[height, width] every training pair is centre-cropped to before the teacher labels it (with
+    ``teacher.label_cache``; multiples of 32); None = the first pair's size rounded down to multiples of 32, which
+    every pair must then share. Fixed per pair, unlike ``crop_size``."""
     crop_size: list[int] | None = None
-    """[height, width] random training crop (multiples of 32); applied to cached labels alike."""
+    """[height, width] random training crop (multiples of 32), drawn anew every step inside the labelled pair;
+    applied to cached labels alike."""
     vflip_prob: float = 0.0
     jitter_prob: float = 0.0
     """Colour jitter (photometric only, so cached labels stay valid)."""
@@ -282,6 +251,7 @@ class DataConfig:
     """Random rescaling; only with a live teacher (cached labels cannot follow a resize)."""
 
     def __post_init__(self) -> None:
+        check_size("data.size", self.size)
         check_size("data.crop_size", self.crop_size)
         if self.eval_samples < 0:
             raise ConfigError(f"data.eval_samples: got {self.eval_samples}, expected >= 0")
@@ -296,6 +266,8 @@ class DataConfig:
 @dataclass
 class DistillConfig:
     """A whole distillation run (``ffsc distill RECIPE.yaml key=value ...``)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"teacher.cache.iters": "teacher.iters", "teacher.cache.size": "data.size"}
 
     run_dir: str = "runs/distill"
     seed: int = 0
@@ -338,6 +310,9 @@ class DistillConfig:
                 "no teacher: set teacher.checkpoint (official FoundationStereo .pth) or teacher.label_cache "
                 "(a pseudo-label folder)"
             )
+        if self.data.size is not None and self.teacher.label_cache is None:  # a live teacher sees the augmented pair
+            raise ConfigError("data.size is the size pairs are labelled at in the label cache; set teacher.label_cache "
+                              "too, or crop a live teacher's pairs with data.crop_size")
         if self.teacher.label_cache is not None and (self.data.scale_prob > 0 or self.data.vflip_prob > 0):
             raise ConfigError(
                 "data.scale_prob and data.vflip_prob need a live teacher: cached labels follow crops only; set "

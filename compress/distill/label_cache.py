@@ -32,15 +32,12 @@ to every label field alike (crop offsets are multiples of the coarsest label str
 aligned) and optional colour jitter (photometric, so the labels stay valid). Rescaling or flipping cannot be
 applied to cached labels; use a live teacher for those.
 
-One module over the ~500-line guide: the builder, the reader and the labelled dataset share one on-disk format
-(manifest, memory-mapped fields, resume ranges); keeping them together keeps writer and readers in step.
+The format the builder and the readers share (manifest, identities, resume ranges, memory-mapped fields, the
+centre-cropped sample a label belongs to) lives in :mod:`compress.distill.label_format`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 import os
 from pathlib import Path
@@ -50,18 +47,39 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from compress.atomic import atomic_write_bytes, sha256_file
 from compress.cuda_graph import GraphedForward
 from compress.data.augment import AugmentConfig, colour_jitter, crop_sample
-from compress.data.readers import StereoDataset, StereoSample, sample_to_tensors
-from compress.data.synthetic import SyntheticStereoDataset
+from compress.data.sample import StereoDataset, StereoSample
 from compress.errors import ConfigError, DataError
 from compress.terminal import progress_bar
 from teacher.inference import model_iters
 
 from .config import LabelCacheConfig
+from .label_format import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    MANIFEST,
+    LabelCacheError,
+    allocate_fields,
+    as_tensors,
+    base_sample,
+    cache_progress,
+    crop_item,
+    dataset_fingerprint,
+    diff,
+    file_sha256,
+    from_ranges,
+    jsonable,
+    open_fields,
+    read_manifest,
+    sample_name,
+    source_size,
+    teacher_identity,
+    to_ranges,
+    write_manifest_json,
+)
 
 __all__ = [
     "CACHE_FORMAT",
@@ -74,198 +92,6 @@ __all__ = [
     "file_sha256",
     "teacher_identity",
 ]
-
-CACHE_FORMAT = "ffsc-label-cache"
-CACHE_VERSION = 1
-MANIFEST = "manifest.json"
-_IMAGE_KEYS = ("left", "right", "disp", "valid", "nonocc")
-
-
-class LabelCacheError(DataError):
-    """A label cache does not match the teacher, dataset or settings it is used with, or is incomplete."""
-
-
-# ------------------------------------------------------------------------------------------- identities
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    if not Path(path).is_file():
-        raise DataError(f"{path} does not exist")
-    return sha256_file(path)
-
-
-def _weights_sha256(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
-def teacher_identity(model: nn.Module, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Who made the labels: model class, config, a hash of its weights and of its checkpoint file."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and hasattr(cfg, "to_dict"):
-        cfg_dict = cfg.to_dict()
-    elif cfg is not None and dataclasses.is_dataclass(cfg):
-        cfg_dict = dataclasses.asdict(cfg)
-    else:
-        cfg_dict = None
-    ident: dict[str, Any] = {
-        "class": type(model).__name__,
-        "config": cfg_dict,
-        "weights_sha256": _weights_sha256(model),
-        "checkpoint_sha256": None,
-    }
-    if checkpoint is not None:
-        ident["checkpoint_sha256"] = file_sha256(checkpoint)
-    return _jsonable(ident)
-
-
-def dataset_fingerprint(dataset: Dataset) -> dict[str, Any]:
-    """Size, sample names (where known without loading) and generator settings of a dataset."""
-    if isinstance(dataset, Subset):
-        return {"subset_of": dataset_fingerprint(dataset.dataset), "indices": [int(i) for i in dataset.indices]}
-    fp: dict[str, Any] = {"type": type(dataset).__name__, "size": len(dataset)}
-    records = getattr(dataset, "records", None)
-    if records:
-        fp["names"] = [r.name for r in records]
-    if isinstance(dataset, SyntheticStereoDataset):
-        syn = dataclasses.asdict(dataset.config)
-        # Settings of generator features that are off are left out, so caches made before they existed match.
-        if syn["texture_dir"] is None:
-            del syn["texture_dir"], syn["photo_prob"]
-        if syn["max_disp_low"] is None:
-            del syn["max_disp_low"]
-        fp["synthetic"] = syn
-    return _jsonable(fp)
-
-
-def _diff(a: Any, b: Any, path: str = "") -> list[str]:
-    """Human-readable differences between two JSON values (first levels only for long lists)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            if k not in a or k not in b:
-                out.append(f"{path}{k}: {'missing' if k not in a else 'present'} in the cache")
-            else:
-                out.extend(_diff(a[k], b[k], f"{path}{k}."))
-        return out
-    if a != b:
-        if isinstance(a, list) and isinstance(b, list):
-            return [f"{path.rstrip('.')}: lists differ (cache {len(a)} items, now {len(b)})"]
-        return [f"{path.rstrip('.')}: cache {a!r}, now {b!r}"]
-    return []
-
-
-# -------------------------------------------------------------------------------------------- samples
-
-
-def _source_size(dataset: Dataset, index: int) -> tuple[int, int]:
-    if isinstance(dataset, StereoDataset):
-        s = dataset.load(index)
-        return s.height, s.width
-    item = dataset[index]
-    return tuple(item["left"].shape[-2:])
-
-
-def _centre_window(hw: tuple[int, int], size: tuple[int, int], name: str) -> tuple[int, int]:
-    h, w = hw
-    th, tw = size
-    if h < th or w < tw:
-        raise DataError(
-            f"sample {name!r} is {h}x{w} (height x width), smaller than the label cache size {th}x{tw}; set the "
-            "cache size "
-            "(label cache 'size') to at most the smallest image of the dataset"
-        )
-    return (h - th) // 2, (w - tw) // 2
-
-
-def _crop_item(item: dict[str, Any], top: int, left: int, h: int, w: int) -> dict[str, Any]:
-    out = dict(item)
-    for key in _IMAGE_KEYS:
-        if key in out and isinstance(out[key], torch.Tensor):
-            out[key] = out[key][..., top : top + h, left : left + w]
-    return out
-
-
-def _base(dataset: Dataset, index: int, size: tuple[int, int]) -> StereoSample | dict[str, Any]:
-    """Sample ``index`` without augmentation, centre-cropped to the cache size (a StereoSample when possible)."""
-    if isinstance(dataset, StereoDataset):
-        sample = dataset.load(index)
-        top, left = _centre_window((sample.height, sample.width), size, sample.name)
-        if (sample.height, sample.width) != tuple(size):
-            sample = crop_sample(sample, top, left, *size)
-        return sample
-    item = dataset[index]
-    hw = tuple(item["left"].shape[-2:])
-    top, left = _centre_window(hw, size, str(item.get("name", index)))
-    return _crop_item(item, top, left, *size)
-
-
-def _as_tensors(base: StereoSample | dict[str, Any]) -> dict[str, Any]:
-    return sample_to_tensors(base) if isinstance(base, StereoSample) else base
-
-
-def _name(base: StereoSample | dict[str, Any], index: int) -> str:
-    return base.name if isinstance(base, StereoSample) else str(base.get("name", index))
-
-
-# ---------------------------------------------------------------------------------------------- ranges
-
-
-def _to_ranges(done: np.ndarray) -> list[list[int]]:
-    idx = np.flatnonzero(done)
-    if idx.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) > 1)
-    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
-    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
-    return [[int(s), int(e)] for s, e in zip(starts, ends, strict=True)]
-
-
-def _from_ranges(ranges: list[list[int]], n: int) -> np.ndarray:
-    done = np.zeros(n, dtype=bool)
-    for start, end in ranges:
-        done[start:end] = True
-    return done
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_bytes(path, json.dumps(data, indent=1).encode())
-
-
-def _read_manifest(root: Path) -> dict[str, Any] | None:
-    path = root / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LabelCacheError(f"{path} is unreadable ({exc}); delete the cache folder and label again") from None
-    if data.get("format") != CACHE_FORMAT:
-        raise LabelCacheError(f"{path} is not an ffsc label cache manifest (format {data.get('format')!r})")
-    if data.get("version") != CACHE_VERSION:
-        raise LabelCacheError(
-            f"{path} is label cache version {data.get('version')}, this ffsc reads version {CACHE_VERSION}; "
-            "label again into a new folder"
-        )
-    return data
-
-
-def cache_progress(root: str | os.PathLike) -> tuple[int, int] | None:
-    """(labelled, total) samples of the cache at ``root``, or None when there is none yet."""
-    manifest = _read_manifest(Path(root))
-    if manifest is None:
-        return None
-    n = int(manifest["num_samples"])
-    return int(_from_ranges(manifest["done"], n).sum()), n
 
 
 # ---------------------------------------------------------------------------------------------- labelling
@@ -323,6 +149,8 @@ def build_label_cache(
     root: str | os.PathLike,
     cfg: LabelCacheConfig | None = None,
     *,
+    iters: int | None = None,
+    size: tuple[int, int] | list[int] | None = None,
     checkpoint: str | os.PathLike | None = None,
     identity: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
@@ -330,7 +158,9 @@ def build_label_cache(
 ) -> LabelCache:
     """Label every not-yet-labelled sample of ``dataset`` with ``teacher`` into the cache at ``root``.
 
-    Resumes a partial cache made by the same teacher on the same dataset with the same settings; raises
+    ``iters``: the teacher's GRU iterations (None: its own count); ``size``: the [height, width] every sample is
+    centre-cropped to (None: the first sample's size rounded down to multiples of 32, which every sample must then
+    share). Resumes a partial cache made by the same teacher on the same dataset with the same settings; raises
     LabelCacheError when the existing manifest disagrees. ``identity`` defaults to
     :func:`teacher_identity` of the teacher (and its ``checkpoint`` file, if given).
     """
@@ -344,39 +174,40 @@ def build_label_cache(
         param = next(teacher.parameters(), None)
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
-    iters = model_iters(teacher, cfg.iters, key="label cache iters")  # official teacher: valid_iters
+    iters = model_iters(teacher, iters, key="teacher.iters")  # official teacher: valid_iters
     identity = identity if identity is not None else teacher_identity(teacher, checkpoint)
     fingerprint = dataset_fingerprint(dataset)
-    if cfg.size is not None:
-        size = (int(cfg.size[0]), int(cfg.size[1]))
+    if size is not None:
+        size = (int(size[0]), int(size[1]))
     else:
-        h, w = _source_size(dataset, 0)
+        h, w = source_size(dataset, 0)
         size = (h // 32 * 32, w // 32 * 32)
         if 0 in size:
             raise DataError(f"the first sample is {h}x{w} (height x width); the teacher needs images of at least 32x32")
-    labels = {**cfg.content_key(), "size": list(size), "iters": iters}
+    # The same keys in the same order as when iters and size were fields of the config: old manifests still match.
+    labels = {**cfg.content_key(), "iters": iters, "size": list(size)}
 
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
     if manifest is not None:
-        problems = _diff(manifest["teacher"], identity, "teacher.")
-        problems += _diff(manifest["dataset"], fingerprint, "dataset.")
-        problems += _diff(manifest["labels"], _jsonable(labels), "labels.")
+        problems = diff(manifest["teacher"], identity, "teacher.")
+        problems += diff(manifest["dataset"], fingerprint, "dataset.")
+        problems += diff(manifest["labels"], jsonable(labels), "labels.")
         if problems:
             shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
             raise LabelCacheError(
                 f"label cache {root} was made for another teacher, dataset or label settings ({shown}); "
                 "use a new cache folder, or delete this one to label again"
             )
-        done = _from_ranges(manifest["done"], n)
+        done = from_ranges(manifest["done"], n)
         names: list[str | None] = list(manifest["names"])
-        arrays = _open_fields(root, manifest, "r+")
+        arrays = open_fields(root, manifest, "r+")
     else:
         manifest = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
             "teacher": identity,
             "dataset": fingerprint,
-            "labels": _jsonable(labels),
+            "labels": jsonable(labels),
             "num_samples": n,
         }
         done = np.zeros(n, dtype=bool)
@@ -388,10 +219,10 @@ def build_label_cache(
             return
         for arr in arrays.values():
             arr.flush()
-        manifest["done"] = _to_ranges(done)
+        manifest["done"] = to_ranges(done)
         manifest["names"] = names
         manifest["complete"] = bool(done.all())
-        _write_json(root / MANIFEST, manifest)
+        write_manifest_json(root / MANIFEST, manifest)
 
     pending = np.flatnonzero(~done).tolist()
     teacher_was_training = teacher.training
@@ -408,8 +239,8 @@ def build_label_cache(
     try:
         for start in range(0, len(pending), cfg.batch_size):
             chunk = pending[start : start + cfg.batch_size]
-            bases = [_base(dataset, i, size) for i in chunk]
-            items = [_as_tensors(b) for b in bases]
+            bases = [base_sample(dataset, i, size) for i in chunk]
+            items = [as_tensors(b) for b in bases]
             left = torch.stack([it["left"] for it in items]).to(device)
             right = torch.stack([it["right"] for it in items]).to(device)
             out = forward(left, right)
@@ -425,7 +256,7 @@ def build_label_cache(
                 manifest["features"] = {
                     str(level): manifest["fields"][f"feat_l{level}"]["stride"] for level in cfg.feature_levels
                 }
-                arrays = _allocate(root, manifest["fields"], n)
+                arrays = allocate_fields(root, manifest["fields"], n)
                 persist()
             for name, t in batch_arrays.items():
                 values = t.numpy()
@@ -433,7 +264,7 @@ def build_label_cache(
                     arrays[name][i] = values[j]
             for b, i in zip(bases, chunk, strict=True):
                 done[i] = True
-                names[i] = _name(b, i)
+                names[i] = sample_name(b, i)
             since_flush += len(chunk)
             bar.update(len(chunk))
             if since_flush >= cfg.flush_every:
@@ -447,39 +278,6 @@ def build_label_cache(
     return LabelCache(root)
 
 
-def _allocate(root: Path, fields: dict[str, Any], n: int) -> dict[str, np.memmap]:
-    arrays = {}
-    for name, info in fields.items():
-        arrays[name] = np.lib.format.open_memmap(
-            root / info["file"], mode="w+", dtype=np.dtype(info["dtype"]), shape=(n, *info["shape"])
-        )
-    return arrays
-
-
-def _open_fields(root: Path, manifest: dict[str, Any], mode: str) -> dict[str, np.memmap] | None:
-    fields = manifest.get("fields")
-    if not fields:
-        return None
-    n = int(manifest["num_samples"])
-    arrays = {}
-    for name, info in fields.items():
-        path = root / info["file"]
-        try:
-            arr = np.load(path, mmap_mode=mode)
-        except (OSError, ValueError) as exc:
-            raise LabelCacheError(
-                f"label cache field {path} is missing or unreadable ({exc}); delete {root} and label again"
-            ) from None
-        expected = (n, *info["shape"])
-        if arr.shape != expected or arr.dtype != np.dtype(info["dtype"]):
-            raise LabelCacheError(
-                f"label cache field {path} is {arr.dtype} {arr.shape}, the manifest says {info['dtype']} "
-                f"{expected}; delete {root} and label again"
-            )
-        arrays[name] = arr
-    return arrays
-
-
 # ------------------------------------------------------------------------------------------------ reading
 
 
@@ -488,12 +286,12 @@ class LabelCache:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        manifest = _read_manifest(self.root)
+        manifest = read_manifest(self.root)
         if manifest is None:
             raise LabelCacheError(f"{self.root} holds no label cache ({MANIFEST} is missing); label it first")
         self.manifest = manifest
         self.num_samples = int(manifest["num_samples"])
-        self.done = _from_ranges(manifest.get("done", []), self.num_samples)
+        self.done = from_ranges(manifest.get("done", []), self.num_samples)
         self.names: list[str | None] = list(manifest.get("names", [None] * self.num_samples))
         self.size = tuple(manifest["labels"]["size"])
         self.fields: dict[str, Any] = manifest.get("fields", {})
@@ -522,7 +320,7 @@ class LabelCache:
     def arrays(self) -> dict[str, np.ndarray]:
         """The read-only memory-mapped fields."""
         if self._arrays is None:
-            self._arrays = _open_fields(self.root, self.manifest, "r") or {}
+            self._arrays = open_fields(self.root, self.manifest, "r") or {}
         return self._arrays
 
     def bytes_per_sample(self) -> int:
@@ -608,7 +406,7 @@ class LabelledDataset(Dataset):
                 f"the dataset has {len(source)} samples but label cache {self.cache.root} has "
                 f"{self.cache.num_samples}; it was made for another dataset"
             )
-        problems = _diff(self.cache.manifest["dataset"], dataset_fingerprint(source), "dataset.")
+        problems = diff(self.cache.manifest["dataset"], dataset_fingerprint(source), "dataset.")
         if problems:
             raise LabelCacheError(
                 f"label cache {self.cache.root} was made for another dataset ({'; '.join(problems[:4])}); "
@@ -646,11 +444,11 @@ class LabelledDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        base = _base(self.source, index, self.cache.size)
+        base = base_sample(self.source, index, self.cache.size)
         expected = self.cache.names[index]
-        if expected is not None and _name(base, index) != expected:
+        if expected is not None and sample_name(base, index) != expected:
             raise LabelCacheError(
-                f"sample {index} is {_name(base, index)!r} but its cached label belongs to {expected!r}; the "
+                f"sample {index} is {sample_name(base, index)!r} but its cached label belongs to {expected!r}; the "
                 "dataset changed since labelling"
             )
         window = None
@@ -664,10 +462,10 @@ class LabelledDataset(Dataset):
             if isinstance(base, StereoSample):
                 base = crop_sample(base, top, left, ch, cw)
             else:
-                base = _crop_item(base, top, left, ch, cw)
+                base = crop_item(base, top, left, ch, cw)
         if self.jitter_prob > 0 and rng.random() < self.jitter_prob:
             base = colour_jitter(base, self.jitter, rng)
-        item = _as_tensors(base)
+        item = as_tensors(base)
         item.update(self.cache.targets(index, window))
         item["index"] = index
         return item

@@ -17,7 +17,6 @@ whole. Datasets, evaluation, models and the step loop itself live in their own m
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -50,6 +49,7 @@ from compress.models import (
     teacher_from_spec,
     torch_load,
 )
+from compress.structured import renamed_keys
 from compress.terminal import console
 from compress.training import (
     autocast,
@@ -265,15 +265,14 @@ class Trainer:
             if self.dist.is_main:
                 teacher = self._teacher()
                 source = build_dataset(self.cfg.data.train, seed=self.cfg.seed)
-                cache_cfg = dataclasses.replace(spec.cache, iters=spec.cache.iters or spec.iters)
                 build_label_cache(
-                    teacher, source, root, cache_cfg, checkpoint=spec.checkpoint, device=self.device,
-                    progress=self.cfg.progress,
+                    teacher, source, root, spec.cache, iters=spec.iters, size=self.cfg.data.size,
+                    checkpoint=spec.checkpoint, device=self.device, progress=self.cfg.progress,
                 )
             self.dist.barrier()
             self.teacher = None  # labelled; free it (eval builds it again only if it needs it)
         cache = LabelCache(root)
-        want = dataclasses.replace(spec.cache, iters=spec.cache.iters or spec.iters).content_key()
+        want = {**spec.cache.content_key(), "iters": spec.iters, "size": self.cfg.data.size}
         have = cache.manifest["labels"]
         differ = [
             f"{k}: cache {have.get(k)!r}, recipe {v!r}"
@@ -282,8 +281,8 @@ class Trainer:
         ]
         if differ:
             raise ConfigError(
-                f"label cache {root} holds other labels than teacher.cache asks for ({'; '.join(differ)}); "
-                "match the recipe to the cache or label into a new folder"
+                f"label cache {root} holds other labels than teacher.cache, teacher.iters and data.size ask for "
+                f"({'; '.join(differ)}); match the recipe to the cache or label into a new folder"
             )
         if spec.checkpoint and cache.teacher.get("checkpoint_sha256"):
             if file_sha256(spec.checkpoint) != cache.teacher["checkpoint_sha256"]:
@@ -415,6 +414,11 @@ class Trainer:
         if not isinstance(state, dict) or state.get("format") != DISTILL_CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not a distillation checkpoint; move it away or set resume=false")
         old = _flatten(state["config"])
+        for was, now in renamed_keys(DistillConfig).items():  # a checkpoint written before a key was renamed
+            if was in old:
+                value = old.pop(was)
+                if now not in old:  # else the new key was recorded too, and it is the one that counted
+                    old[now] = value
         new = _flatten(config_to_dict(self.cfg))
         changed = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE and old.get(k) != new.get(k))
         if changed:

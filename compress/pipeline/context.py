@@ -156,14 +156,13 @@ def preflight(recipe: RunRecipe) -> tuple[RunRecipe, BackendChoice]:
 
 
 def labels_config(recipe: RunRecipe) -> LabelCacheConfig:
-    """The label cache's settings, at the teacher's iteration count."""
-    # teacher.iters wins (the recipe refuses a data.labels.iters that disagrees); None: the teacher's own count
-    return dataclasses.replace(recipe.data.labels, iters=recipe.teacher.iters or recipe.data.labels.iters)
+    """The label cache's settings (what it stores; the teacher's iterations and the label size are passed apart)."""
+    return recipe.data.labels
 
 
 def teacher_iters(recipe: RunRecipe, teacher_model: torch.nn.Module) -> int:
     """The teacher's GRU iterations: those it labels with (the one count it is timed, counted and scored at)."""
-    return model_iters(teacher_model, labels_config(recipe).iters, key="teacher.iters")
+    return model_iters(teacher_model, recipe.teacher.iters, key="teacher.iters")
 
 
 def prepare_labels(recipe: RunRecipe, run_dir: Path, teacher: TeacherInfo, device: torch.device
@@ -174,8 +173,8 @@ def prepare_labels(recipe: RunRecipe, run_dir: Path, teacher: TeacherInfo, devic
     for split, spec in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         dataset = build_dataset(spec, seed=recipe.seed + (0 if split == "train" else 1))
         root = run_dir / "labels" / split
-        build_label_cache(teacher.model, dataset, root, labels, identity=teacher.identity, device=device,
-                          progress=recipe.progress)
+        build_label_cache(teacher.model, dataset, root, labels, iters=recipe.teacher.iters, size=recipe.data.size,
+                          identity=teacher.identity, device=device, progress=recipe.progress)
         out[split] = (root, dataset)
     eval_set = LabelledDataset(out["eval"][1], out["eval"][0], seed=recipe.seed)
     return out["train"][0], eval_set

@@ -36,6 +36,9 @@ def prune_key(config: dict[str, Any]) -> dict[str, Any]:
     """A prune config without what does not change the pruned model (progress display, device name, the latency
     settings pruning does not read)."""
     out = {k: v for k, v in config.items() if k not in ("progress", "device")}
+    if "teacher_iters" in out.get("distill", {}):  # recorded before it became the prune config's teacher_iters
+        out["distill"] = {k: v for k, v in out["distill"].items() if k != "teacher_iters"}
+        out.setdefault("teacher_iters", config["distill"]["teacher_iters"])
     out["latency"] = {k: v for k, v in out.get("latency", {}).items() if k in PRUNE_LATENCY_KEYS}
     return out
 
@@ -47,8 +50,8 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
     out = run_dir / "prune"
     cfg = PruneConfig(  # the stage's settings, on the recipe's training data (its first p.samples) and latency
         **{f.name: getattr(p, f.name) for f in dataclasses.fields(PruneSettings)},
-        model=str(student_path), run_dir=str(out), seed=recipe.seed, device=str(device), progress=recipe.progress,
-        latency=recipe.search.latency,
+        model=str(student_path), teacher_iters=recipe.teacher.iters, run_dir=str(out), seed=recipe.seed,
+        device=str(device), progress=recipe.progress, latency=recipe.search.latency,
         data=DataSpec(**{**vars(train), "limit": min(p.samples, train.limit or p.samples)},
                       size=[recipe.height, recipe.width], eval_samples=min(2, p.samples)),
     )

@@ -6,14 +6,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from compress.distill.config import DatasetSpec, LabelCacheConfig, LossConfig, OptimConfig
+from compress.checks import check_size, require_at_least, require_positive
+from compress.data import DatasetSpec
+from compress.distill.config import LabelCacheConfig, LossConfig, OptimConfig
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
-from compress.preflight import require_at_least, require_positive
+from compress.nas.objective import check_proxy
 from compress.prune.config import BUDGETS, DistillSpec, PruneSettings
 from compress.quantize import QuantizeConfig
 from compress.real_pairs import RealPairsConfig
-from compress.structured import check_size, load_structured, to_plain
+from compress.structured import load_structured, to_plain
 from compress.tracking import TrackingConfig
 
 from .standin import standin_optim
@@ -35,7 +37,8 @@ class TeacherStage:
     """cfg.yaml when it is not beside the checkpoint."""
     trust_checkpoint: bool = False
     iters: int | None = None
-    """Teacher GRU iterations for labelling; None = valid_iters of its config."""
+    """Teacher GRU iterations: the one count it labels, prunes against, is timed and is scored at; None = its own
+    count (the official teacher's valid_iters)."""
     stand_in: str = "shipped"
     """Without a checkpoint: 'shipped' (the stand-in teacher in teacher/standin, trained once on
     procedural scenes with photographic textures), 'train' (train ``fallback_preset`` here on the training set's
@@ -66,12 +69,18 @@ class DataStage:
     train: DatasetSpec = field(default_factory=lambda: DatasetSpec(num_samples=48))
     eval: DatasetSpec = field(default_factory=lambda: DatasetSpec(num_samples=8))
     labels: LabelCacheConfig = field(default_factory=LabelCacheConfig)
+    """What the label cache stores; the teacher labels at ``teacher.iters``, each pair centre-cropped to ``size``."""
+    size: list[int] | None = None
+    """[height, width] every training and held-out pair is centre-cropped to before the teacher labels it, fixed per
+    pair, multiples of 32; None: the first pair's size rounded down to multiples of 32, which every pair must then
+    share."""
     crop_size: list[int] | None = None
     """[height, width] random crop of each labelled training pair for every distillation (the search's proxy, the
-    final student), multiples of 32; None: whole pairs. Large scenes keep a realistic disparity range, crops keep
-    steps cheap."""
+    final student), drawn anew every step inside ``size``, multiples of 32; None: whole pairs. Large scenes keep a
+    realistic disparity range, crops keep steps cheap."""
 
     def __post_init__(self) -> None:
+        check_size("data.size", self.size)
         check_size("data.crop_size", self.crop_size)
 
 
@@ -119,8 +128,6 @@ class SearchStage:
             raise ConfigError(f"search.speedup={self.speedup:g} and search.budget_ms={self.budget_ms:g} both set a "
                               "latency budget; keep one")
         require_positive("search.timeout", self.timeout, allow_none=True)
-        from compress.nas.objective import check_proxy
-
         check_proxy(self.proxy, self.parent_steps, "search")
         if not self.parent:
             raise ConfigError("search.parent: got an empty value, expected 'auto', 'teacher', 'largest' or a saved "
@@ -187,7 +194,9 @@ class RunRecipe:
     """One source of truth for a run (``ffsc run RECIPE key=value ...``)."""
 
     # A stage is switched off by its own ``enabled`` (the teacher and labels always run).
-    RENAMED: ClassVar[dict[str, str]] = {"stages": "search.enabled, prune.enabled, distill.enabled, export.enabled"}
+    RENAMED: ClassVar[dict[str, str]] = {"stages": "search.enabled, prune.enabled, distill.enabled, export.enabled",
+                                         "data.labels.iters": "teacher.iters", "data.labels.size": "data.size",
+                                         "prune.distill.teacher_iters": "teacher.iters"}
 
     name: str = "run"
     run_dir: str | None = None
@@ -222,10 +231,6 @@ class RunRecipe:
         if not self.tracking.enabled:  # the study's parent run and its trials are where `ffsc run` keeps the search
             raise ConfigError("tracking.enabled=false: `ffsc run` records the search in MLflow; point tracking.uri "
                               "at another store instead (default: mlflow.db in the run directory)")
-        t_iters, l_iters = self.teacher.iters, self.data.labels.iters
-        if t_iters is not None and l_iters is not None and t_iters != l_iters:  # one count labels, times and scores
-            raise ConfigError(f"teacher.iters={t_iters} and data.labels.iters={l_iters} disagree: the teacher labels, "
-                              "is timed and is scored at one count; set one of them (teacher.iters)")
         if self.prune.enabled and not self.search.enabled:
             raise ConfigError("prune.enabled prunes the student the search chose, but the search stage is off; "
                               "use `ffsc prune` to prune a saved model on its own")

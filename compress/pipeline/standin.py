@@ -32,15 +32,16 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from compress.atomic import atomic_write, atomic_write_text, sha256_file
+from compress.checks import check_size, require_at_least
+from compress.data import DatasetSpec
 from compress.data.augment import AugmentConfig, StereoAugmentor
 from compress.data.io import read_image, write_image
 from compress.data.synthetic import SKIMAGE_TEXTURES, SyntheticConfig, SyntheticStereoDataset, skimage_photos
-from compress.distill.config import DatasetSpec, OutputLossConfig
+from compress.distill.config import OutputLossConfig
 from compress.distill.losses import GroundTruth, TeacherTargets, output_loss
 from compress.errors import CheckpointError, ConfigError, DataError
 from compress.evaluation import evaluate_student
 from compress.machine import machine_info
-from compress.preflight import require_at_least
 from compress.structured import load_structured, to_plain
 from compress.training import OptimConfig, build_optimizer, build_scheduler, fit, to_device
 from search_spaces import build_student, load_student, preset, save_student
@@ -65,7 +66,7 @@ def standin_optim() -> OptimConfig:
 class StandInRecipe:
     """How the stand-in teacher is trained: model preset, procedural data, augmentation and schedule."""
 
-    RENAMED: ClassVar[dict[str, str]] = {key: f"optim.{key}" for key in _OPTIM_KEYS}
+    RENAMED: ClassVar[dict[str, str]] = {"crop": "crop_size", **{key: f"optim.{key}" for key in _OPTIM_KEYS}}
 
     preset: str = "standin_teacher"
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -78,8 +79,8 @@ class StandInRecipe:
     """The scene generator; ``num_samples`` is ignored (every step draws fresh scenes)."""
     eval: DatasetSpec = field(default_factory=lambda: DatasetSpec(kind="synthetic", num_samples=16))
     """Held-out scenes (the generator above with this spec's seed and count unless it sets its own)."""
-    crop: list[int] | None = field(default_factory=lambda: [128, 320])
-    """[height, width] training crop, multiples of 32 (full-width crops keep the whole disparity range)."""
+    crop_size: list[int] | None = field(default_factory=lambda: [128, 320])
+    """[height, width] random training crop, multiples of 32 (full-width crops keep the whole disparity range)."""
     jitter_prob: float = 0.8
     asymmetric_prob: float = 0.5
     """Given jitter, the probability that the right view gets its own (a camera mismatch)."""
@@ -93,11 +94,10 @@ class StandInRecipe:
         require_at_least("steps", self.steps, 1)
         require_at_least("batch_size", self.batch_size, 1)
         require_at_least("checkpoint_every", self.checkpoint_every, 1)
-        if self.crop is not None and (len(self.crop) != 2 or any(c <= 0 or c % 32 for c in self.crop)):
-            raise ConfigError(f"crop: got {self.crop}, expected [height, width], positive multiples of 32, or null")
+        check_size("crop_size", self.crop_size)
         syn = self.data.synthetic
-        if self.crop is not None and (self.crop[0] > syn.height or self.crop[1] > syn.width):
-            raise ConfigError(f"crop {self.crop} is larger than the scenes ({syn.height}x{syn.width})")
+        if self.crop_size is not None and (self.crop_size[0] > syn.height or self.crop_size[1] > syn.width):
+            raise ConfigError(f"crop_size {self.crop_size} is larger than the scenes ({syn.height}x{syn.width})")
 
 
 def load_standin_recipe(path: str | Path | None, overrides: list[str] | None = None) -> StandInRecipe:
@@ -193,7 +193,7 @@ def _texture_hashes(folder: Path) -> dict[str, str]:
 
 def _datasets(recipe: StandInRecipe, texture_dir: str | None) -> tuple[SyntheticStereoDataset, SyntheticStereoDataset]:
     syn = dataclasses.replace(recipe.data.synthetic, texture_dir=texture_dir)
-    aug = StereoAugmentor(AugmentConfig(crop_size=None if recipe.crop is None else tuple(recipe.crop),
+    aug = StereoAugmentor(AugmentConfig(crop_size=None if recipe.crop_size is None else tuple(recipe.crop_size),
                                         jitter_prob=recipe.jitter_prob, asymmetric_prob=recipe.asymmetric_prob))
     train = SyntheticStereoDataset(recipe.steps * recipe.batch_size, syn, transform=aug, seed=recipe.seed)
     eval_syn = dataclasses.replace(syn, seed=recipe.eval.synthetic.seed if recipe.eval.synthetic.seed != syn.seed
@@ -222,7 +222,10 @@ def train_standin(recipe: StandInRecipe, out_dir: str | Path, device: torch.devi
     start, seconds = 0, 0.0
     if state_file.is_file():
         state = torch.load(state_file, map_location=device, weights_only=False)
-        if _recorded(state["recipe"]) != to_plain(recipe):
+        saved = dict(_recorded(state["recipe"]))
+        if "crop" in saved:  # written before the key was renamed to crop_size
+            saved["crop_size"] = saved.pop("crop")
+        if saved != to_plain(recipe):
             raise ConfigError(f"{state_file} was written by a different recipe; delete it (or use another --out) "
                               "to train this one from the start")
         trainer.load_state_dict(state)

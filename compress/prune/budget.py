@@ -98,7 +98,7 @@ def prune_to_budget(
                 p.requires_grad_(False)
 
     samples = samples if samples is not None else build_samples(cfg)
-    teacher_iters = model_iters(teacher, cfg.distill.teacher_iters, key="distill.teacher_iters")
+    teacher_iters = model_iters(teacher, cfg.teacher_iters, key="teacher_iters")
     distiller = Distiller(teacher, samples, device, teacher_iters, cfg.distill.train_iters, progress=cfg.progress,
                           gt_weight=cfg.distill.gt_weight, init_weight=cfg.distill.init_weight)
     # Pruning the teacher itself: scored at the targets' iteration count, so the unpruned model is 0 px from them

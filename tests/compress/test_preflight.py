@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from compress import preflight
+from compress import checks, preflight
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
 from compress.latency import LatencyConfig, resolve_backend
 from tests.paths import REPO
@@ -18,18 +18,18 @@ from tests.paths import REPO
 @pytest.mark.parametrize("value", [0, -5, math.nan, math.inf, None, True, "3"])
 def test_require_positive_names_key(value) -> None:
     with pytest.raises(ConfigError, match=r"search\.budget_ms=.*expected a number > 0"):
-        preflight.require_positive("search.budget_ms", value)
+        checks.require_positive("search.budget_ms", value)
 
 
 def test_require_positive_accepts() -> None:
-    preflight.require_positive("search.budget_ms", 12.5)
-    preflight.require_positive("prune.budget_ms", None, allow_none=True)
+    checks.require_positive("search.budget_ms", 12.5)
+    checks.require_positive("prune.budget_ms", None, allow_none=True)
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, None])
 def test_require_at_least(value) -> None:
     with pytest.raises(ConfigError, match=r"teacher\.train_steps=.*expected an integer >= 1 \(the stand-in"):
-        preflight.require_at_least("teacher.train_steps", value, 1, why="the stand-in teacher must train")
+        checks.require_at_least("teacher.train_steps", value, 1, why="the stand-in teacher must train")
 
 
 def test_resolve_backend_auto_on_cpu_machine() -> None:

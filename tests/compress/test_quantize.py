@@ -141,7 +141,7 @@ def test_frames_from_a_synthetic_label_cache_are_the_labelled_images(tmp_path: P
     torch.manual_seed(0)
     teacher = build_student(preset("tiny", iters=1)).eval()
     dataset = SyntheticStereoDataset(3, SyntheticConfig(height=H, width=W, max_disp=16, seed=5))
-    build_label_cache(teacher, dataset, tmp_path / "labels", LabelCacheConfig(prob="none", iters=1), progress=False)
+    build_label_cache(teacher, dataset, tmp_path / "labels", LabelCacheConfig(prob="none"), iters=1, progress=False)
     frames = load_frames(tmp_path / "labels", 2, H, W, offset=1)
     labelled = LabelledDataset(dataset, tmp_path / "labels")
     for k, frame in enumerate(frames, start=1):

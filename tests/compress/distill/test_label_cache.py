@@ -50,7 +50,7 @@ def _dataset(n: int = 3, seed: int = 0) -> SyntheticStereoDataset:
 
 
 CFG = LabelCacheConfig(disp_dtype="float32", prob_dtype="float32", feature_dtype="float32", feature_levels=[0, 1],
-                       iters=2, flush_every=2)
+                       flush_every=2)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def tiny_teacher() -> FoundationStereo:
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory, tiny_teacher) -> Path:
     root = tmp_path_factory.mktemp("labels")
-    build_label_cache(tiny_teacher, _dataset(), root, CFG, progress=False)
+    build_label_cache(tiny_teacher, _dataset(), root, CFG, iters=2, progress=False)
     return root
 
 
@@ -122,15 +122,15 @@ def test_mismatching_manifest_raises_without_running_the_teacher(cache_dir: Path
     ident = teacher_identity(tiny_teacher)
     other = {**ident, "weights_sha256": "0" * 64}
     with pytest.raises(LabelCacheError, match="weights_sha256"):
-        build_label_cache(counting, _dataset(), cache_dir, CFG, identity=other, progress=False)
+        build_label_cache(counting, _dataset(), cache_dir, CFG, identity=other, iters=2, progress=False)
     with pytest.raises(LabelCacheError, match="dataset"):
-        build_label_cache(counting, _dataset(seed=1), cache_dir, CFG, identity=ident, progress=False)
+        build_label_cache(counting, _dataset(seed=1), cache_dir, CFG, identity=ident, iters=2, progress=False)
     half = LabelCacheConfig(**{**CFG.__dict__, "disp_dtype": "float16"})
     with pytest.raises(LabelCacheError, match="disp_dtype"):
-        build_label_cache(counting, _dataset(), cache_dir, half, identity=ident, progress=False)
+        build_label_cache(counting, _dataset(), cache_dir, half, identity=ident, iters=2, progress=False)
     assert counting.calls == 0
     # A finished cache with the same identity is reused as is.
-    build_label_cache(counting, _dataset(), cache_dir, CFG, identity=ident, progress=False)
+    build_label_cache(counting, _dataset(), cache_dir, CFG, identity=ident, iters=2, progress=False)
     assert counting.calls == 0
     with pytest.raises(LabelCacheError, match="another dataset"):
         LabelledDataset(_dataset(seed=1), cache_dir)
@@ -138,8 +138,8 @@ def test_mismatching_manifest_raises_without_running_the_teacher(cache_dir: Path
 
 def test_topk_and_pooled_distribution(tmp_path: Path) -> None:
     toy = make_toy(seed=1, max_disp=8)
-    cfg = LabelCacheConfig(prob="topk", prob_topk=3, prob_downsample=2, prob_dtype="float32", iters=2)
-    cache = build_label_cache(toy, _dataset(2), tmp_path, cfg, progress=False)
+    cfg = LabelCacheConfig(prob="topk", prob_topk=3, prob_downsample=2, prob_dtype="float32")
+    cache = build_label_cache(toy, _dataset(2), tmp_path, cfg, iters=2, progress=False)
     assert set(cache.fields) == {"disp", "prob_topk_values", "prob_topk_index"}
     assert cache.fields["prob_topk_values"]["shape"] == [3, 4, 8]  # 1/4 volume pooled by 2
     assert cache.bytes_per_sample() == 32 * 64 * 2 + 3 * 4 * 8 * (4 + 2)
@@ -176,11 +176,11 @@ _KILLED_RUN = textwrap.dedent(
 
     toy = make_toy(seed=2)
     build_label_cache(KilledAfter(toy, 3), _dataset(6), Path(sys.argv[1]), CFG_TOY,
-                      identity=teacher_identity(toy), progress=False)
+                      identity=teacher_identity(toy), iters=2, progress=False)
     """
 )
 
-CFG_TOY = LabelCacheConfig(disp_dtype="float32", prob_dtype="float32", feature_levels=[0], iters=2, flush_every=2)
+CFG_TOY = LabelCacheConfig(disp_dtype="float32", prob_dtype="float32", feature_levels=[0], flush_every=2)
 
 
 def test_killed_labelling_resumes_without_recomputing(tmp_path: Path) -> None:
@@ -196,9 +196,9 @@ def test_killed_labelling_resumes_without_recomputing(tmp_path: Path) -> None:
     # Three samples were labelled, but only the first two were flushed (flush_every=2) before the kill.
     assert cache_progress(killed) == (2, 6)
     counting = CountingTeacher(toy)
-    cache = build_label_cache(counting, _dataset(6), killed, CFG_TOY, identity=ident, progress=False)
+    cache = build_label_cache(counting, _dataset(6), killed, CFG_TOY, identity=ident, iters=2, progress=False)
     assert counting.calls == 4 and cache.complete
-    whole = build_label_cache(toy, _dataset(6), tmp_path / "whole", CFG_TOY, progress=False)
+    whole = build_label_cache(toy, _dataset(6), tmp_path / "whole", CFG_TOY, iters=2, progress=False)
     for name in whole.fields:
         assert np.array_equal(np.load(killed / f"{name}.npy"), np.load(tmp_path / "whole" / f"{name}.npy")), name
     assert json.loads((killed / "manifest.json").read_text())["done"] == [[0, 6]]
@@ -219,7 +219,8 @@ def test_partial_cache_refuses_to_serve_labels(tmp_path: Path) -> None:
             return toy(*args, **kwargs)
 
     with pytest.raises(RuntimeError, match="teacher crashed"):
-        build_label_cache(Crash(), _dataset(4), tmp_path, CFG_TOY, identity=teacher_identity(toy), progress=False)
+        build_label_cache(Crash(), _dataset(4), tmp_path, CFG_TOY, identity=teacher_identity(toy), iters=2,
+                          progress=False)
     # An ordinary exception still saves the finished samples.
     assert cache_progress(tmp_path) == (2, 4)
     with pytest.raises(LabelCacheError, match="2 of 4"):
@@ -239,19 +240,20 @@ def test_fingerprint_leaves_out_generator_features_that_are_off(tmp_path):
 
 
 def test_images_smaller_than_the_cache_size_are_named_height_by_width(tmp_path: Path, tiny_teacher) -> None:
-    import dataclasses
 
     from compress.errors import DataError
 
-    cfg = dataclasses.replace(CFG, size=[64, 64])  # the images are 36 high, 70 wide
     with pytest.raises(DataError, match=r"is 36x70 \(height x width\), smaller than the label cache size 64x64"):
-        build_label_cache(tiny_teacher, _dataset(1), tmp_path / "labels", cfg, progress=False)
+        build_label_cache(tiny_teacher, _dataset(1), tmp_path / "labels", CFG, iters=2, size=[64, 64],
+                          progress=False)  # the images are 36 high, 70 wide
 
 
 def test_labels_default_to_the_teachers_own_iterations(tmp_path: Path, tiny_teacher) -> None:
-    import dataclasses
-
-    cfg = dataclasses.replace(CFG, iters=None)
     root = tmp_path / "labels"
-    build_label_cache(tiny_teacher, _dataset(1), root, cfg, progress=False)
-    assert LabelCache(root).manifest["labels"]["iters"] == tiny_teacher.cfg.valid_iters == 32
+    build_label_cache(tiny_teacher, _dataset(1), root, CFG, progress=False)
+    labels = LabelCache(root).manifest["labels"]
+    assert labels["iters"] == tiny_teacher.cfg.valid_iters == 32
+    # The manifest records the same settings, in the same order, as when iters and size were keys of the label
+    # cache section: caches labelled before still match.
+    assert list(labels) == ["disp_dtype", "prob", "prob_downsample", "prob_dtype", "feature_levels", "feature_dtype",
+                            "iters", "size"]

@@ -55,7 +55,7 @@ def cache(tmp_path_factory) -> Path:
     cfg = load_recipe(None, [*TINY_TEACHER, *DATA])
     teacher = teacher_from_spec(cfg.teacher)
     build_label_cache(
-        teacher, build_dataset(cfg.data.train), root, LabelCacheConfig(feature_levels=[0, 1], iters=2),
+        teacher, build_dataset(cfg.data.train), root, LabelCacheConfig(feature_levels=[0, 1]), iters=2,
         progress=False,
     )
     return root

@@ -43,7 +43,7 @@ def test_the_gpu_recipe_runs_to_the_end_with_an_official_checkpoint(tmp_path, ca
     run_dir = tmp_path / "run"
     code = main(["run", str(RECIPE), f"run_dir={run_dir}", f"teacher.checkpoint={ckpt}", "teacher.iters=null",
                  "height=64", "width=128", "device=cpu", "progress=false", "search.space=tiny", *SYNTHETIC_DATA,
-                 "data.labels={prob: full, feature_levels: [0], disp_dtype: float32, size: null}",
+                 "data.labels={prob: full, feature_levels: [0], disp_dtype: float32}", "data.size=null",
                  "search.n_trials=2", "search.distill_steps=1", "search.parent_steps=1", "search.batch_size=1",
                  "search.budget_ms=null", "distill.steps=1", "distill.batch_size=1", "export.formats=[onnx]",
                  "search.latency={mode: measured, backend: torch, precision: fp32, warmup: 1, repeats: 1, "
@@ -92,17 +92,16 @@ def test_the_gpu_recipe_with_its_engine_export_is_refused_before_any_work_withou
     assert time.perf_counter() - started < 60 and not run_dir.exists()  # nothing labelled, nothing written
 
 
-def test_the_teachers_count_is_teacher_iters_else_its_own_and_labels_cannot_disagree():
+def test_the_teachers_count_is_teacher_iters_else_its_own_and_the_old_keys_name_it():
     from compress.errors import ConfigError
-    from compress.pipeline import labels_config, load_run_recipe, teacher_iters
+    from compress.pipeline import load_run_recipe, teacher_iters
     from teacher import FoundationStereo, TeacherConfig
 
     with torch.device("meta"):
         official = FoundationStereo(TeacherConfig(vit_size="vits", hidden_dims=[32, 32, 32], valid_iters=3))
-    for overrides, want in ((["teacher.iters=null"], 3), (["teacher.iters=2"], 2),
-                            (["teacher.iters=null", "data.labels.iters=5"], 5), (["data.labels.iters=32"], 32)):
-        recipe = load_run_recipe(RECIPE, overrides)
-        assert teacher_iters(recipe, official) == want, overrides
-        assert labels_config(recipe).iters in (None, want), overrides  # None: the label cache asks the teacher
-    with pytest.raises(ConfigError, match="teacher.iters=32 and data.labels.iters=8 disagree"):
-        load_run_recipe(RECIPE, ["data.labels.iters=8"])
+    for overrides, want in ((["teacher.iters=null"], 3), (["teacher.iters=2"], 2), ([], 32)):
+        assert teacher_iters(load_run_recipe(RECIPE, overrides), official) == want, overrides
+    # One key labels, prunes against, times and scores the teacher: the others it replaced fail in one line.
+    for old in ("data.labels.iters=8", "prune.distill.teacher_iters=8", "data.labels={iters: 8}"):
+        with pytest.raises(ConfigError, match="was renamed to 'teacher.iters'"):
+            load_run_recipe(RECIPE, [old])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from compress.distill.config import DatasetSpec, load_recipe
+from compress.data import DatasetSpec
+from compress.distill.config import load_recipe
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
 from compress.pipeline import load_run_recipe
@@ -46,6 +47,32 @@ def test_a_renamed_key_names_its_new_name_in_a_file_and_in_an_override(tmp_path,
         load_prune_config(recipe)
     cfg = load_prune_config(None, [f"{new}={value}"])  # the new key reads what the old one did
     assert str(cfg.run_dir if new == "run_dir" else getattr(cfg.tracking, new.split(".")[1])).lower() == value
+
+
+@pytest.mark.parametrize("load, old, new, value", [
+    (load_run_recipe, "data.labels.iters", "teacher.iters", "2"),
+    (load_run_recipe, "prune.distill.teacher_iters", "teacher.iters", "2"),
+    (load_run_recipe, "data.labels.size", "data.size", "[64,128]"),
+    (load_recipe, "teacher.cache.iters", "teacher.iters", "2"),
+    (load_recipe, "teacher.cache.size", "data.size", "[64,128]"),
+    (load_prune_config, "distill.teacher_iters", "teacher_iters", "2"),
+])
+def test_the_teachers_iterations_and_the_label_size_have_one_key_each(load, old, new, value):
+    with pytest.raises(ConfigError, match=f"^override: key '{old}' was renamed to '{new}'$"):
+        load(None, [f"{old}={value}"])
+    teacher = ["teacher.label_cache=labels"] if load is load_recipe else []  # a distill run needs its labels
+    cfg = load(None, [*teacher, f"{new}={value}"])  # the new key reads what the old one did
+    got = cfg
+    for part in new.split("."):
+        got = getattr(got, part)
+    assert str(got).replace(" ", "") == value
+
+
+def test_a_crop_and_a_label_size_stay_two_keys():
+    recipe = load_run_recipe(QUICKSTART, ["data.size=[64,128]", "data.crop_size=[32,64]"])
+    assert (recipe.data.size, recipe.data.crop_size) == ([64, 128], [32, 64])
+    with pytest.raises(ConfigError, match=r"^data.size: got \[60, 128\], expected \[height, width\]"):
+        load_run_recipe(QUICKSTART, ["data.size=[60,128]"])
 
 
 def test_every_recipe_spells_tracking_and_the_output_folder_alike():

@@ -36,7 +36,7 @@ def _tiny(tmp_path: Path, *extra: str):
     return load_standin_recipe(REPO / "recipes" / "standin_teacher.yaml", [
         "preset=tiny", f"textures={_textures(tmp_path / 'tex')}", "data.synthetic.height=64",
         "data.synthetic.width=128", "data.synthetic.max_disp=24", "data.synthetic.max_disp_low=8",
-        "data.synthetic.num_objects=2", "crop=[32,128]", "steps=4", "batch_size=1", "checkpoint_every=2",
+        "data.synthetic.num_objects=2", "crop_size=[32,128]", "steps=4", "batch_size=1", "checkpoint_every=2",
         "eval.num_samples=1", *extra])
 
 
@@ -47,13 +47,15 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_recipe_file_and_errors():
     recipe = load_standin_recipe(REPO / "recipes" / "standin_teacher.yaml")
     assert recipe.preset == "standin_teacher" and recipe.data.synthetic.max_disp == 128
-    assert recipe.crop[1] == recipe.data.synthetic.width  # full-width crops keep the whole disparity range
+    assert recipe.crop_size[1] == recipe.data.synthetic.width  # full-width crops keep the whole disparity range
     with pytest.raises(ConfigError, match="key 'step'.*Did you mean: 'steps'"):
         load_standin_recipe(None, ["step=3"])
-    with pytest.raises(ConfigError, match=r"crop \[512, 320\] is larger than the scenes"):
-        load_standin_recipe(None, ["crop=[512,320]"])
+    with pytest.raises(ConfigError, match=r"crop_size \[512, 320\] is larger than the scenes"):
+        load_standin_recipe(None, ["crop_size=[512,320]"])
     with pytest.raises(ConfigError, match="multiples of 32"):
-        load_standin_recipe(None, ["crop=[100,320]"])
+        load_standin_recipe(None, ["crop_size=[100,320]"])
+    with pytest.raises(ConfigError, match="key 'crop' was renamed to 'crop_size'"):
+        load_standin_recipe(None, ["crop=[96,320]"])
 
 
 def test_training_writes_a_loadable_teacher_and_its_record(tmp_path):
@@ -91,7 +93,7 @@ def test_cli_trains_with_overrides(tmp_path, capsys):
     tex = _textures(tmp_path / "tex")
     args = ["teacher", "train-standin", str(REPO / "recipes" / "standin_teacher.yaml"), "preset=tiny",
             f"textures={tex}", "data.synthetic.height=64", "data.synthetic.width=128", "data.synthetic.max_disp=24",
-            "data.synthetic.max_disp_low=8", "crop=[32,128]", "steps=2", "batch_size=1", "eval.num_samples=1",
+            "data.synthetic.max_disp_low=8", "crop_size=[32,128]", "steps=2", "batch_size=1", "eval.num_samples=1",
             "--out", str(tmp_path / "cli"), "--no-progress"]
     assert main(args) == 0
     assert f"teacher.stand_in={tmp_path / 'cli'}" in capsys.readouterr().out
