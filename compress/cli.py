@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from compress.commands import deploy, import_, prune, quantize, run, space, teacher
 from compress.errors import FFSCError
 
 # Each module in compress/commands registers its subcommands; keep this list in menu order.
-COMMAND_MODULES = ("teacher", "space", "prune", "run", "deploy", "quantize", "import_")
+COMMAND_MODULES = (teacher, space, prune, run, deploy, quantize, import_)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,8 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffsc", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"compress.commands.{name}").register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 

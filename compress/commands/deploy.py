@@ -12,9 +12,36 @@ import sys
 import time
 from pathlib import Path
 
-from compress.deploy import available_backends, bench_model, export_model
+from rich.table import Table
+from tqdm import tqdm
+
+from compress.atomic import atomic_write_text
+from compress.backends import get_backend
+from compress.deploy import (
+    Frame,
+    available_backends,
+    bench_model,
+    check_memory,
+    check_outputs,
+    check_outputs_writable,
+    check_pair,
+    disparity_to_geometry,
+    export_model,
+    frames_from_dataset,
+    frames_from_folders,
+    open_predictor,
+    output_location,
+    plan_outputs,
+    read_stereo_pair,
+    replace_outputs,
+    write_outputs,
+)
+from compress.deploy.infer import parse_formats
 from compress.errors import ConfigError, DataError
-from compress.models import ResolvedModel, resolve_model
+from compress.export import check_image_size
+from compress.geometry import read_intrinsics
+from compress.models import ENGINE_SUFFIXES, ResolvedModel, resolve_model
+from compress.preflight import check_exported_file, check_model_source, check_writable
 from compress.terminal import console
 
 
@@ -35,8 +62,6 @@ def _export_device(name: str | None) -> str:
 
 
 def _print_export(report: dict) -> None:
-    from rich.table import Table
-
     onnx = report["onnx"]
     table = Table("", "", title=f"ffsc export: {report['model']}", show_header=False)
     table.add_row("output", f"{report['output']} ({report['format']}, {report['precision']})")
@@ -70,16 +95,11 @@ def _print_export(report: dict) -> None:
 
 
 def _write_json(path: str, data: dict) -> None:
-    from compress.atomic import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a teacher, student or preset to ONNX or a TensorRT engine and print the export report."""
-    from compress.export import check_image_size
-    from compress.preflight import check_model_source, check_writable
-
     check_image_size(args.height, args.width)
     check_writable(args.out, key="--out")  # before the export's slow work, not after it
     if args.json:
@@ -102,10 +122,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _print_bench(report: dict) -> None:
-    from rich.table import Table
-
-    from compress.backends import get_backend  # with torch, which the command line loads only when it times
-
     machine = report["machine"]
     title = (f"ffsc bench: {report['model']} at {report['height']}x{report['width']}, {report['iters']} iterations")
     table = Table("backend", "device", "precision", "median ms", "p10 ms", "p90 ms", "params (M)", "GMACs",
@@ -123,9 +139,6 @@ def _print_bench(report: dict) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time a model on one or more backends and print median/p10/p90 latency with params and GMACs."""
-    from compress.export import check_image_size
-    from compress.preflight import check_exported_file
-
     check_image_size(args.height, args.width)
     check_exported_file(args.model, key="--model")
     resolved = resolve_model(args.model, args.config, args.trust_checkpoint, allow_files=True)
@@ -151,8 +164,6 @@ _LEGACY_SOURCES = (("checkpoint", "a FoundationStereo checkpoint"), ("onnx", "an
 
 def _model_spec(args: argparse.Namespace) -> str:
     """--model, or the older --checkpoint / --onnx / --engine (each checked against the file it names)."""
-    from compress.models import ENGINE_SUFFIXES
-
     given = [(name, getattr(args, name)) for name, _ in _LEGACY_SOURCES if getattr(args, name)]
     if args.model and given:
         raise ConfigError(f"pass the model once: --model or --{given[0][0]}, not both")
@@ -184,8 +195,6 @@ def _source(args: argparse.Namespace) -> dict[str, str]:
 
 def _frames(args: argparse.Namespace):
     """(frames, folder mode?) from --left/--right (files or folders) or --pairs."""
-    from compress.deploy import Frame, frames_from_dataset, frames_from_folders
-
     if args.pairs:
         if args.left or args.right:
             raise ConfigError("pass either --pairs DIR or --left and --right, not both")
@@ -202,8 +211,6 @@ def _frames(args: argparse.Namespace):
 
 def _calibration(args: argparse.Namespace):
     """(StereoCalibration or None, (fx, baseline) or None), scaled with the images."""
-    from compress.geometry import read_intrinsics
-
     if args.intrinsics and (args.fx is not None or args.baseline is not None):
         raise ConfigError("--intrinsics already holds fx and the baseline; drop --fx/--baseline")
     if args.intrinsics:
@@ -219,24 +226,6 @@ def _calibration(args: argparse.Namespace):
 
 def cmd_infer(args: argparse.Namespace) -> int:
     """Disparity (and with a calibration depth and a coloured point cloud) for a pair or a folder of pairs."""
-    from tqdm import tqdm
-
-    from compress.deploy import (
-        check_memory,
-        check_outputs,
-        check_outputs_writable,
-        check_pair,
-        disparity_to_geometry,
-        open_predictor,
-        output_location,
-        plan_outputs,
-        read_stereo_pair,
-        replace_outputs,
-        write_outputs,
-    )
-    from compress.deploy.infer import parse_formats
-    from compress.preflight import check_exported_file
-
     if not 0 < args.scale <= 1:
         raise ConfigError(f"--scale {args.scale}: expected 0 < scale <= 1 (the images are shrunk by it)")
     spec = _model_spec(args)

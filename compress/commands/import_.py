@@ -6,12 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from compress.distill.own_footage import main as finetune_main
+from compress.importers import import_fast_foundationstereo
+from compress.importers.fast_foundationstereo import REPORT_NAME
+
 
 def cmd_import_ffs(args: argparse.Namespace) -> int:
     """Import a released Fast-FoundationStereo checkpoint without running code from its pickle."""
-    from compress.importers import import_fast_foundationstereo
-    from compress.importers.fast_foundationstereo import REPORT_NAME
-
     model = import_fast_foundationstereo(args.checkpoint, args.out_dir, name=args.name)
     report = json.loads((Path(args.out_dir) / REPORT_NAME).read_text())
     cfg = model.cfg
@@ -26,8 +27,6 @@ def cmd_import_ffs(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a student on unlabeled footage (recipes/finetune_own_footage.yaml)."""
-    from compress.distill.own_footage import main as finetune_main
-
     return finetune_main([args.recipe, *args.overrides])
 
 

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from compress.errors import ConfigError
+from compress.preflight import check_prune
+from compress.prune import load_prune_config, prune_to_budget, tracker_callback
+from compress.prune.report import RESULT_NAME
+from compress.tracking import ROLE_TAG, Tracker
 
 from .common import console
 
@@ -44,13 +54,6 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 def _prune_tracked(cfg):
     """prune_to_budget, logged to MLflow as one run (params: the config; metrics: every step) unless disabled."""
-    import time
-    from pathlib import Path
-
-    from compress.prune import prune_to_budget, tracker_callback
-    from compress.prune.report import RESULT_NAME
-    from compress.tracking import ROLE_TAG, Tracker
-
     if not cfg.tracking.enabled:
         return prune_to_budget(cfg)
     tracker = Tracker(cfg.run_dir, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
@@ -70,11 +73,6 @@ def _prune_tracked(cfg):
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune to the budget, distil, save the model and prune_result.json; exit 1 if the budget was not met."""
-    from rich.table import Table
-
-    from compress.errors import ConfigError
-    from compress.prune import load_prune_config
-
     given = [flag for flag in _BUDGETS if getattr(args, flag) is not None]
     if len(given) > 1:
         raise ConfigError(f"pass one budget, got {', '.join('--' + g.replace('_', '-') for g in given)}")
@@ -82,8 +80,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if cfg.budget.kind is None:
         raise ConfigError("no budget: pass --budget-ms, --budget-gmacs, --budget-mparams or --ratio (or set one of "
                           "budget_ms, budget_gmacs, budget_mparams, ratio in the recipe)")
-    from compress.preflight import check_prune
-
     cfg, choice = check_prune(cfg)  # before any model is loaded or anything written
     if cfg.budget.kind == "latency_ms" or cfg.latency.measure == "always":
         console().print(f"latency: {choice.backend} on {choice.device} ({choice.reason})")

@@ -6,17 +6,18 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from compress.deploy import export_model
 from compress.errors import ConfigError
+from compress.export import check_image_size
+from compress.models import resolve_model
+from compress.preflight import check_frames_source, check_onnx_file
+from compress.quantize import QuantizeConfig, quantize_onnx, write_report
 
 from .common import console
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize an fp32 ONNX export (or a model, exported first) to a Q/DQ INT8 ONNX and write its report."""
-    from compress.export import check_image_size
-    from compress.preflight import check_frames_source, check_onnx_file
-    from compress.quantize import QuantizeConfig, quantize_onnx, write_report
-
     if Path(args.model).suffix.lower() == ".onnx":
         check_onnx_file(args.model, key="model")
     check_frames_source(args.calib, key="--calib")
@@ -37,10 +38,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             fp32 = source
             height, width = (args.height, args.width) if args.height and args.width else (None, None)
         else:
-            from compress.models import resolve_model
-
-            from .deploy import export_model
-
             height, width = args.height or 480, args.width or 640
             check_image_size(height, width)
             resolved = resolve_model(args.model, None, False)

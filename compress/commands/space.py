@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
+import optuna
+from rich.table import Table
+
+from search_spaces import build_student, count_macs, load_space
+
 from .common import console
 
 
 def cmd_space_show(args: argparse.Namespace) -> int:
     """Print a search space's dimensions and size."""
-    from rich.table import Table
-
-    from search_spaces import load_space
-
     space = load_space(args.space)
     table = Table("dimension", "values", title=f"search space {space.name} (base preset: {space.base})")
     for name, values in space.describe():
@@ -26,11 +27,6 @@ def cmd_space_show(args: argparse.Namespace) -> int:
 
 def cmd_space_sample(args: argparse.Namespace) -> int:
     """Print sampled configs with their parameters and MACs at a given size."""
-    import optuna
-    from rich.table import Table
-
-    from search_spaces import build_student, count_macs, load_space
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = load_space(args.space)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=args.seed))

@@ -6,22 +6,27 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from importlib.resources import files
 from pathlib import Path
 
+import numpy as np
+import torch
+from rich.table import Table
+
+from compress.data.io import read_pfm, write_disparity_png
 from compress.deploy.infer import read_stereo_pair
 from compress.device import pick_device
+from compress.metrics import compute_metrics
+from compress.pipeline.standin import load_standin_recipe, train_standin
 from compress.terminal import console
+from teacher import FoundationStereo, TeacherConfig, infer, load_teacher
+from teacher.loading import teacher_summary
 
 from .common import recipe_from_args
 
 
 def cmd_teacher_inspect(args: argparse.Namespace) -> int:
     """Print a checkpoint's config, parameter counts per part and whether it loads strictly."""
-    from rich.table import Table
-
-    from teacher import TeacherConfig, load_teacher
-    from teacher.loading import teacher_summary
-
     ckpt = Path(args.checkpoint)
     cfg = TeacherConfig.from_yaml(args.config or ckpt.with_name("cfg.yaml"))
     model = load_teacher(ckpt, cfg=cfg, trust_pickle=args.trust_checkpoint)
@@ -45,15 +50,6 @@ def cmd_teacher_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Teacher inference on the bundled example pair, scored against its ground truth."""
-    from importlib.resources import files
-
-    import numpy as np
-    import torch
-
-    from compress.data.io import read_pfm, write_disparity_png
-    from compress.metrics import compute_metrics
-    from teacher import FoundationStereo, TeacherConfig, infer, load_teacher
-
     examples = Path(str(files("teacher") / "examples"))
     left_img, right_img = read_stereo_pair(examples / "im0.png", examples / "im1.png")
     gt = read_pfm(examples / "disp0GT.pfm")
@@ -80,8 +76,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train_standin(args: argparse.Namespace) -> int:
     """Train a stand-in teacher from a recipe (resumes a stopped run in the same --out)."""
-    from compress.pipeline.standin import load_standin_recipe, train_standin
-
     recipe = recipe_from_args(args, load_standin_recipe)
     device = pick_device(args.device)
     out = train_standin(recipe, args.out, device, progress=not args.no_progress)
