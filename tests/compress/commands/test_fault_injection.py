@@ -148,7 +148,8 @@ def _one_line(capsys, *expected: str) -> str:
 # ------------------------------------------------------------------------------- the run directory (1, 2, 6-8)
 
 # A whole `ffsc run` in seconds: the teacher stage only (labels, the teacher's scores and timing).
-TEACHER_ONLY = ["search.enabled=false", "real_pairs.enabled=false", "data.train.num_samples=2",
+TEACHER_ONLY = ["search.enabled=false", "prune.enabled=false", "distill.enabled=false", "export.enabled=false",
+                "real_pairs.enabled=false", "data.train.num_samples=2",
                 "data.eval.num_samples=1", "search.latency.report_rounds=0", "search.latency.repeats=1",
                 "search.latency.warmup=0", "progress=false"]
 
@@ -185,7 +186,7 @@ def test_two_runs_on_one_directory_one_works_and_failed_runs_leave_it_byte_ident
     assert {"recipe.yaml", "summary.json", LOCK_NAME, "labels/train/manifest.json"} <= set(finished)
     # The case: a misspelled space on a finished run fails in preflight, before the lock and the record.
     assert main(["run", str(RECIPE), f"run_dir={run_dir}", "search.space=small"]) == 2
-    _one_line(capsys, "unknown search space 'small'", "shipped: fast_foundationstereo, tiny, subnets")
+    _one_line(capsys, "unknown search space 'small'", "shipped: cpu_realtime, fast_foundationstereo, tiny, subnets")
     assert _snapshot(run_dir) == finished
     # A resume with a key that changes results takes the lock, is refused, and leaves the record of the run there.
     assert main([*argv, "seed=3"]) == 2
@@ -196,10 +197,12 @@ def test_two_runs_on_one_directory_one_works_and_failed_runs_leave_it_byte_ident
 def test_an_unknown_space_is_refused_before_any_work_with_the_valid_names(tmp_path, capsys):
     started = time.perf_counter()
     assert main(["run", str(RECIPE), f"run_dir={tmp_path / 'run'}", "search.space=tinny"]) == 2
-    _one_line(capsys, "unknown search space 'tinny'; did you mean 'tiny'?", "shipped: fast_foundationstereo, tiny")
+    _one_line(capsys, "unknown search space 'tinny'; did you mean 'tiny'?",
+              "shipped: cpu_realtime, fast_foundationstereo, tiny")
     assert time.perf_counter() - started < 30 and not (tmp_path / "run").exists()  # nothing labelled, nothing made
     assert main(["space", "show", "tinny"]) == 2
-    _one_line(capsys, "unknown search space 'tinny'; did you mean 'tiny'?", "shipped: fast_foundationstereo, tiny")
+    _one_line(capsys, "unknown search space 'tinny'; did you mean 'tiny'?",
+              "shipped: cpu_realtime, fast_foundationstereo, tiny")
 
 
 # ---------------------------------------------------------------------------------- images (18, 19)
