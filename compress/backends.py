@@ -17,9 +17,14 @@ import torch
 from torch import nn
 
 from compress.compiled import compile_backend, compile_for_timing, no_tf32, refuse_eager_fallback
+from compress.cuda_graph import capture
 from compress.device import pick_device
 from compress.errors import ConfigError, MissingDependencyError
-from compress.export._trt import import_tensorrt, require_cuda
+from compress.export._trt import import_tensorrt, require_cuda, trt_major
+from compress.export.engine import build_engine
+from compress.export.fp16 import cast_onnx_fp16
+from compress.export.runtime import import_onnxruntime, make_session
+from compress.export.trt_runner import TensorRTRunner
 from compress.machine import installed_version
 from teacher.stages import use_precision
 
@@ -60,7 +65,6 @@ def check_tensorrt_precision(precision: str, key: str = "precision") -> None:
     """Refuse bf16 where the installed TensorRT is 11 or later (strongly typed only; ffsc writes no bf16 graph)."""
     if precision != "bf16" or tensorrt_problem() is not None:
         return
-    from compress.export._trt import trt_major
 
     trt = import_tensorrt()
     if trt_major(trt) >= 11:
@@ -189,7 +193,6 @@ class TorchBackend(Backend):
 
         if not cuda_graph or graphed_by_compile:
             return Step(forward)
-        from compress.cuda_graph import capture
 
         return Step(capture(lambda _first: forward(), args[0]))  # the inputs stay fixed across timed runs
 
@@ -204,14 +207,11 @@ class OnnxRuntimeBackend(Backend):
     def _uses_gpu(self) -> bool:
         if pick_device(None).type != "cuda":
             return False
-        from compress.export.runtime import import_onnxruntime
 
         return "CUDAExecutionProvider" in import_onnxruntime().get_available_providers()
 
     def check_here(self, device: torch.device, precision: str, key: str) -> None:
         """The execution provider for ``device`` is installed."""
-        from compress.export.runtime import import_onnxruntime
-
         ort = import_onnxruntime()
         wanted = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
         if wanted not in ort.get_available_providers():
@@ -228,14 +228,10 @@ class OnnxRuntimeBackend(Backend):
                 threads: int | None = None, compile: bool = False, cuda_graph: bool = False,
                 iters: int | None = None, keep_fp32_nodes: tuple[str, ...] | None = None) -> Step:
         """A session run on the graph's inputs (bound CUDA buffers on a GPU, so no host copies are timed)."""
-        from compress.export.runtime import make_session
-
         path = Path(model_or_path)
         if precision == "bf16":
             raise ConfigError("the onnxruntime backend supports precision 'fp32' or 'fp16' (an fp16-cast graph)")
         if precision == "fp16":
-            from compress.export.fp16 import cast_onnx_fp16
-
             keep = {} if keep_fp32_nodes is None else {"keep_fp32_nodes": keep_fp32_nodes}
             path = cast_onnx_fp16(path, workdir / f"{path.stem}_fp16.onnx", **keep).path
         session = make_session(path, device, intra_op_threads=threads, require_device=True)
@@ -296,8 +292,6 @@ class TensorRTBackend(Backend):
     def deployable(self, onnx_path: Path, workdir: Path, precision: str, iters: int,
                    device: torch.device) -> Path:
         """An engine built from the graph."""
-        from compress.export.engine import build_engine
-
         engine = workdir / "model.engine"
         build_engine(onnx_path, engine, precision=precision, iters=iters, cache=False, device=device)
         return engine
@@ -307,9 +301,6 @@ class TensorRTBackend(Backend):
                 threads: int | None = None, compile: bool = False, cuda_graph: bool = False,
                 iters: int | None = None, keep_fp32_nodes: tuple[str, ...] | None = None) -> Step:
         """An engine's execution on its stream, inputs copied into its buffers once."""
-        from compress.export.engine import build_engine
-        from compress.export.trt_runner import TensorRTRunner
-
         path = Path(model_or_path)
         if path.suffix == ".onnx":
             engine = workdir / f"{path.stem}.engine"

@@ -8,7 +8,10 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch._dynamo
+import torch.utils._triton
 from torch import nn
+from torch._dynamo.utils import counters
 
 from compress.errors import FFSCError
 
@@ -30,9 +33,7 @@ def triton_problem(device: int | str | torch.device | None = None) -> str | None
     if capability < TRITON_MIN_CAPABILITY:
         return (f"the GPU's compute capability {capability[0]}.{capability[1]} is below Triton's minimum "
                 f"{TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}")
-    from torch.utils._triton import has_triton
-
-    if not has_triton():
+    if not torch.utils._triton.has_triton():
         return "PyTorch finds no usable Triton backend for this GPU (torch.utils._triton.has_triton() is False)"
     return None
 
@@ -56,8 +57,6 @@ def compile_for_timing(model: nn.Module, cuda_graph: bool) -> nn.Module:
 
 def compile_counters() -> dict[str, int]:
     """Dynamo and Inductor's process-wide counts a compiled timing can be judged by (diff two snapshots)."""
-    from torch._dynamo.utils import counters
-
     return {"graphs": int(counters["stats"]["unique_graphs"]),
             "graph_breaks": int(sum(counters["graph_break"].values())),
             "recompile_limit_hits": recompile_limit_hits(),
@@ -66,16 +65,12 @@ def compile_counters() -> dict[str, int]:
 
 def recompile_limit_hits() -> int:
     """Frames Dynamo gave up on at its recompile limit in this process (they run eagerly)."""
-    from torch._dynamo.utils import counters
-
     return sum(n for msg, n in counters["unimplemented"].items() if "recompile limit" in msg.lower())
 
 
 @contextlib.contextmanager
 def refuse_eager_fallback() -> Iterator[None]:
     """Raise instead of letting a compiled model's frames fall back to eager at Dynamo's recompile limit."""
-    import torch._dynamo
-
     before = recompile_limit_hits()
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+
+import torch
 
 from compress.errors import ConfigError
-
-if TYPE_CHECKING:  # imported where used: the command line picks devices without torch at start-up
-    import torch
 
 
 def local_cuda_index() -> int:
     """This process's GPU: ``LOCAL_RANK`` under torchrun, or 0 where the launcher shows each process one GPU."""
-    import torch
-
     local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if local < count:
         return local
@@ -26,8 +22,6 @@ def local_cuda_index() -> int:
 
 def pick_device(name: str | torch.device | None = None) -> torch.device:
     """``name``, or this process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else cpu."""
-    import torch
-
     if name is None or str(name) == "cuda":
         if torch.cuda.is_available():
             return torch.device("cuda", local_cuda_index())
@@ -47,8 +41,6 @@ def pick_device(name: str | torch.device | None = None) -> torch.device:
 
 def same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two devices are the same one (``cuda`` means the current GPU, so ``cuda`` and ``cuda:1`` may differ)."""
-    import torch
-
     def canonical(d: torch.device) -> torch.device:
         if d.type == "cuda" and d.index is None:
             return torch.device("cuda", torch.cuda.current_device())

@@ -15,6 +15,7 @@ choice is part of the cache key.
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import tempfile
@@ -37,7 +38,7 @@ from compress.compiled import (
 )
 from compress.device import same_device
 from compress.errors import ConfigError
-from compress.export.onnx_export import check_image_size
+from compress.export.onnx_export import check_image_size, read_metadata, to_onnx
 from compress.export.runtime import INPUT_NAMES, random_stereo_pair
 from compress.latency_cache import LatencyCache, LatencyStats, latency_key, model_hash
 from compress.latency_config import (
@@ -52,6 +53,7 @@ from compress.latency_config import (
     resolve_backend,
 )
 from compress.machine import device_name, installed_version, machine_info, machine_slug
+from compress.terminal import progress_bar
 from teacher.stages import use_precision
 
 __all__ = [  # the names callers import from here, wherever they are defined
@@ -122,8 +124,6 @@ def compiled_warmup(warmup: int, backend: str, compile: bool, cuda_graph: bool) 
 
 def _onnx_file(model_or_path: nn.Module | Path, workdir: Path, height: int, width: int, iters: int,
                batch: int, device: torch.device) -> Path:
-    from compress.export.onnx_export import to_onnx
-
     if isinstance(model_or_path, nn.Module):
         dest = workdir / "model.onnx"
         with use_precision(model_or_path, "fp32"):  # an fp32 graph: reduced precision is cast from it afterwards
@@ -138,14 +138,11 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     first = next(iter(list(model.parameters()) + list(model.buffers())), None)
     if first is None or same_device(first.device, device):  # cuda:1 is not cuda:0: compare the index too
         return model
-    import copy
 
     return copy.deepcopy(model).to(device)
 
 
 def _check_onnx_iters(path: Path, iters: int) -> None:
-    from compress.export.onnx_export import read_metadata
-
     stored = read_metadata(path).get("iters")
     if stored is not None and int(stored) != iters:
         raise ConfigError(f"{path} was exported with iters={stored} but iters={iters} was asked; the iteration "
@@ -283,7 +280,6 @@ def measure_together(
         targets = {name: _deployable(on_device(model, dev) if isinstance(model, nn.Module) else model, backend,
                                      Path(tmp) / f"m{i}", height, width, per_model[name], dev, precision)
                    for i, (name, model) in enumerate(models.items())}
-        from compress.terminal import progress_bar
 
         steps = progress_bar(total=rounds * len(models), desc="latency (alternating rounds)", disable=not progress,
                      leave=False)

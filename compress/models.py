@@ -17,14 +17,17 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from torch import nn
 
 from compress.atomic import atomic_write
 from compress.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:  # torch is imported where used: the command line resolves --model without it at start-up
-    import torch
-    from torch import nn
+from search_spaces import PRESETS, StudentConfig, StudentStereo, build_student, load_student, preset, save_student
+from search_spaces.serialization import load_model
+from teacher import FoundationStereo, TeacherConfig, load_teacher
+from teacher.inference import model_iters
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
 STUDENT_FORMAT = "ffsc-student"
@@ -60,16 +63,9 @@ def resolve_model(
     seed: int = 0,
 ) -> ResolvedModel:
     """Resolve a model spec (see the module docstring for the order); modules come back on the CPU, in eval mode."""
-    import torch
-
-    from teacher.inference import model_iters
-
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
-        from search_spaces import StudentStereo
-        from search_spaces.serialization import load_model
-
         model = load_model(path)
         if isinstance(model, StudentStereo):
             return ResolvedModel("student", f"student directory {path} ({model.cfg.name})", model, path,
@@ -86,8 +82,6 @@ def resolve_model(
             iters = getattr(getattr(model, "cfg", None), "iters", None)
             return ResolvedModel("student", f"distilled student {path}", model, path, iters)
     if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
-        from teacher import load_teacher
-
         model = load_teacher(path, cfg=config, trust_pickle=trust_checkpoint)
         return ResolvedModel("teacher", f"teacher checkpoint {path} (FoundationStereo {model.cfg.vit_size})", model,
                              path, model_iters(model))
@@ -95,8 +89,6 @@ def resolve_model(
         return ResolvedModel("onnx", f"ONNX file {path}", path=path, default_iters=_onnx_iters(path))
     if path.is_file() and allow_files and path.suffix in ENGINE_SUFFIXES:
         return ResolvedModel("engine", f"TensorRT engine {path}", path=path, default_iters=_engine_iters(path))
-
-    from search_spaces import PRESETS, build_student, preset
 
     spec = spec.removeprefix(PRESET_PREFIX)
     if spec in PRESETS:
@@ -106,8 +98,6 @@ def resolve_model(
         return ResolvedModel("preset", f"student preset {spec} (random weights, seed {seed})", model,
                              default_iters=model_iters(model))
     if spec.startswith(TEACHER_PREFIX):
-        from teacher import FoundationStereo, TeacherConfig
-
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = FoundationStereo(TeacherConfig(vit_size=spec[len(TEACHER_PREFIX):])).eval()
@@ -126,6 +116,7 @@ def resolve_model(
 
 
 def _onnx_iters(path: Path) -> int | None:
+    # compress.export loads onnx (about 1.5 s): kept out of import compress.deploy and ffsc --help
     from compress.export import read_metadata
 
     value = read_metadata(path).get("iters")
@@ -133,6 +124,7 @@ def _onnx_iters(path: Path) -> int | None:
 
 
 def _engine_iters(path: Path) -> int | None:
+    # compress.export loads onnx (about 1.5 s): kept out of import compress.deploy and ffsc --help
     from compress.export import read_sidecar
 
     info = read_sidecar(path)
@@ -144,10 +136,6 @@ def _engine_iters(path: Path) -> int | None:
 
 def student_from_spec(spec: Any) -> nn.Module:
     """The student a compress.distill StudentSpec describes (random init, or ``spec.init_checkpoint``'s weights)."""
-    from torch import nn
-
-    from search_spaces import StudentConfig, build_student, load_student, preset
-
     init = Path(spec.init_checkpoint) if spec.init_checkpoint else None
     try:
         if spec.kind == "search_space":
@@ -161,8 +149,6 @@ def student_from_spec(spec: Any) -> nn.Module:
             cfg = preset(spec.preset, **spec.config) if spec.preset else StudentConfig.from_dict(dict(spec.config))
             model = build_student(cfg, pretrained=init is None)
         elif spec.kind == "foundation_stereo":
-            from teacher import FoundationStereo, TeacherConfig
-
             model = FoundationStereo(TeacherConfig(**spec.config))
         else:
             module_name, _, fn_name = (spec.factory or "").partition(":")
@@ -182,10 +168,6 @@ def student_from_spec(spec: Any) -> nn.Module:
 
 def teacher_from_spec(spec: Any, device: str | torch.device = "cpu") -> nn.Module:
     """The frozen teacher of a compress.distill TeacherSpec, in eval mode on ``device``."""
-    import torch
-
-    from teacher import FoundationStereo, TeacherConfig, load_teacher
-
     try:
         tcfg = TeacherConfig(**spec.config) if spec.config else None
     except TypeError as exc:
@@ -211,10 +193,6 @@ def student_path(run_dir: str | os.PathLike, spec: Any) -> Path:
 def save_distilled_student(model: nn.Module, spec: Any, path: str | os.PathLike) -> Path:
     """Write the student for evaluation and deployment: search-space students as a ``save_student`` folder
     (config with per-layer widths + safetensors), others as a torch file with their spec and weights."""
-    import torch
-
-    from search_spaces import save_student
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if spec.kind == "search_space":
@@ -240,8 +218,6 @@ def save_distilled_student(model: nn.Module, spec: Any, path: str | os.PathLike)
 
 def _distilled_from_file(path: Path, obj: dict[str, Any]) -> nn.Module:
     """The student in a file ``ffsc distill`` wrote: a ``student.pt`` or a ``checkpoint.pt``."""
-    from search_spaces import StudentConfig, build_student
-
     if obj.get("student_config") is not None:
         model = build_student(StudentConfig.from_dict(obj["student_config"]), pretrained=False)
     else:  # the StudentSpec fields the file was written with
@@ -262,8 +238,6 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | 
 
 def torch_load(path: Path) -> Any:
     """A torch file of tensors (``weights_only``), or one CheckpointError when it is missing or unreadable."""
-    import torch
-
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     try:
@@ -273,8 +247,6 @@ def torch_load(path: Path) -> Any:
 
 
 def _student_state_dict(path: Path, obj: Any = None) -> dict[str, torch.Tensor]:
-    import torch
-
     obj = torch_load(path) if obj is None else obj
     if isinstance(obj, dict) and obj.get("format") in (STUDENT_FORMAT, DISTILL_CHECKPOINT_FORMAT):
         return obj["state_dict" if obj["format"] == STUDENT_FORMAT else "model"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,7 +22,12 @@ from compress.backends import (  # the last two are re-exported: callers check t
     get_backend,
     onnxruntime_conflict,  # noqa: F401
 )
+from compress.data.readers import open_dataset
+from compress.distill.label_cache import MANIFEST
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
+from compress.latency import check_clock
+from compress.models import ENGINE_SUFFIXES
+from teacher.loading import read_state_dict
 
 
 def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph: bool = False,
@@ -41,8 +47,6 @@ def check_backend(backend: str, device: str, precision: str = "fp32", cuda_graph
 def check_checkpoint(path: str | os.PathLike, key: str = "checkpoint", trust_pickle: bool = False) -> None:
     """The checkpoint file (or every weights file of a model folder) exists, reads as tensors, and every weight is
     finite (read_state_dict checks that)."""
-    from teacher.loading import read_state_dict
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{key}: {path} does not exist (expected a .pth or .safetensors checkpoint)")
@@ -60,8 +64,6 @@ def check_checkpoint(path: str | os.PathLike, key: str = "checkpoint", trust_pic
 def check_dataset(path: str | os.PathLike, kind: str = "auto", key: str = "data.path",
                   options: dict | None = None) -> None:
     """The dataset folder exists and has a layout the readers know (no image is decoded)."""
-    from compress.data.readers import open_dataset
-
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"{key}: {root} is not a folder (expected a stereo dataset folder)")
@@ -173,8 +175,6 @@ def check_engine_file(path: str | os.PathLike, key: str = "--model") -> None:
 
 def check_exported_file(spec: str | os.PathLike | None, key: str = "--model") -> None:
     """An ``.onnx`` or engine path checked as such; other model specs pass (resolve_model reads them)."""
-    from compress.models import ENGINE_SUFFIXES
-
     if spec is None:
         return
     suffix = Path(spec).suffix.lower()
@@ -186,9 +186,6 @@ def check_exported_file(spec: str | os.PathLike | None, key: str = "--model") ->
 
 def check_frames_source(source: str | os.PathLike | None, key: str = "--calib") -> None:
     """A calibration or held-out source is 'synthetic', a label cache folder, or a folder of stereo pairs."""
-    from compress.data.readers import open_dataset
-    from compress.distill.label_cache import MANIFEST
-
     expected = ("expected a label cache folder (e.g. runs/<run>/labels/train), a stereo data folder or "
                 "'synthetic'")
     if source is None or str(source) == "synthetic":
@@ -228,8 +225,6 @@ def check_model_source(spec: str | None, key: str = "--model", trust_pickle: boo
 def check_latency(lat, key: str = "latency") -> None:
     """The (resolved) latency settings can be timed here: backend importable, device present, precision and
     clock valid."""
-    from compress.latency import check_clock
-
     device = lat.timing_config().run_device()
     check_backend(lat.backend, device, lat.precision, lat.cuda_graph, key=f"{key}.backend")
     get_backend(lat.backend).check_precision(lat.precision, f"{key}.precision")
@@ -257,8 +252,6 @@ def check_distill(cfg) -> None:
 def check_prune(cfg):
     """``ffsc prune``: model and teacher readable, data present, output writable, and, when latency will be
     timed, the backend usable ('auto' resolved). Returns cfg with its latency backend resolved and the choice."""
-    from dataclasses import replace
-
     check_model_source(cfg.model, key="--model")
     check_model_source(cfg.teacher, key="--teacher")
     if cfg.data.path:

@@ -16,6 +16,7 @@ LOG_EVERY_S = 30.0
 
 def console() -> Console:
     """A rich console; wide when not a terminal so tables in logs and pipes are not squeezed."""
+    # rich.console takes about 0.1 s to import: paid only by a command that prints a table
     from rich.console import Console
 
     out = Console()

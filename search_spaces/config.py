@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
+
 from compress.errors import ConfigError
 from compress.structured import check_keys, dump_yaml, read_yaml
 
@@ -86,8 +88,6 @@ class StudentConfig:
     def validate(self) -> None:
         """Raise a ConfigError naming the first invalid field."""
         if self.backbone not in BACKBONES:
-            import timm
-
             if self.backbone not in timm.list_models():
                 self._fail("backbone", self.backbone, f"one of {BACKBONES} or a timm model name")
         if len(self.backbone_dims) != 4 or min(self.backbone_dims) < 1:

@@ -21,8 +21,10 @@ from teacher.pruning import family_rules
 from teacher.stages import StereoStages, disparity_classifier, image_stem
 from teacher.update import ConvexUpsampler, SelectiveMultiUpdateBlock
 
+from .blocks import apply_volume_blocks
 from .config import StudentConfig
 from .layer_shapes import apply_layer_shapes
+from .pretrained import load_backbone_weights
 
 
 class GroupwiseCorrelation(Float32Island):
@@ -123,8 +125,6 @@ class StudentStereo(StereoStages):
         self.upsampler = ConvexUpsampler(mask_dim=32, stem_dim=32, factor=s)
         self.pair_correlation = PairCorrelation()  # a module so its float32 nodes are named in ONNX
         if cfg.volume_blocks:
-            from .blocks import apply_volume_blocks
-
             apply_volume_blocks(self, cfg.volume_blocks)
 
     @property
@@ -175,7 +175,5 @@ def build_student(cfg: StudentConfig, pretrained: bool = True) -> StudentStereo:
     if cfg.layer_shapes:
         apply_layer_shapes(model, cfg.layer_shapes)
     if pretrained and cfg.backbone_weights:
-        from .pretrained import load_backbone_weights
-
         load_backbone_weights(model, cfg.backbone_weights)
     return model

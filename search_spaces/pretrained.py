@@ -14,7 +14,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from compress.errors import CheckpointError, ConfigError
@@ -91,8 +93,6 @@ TIMM_PREFIX = "timm:"
 def fetch_timm_state_dict(name: str) -> dict[str, torch.Tensor]:
     """timm's pretrained weights of model ``name`` (e.g. 'edgenext_small.usi_in1k'), downloaded by timm into its
     cache on first use: the one path in ffsc that reaches the internet, and only when a config asks for it."""
-    import timm
-
     if not timm.is_model(name):
         family = ", ".join(timm.list_models("edgenext*", pretrained=True))
         raise ConfigError(f"backbone_weights: {TIMM_PREFIX}{name}: timm has no such model (pretrained EdgeNeXt "
@@ -118,8 +118,6 @@ def read_timm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"backbone_weights: {path} does not exist (expected a local timm EdgeNeXt state dict file)")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

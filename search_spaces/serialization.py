@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from compress.atomic import atomic_write, atomic_write_text
 from compress.errors import CheckpointError
+from teacher.config import TeacherConfig
+from teacher.loading import check_state_dict, read_state_dict, take_state_dict
+from teacher.model import FoundationStereo
 
 from .config import StudentConfig
 from .layer_shapes import apply_layer_shapes, tensor_shapes, width_attrs
@@ -49,8 +53,6 @@ def record_layer_shapes(model: nn.Module, reference: StudentConfig | nn.Module) 
 
 def save_student(model: StudentStereo, path: str | Path) -> Path:
     """Write ``config.yaml`` (with per-layer widths) and ``model.safetensors`` into the directory ``path``."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg.replace(layer_shapes=record_layer_shapes(model, model.cfg))
@@ -70,7 +72,6 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
         )
     cfg = StudentConfig.from_yaml(cfg_file)
     model = build_student(cfg, pretrained=False)
-    from teacher.loading import check_state_dict, read_state_dict
 
     state = read_state_dict(weights)  # clear errors for damaged files, NaN/Inf weights named
 
@@ -86,10 +87,6 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_pruned_teacher(model: nn.Module, path: str | Path) -> Path:
     """Write a (pruned) FoundationStereo as ``cfg.yaml`` + ``layer_shapes.json`` + ``model.safetensors``."""
-    from safetensors.torch import save_file
-
-    from teacher.model import FoundationStereo
-
     if not isinstance(model, FoundationStereo):
         raise CheckpointError(f"save_pruned_teacher expects a FoundationStereo, got {type(model).__name__}")
     path = Path(path)
@@ -106,10 +103,6 @@ def save_pruned_teacher(model: nn.Module, path: str | Path) -> Path:
 
 def load_pruned_teacher(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a teacher saved by :func:`save_pruned_teacher` exactly and load its weights strictly."""
-    from teacher.config import TeacherConfig
-    from teacher.loading import check_state_dict, take_state_dict
-    from teacher.model import FoundationStereo
-
     path = Path(path)
     files = [path / TEACHER_CONFIG_NAME, path / SHAPES_NAME, path / WEIGHTS_NAME]
     if not all(f.is_file() for f in files):

@@ -21,10 +21,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from compress.errors import ConfigError
 from compress.structured import did_you_mean, read_yaml
 
 from .config import StudentConfig
+from .model import build_student
 from .presets import preset
 
 _WIDTH_FIELDS = ("feature_dim", "concat_dim", "volume_dim", "hidden_dim", "motion_dim", "motion_corr_dim",
@@ -338,10 +341,6 @@ _VOLUME_STAGE = ("feature_dim", "volume_dim", "hourglass_levels", "volume_scale"
 
 def _builds(space: SearchSpace, values: dict[str, Any]) -> bool:
     """Whether the family builds the config (on the meta device: shapes only), e.g. a release's searched blocks."""
-    import torch
-
-    from .model import build_student
-
     try:
         cfg = space.config_from_values(values)
         if cfg.volume_blocks:  # the config's checks cover the family's own blocks; a release's searched ones run

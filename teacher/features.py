@@ -7,7 +7,7 @@ import math
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.edgenext import PositionalEncodingFourier
+from timm.models.edgenext import EdgeNeXt, PositionalEncodingFourier
 from torch import nn
 
 from .dinov2 import PATCH_SIZE, DepthAnythingFeature
@@ -46,8 +46,6 @@ def build_edgenext(
     dims: tuple[int, ...] = (48, 96, 160, 304), depths: tuple[int, ...] = (3, 3, 9, 3), **kwargs
 ) -> nn.Module:
     """timm's EdgeNeXt class with chosen widths/depths, never pretrained (no download)."""
-    from timm.models.edgenext import EdgeNeXt
-
     return EdgeNeXt(dims=tuple(dims), depths=tuple(depths), num_classes=0, **kwargs)
 
 

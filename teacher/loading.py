@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from compress.errors import CheckpointError, ConfigError
 
@@ -58,8 +59,6 @@ def take_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
 
 def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             tensors = load_file(str(path))
         except Exception as exc:  # safetensors raises several types for a damaged file

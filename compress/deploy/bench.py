@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import torch
+
 from compress.errors import ConfigError
 from compress.models import ResolvedModel
+from search_spaces import count_macs, count_params
 
 
 def available_backends() -> list[str]:
     """Latency backends usable here: torch and onnxruntime always, tensorrt with TensorRT and a CUDA GPU."""
-    # Imported here, as torch is: the command line lists its commands without loading torch.
-    import torch
-
+    # compress.backends loads compress.export and with it onnx (about 1.5 s): kept out of ffsc --help
     from compress.backends import all_backends
 
     return [b.name for b in all_backends()
@@ -19,6 +20,7 @@ def available_backends() -> list[str]:
 
 def backend_device(backend: str, requested: str | None) -> str:
     """Device a backend runs on: the requested one, else CUDA where that backend can use it, else the CPU."""
+    # compress.backends loads compress.export and with it onnx (about 1.5 s): kept out of ffsc --help
     from compress.backends import get_backend
 
     return get_backend(backend).default_device(requested or None)
@@ -41,11 +43,10 @@ def bench_model(
     clock: str = "wall",
 ) -> dict:
     """Time a resolved model on each backend; returns machine, model cost and one row per backend."""
-    import torch
-
+    # compress.backends and compress.latency load compress.export and with it onnx (about 1.5 s): kept out of
+    # ffsc --help
     from compress.backends import BACKENDS, get_backend
-    from compress.latency import machine_info, measure
-    from search_spaces import count_macs, count_params
+    from compress.latency import machine_info, measure  # (see above)
 
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:

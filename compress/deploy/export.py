@@ -6,6 +6,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from compress.errors import ConfigError
 from compress.models import ResolvedModel
 from teacher.stages import use_precision
@@ -13,8 +15,7 @@ from teacher.stages import use_precision
 
 def _fp16_drift(fp32_path: Path, fp16_path: Path, height: int, width: int) -> float:
     """Largest |fp16 graph - fp32 graph| disparity on one random pair (ONNX Runtime, CPU)."""
-    import numpy as np
-
+    # compress.export loads onnx (about 1.5 s): kept out of import compress.deploy and ffsc --help
     from compress.export import random_stereo_pair, run_onnx
 
     left, right = random_stereo_pair(1, height, width, seed=1)
@@ -36,6 +37,7 @@ def export_model(
     check_parity: bool = True,
 ) -> dict:
     """Export a resolved module to ONNX (fp32/fp16) or a TensorRT engine; returns the report as plain data."""
+    # compress.export loads onnx (about 1.5 s): kept out of import compress.deploy and ffsc --help
     from compress.export import build_engine, cast_onnx_fp16, make_shape_profiles, to_onnx
 
     if resolved.module is None:
@@ -49,8 +51,9 @@ def export_model(
     if fmt == "onnx" and precision == "bf16":
         raise ConfigError("--format onnx supports --precision fp32 or fp16 (an fp16 graph); bf16 is for engines")
     if fmt == "engine":  # fail before the (slow) ONNX export when no engine can be built here
+        # compress.export and compress.preflight load onnx (about 1.5 s): kept out of ffsc --help
         from compress.export._trt import import_tensorrt, require_cuda
-        from compress.preflight import check_tensorrt_precision
+        from compress.preflight import check_tensorrt_precision  # (see above)
 
         import_tensorrt()
         require_cuda("building a TensorRT engine")

@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from compress.atomic import atomic_write
+from compress.data.io import read_image, write_disparity_png, write_pfm
+from compress.data.readers import IMAGE_EXTENSIONS, open_dataset
 from compress.errors import DataError
 from compress.geometry import (
     DEPTH_FORMATS,
@@ -42,8 +46,6 @@ class Frame:
 def frames_from_folders(left_dir: str | os.PathLike, right_dir: str | os.PathLike) -> list[Frame]:
     """Pairs from a left and a right folder, matched by file name without extension (a missing match stays,
     to be reported as a bad frame)."""
-    from compress.data.readers import IMAGE_EXTENSIONS
-
     left_dir, right_dir = Path(left_dir), Path(right_dir)
     if not right_dir.is_dir():
         raise DataError(f"--left {left_dir} is a folder but --right {right_dir} is not; pass two folders")
@@ -60,8 +62,6 @@ def frames_from_folders(left_dir: str | os.PathLike, right_dir: str | os.PathLik
 
 def frames_from_dataset(root: str | os.PathLike) -> list[Frame]:
     """Pairs of a dataset folder in any layout the readers detect (KITTI, Middlebury, SceneFlow, left/right...)."""
-    from compress.data.readers import open_dataset
-
     dataset = open_dataset(root)
     return [Frame(rec.name, rec.left, rec.right) for rec in dataset.records]
 
@@ -73,16 +73,12 @@ def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
 
 def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
     """An RGB image resized by ``scale`` (bilinear, like the official demo's cv2.resize)."""
-    from PIL import Image
-
     h, w = scaled_size(*image.shape[:2], scale)
     return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) of an image file, from its header (the pixels are not decoded)."""
-    from PIL import Image
-
     if not path.is_file():
         raise DataError(f"{path}: image not found.")
     try:
@@ -111,8 +107,6 @@ def check_pair(frame: Frame, scale: float = 1.0) -> tuple[int, int]:
 def read_stereo_pair(left: str | os.PathLike, right: str | os.PathLike, scale: float = 1.0
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Both views as uint8 H x W x 3 RGB (grey converted as the dataset readers do), resized by ``scale``."""
-    from compress.data.io import read_image
-
     left_img, right_img = read_image(left), read_image(right)
     if left_img.shape != right_img.shape:
         raise DataError(
@@ -198,6 +192,7 @@ def plan_outputs(out: Path, name: str | None, formats: tuple[str, ...], depth: b
 
 def check_outputs_writable(paths: list[Path]) -> None:
     """Fail before any inference when an output cannot be written (a file in the way, no permission)."""
+    # compress.preflight loads compress.backends and with it onnx (about 1.5 s): kept out of ffsc --help
     from compress.preflight import check_writable
 
     # Probe one file per folder, not the folder itself: an existing file where the folder should be
@@ -214,9 +209,6 @@ def check_outputs_writable(paths: list[Path]) -> None:
 
 def write_disparity(path: Path, disp: np.ndarray) -> Path:
     """Write a disparity map as .npy, .pfm or a colour-mapped .png, by extension."""
-    from compress.atomic import atomic_write
-    from compress.data.io import write_disparity_png, write_pfm
-
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return atomic_write(path, lambda tmp: np.save(tmp, disp.astype(np.float32), allow_pickle=False))

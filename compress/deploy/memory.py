@@ -21,6 +21,9 @@ import math
 import os
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from compress.errors import DataError
 
 CPU_BYTES_PER_VOXEL_CHANNEL = 100
@@ -31,8 +34,6 @@ STRIDE = 32  # images are padded to a multiple of this before the model sees the
 
 def _volume_shape(module) -> tuple[int, int, int, int] | None:
     """(volume scale, disparities at image scale, correlation channels, volume channels) of a stereo module."""
-    from torch import nn
-
     cfg = getattr(module, "cfg", None)
     max_disp = getattr(module, "max_disp", None) or getattr(cfg, "max_disp", None)
     scale = getattr(module, "volume_scale", None)
@@ -90,8 +91,6 @@ def host_available_bytes() -> int | None:
 
 def available_bytes(device: str) -> tuple[int, str] | None:
     """(bytes free for one pass on device, what that is), or None where it cannot be told."""
-    import torch
-
     dev = torch.device(device)
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from compress.errors import ConfigError
 from compress.models import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, ResolvedModel, resolve_model
+from teacher import infer
 
 # What --model may name for inference; presets and random teachers have no trained weights to infer with.
 INFER_KINDS = ("teacher", "student", "onnx", "engine")
@@ -39,7 +41,6 @@ class StereoPredictor:
         """Disparity (H x W float32, pixels, left view) of a rectified RGB pair."""
         if self._runner is not None:
             return np.asarray(self._runner(left, right), dtype=np.float32)
-        from teacher import infer
 
         disp = infer(self.resolved.module, left, right, iters=self.iters, mixed_precision=self.mixed_precision,
                      hierarchical=self.hierarchical)
@@ -47,8 +48,6 @@ class StereoPredictor:
 
 
 def _default_device(kind: str, requested: str | None) -> str:
-    import torch
-
     if requested:
         return requested
     if kind == "onnx":
@@ -82,6 +81,7 @@ def open_predictor(
         if mixed_precision is not None:
             raise ConfigError("--mixed-precision does not apply to an exported model: its precision is fixed at "
                               "export")
+        # compress.export loads onnx (about 1.5 s): kept out of import compress.deploy and ffsc --help
         from compress.export.exported import ExportedStereo
 
         runner = ExportedStereo(path, dev)

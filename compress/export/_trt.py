@@ -12,6 +12,7 @@ from compress.errors import ConfigError, MissingDependencyError
 def import_tensorrt() -> ModuleType:
     """The tensorrt module, or MissingDependencyError saying how to get it."""
     try:
+        # tensorrt is an optional extra (ffsc[tensorrt]), absent on most machines
         import tensorrt
     except ImportError as err:
         raise MissingDependencyError(

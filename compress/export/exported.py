@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
+import torch
+import torch.nn.functional as F
+
 from compress.errors import DataError, ExportError
+from compress.export.onnx_export import read_metadata
+from compress.export.runtime import run_onnx
+from compress.export.trt_runner import TensorRTRunner
+from teacher.inference import to_image_batch
 
 
 def _pad_amounts(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -29,18 +37,12 @@ class ExportedStereo:
         self.min_size: tuple[int, int] | None = None
         self.max_size: tuple[int, int] | None = None
         if self.is_engine:
-            from compress.export import TensorRTRunner
-
             self.runner = TensorRTRunner(self.path, device=self.device)
             self.iters = self.runner.info.iters if self.runner.info is not None else None
             if self.runner.info is not None:
                 low, _, high = next(iter(self.runner.info.shapes.values()))
                 self.min_size, self.max_size = (low[2], low[3]), (high[2], high[3])
         else:
-            import onnx
-
-            from compress.export import read_metadata
-
             proto = onnx.load(str(self.path), load_external_data=False)
             shape = proto.graph.input[0].type.tensor_type.shape
             dims = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
@@ -74,11 +76,6 @@ class ExportedStereo:
 
     def __call__(self, left, right):
         """Disparity (H x W float32 numpy) of an RGB pair (H x W x 3 arrays or 3 x H x W tensors, 0..255)."""
-        import torch
-        import torch.nn.functional as F
-
-        from teacher.inference import to_image_batch
-
         left_t, right_t = to_image_batch(left, torch.device("cpu")), to_image_batch(right, torch.device("cpu"))
         if left_t.shape != right_t.shape:
             raise DataError(f"left and right images differ in size: {tuple(left_t.shape)} vs {tuple(right_t.shape)}")
@@ -89,7 +86,5 @@ class ExportedStereo:
         if self.is_engine:
             disp = self.runner.run(left_t, right_t)
         else:
-            from compress.export import run_onnx
-
             disp = run_onnx(self.path, left_t, right_t, device=self.device)
         return disp[0, 0, pad[2]: pad[2] + h, pad[0]: pad[0] + w]

@@ -27,6 +27,7 @@ from compress.errors import ConfigError, ExportError, MissingDependencyError
 from compress.export._files import publish, save_onnx, staging_dir
 from compress.export.runtime import INPUT_NAMES, OUTPUT_NAME, make_session, random_stereo_pair
 from compress.export.trt_lint import LintFinding, lint_onnx
+from teacher.layers import Float32Island
 
 METADATA_PREFIX = "ffsc."
 
@@ -98,8 +99,6 @@ def fp32_node_patterns(module: nn.Module, prefix: str = "") -> list[str]:
     These are the computations the model runs in float32 under autocast (the correlation normalisation);
     to_onnx stores the patterns in the ONNX so fp16 casting and engine building keep the same nodes float32.
     """
-    from teacher.layers import Float32Island
-
     names = [f"{prefix}.{name}" if prefix else name for name, m in module.named_modules()
              if isinstance(m, Float32Island) and name]
     return sorted({_scope_pattern(name) for name in names})
@@ -177,6 +176,7 @@ def _torch_export(
 
 
 def _slim(model: onnx.ModelProto) -> onnx.ModelProto:
+    # onnxslim takes about 2 s to import and only a slimmed export uses it
     import onnxslim
 
     try:
@@ -213,6 +213,7 @@ def read_metadata(model_or_path: onnx.ModelProto | str | os.PathLike) -> dict[st
     stripped."""
     model = model_or_path
     if not isinstance(model, onnx.ModelProto):
+        # protobuf comes with onnx; only a damaged file's error needs its DecodeError
         from google.protobuf.message import DecodeError
 
         try:

@@ -33,6 +33,7 @@ def import_onnxruntime():
     """The onnxruntime module, or one line saying which extra installs it."""
     # Lazy: a TensorRT- or torch-only install runs without ONNX Runtime, and the CPU and GPU builds are alternatives.
     try:
+        # onnxruntime is an optional extra (the cpu or the gpu build): imported where a session is made
         import onnxruntime
     except ImportError as err:
         raise MissingDependencyError(f"ONNX Runtime is not installed: {ORT_INSTALL_HINT}") from err

@@ -31,6 +31,7 @@ from compress.latency_predictor.blocks import (
 )
 from compress.latency_predictor.timing import BlockTiming, time_module
 from compress.machine import device_name, machine_info
+from compress.terminal import progress_bar
 from search_spaces import SearchSpace, StudentConfig, build_student
 
 
@@ -216,8 +217,6 @@ class LatencyTable:
         Saves to the table's path every ``save_every`` configs, so an interrupted build keeps its work.
         Returns the number of variants measured.
         """
-        from compress.terminal import progress_bar
-
         if configs is None:
             todo = list(space_block_variants(space, height, width, batch).values())
         else:
