@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from compress.prune.coupling import analyze
+from compress.prune.importance import group_scores
+from compress.prune.trace import is_op
 from search_spaces import SearchSpace, StudentConfig, StudentStereo, build_student
 from search_spaces.pretrained import block_sources, slice_leading
 
@@ -120,7 +123,6 @@ def _tensor_dims(target, side: str, pruning_dim: int) -> list[tuple[str, int]] |
 
 def _permute_group(coupling, gid: int, order: list[int]) -> bool:
     """Move root channel ``order[k]`` to position ``k`` in every layer of the group; False if a layer is unknown."""
-    from compress.prune.trace import is_op
 
     natural = coupling.tp_group(gid, list(range(len(order))))._group
     moved = coupling.tp_group(gid, order)._group
@@ -165,8 +167,6 @@ def order_by_importance(parent: StudentStereo, height: int = CHECK_SIZE[0], widt
     through a channel-mixing computation, is left in its order). Leading-channel slicing then keeps the
     important channels. Returns counts of groups reordered, left alone, and already in order.
     """
-    from compress.prune.coupling import analyze
-    from compress.prune.importance import group_scores
 
     parent.eval()
     coupling = analyze(parent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from compress.distill import distill, evaluate_student
 from compress.distill.config import (
     DatasetSpec,
     LabelCacheConfig,
@@ -17,8 +19,14 @@ from compress.distill.config import (
     StudentSpec,
     trial_config,
 )
+from compress.distill.trainer import CHECKPOINT_NAME
 from compress.errors import ConfigError
-from compress.latency import LatencyConfig
+from compress.latency import LatencyCache, LatencyConfig, measure
+from compress.latency_predictor import predict_latency
+from search_spaces import build_student, count_macs, load_student, save_student
+from teacher import model_iters
+
+from .inherit import inherit_student, order_by_importance, parent_config
 
 OVER_BUDGET_ATTR = "over_budget"
 """User attribute of a trial timed over the latency budget and pruned before its distillation (with the reason)."""
@@ -84,7 +92,6 @@ class StudentSearchObjective:
     def __init__(self, space, settings: TrialSettings) -> None:
         self.space = space
         self.s = settings
-        from compress.latency import LatencyCache
 
         self.latency_cache = LatencyCache(settings.run_dir / "latency_cache.sqlite")
         self._parent = None
@@ -99,10 +106,7 @@ class StudentSearchObjective:
         """The study's parent: the trained one named by the settings, or the space's largest member distilled once
         and reused from disk; its channels reordered by importance."""
         if self._parent is None:
-            from compress.distill import distill
-            from search_spaces import load_student
 
-            from .inherit import order_by_importance, parent_config
 
             folder = self.s.parent or self.s.run_dir / "parent" / "student"
             if self.s.parent is None and not (folder / "model.safetensors").is_file():
@@ -122,12 +126,9 @@ class StudentSearchObjective:
         """Median latency of the whole model at the working size (measured or predicted)."""
         lat = self.s.latency
         if lat.mode == "predicted":
-            from compress.latency_predictor import predict_latency
 
             raw = predict_latency(self.s.latency_table, cfg, lat.height, lat.width, iters=lat.iters)
             return raw * self.s.latency_scale
-        from compress.latency import measure
-        from teacher import model_iters
 
         iters = model_iters(model, lat.iters, key="search.latency.iters")
         stats = measure(model, lat.backend, lat.height, lat.width, iters=iters, device=lat.device,
@@ -135,8 +136,6 @@ class StudentSearchObjective:
         return float(stats.median_ms)
 
     def __call__(self, trial) -> dict[str, float]:
-        from compress.distill import distill, evaluate_student
-        from search_spaces import build_student, count_macs, load_student
 
         s = self.s
         cfg = self.space.sample(trial)
@@ -154,9 +153,7 @@ class StudentSearchObjective:
         trial_dir = s.run_dir / "trials" / f"{trial.number:04d}"
         spec = StudentSpec(kind="search_space", config=cfg.to_dict())
         if s.proxy == "inherit":
-            from search_spaces import save_student
 
-            from .inherit import inherit_student
 
             child, report = inherit_student(self.parent(), cfg, seed=s.seed)
             trial.set_user_attr("inherited_fraction", report.fraction_inherited())
@@ -180,9 +177,7 @@ class StudentSearchObjective:
 def drop_training_state(run_dir: Path) -> None:
     """Delete what only an unfinished distillation needs (its optimiser checkpoint, the inherited start) once its
     student is saved: a finished trial keeps its weights once, so a 200-trial study fits on a disk."""
-    import shutil
 
-    from compress.distill.trainer import CHECKPOINT_NAME
 
     (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "inherited", ignore_errors=True)

@@ -83,9 +83,9 @@ def _driver_importable(parsed: Any) -> bool:
 
 def _rdb_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry: int | None) -> BaseStorage:
     import optuna
-    import sqlalchemy
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    import sqlalchemy  # with optuna: a database storage only
+    from sqlalchemy.engine import make_url  # with optuna: a database storage only
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError  # with optuna: a database storage only
 
     try:
         parsed = make_url(url)
