@@ -11,8 +11,8 @@ Two worlds (``--world``), both built on the CPU quick start's recipe (``recipes/
     The shipped stand-in teacher (``teacher.stand_in: shipped``) and the recipe's data exactly (photo-textured
     procedural scenes at 64x128, disparities up to 48 px, labelled by that teacher; ``--train-samples`` /
     ``--eval-samples`` override only the counts). The space is ``subnets``: the stand-in's sub-networks, as the
-    recipe's ``search.parent: auto`` resolves them (:func:`compress.pipeline.run.search_parent`,
-    :func:`~compress.pipeline.run.search_space`). The parent is the stand-in itself, so it costs nothing per
+    recipe's ``search.parent: auto`` resolves them (:func:`compress.pipeline.search_parent`,
+    :func:`~compress.pipeline.search_space`). The parent is the stand-in itself, so it costs nothing per
     study. The truth is each student's final distillation for ``--final-steps`` (default 150) starting from its
     sliced weights, as the pipeline's final distillation starts from the chosen trial's (inherited) student; 150
     is 2x the 20 + 50 steps a quick-start student gets in the pipeline (trial plus final), long enough that the
