@@ -99,24 +99,10 @@ from compress.structured import to_plain
 from search_spaces import SUBNETS, build_student, count_macs, load_space, load_student, save_student
 
 try:
-    from benchmarks.rank_agreement import (
-        against_handmade,
-        front_overlap,
-        kendall_tau_b,
-        pairwise_agreement,
-        spearman,
-        within_groups,
-    )
+    from benchmarks import rank_agreement
     from benchmarks.report import machine_line, write_report
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on sys.path, the repository not
-    from rank_agreement import (
-        against_handmade,
-        front_overlap,
-        kendall_tau_b,
-        pairwise_agreement,
-        spearman,
-        within_groups,
-    )
+    import rank_agreement
     from report import machine_line, write_report
 
 VARIANTS = ("distill", "inherit", "inherit0", "inherit_plain", "distill_hot", "inherit_hot")
@@ -322,7 +308,7 @@ def _plot(rows: list[dict], variants: list[str], out_png: Path, title: str, hand
     final = [r["final"]["gt/epe"] for r in rows]
     cost = [r["gmacs"] for r in rows]
     ax = fig.add_subplot(*grid, 1)
-    true = front_overlap(cost, final, final)["true_front"]
+    true = rank_agreement.front_overlap(cost, final, final)["true_front"]
     ax.scatter(cost, final, c="0.6", label="students (fully trained)")
     ax.plot(*zip(*sorted((cost[i], final[i]) for i in true), strict=True), "o-", c="C0", label="true front")
     if handmade is not None:
@@ -341,7 +327,7 @@ def _plot(rows: list[dict], variants: list[str], out_png: Path, title: str, hand
             ax.annotate(str(i), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(f"proxy '{v}': EPE vs teacher (px)")
         ax.set_ylabel("final EPE vs GT (px)")
-        ax.set_title(f"{v}: tau {kendall_tau_b(proxy, final):.2f}")
+        ax.set_title(f"{v}: tau {rank_agreement.kendall_tau_b(proxy, final):.2f}")
         ax.grid(alpha=0.3)
     fig.colorbar(sc, ax=fig.axes, label="GMACs")
     fig.suptitle(title)
@@ -526,22 +512,23 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         proxy = [r[v]["teacher/epe"] for r in rows]
         summary[v] = {
-            "kendall_tau_vs_final_gt": kendall_tau_b(proxy, final_gt),
-            "spearman_vs_final_gt": spearman(proxy, final_gt),
-            "kendall_tau_vs_final_teacher": kendall_tau_b(proxy, final_teacher),
-            "spearman_vs_final_teacher": spearman(proxy, final_teacher),
-            "reliable_pairs": {"margin_px": margin, **pairwise_agreement(proxy, final_gt, margin)},
-            "front": front_overlap(cost, proxy, final_gt),
+            "kendall_tau_vs_final_gt": rank_agreement.kendall_tau_b(proxy, final_gt),
+            "spearman_vs_final_gt": rank_agreement.spearman(proxy, final_gt),
+            "kendall_tau_vs_final_teacher": rank_agreement.kendall_tau_b(proxy, final_teacher),
+            "spearman_vs_final_teacher": rank_agreement.spearman(proxy, final_teacher),
+            "reliable_pairs": {"margin_px": margin, **rank_agreement.pairwise_agreement(proxy, final_gt, margin)},
+            "front": rank_agreement.front_overlap(cost, proxy, final_gt),
             "per_candidate_steps": 0 if v == "inherit0" else args.proxy_steps,
             "seconds_per_candidate": float(np.mean([r[v]["seconds"] for r in rows])),
         }
         if len(set(groups)) > 1:
-            summary[v][f"within_{GROUP_FIELD}"] = within_groups(proxy, final_gt, groups)
+            summary[v][f"within_{GROUP_FIELD}"] = rank_agreement.within_groups(proxy, final_gt, groups)
         if separate_truth:  # the truth scored on the proxies' own held-out scenes (shared-sample agreement)
-            summary[v]["kendall_tau_vs_final_gt_on_proxy_set"] = kendall_tau_b(
+            summary[v]["kendall_tau_vs_final_gt_on_proxy_set"] = rank_agreement.kendall_tau_b(
                 proxy, [r["final"]["search_eval"]["gt/epe"] for r in rows])
         if handmade is not None:
-            summary[v]["vs_handmade"] = against_handmade(rows, handmade, summary[v]["front"]["proxy_front"])
+            summary[v]["vs_handmade"] = rank_agreement.against_handmade(rows, handmade,
+                                                                        summary[v]["front"]["proxy_front"])
     machine = machine_info()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -635,8 +622,8 @@ def main(argv: list[str] | None = None) -> int:
                f"which caps the reachable tau; 'tau on reliably ordered pairs' counts only the pairs whose final "
                f"EPEs differ by more than twice it ({margin:.2f} px)."]
     if handmade is not None:
-        true_front = front_overlap(cost, final_gt, final_gt)["true_front"]
-        by = against_handmade(rows, handmade, true_front)
+        true_front = rank_agreement.front_overlap(cost, final_gt, final_gt)["true_front"]
+        by = rank_agreement.against_handmade(rows, handmade, true_front)
         md += ["", f"**Against the hand-made design** (Fast-FoundationStereo's shape at this space's scale, "
                f"{handmade['gmacs']:.3f} GMACs, the same final distillation): final EPE vs GT "
                f"{handmade['final']['gt/epe']:.2f} px. Dominated by students {by['dominated_by'] or 'none'} "
