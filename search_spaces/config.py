@@ -17,7 +17,7 @@ BACKBONES = ("edgenext",)
 """Backbones built from explicit widths/depths; any other name must be a timm model with stem + 4 stages."""
 
 
-_WRITTEN_IF_SET: dict[str, Any] = {"classifier_kernel": 7}
+WRITTEN_IF_SET: dict[str, Any] = {"classifier_kernel": 7}
 """Fields added after configs were first saved, with the value every earlier model has: written only when they
 differ from it, so an earlier model's config, and the label-cache and latency keys built from it, stay the same."""
 
@@ -152,9 +152,9 @@ class StudentConfig:
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (YAML/JSON-ready); a field added later is left out at its default (see _WRITTEN_IF_SET)."""
+        """Plain data (YAML/JSON-ready); a field added later is left out at its default (see WRITTEN_IF_SET)."""
         data = dataclasses.asdict(self)
-        for name, default in _WRITTEN_IF_SET.items():
+        for name, default in WRITTEN_IF_SET.items():
             if data[name] == default:
                 del data[name]
         return data

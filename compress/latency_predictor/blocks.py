@@ -13,6 +13,7 @@ from torch import nn
 from compress.errors import ConfigError
 from compress.export.onnx_export import check_image_size
 from search_spaces import SearchSpace, StudentConfig, build_student
+from search_spaces.config import WRITTEN_IF_SET
 from teacher.features import normalize_image
 from teacher.geometry import GeometryEncoding
 from teacher.stages import StereoStages
@@ -73,7 +74,9 @@ def block_fields(cfg: StudentConfig, block: str) -> dict:
                 "hourglass_widths": cfg.hourglass_widths, "apc_kernel": cfg.apc_kernel, "agg_blocks": cfg.agg_blocks,
                 **att, "feature_widths": d[base: base + cfg.hourglass_levels + 1]}
     if block == "classifier":
-        kernel = {} if cfg.classifier_kernel == 7 else {"classifier_kernel": cfg.classifier_kernel}  # old keys stay
+        # Keyed like the config: a table measured before the field existed still serves the default kernel.
+        kernel = {} if cfg.classifier_kernel == WRITTEN_IF_SET["classifier_kernel"] else {
+            "classifier_kernel": cfg.classifier_kernel}
         return {**common, "max_disp": cfg.max_disp, "volume_dim": cfg.volume_dim, **kernel}
     if block == "context":
         return {**common, "max_disp": cfg.max_disp, "volume_dim": cfg.volume_dim, "gru_levels": cfg.gru_levels,
