@@ -161,7 +161,10 @@ class GroundTruthTrainer:
 
 
 def _recorded(recipe: dict[str, Any]) -> dict[str, Any]:
-    """A recipe recorded before its optimiser keys moved under ``optim`` (an old state file), in today's keys."""
+    """A recipe recorded in an old state file (``crop``; optimiser keys not yet under ``optim``), in today's keys."""
+    recipe = dict(recipe)
+    if "crop" in recipe:
+        recipe["crop_size"] = recipe.pop("crop")
     if "optim" in recipe:
         return recipe
     moved = {k: recipe[k] for k in _OPTIM_KEYS if k in recipe}
@@ -222,10 +225,7 @@ def train_standin(recipe: StandInRecipe, out_dir: str | Path, device: torch.devi
     start, seconds = 0, 0.0
     if state_file.is_file():
         state = torch.load(state_file, map_location=device, weights_only=False)
-        saved = dict(_recorded(state["recipe"]))
-        if "crop" in saved:  # written before the key was renamed to crop_size
-            saved["crop_size"] = saved.pop("crop")
-        if saved != to_plain(recipe):
+        if _recorded(state["recipe"]) != to_plain(recipe):
             raise ConfigError(f"{state_file} was written by a different recipe; delete it (or use another --out) "
                               "to train this one from the start")
         trainer.load_state_dict(state)
