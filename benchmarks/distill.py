@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         f"run_dir={args.work_dir}", f"height={args.height}", f"width={args.width}",
         f"data.train={{kind: synthetic, num_samples: {args.train_samples}, synthetic: {synth}, seed: 0}}}}",
         f"data.eval={{kind: synthetic, num_samples: {args.eval_samples}, synthetic: {synth}, seed: 1000}}}}",
-        f"teacher.train_steps={args.teacher_steps}", "teacher.stand_in=train",
+        f"teacher.train.steps={args.teacher_steps}", "teacher.stand_in=train",
     ]
     if args.teacher_checkpoint:
         overrides.append(f"teacher.checkpoint={args.teacher_checkpoint}")

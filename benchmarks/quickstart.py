@@ -140,7 +140,7 @@ def picture(summary: dict, path: Path) -> bool:
     pair = pairs[0]
     teacher_path = summary["teacher"].get("path") or recipe.teacher.checkpoint or {
         "shipped": SHIPPED_DIR, "train": run_dir / "teacher"}.get(recipe.teacher.stand_in, recipe.teacher.stand_in)
-    teacher = resolve_model(teacher_path, config=recipe.teacher.config,
+    teacher = resolve_model(teacher_path, config=recipe.teacher.architecture(),
                             trust_checkpoint=recipe.teacher.trust_checkpoint).module
     maps = {"left": pair.left, "ground truth": pair.gt}
     maps["teacher"] = predict_disparity(teacher, pair, summary["teacher"].get("iters"), "cpu")

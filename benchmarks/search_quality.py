@@ -184,7 +184,7 @@ def legacy_overrides(args: argparse.Namespace) -> list[str]:
         f"height={h}", f"width={w}",
         f"data.train={{kind: synthetic, num_samples: {args.train_samples}, synthetic: {synth}, seed: 0}}}}",
         f"data.eval={{kind: synthetic, num_samples: {args.eval_samples}, synthetic: {synth}, seed: 1000}}}}",
-        f"teacher.train_steps={args.teacher_steps}", "teacher.stand_in=train", "optim.lr=2.0e-3",
+        f"teacher.train.steps={args.teacher_steps}", "teacher.stand_in=train", "optim.lr=2.0e-3",
     ]
 
 

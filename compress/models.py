@@ -24,6 +24,7 @@ from torch import nn
 
 from compress.atomic import atomic_write
 from compress.errors import CheckpointError, ConfigError
+from compress.teacher_ref import TeacherRef
 from search_spaces import PRESETS, StudentConfig, StudentStereo, build_student, load_student, preset, save_student
 from search_spaces.serialization import load_model
 from teacher import FoundationStereo, TeacherConfig, load_teacher
@@ -57,7 +58,7 @@ class ResolvedModel:
 
 def resolve_model(
     spec: str | os.PathLike,
-    config: str | None = None,
+    config: TeacherConfig | str | None = None,
     trust_checkpoint: bool = False,
     allow_files: bool = False,
     seed: int = 0,
@@ -166,21 +167,21 @@ def student_from_spec(spec: Any) -> nn.Module:
     return model
 
 
-def teacher_from_spec(spec: Any, device: str | torch.device = "cpu") -> nn.Module:
-    """The frozen teacher of a compress.distill TeacherSpec, in eval mode on ``device``."""
-    try:
-        tcfg = TeacherConfig(**spec.config) if spec.config else None
-    except TypeError as exc:
-        raise ConfigError(f"teacher.config {dict(spec.config)}: {exc}") from None
+def teacher_from_spec(spec: TeacherRef, device: str | torch.device = "cpu") -> nn.Module:
+    """The frozen FoundationStereo teacher a recipe's ``teacher`` names (its checkpoint, or ``stand_in: random``),
+    in eval mode on ``device``."""
+    tcfg = spec.architecture()
     # Building consumes the global RNG; keep the student's training stream independent of the teacher.
     with torch.random.fork_rng(devices=[]):
         if spec.checkpoint:
             model = load_teacher(spec.checkpoint, cfg=tcfg, device=device, trust_pickle=spec.trust_checkpoint)
-        elif spec.allow_random_init:
+        elif spec.stand_in == "random":
+            if isinstance(tcfg, str):
+                tcfg = TeacherConfig.from_yaml(tcfg)
             torch.manual_seed(spec.init_seed)
             model = FoundationStereo(tcfg or TeacherConfig()).to(device)
         else:
-            raise ConfigError("teacher.checkpoint is not set (and teacher.allow_random_init is false)")
+            raise ConfigError("teacher.checkpoint is not set (and teacher.stand_in is not 'random')")
     model.eval().requires_grad_(False)
     return model
 

@@ -239,9 +239,10 @@ def check_distill(cfg) -> None:
     given label cache exists, data folders have a known layout, the run folder is writable."""
     check_model_source(cfg.teacher.checkpoint, key="teacher.checkpoint", trust_pickle=cfg.teacher.trust_checkpoint)
     check_model_source(cfg.student.init_checkpoint, key="student.init_checkpoint")
-    if cfg.teacher.label_cache and not cfg.teacher.build_cache and not Path(cfg.teacher.label_cache).is_dir():
-        raise DataError(f"teacher.label_cache: {cfg.teacher.label_cache} is not a folder (expected a label cache "
-                        "made by ffsc, or build_cache: true to make it)")
+    labels = cfg.data.labels
+    if labels.folder and not labels.build and not Path(labels.folder).is_dir():
+        raise DataError(f"data.labels.folder: {labels.folder} is not a folder (expected a label cache made by ffsc, "
+                        "or data.labels.build: true to make it)")
     for name in ("train", "eval"):
         spec = getattr(cfg.data, name)
         if spec is not None and spec.path:
@@ -253,7 +254,7 @@ def check_prune(cfg):
     """``ffsc prune``: model and teacher readable, data present, output writable, and, when latency will be
     timed, the backend usable ('auto' resolved). Returns cfg with its latency backend resolved and the choice."""
     check_model_source(cfg.model, key="--model")
-    check_model_source(cfg.teacher, key="--teacher")
+    check_model_source(cfg.teacher.checkpoint, key="--teacher", trust_pickle=cfg.teacher.trust_checkpoint)
     if cfg.data.path:
         check_dataset(cfg.data.path, cfg.data.kind, key="--data", options=cfg.data.options)
     check_writable(cfg.run_dir, key="--out")  # also where the MLflow store goes by default

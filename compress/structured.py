@@ -4,7 +4,8 @@ The one place configs are read and written: ``load_structured`` (recipes), ``rea
 for configs that are not OmegaConf schemas), ``check_keys`` (unknown keys, with "did you mean") and
 ``to_plain`` / ``dump_yaml`` (dataclasses to YAML-ready data). A schema lists the keys it renamed in a ``RENAMED``
 class variable (old key -> new key, both dotted from the schema); an old key in a file or an override fails with
-one line naming the new one (``check_renamed``). It depends on compress.errors and compress.atomic
+one line naming the new one (``check_renamed``), and a record written before the rename reads in today's keys
+(``translate_renamed``). It depends on compress.errors and compress.atomic
 only, so that teacher/ and search_spaces/ use it as they use compress.errors.
 """
 
@@ -89,19 +90,58 @@ def renamed_keys(schema: type, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _dotted_keys(data: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
+def _dotted_items(data: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
     for key, value in data.items():
-        yield f"{prefix}{key}"
+        yield f"{prefix}{key}", value
         if isinstance(value, Mapping):
-            yield from _dotted_keys(value, f"{prefix}{key}.")
+            yield from _dotted_items(value, f"{prefix}{key}.")
 
 
-def check_renamed(schema: type, keys: Iterable[str], where: str) -> None:
-    """Raise a ConfigError for the first key in ``keys`` (dotted) that ``schema`` renamed, naming the new key."""
-    renamed = renamed_keys(schema)
+def _dotted_keys(data: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
+    return (key for key, _ in _dotted_items(data, prefix))
+
+
+def _sections(data: Mapping[str, Any]) -> set[str]:
+    """The dotted keys of ``data`` whose value is a mapping."""
+    return {key for key, value in _dotted_items(data) if isinstance(value, Mapping)}
+
+
+def check_renamed(schema: type, keys: Iterable[str], where: str, sections: Iterable[str] = ()) -> None:
+    """Raise a ConfigError for the first key in ``keys`` (dotted) that ``schema`` renamed, naming the new key.
+
+    A key that became a section of its own name (``teacher`` -> ``teacher.checkpoint``) is the old key only where
+    its value is not a mapping: ``sections`` lists the keys given a mapping."""
+    renamed, sections = renamed_keys(schema), set(sections)
     for key in keys:
-        if key in renamed:
+        if key in renamed and not (key in sections and renamed[key].startswith(key + ".")):
             raise ConfigError(f"{where}: key {key!r} was renamed to {renamed[key]!r}")
+
+
+def translate_renamed(schema: type, flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's dotted keys (a config written before keys were renamed) in today's names.
+
+    Each key under a renamed key (the longest one) moves under its new key; a renamed flag written as
+    ``new.key=value`` becomes that value where it was true; a key renamed into several is dropped. A new key
+    recorded beside its old one wins."""
+    renamed = renamed_keys(schema)
+    kept: dict[str, Any] = {}
+    moved: dict[str, Any] = {}
+    for key, value in flat.items():
+        old = max((old for old in renamed if _under(key, old)), key=len, default=None)
+        new = renamed.get(old, "")
+        if old is None or (key != old and _under(new, old)):  # not renamed, or already inside the new section
+            kept[key] = value
+        elif "=" in new:
+            if key == old and value is True:
+                new_key, new_value = new.split("=", 1)
+                moved[new_key] = yaml.safe_load(new_value)
+        elif "," not in new and " " not in new:
+            moved[new + key[len(old):]] = value
+    return {**moved, **kept}
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
 
 
 def _suggest(schema: type, key: str) -> str:
@@ -129,15 +169,17 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides: 
                 raise ConfigError(f"{what} {path} does not exist")
             layers.append(OmegaConf.load(path))
             if isinstance(plain := OmegaConf.to_container(layers[-1]), Mapping):
-                check_renamed(schema, _dotted_keys(plain), where)
+                check_renamed(schema, _dotted_keys(plain), where, _sections(plain))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
-            check_renamed(schema, (o.split("=", 1)[0].lstrip("+~") for o in overrides), "override")
             layers.append(OmegaConf.from_dotlist(list(overrides)))
-            if isinstance(plain := OmegaConf.to_container(layers[-1]), Mapping):  # a mapping value's keys too
-                check_renamed(schema, _dotted_keys(plain), "override")
+            plain = OmegaConf.to_container(layers[-1])
+            sections = _sections(plain) if isinstance(plain, Mapping) else set()
+            check_renamed(schema, (o.split("=", 1)[0].lstrip("+~") for o in overrides), "override", sections)
+            if isinstance(plain, Mapping):  # a mapping value's keys too
+                check_renamed(schema, _dotted_keys(plain), "override", sections)
         # to_object runs every dataclass __post_init__ check.
         return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as exc:

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "compress.checks", "compress.device", "compress.run_lock", "compress.pruning_rules")),
     ("teacher", ("teacher",)),
     ("search_spaces", ("search_spaces",)),
-    ("core", ("compress.data", "compress.metrics", "compress.tracking",
+    ("core", ("compress.data", "compress.metrics", "compress.tracking", "compress.teacher_ref",
               "compress.geometry", "compress.cuda_graph", "compress.training", "compress.evaluation",
               "compress.real_pairs", "compress.machine", "compress.compiled")),
     ("stages", ("compress.export", "compress.backends", "compress.latency", "compress.latency_cache",

@@ -18,14 +18,15 @@ from .common import console
 
 # CLI flag -> PruneConfig key; values pass through as overrides on top of the recipe.
 _FLAGS = {
-    "model": "model", "teacher": "teacher", "out": "run_dir", "device": "device", "latency_device": "latency.device",
+    "model": "model", "teacher": "teacher.checkpoint", "out": "run_dir", "device": "device",
+    "latency_device": "latency.device",
     **{flag: f"latency.{flag}" for flag in ("backend", "precision", "height", "width", "iters", "warmup", "repeats",
                                              "threads", "clock", "measure")},
     "data": "data.path", "data_kind": "data.kind",
     "samples": "data.num_samples", "importance": "importance.method", "step_ratio": "step_ratio",
     "max_steps": "max_steps", "round_to": "round_to", "max_ratio": "max_ratio",
     "distill_steps": "distill.steps_between", "recovery_steps": "distill.recovery_steps", "lr": "distill.optim.lr",
-    "train_iters": "distill.train_iters", "teacher_iters": "teacher_iters", "recovery_recipe": "distill.recipe",
+    "train_iters": "distill.train_iters", "teacher_iters": "teacher.iters", "recovery_recipe": "distill.recipe",
     "seed": "seed",
 }
 _BUDGETS = ("budget_ms", "budget_gmacs", "budget_mparams", "ratio")  # flags named as PruneConfig's budget keys

@@ -15,6 +15,7 @@ from compress.checks import check_size
 from compress.data import DatasetSpec
 from compress.errors import ConfigError
 from compress.structured import load_structured, to_plain
+from compress.teacher_ref import TeacherRef
 from compress.training import OptimConfig
 
 __all__ = [
@@ -28,8 +29,9 @@ __all__ = [
     "LossConfig",
     "OptimConfig",
     "OutputLossConfig",
+    "LabelCacheSpec",
     "StudentSpec",
-    "TeacherSpec",
+    "TeacherRef",
     "config_to_dict",
     "from_label_cache",
     "load_recipe",
@@ -160,7 +162,8 @@ class LabelCacheConfig:
     def content_key(self) -> dict[str, Any]:
         """The settings of this section that change what is stored (a cache made with other ones must not be
         reused); the manifest adds the teacher's iterations and the label size (``build_label_cache``)."""
-        out = dataclasses.asdict(self)
+        stored = {f.name for f in dataclasses.fields(LabelCacheConfig)}  # not where a subclass keeps the cache
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k in stored}
         unused = ["batch_size", "flush_every"]  # change how labels are made, not what they are
         if self.prob != "topk":
             unused.append("prob_topk")
@@ -171,6 +174,16 @@ class LabelCacheConfig:
         for key in unused:
             out.pop(key)
         return out
+
+
+@dataclass
+class LabelCacheSpec(LabelCacheConfig):
+    """``ffsc distill``'s label cache: where it is, whether to label what it lacks, and what it stores."""
+
+    folder: str | None = None
+    """Folder of a pseudo-label cache; when set, training reads labels from it and never runs the teacher."""
+    build: bool = True
+    """Label the missing samples of ``folder`` with the teacher before training (else: error)."""
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -205,27 +218,6 @@ class StudentSpec:
             )
 
 
-@dataclass
-class TeacherSpec:
-    """The teacher: an official checkpoint (cfg.yaml beside it unless ``config`` is given), and/or a cache."""
-
-    checkpoint: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    """TeacherConfig fields; empty = read the cfg.yaml beside the checkpoint."""
-    trust_checkpoint: bool = False
-    allow_random_init: bool = False
-    """Build the teacher with random weights when no checkpoint is given (tests and smoke runs only)."""
-    init_seed: int = 0
-    label_cache: str | None = None
-    """Folder of a pseudo-label cache; when set, training reads labels from it and never runs the teacher."""
-    build_cache: bool = True
-    """Label the missing samples of ``label_cache`` with the teacher before training (else: error)."""
-    cache: LabelCacheConfig = field(default_factory=LabelCacheConfig)
-    iters: int | None = None
-    """Teacher GRU iterations for live labels, cached labels and eval; None = the teacher's own count (the
-    official teacher's valid_iters)."""
-
-
 # -------------------------------------------------------------------------------------------------- data
 
 
@@ -237,9 +229,12 @@ class DataConfig:
     eval: DatasetSpec | None = None
     """None = evaluate on the first ``eval_samples`` training samples, un-augmented."""
     eval_samples: int = 4
+    labels: LabelCacheSpec = field(default_factory=LabelCacheSpec)
+    """The teacher's label cache (the run recipe's ``data.labels``, plus its folder); the teacher labels at
+    ``teacher.iters``, each pair centre-cropped to ``size``."""
     size: list[int] | None = None
     """[height, width] every training pair is centre-cropped to before the teacher labels it (with
-    ``teacher.label_cache``; multiples of 32); None = the first pair's size rounded down to multiples of 32, which
+    ``data.labels.folder``; multiples of 32); None = the first pair's size rounded down to multiples of 32, which
     every pair must then share. Fixed per pair, unlike ``crop_size``."""
     crop_size: list[int] | None = None
     """[height, width] random training crop (multiples of 32), drawn anew every step inside the labelled pair;
@@ -267,7 +262,10 @@ class DataConfig:
 class DistillConfig:
     """A whole distillation run (``ffsc distill RECIPE.yaml key=value ...``)."""
 
-    RENAMED: ClassVar[dict[str, str]] = {"teacher.cache.iters": "teacher.iters", "teacher.cache.size": "data.size"}
+    RENAMED: ClassVar[dict[str, str]] = {"teacher.cache.iters": "teacher.iters", "teacher.cache.size": "data.size",
+                                         "teacher.cache": "data.labels", "teacher.label_cache": "data.labels.folder",
+                                         "teacher.build_cache": "data.labels.build",
+                                         "teacher.allow_random_init": "teacher.stand_in=random"}
 
     run_dir: str = "runs/distill"
     seed: int = 0
@@ -293,7 +291,8 @@ class DistillConfig:
     """Students may hold parameters a forward does not reach (e.g. unused GRU levels); DDP must be told."""
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentSpec = field(default_factory=StudentSpec)
-    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    """The official checkpoint, or ``stand_in: random`` (tests and smoke runs); none with a finished label cache."""
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -305,18 +304,20 @@ class DistillConfig:
             raise ConfigError(f"eval_every/num_workers: got {self.eval_every}/{self.num_workers}, expected >= 0")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp: got {self.amp!r}, expected one of {AMP_MODES}")
-        if self.teacher.label_cache is None and self.teacher.checkpoint is None and not self.teacher.allow_random_init:
+        self.teacher.check_for("ffsc distill", ("random",))
+        cache = self.data.labels.folder
+        if cache is None and self.teacher.checkpoint is None and self.teacher.stand_in != "random":
             raise ConfigError(
-                "no teacher: set teacher.checkpoint (official FoundationStereo .pth) or teacher.label_cache "
+                "no teacher: set teacher.checkpoint (official FoundationStereo .pth) or data.labels.folder "
                 "(a pseudo-label folder)"
             )
-        if self.data.size is not None and self.teacher.label_cache is None:  # a live teacher sees the augmented pair
-            raise ConfigError("data.size is the size pairs are labelled at in the label cache; set teacher.label_cache "
+        if self.data.size is not None and cache is None:  # a live teacher sees the augmented pair
+            raise ConfigError("data.size is the size pairs are labelled at in the label cache; set data.labels.folder "
                               "too, or crop a live teacher's pairs with data.crop_size")
-        if self.teacher.label_cache is not None and (self.data.scale_prob > 0 or self.data.vflip_prob > 0):
+        if cache is not None and (self.data.scale_prob > 0 or self.data.vflip_prob > 0):
             raise ConfigError(
                 "data.scale_prob and data.vflip_prob need a live teacher: cached labels follow crops only; set "
-                "them to 0 or teacher.label_cache=null"
+                "them to 0 or data.labels.folder=null"
             )
 
 
@@ -333,9 +334,11 @@ def from_label_cache(run_dir: str | Path, student: StudentSpec, train: DatasetSp
                      **settings: Any) -> DistillConfig:
     """A run that distils ``student`` from a finished label cache of ``train`` (no live teacher, no evaluation),
     on random ``crop_size`` crops of the labelled pairs when given."""
+    stored = {f.name: getattr(labels, f.name) for f in dataclasses.fields(LabelCacheConfig)}
+    cache = LabelCacheSpec(**stored, folder=str(labels_dir), build=False)
     return DistillConfig(run_dir=str(run_dir), train_iters=iters, eval_iters=iters, eval_every=0, student=student,
-                         data=DataConfig(train=train, eval=None, eval_samples=0, crop_size=crop_size),
-                         teacher=TeacherSpec(label_cache=str(labels_dir), build_cache=False, cache=labels), **settings)
+                         data=DataConfig(train=train, eval=None, eval_samples=0, crop_size=crop_size, labels=cache),
+                         **settings)
 
 
 def trial_config(run_dir: str | Path, student: StudentSpec, train: DatasetSpec, labels_dir: str | Path,

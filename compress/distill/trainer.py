@@ -49,7 +49,7 @@ from compress.models import (
     teacher_from_spec,
     torch_load,
 )
-from compress.structured import renamed_keys
+from compress.structured import translate_renamed
 from compress.terminal import console
 from compress.training import (
     autocast,
@@ -82,7 +82,7 @@ Callback = Callable[[str, int, dict[str, float]], None]
 # Keys that may change between a run and its resumption without changing what is being trained.
 _RESUME_FREE = {
     "run_dir", "steps", "log_every", "checkpoint_every", "eval_every", "num_workers", "progress", "resume",
-    "device", "teacher.build_cache", "teacher.cache.batch_size", "teacher.cache.flush_every",
+    "device", "data.labels.build", "data.labels.batch_size", "data.labels.flush_every",
 }
 
 
@@ -251,28 +251,28 @@ class Trainer:
         return self.teacher
 
     def _prepare_cache(self) -> LabelCache | None:
-        spec = self.cfg.teacher
-        if spec.label_cache is None:
+        spec, labels = self.cfg.teacher, self.cfg.data.labels
+        if labels.folder is None:
             return None
-        root = Path(spec.label_cache)
+        root = Path(labels.folder)
         state = cache_progress(root)
         if state is None or state[0] < state[1]:
-            if not spec.build_cache:
+            if not labels.build:
                 have = "no labels" if state is None else f"{state[0]} of {state[1]} samples labelled"
                 raise ConfigError(
-                    f"label cache {root} has {have}; label it first or set teacher.build_cache=true"
+                    f"label cache {root} has {have}; label it first or set data.labels.build=true"
                 )
             if self.dist.is_main:
                 teacher = self._teacher()
                 source = build_dataset(self.cfg.data.train, seed=self.cfg.seed)
                 build_label_cache(
-                    teacher, source, root, spec.cache, iters=spec.iters, size=self.cfg.data.size,
+                    teacher, source, root, labels, iters=spec.iters, size=self.cfg.data.size,
                     checkpoint=spec.checkpoint, device=self.device, progress=self.cfg.progress,
                 )
             self.dist.barrier()
             self.teacher = None  # labelled; free it (eval builds it again only if it needs it)
         cache = LabelCache(root)
-        want = {**spec.cache.content_key(), "iters": spec.iters, "size": self.cfg.data.size}
+        want = {**labels.content_key(), "iters": spec.iters, "size": self.cfg.data.size}
         have = cache.manifest["labels"]
         differ = [
             f"{k}: cache {have.get(k)!r}, recipe {v!r}"
@@ -281,7 +281,7 @@ class Trainer:
         ]
         if differ:
             raise ConfigError(
-                f"label cache {root} holds other labels than teacher.cache, teacher.iters and data.size ask for "
+                f"label cache {root} holds other labels than data.labels, teacher.iters and data.size ask for "
                 f"({'; '.join(differ)}); match the recipe to the cache or label into a new folder"
             )
         if spec.checkpoint and cache.teacher.get("checkpoint_sha256"):
@@ -309,7 +309,7 @@ class Trainer:
         base = build_dataset(d.train if d.eval is None else d.eval, seed=seed)
         subset = Subset(base, range(min(d.eval_samples, len(base))))
         teacher = self.teacher
-        if teacher is None and (self.cfg.teacher.checkpoint or self.cfg.teacher.allow_random_init):
+        if teacher is None and (self.cfg.teacher.checkpoint or self.cfg.teacher.stand_in == "random"):
             teacher = self._teacher()
         if teacher is None:
             return subset, None
@@ -336,7 +336,7 @@ class Trainer:
             raise ConfigError(
                 f"loss.feature.levels {list(levels)} asks for teacher levels {missing} that label cache "
                 f"{self.cache.root} does not store (it has {sorted(stored)}); relabel with "
-                "teacher.cache.feature_levels including them"
+                "data.labels.feature_levels including them"
             )
         return {lv: stored[lv] for lv in levels}
 
@@ -413,12 +413,9 @@ class Trainer:
         state = torch_load(path)
         if not isinstance(state, dict) or state.get("format") != DISTILL_CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not a distillation checkpoint; move it away or set resume=false")
-        old = _flatten(state["config"])
-        for was, now in renamed_keys(DistillConfig).items():  # a checkpoint written before a key was renamed
-            if was in old:
-                value = old.pop(was)
-                if now not in old:  # else the new key was recorded too, and it is the one that counted
-                    old[now] = value
+        old = translate_renamed(DistillConfig, _flatten(state["config"]))  # written before keys were renamed
+        if old.get("teacher.config") == {}:  # TeacherSpec's "none" before TeacherRef's None
+            old["teacher.config"] = None
         new = _flatten(config_to_dict(self.cfg))
         changed = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE and old.get(k) != new.get(k))
         if changed:

@@ -29,7 +29,7 @@ from compress.latency_config import BackendChoice
 from compress.latency_predictor import open_table
 from compress.metrics import MetricAccumulator
 from compress.run_lock import LOCK_NAME
-from compress.structured import dump_yaml, read_yaml, to_plain
+from compress.structured import dump_yaml, read_yaml, to_plain, translate_renamed
 from compress.tracking import Tracker, flatten_params
 from search_spaces import SearchSpace, StudentConfig, load_space, preset
 from search_spaces.serialization import CONFIG_NAME
@@ -121,7 +121,7 @@ def preflight(recipe: RunRecipe) -> tuple[RunRecipe, BackendChoice]:
         pf.check_checkpoint(recipe.teacher.checkpoint, key="teacher.checkpoint",
                             trust_pickle=recipe.teacher.trust_checkpoint)
     elif recipe.teacher.stand_in == "train":
-        preset(recipe.teacher.fallback_preset, **recipe.teacher.fallback_overrides)  # unknown: lists the presets
+        preset(recipe.teacher.train.preset, **recipe.teacher.train.overrides)  # unknown: lists the presets
     else:
         pf.check_checkpoint(teacher_folder(recipe), key="teacher.stand_in")
     if recipe.search.enabled:
@@ -201,7 +201,7 @@ def claim_run_dir(recipe: RunRecipe, run_dir: Path, start_over: bool = False) ->
         if cleared:
             say(recipe, f"run directory {run_dir}: starting over ({len(cleared)} earlier entries removed)", force=True)
     elif record.is_file():
-        old = flatten_params(read_yaml(record, "recorded recipe"))
+        old = translate_renamed(RunRecipe, flatten_params(read_yaml(record, "recorded recipe")))
         new = flatten_params(to_plain(recipe))
         changed = [k for k in sorted(set(old) & set(new))  # a key only one side has: another ffsc version's
                    if old[k] != new[k] and k.startswith(RESUME_CHECKED) and not k.startswith(RESUME_FREE)]

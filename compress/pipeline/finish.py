@@ -19,6 +19,8 @@ from compress.latency_config import TimingConfig
 from compress.prune import DataSpec, PruneConfig, PruneSettings, prune_to_budget, tracker_callback
 from compress.prune.report import MODEL_DIR, RESULT_NAME
 from compress.quantize import quantize_beside
+from compress.structured import to_plain
+from compress.teacher_ref import TeacherRef
 from compress.tracking import Tracker
 from search_spaces import count_macs, load_student
 from teacher import model_iters
@@ -39,6 +41,8 @@ def prune_key(config: dict[str, Any]) -> dict[str, Any]:
     if "teacher_iters" in out.get("distill", {}):  # recorded before it became the prune config's teacher_iters
         out["distill"] = {k: v for k, v in out["distill"].items() if k != "teacher_iters"}
         out.setdefault("teacher_iters", config["distill"]["teacher_iters"])
+    if not isinstance(out.get("teacher"), dict):  # recorded before the teacher was a TeacherRef (a path)
+        out["teacher"] = to_plain(TeacherRef(checkpoint=out.get("teacher"), iters=out.pop("teacher_iters", None)))
     out["latency"] = {k: v for k, v in out.get("latency", {}).items() if k in PRUNE_LATENCY_KEYS}
     return out
 
@@ -50,7 +54,7 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
     out = run_dir / "prune"
     cfg = PruneConfig(  # the stage's settings, on the recipe's training data (its first p.samples) and latency
         **{f.name: getattr(p, f.name) for f in dataclasses.fields(PruneSettings)},
-        model=str(student_path), teacher_iters=recipe.teacher.iters, run_dir=str(out), seed=recipe.seed,
+        model=str(student_path), teacher=TeacherRef(iters=recipe.teacher.iters), run_dir=str(out), seed=recipe.seed,
         device=str(device), progress=recipe.progress, latency=recipe.search.latency,
         data=DataSpec(**{**vars(train), "limit": min(p.samples, train.limit or p.samples)},
                       size=[recipe.height, recipe.width], eval_samples=min(2, p.samples)),

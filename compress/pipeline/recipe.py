@@ -16,50 +16,16 @@ from compress.prune.config import BUDGETS, DistillSpec, PruneSettings
 from compress.quantize import QuantizeConfig
 from compress.real_pairs import RealPairsConfig
 from compress.structured import load_structured, to_plain
+from compress.teacher_ref import StandInTraining, TeacherRef
 from compress.tracking import TrackingConfig
 
-from .standin import standin_optim
-
 CHOICES = ("min_error", "fastest")
+TEACHER_TRAIN = (("fallback_preset", "preset"), ("fallback_overrides", "overrides"), ("train_steps", "steps"),
+                 ("train_batch_size", "batch_size"), ("optim", "optim"), ("train_lr", "optim.lr"))
+"""The stand-in's training keys of ``teacher`` before they moved under ``teacher.train`` in the stand-in recipe's
+words."""
 EXPORT_FORMATS = ("onnx", "onnx_int8", "engine")
 ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-@dataclass
-class TeacherStage:
-    """The teacher: an official checkpoint, or (without one) a small stand-in trained on ground truth."""
-
-    RENAMED: ClassVar[dict[str, str]] = {"train_lr": "optim.lr"}
-
-    checkpoint: str | None = None
-    """Official FoundationStereo model_best_bp2.pth (cfg.yaml beside it)."""
-    config: str | None = None
-    """cfg.yaml when it is not beside the checkpoint."""
-    trust_checkpoint: bool = False
-    iters: int | None = None
-    """Teacher GRU iterations: the one count it labels, prunes against, is timed and is scored at; None = its own
-    count (the official teacher's valid_iters)."""
-    stand_in: str = "shipped"
-    """Without a checkpoint: 'shipped' (the stand-in teacher in teacher/standin, trained once on
-    procedural scenes with photographic textures), 'train' (train ``fallback_preset`` here on the training set's
-    ground truth) or a saved student folder (e.g. from ``ffsc teacher train-standin``)."""
-    fallback_preset: str = "quickstart_teacher"
-    """With stand_in 'train': the search_spaces preset trained as the teacher."""
-    fallback_overrides: dict[str, Any] = field(default_factory=dict)
-    train_steps: int = 300
-    train_batch_size: int = 4
-    optim: OptimConfig = field(default_factory=standin_optim)
-    """How the stand-in trains with stand_in 'train' (the stand-in recipe's optimiser)."""
-
-    def __post_init__(self) -> None:
-        if not self.stand_in:
-            raise ConfigError("teacher.stand_in: got an empty value, expected 'shipped', 'train' or a saved student "
-                              "folder")
-        why = "the stand-in teacher trains when no checkpoint is given"
-        require_at_least("teacher.train_steps", self.train_steps, 1, why)
-        require_at_least("teacher.train_batch_size", self.train_batch_size, 1, why)
-        if self.iters is not None:
-            require_at_least("teacher.iters", self.iters, 1)
 
 
 @dataclass
@@ -196,7 +162,8 @@ class RunRecipe:
     # A stage is switched off by its own ``enabled`` (the teacher and labels always run).
     RENAMED: ClassVar[dict[str, str]] = {"stages": "search.enabled, prune.enabled, distill.enabled, export.enabled",
                                          "data.labels.iters": "teacher.iters", "data.labels.size": "data.size",
-                                         "prune.distill.teacher_iters": "teacher.iters"}
+                                         "prune.distill.teacher_iters": "teacher.iters",
+                                         **{f"teacher.{old}": f"teacher.train.{new}" for old, new in TEACHER_TRAIN}}
 
     name: str = "run"
     run_dir: str | None = None
@@ -207,7 +174,9 @@ class RunRecipe:
     width: int = 128
     """Working resolution: latency is measured and models are exported at this size."""
     data: DataStage = field(default_factory=DataStage)
-    teacher: TeacherStage = field(default_factory=TeacherStage)
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    """The official checkpoint, else a stand-in: 'shipped' (the default), 'train' (as ``teacher.train`` says) or a
+    saved student folder."""
     search: SearchStage = field(default_factory=SearchStage)
     prune: PruneStage = field(default_factory=PruneStage)
     distill: DistillStage = field(default_factory=DistillStage)
@@ -221,6 +190,11 @@ class RunRecipe:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.teacher.check_for("ffsc run", ("shipped", "train"), folders=True)
+        if self.teacher.stand_in is None:
+            self.teacher.stand_in = "shipped"
+        if self.teacher.train is None:
+            self.teacher.train = StandInTraining()
         require_at_least("height", self.height, 32)
         require_at_least("width", self.width, 32)
         if self.height % 32 or self.width % 32:

@@ -43,7 +43,8 @@ from compress.errors import CheckpointError, ConfigError, DataError
 from compress.evaluation import evaluate_student
 from compress.machine import machine_info
 from compress.structured import load_structured, to_plain
-from compress.training import OptimConfig, build_optimizer, build_scheduler, fit, to_device
+from compress.teacher_ref import StandInTraining, standin_optim
+from compress.training import build_optimizer, build_scheduler, fit, to_device
 from search_spaces import build_student, load_student, preset, save_student
 from search_spaces.serialization import WEIGHTS_NAME
 
@@ -56,20 +57,15 @@ _OPTIM_KEYS = ("lr", "weight_decay", "grad_clip")
 """The stand-in recipe's optimiser keys before they moved under ``optim``."""
 
 
-def standin_optim() -> OptimConfig:
-    """How a stand-in teacher is optimised: AdamW on every parameter, torch's one-cycle schedule."""
-    return OptimConfig(lr=1e-3, weight_decay=1e-5, schedule="one_cycle", warmup_steps=0, warmup_ratio=0.05,
-                       decay_all=True, grad_clip=1.0)
-
-
 @dataclass
-class StandInRecipe:
-    """How the stand-in teacher is trained: model preset, procedural data, augmentation and schedule."""
+class StandInRecipe(StandInTraining):
+    """How the stand-in teacher is trained: model preset, procedural data, augmentation and schedule (the preset,
+    steps, batch and optimiser in the words of a run recipe's ``teacher.train``)."""
 
     RENAMED: ClassVar[dict[str, str]] = {"crop": "crop_size", **{key: f"optim.{key}" for key in _OPTIM_KEYS}}
+    WHERE: ClassVar[str] = ""
 
     preset: str = "standin_teacher"
-    overrides: dict[str, Any] = field(default_factory=dict)
     textures: str | None = "skimage"
     """'skimage' (scikit-image's bundled photographs, exported next to the weights), a folder of photographs, or
     null (procedural textures only)."""
@@ -86,13 +82,11 @@ class StandInRecipe:
     """Given jitter, the probability that the right view gets its own (a camera mismatch)."""
     steps: int = 1500
     batch_size: int = 2
-    optim: OptimConfig = field(default_factory=standin_optim)
     seed: int = 0
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
-        require_at_least("steps", self.steps, 1)
-        require_at_least("batch_size", self.batch_size, 1)
+        super().__post_init__()
         require_at_least("checkpoint_every", self.checkpoint_every, 1)
         check_size("crop_size", self.crop_size)
         syn = self.data.synthetic
@@ -119,14 +113,14 @@ class GroundTruthTrainer:
     """A stand-in teacher trained on ground truth: its model, optimiser, schedule and losses. The one algorithm of
     ``ffsc teacher train-standin`` and of a run's ``teacher.stand_in: train``; each hands it its own batches."""
 
-    def __init__(self, preset_name: str, overrides: dict[str, Any], optim: OptimConfig, steps: int, seed: int,
-                 device: torch.device, key: str = "optim.lr") -> None:
+    def __init__(self, training: StandInTraining, seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
-        self.cfg = preset(preset_name, **overrides)
+        self.cfg = preset(training.preset, **training.overrides)
         self.model = build_student(self.cfg).to(device).train()
-        self.optim, self.steps, self.device, self.key = optim, steps, device, key
-        self.optimizer = build_optimizer(self.model.parameters(), optim)
-        self.scheduler = build_scheduler(self.optimizer, optim, steps)
+        self.optim, self.steps, self.device = training.optim, training.steps, device
+        self.key = f"{training.WHERE}optim.lr"
+        self.optimizer = build_optimizer(self.model.parameters(), self.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.optim, self.steps)
         self.losses: list[float] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -220,7 +214,7 @@ def train_standin(recipe: StandInRecipe, out_dir: str | Path, device: torch.devi
         hashes = _texture_hashes(texture_dir)
     train_set, eval_set = _datasets(recipe, None if texture_dir is None else str(texture_dir))
 
-    trainer = GroundTruthTrainer(recipe.preset, recipe.overrides, recipe.optim, recipe.steps, recipe.seed, device)
+    trainer = GroundTruthTrainer(recipe, recipe.seed, device)
     state_file = out_dir / "train_state.pt"
     start, seconds = 0, 0.0
     if state_file.is_file():

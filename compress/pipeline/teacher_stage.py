@@ -40,7 +40,7 @@ class TeacherInfo:
 
 def _official(recipe: RunRecipe, device: torch.device) -> TeacherInfo:
     spec = recipe.teacher
-    model = load_teacher(spec.checkpoint, cfg=spec.config, device=device, trust_pickle=spec.trust_checkpoint)
+    model = load_teacher(spec.checkpoint, cfg=spec.architecture(), device=device, trust_pickle=spec.trust_checkpoint)
     identity = {"kind": "foundation_stereo", "checkpoint": str(spec.checkpoint), **model.cfg.to_dict()}
     return TeacherInfo(model, f"FoundationStereo {model.cfg.vit_size} from {spec.checkpoint}", identity, False,
                        Path(spec.checkpoint))
@@ -48,15 +48,14 @@ def _official(recipe: RunRecipe, device: torch.device) -> TeacherInfo:
 
 def train_fallback_teacher(recipe: RunRecipe, out_dir: Path, device: torch.device) -> TeacherInfo:
     """Train the stand-in teacher on the training set's ground truth (reused when already in ``out_dir``)."""
-    spec = recipe.teacher
+    spec = recipe.teacher.train
     done = out_dir / "teacher.json"
     if done.is_file():
         model = load_student(out_dir, device=device)
         info = json.loads(done.read_text())
         return TeacherInfo(model, info["description"], info["identity"], True, out_dir)
 
-    trainer = GroundTruthTrainer(spec.fallback_preset, spec.fallback_overrides, spec.optim, spec.train_steps,
-                                 recipe.seed, device, key="teacher.optim.lr")
+    trainer = GroundTruthTrainer(spec, recipe.seed, device)
     dataset = build_dataset(recipe.data.train, seed=recipe.seed)
     probe = dataset[0]
     if not bool(probe.get("has_gt", False)):
@@ -64,19 +63,19 @@ def train_fallback_teacher(recipe: RunRecipe, out_dir: Path, device: torch.devic
             "no teacher checkpoint and the training data has no ground truth to train a stand-in teacher on; "
             "set teacher.checkpoint to the official FoundationStereo model"
         )
-    loader = DataLoader(dataset, batch_size=spec.train_batch_size, shuffle=True, drop_last=True,
+    loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(recipe.seed))
     if len(loader) == 0:
-        raise DataError(f"the training set has {len(dataset)} samples, fewer than teacher.train_batch_size "
-                        f"{spec.train_batch_size}; lower it or add data")
+        raise DataError(f"the training set has {len(dataset)} samples, fewer than teacher.train.batch_size "
+                        f"{spec.batch_size}; lower it or add data")
     start = time.perf_counter()
     epochs = itertools.chain.from_iterable(itertools.repeat(loader))  # reshuffled by the generator each pass
     trainer.fit(epochs, desc="teacher (ground truth)", progress=recipe.progress)
     model, losses = trainer.model, trainer.losses
     save_student(model, out_dir)
-    description = (f"stand-in teacher '{spec.fallback_preset}' trained here on ground truth for {spec.train_steps} "
+    description = (f"stand-in teacher '{spec.preset}' trained here on ground truth for {spec.steps} "
                    f"steps ({time.perf_counter() - start:.0f} s; no official checkpoint given)")
-    identity = {"kind": "stand_in", "preset": spec.fallback_preset, "steps": spec.train_steps, "seed": recipe.seed}
+    identity = {"kind": "stand_in", "preset": spec.preset, "steps": spec.steps, "seed": recipe.seed}
     done.write_text(json.dumps({"description": description, "identity": identity,
                                 "final_loss": sum(losses[-10:]) / len(losses[-10:])}, indent=2))
     return TeacherInfo(model, description, identity, True, out_dir)

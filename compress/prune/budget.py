@@ -88,7 +88,9 @@ def prune_to_budget(
     model = (model if model is not None else resolve_model(cfg.model, seed=cfg.seed).module).to(device).eval()
     check_scope(rules_for(model), cfg.scope)  # before the teacher runs over the data
     if teacher is None:
-        teacher = resolve_model(cfg.teacher, seed=cfg.seed).module if cfg.teacher else copy.deepcopy(model)
+        spec = cfg.teacher
+        teacher = (resolve_model(spec.checkpoint, config=spec.architecture(), trust_checkpoint=spec.trust_checkpoint,
+                                 seed=cfg.seed).module if spec.checkpoint else copy.deepcopy(model))
     teacher = teacher.to(device).eval().requires_grad_(False)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -98,7 +100,7 @@ def prune_to_budget(
                 p.requires_grad_(False)
 
     samples = samples if samples is not None else build_samples(cfg)
-    teacher_iters = model_iters(teacher, cfg.teacher_iters, key="teacher_iters")
+    teacher_iters = model_iters(teacher, cfg.teacher.iters, key="teacher.iters")
     distiller = Distiller(teacher, samples, device, teacher_iters, cfg.distill.train_iters, progress=cfg.progress,
                           gt_weight=cfg.distill.gt_weight, init_weight=cfg.distill.init_weight)
     # Pruning the teacher itself: scored at the targets' iteration count, so the unpruned model is 0 px from them

@@ -16,6 +16,7 @@ from compress.errors import ConfigError
 from compress.latency import LatencyConfig
 from compress.pruning_rules import PARTS
 from compress.structured import load_structured, to_plain
+from compress.teacher_ref import TeacherRef
 from compress.tracking import TrackingConfig
 from compress.training import OptimConfig
 
@@ -81,7 +82,7 @@ class DistillSpec:
     """The built-in loop's optimiser: cosine decay from ``optim.lr`` over each distillation, no warm-up."""
     batch_size: int = 1
     train_iters: int = 4
-    """Student GRU iterations while distilling (the teacher's are ``teacher_iters``)."""
+    """Student GRU iterations while distilling (the teacher's are ``teacher.iters``)."""
     gt_weight: float = 0.0
     """Weight of the smooth-L1 to ground truth where a sample has it (0 = distillation only)."""
     init_weight: float = 0.0
@@ -163,15 +164,15 @@ class PruneConfig(PruneSettings):
 
     RENAMED: ClassVar[dict[str, str]] = {"out": "run_dir", "mlflow": "tracking.enabled",
                                          "tracking_uri": "tracking.uri", "experiment": "tracking.experiment",
-                                         "distill.teacher_iters": "teacher_iters"}
+                                         "distill.teacher_iters": "teacher.iters", "teacher_iters": "teacher.iters",
+                                         "teacher": "teacher.checkpoint"}
 
     model: str = "preset:fast_foundationstereo"
     """A saved student or pruned-teacher folder, an official teacher checkpoint (cfg.yaml beside it), or
     preset:NAME (a randomly initialised student preset)."""
-    teacher: str | None = None
-    """Distillation teacher (same forms); None = the unpruned model itself."""
-    teacher_iters: int | None = None
-    """Teacher GRU iterations for the distillation targets; None = the teacher's deployment count."""
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    """The distillation teacher: ``teacher.checkpoint`` in the forms of ``model`` (None = the unpruned model itself)
+    and ``teacher.iters``, its GRU iterations for the targets (None = its deployment count)."""
     run_dir: str = "runs/prune"
     """The output folder: model/, prune_result.json, log.jsonl, config.yaml (and mlflow.db by default)."""
     seed: int = 0
@@ -188,8 +189,7 @@ class PruneConfig(PruneSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_size("trace_size", self.trace_size)
-        if self.teacher_iters is not None and self.teacher_iters < 1:
-            raise ConfigError(f"teacher_iters: got {self.teacher_iters}, expected >= 1 or null")
+        self.teacher.check_for("ffsc prune", ())
         if self.latency.height is None or self.latency.width is None:
             raise ConfigError("latency.height/width: got null, expected the input size to time and count MACs at")
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
 from compress.data import DatasetSpec
-from compress.distill.config import load_recipe
+from compress.distill.config import DistillConfig, load_recipe
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
 from compress.pipeline import load_run_recipe
-from compress.pipeline.standin import load_standin_recipe
-from compress.prune import build_samples, load_prune_config
-from compress.structured import dump_yaml
+from compress.pipeline.finish import prune_key
+from compress.pipeline.recipe import RunRecipe
+from compress.pipeline.standin import StandInRecipe, load_standin_recipe
+from compress.prune import PruneConfig, build_samples, load_prune_config
+from compress.structured import dump_yaml, translate_renamed
+from compress.teacher_ref import StandInTraining, TeacherRef
 from search_spaces import StudentConfig
 from teacher import TeacherConfig
 from tests.paths import REPO
@@ -55,12 +60,13 @@ def test_a_renamed_key_names_its_new_name_in_a_file_and_in_an_override(tmp_path,
     (load_run_recipe, "data.labels.size", "data.size", "[64,128]"),
     (load_recipe, "teacher.cache.iters", "teacher.iters", "2"),
     (load_recipe, "teacher.cache.size", "data.size", "[64,128]"),
-    (load_prune_config, "distill.teacher_iters", "teacher_iters", "2"),
+    (load_prune_config, "distill.teacher_iters", "teacher.iters", "2"),
+    (load_prune_config, "teacher_iters", "teacher.iters", "2"),
 ])
 def test_the_teachers_iterations_and_the_label_size_have_one_key_each(load, old, new, value):
     with pytest.raises(ConfigError, match=f"^override: key '{old}' was renamed to '{new}'$"):
         load(None, [f"{old}={value}"])
-    teacher = ["teacher.label_cache=labels"] if load is load_recipe else []  # a distill run needs its labels
+    teacher = ["data.labels.folder=labels"] if load is load_recipe else []  # a distill run needs its labels
     cfg = load(None, [*teacher, f"{new}={value}"])  # the new key reads what the old one did
     got = cfg
     for part in new.split("."):
@@ -166,7 +172,7 @@ def test_the_search_proxy_defaults_to_inheritance_and_distill_stays_selectable()
 @pytest.mark.parametrize("load, old, new", [
     (load_prune_config, "distill.lr", "distill.optim.lr"),
     (load_prune_config, "distill.grad_clip", "distill.optim.grad_clip"),
-    (load_run_recipe, "teacher.train_lr", "teacher.optim.lr"),
+    (load_run_recipe, "teacher.train_lr", "teacher.train.optim.lr"),
     (load_run_recipe, "prune.distill.lr", "prune.distill.optim.lr"),
     (load_run_recipe, "prune.distill.grad_clip", "prune.distill.optim.grad_clip"),
     (load_standin_recipe, "lr", "optim.lr"),
@@ -178,5 +184,124 @@ def test_every_optimiser_key_moved_under_optim(load, old, new):
     with pytest.raises(ConfigError, match=f"^override: key '{old}' was renamed to '{new}'$"):
         load(None, [f"{old}=1e-3"])
     cfg = load(None, [f"{new}=1e-3"])  # the new key reads what the old one did
-    section = cfg.prune.distill if old.startswith("prune.") else getattr(cfg, old.split(".")[0], cfg)
+    section = cfg
+    for part in new.split(".")[:-2]:  # the section that holds ``optim``
+        section = getattr(section, part)
     assert getattr(section.optim, new.rsplit(".", 1)[1]) == 1e-3
+
+
+DISTILL_LABELS = ["data.labels.folder=labels"]  # a distill recipe without a teacher needs its labels
+
+
+def test_every_recipe_names_its_teacher_with_one_dataclass_and_the_same_keys():
+    run = load_run_recipe(QUICKSTART, ["teacher.iters=3"])
+    distill = load_recipe(RECIPES / "distill.yaml", ["teacher.iters=3"])
+    prune = load_prune_config(RECIPES / "prune_to_budget.yaml", ["teacher.iters=3", "teacher.checkpoint=preset:tiny"])
+    for cfg in (run, distill, prune):
+        assert type(cfg.teacher) is TeacherRef and cfg.teacher.iters == 3
+    assert prune.teacher.checkpoint == "preset:tiny"
+    train = run.teacher.train  # the quick start's stand-in training, were it asked for
+    assert run.teacher.stand_in == "shipped" and (train.preset, train.steps, train.batch_size) == (
+        "quickstart_teacher", 120, 4)
+    assert train.optim.lr == 2e-3 and train.optim.schedule == "one_cycle"  # the stand-in's optimiser, its lr set
+    assert load_run_recipe(None).teacher.stand_in == "shipped"  # the run's default stand-in
+    # the distill recipe's labels sit where the run recipe's do, with their folder
+    assert distill.data.labels.folder == "runs/labels/fsd_teacher" and distill.data.labels.prob == "topk"
+    same = ["data.labels.prob=topk", "data.labels.prob_topk=8", "data.labels.feature_levels=[0,1]"]
+    assert distill.data.labels.content_key() == load_run_recipe(None, same).data.labels.content_key()
+
+
+def test_the_stand_in_trains_in_the_words_of_the_stand_in_recipe():
+    words = {f.name for f in dataclasses.fields(StandInTraining)}
+    assert words == {"preset", "overrides", "steps", "batch_size", "optim"}
+    assert issubclass(StandInRecipe, StandInTraining) and words < {f.name for f in dataclasses.fields(StandInRecipe)}
+    run = load_run_recipe(None, ["teacher.train.steps=7", "teacher.train.batch_size=2", "teacher.train.preset=tiny"])
+    standin = load_standin_recipe(None, ["steps=7", "batch_size=2", "preset=tiny"])
+    assert {w: getattr(run.teacher.train, w) for w in words - {"optim"}} == {
+        w: getattr(standin, w) for w in words - {"optim"}}
+    with pytest.raises(ConfigError, match=r"^teacher\.train\.steps=0: expected an integer >= 1"):
+        load_run_recipe(None, ["teacher.train.steps=0"])
+    with pytest.raises(ConfigError, match=r"^steps=0: expected an integer >= 1"):
+        load_standin_recipe(None, ["steps=0"])
+
+
+@pytest.mark.parametrize("load, extra, old, value, new, read", [
+    (load_run_recipe, [], "teacher.fallback_preset", "tiny", "teacher.train.preset", "tiny"),
+    (load_run_recipe, [], "teacher.fallback_overrides", "{iters: 2}", "teacher.train.overrides", {"iters": 2}),
+    (load_run_recipe, [], "teacher.train_steps", "5", "teacher.train.steps", 5),
+    (load_run_recipe, [], "teacher.train_batch_size", "2", "teacher.train.batch_size", 2),
+    (load_run_recipe, [], "teacher.optim", "{lr: 0.1}", "teacher.train.optim", None),
+    (load_recipe, DISTILL_LABELS, "teacher.label_cache", "labels", "data.labels.folder", "labels"),
+    (load_recipe, DISTILL_LABELS, "teacher.build_cache", "false", "data.labels.build", False),
+    (load_recipe, DISTILL_LABELS, "teacher.cache", "{prob: topk}", "data.labels", None),
+    (load_recipe, DISTILL_LABELS, "teacher.allow_random_init", "true", "teacher.stand_in=random", "random"),
+    (load_prune_config, [], "teacher", "preset:tiny", "teacher.checkpoint", "preset:tiny"),
+    (load_prune_config, [], "teacher_iters", "2", "teacher.iters", 2),
+])
+def test_the_old_teacher_keys_name_their_new_ones(tmp_path, load, extra, old, value, new, read):
+    with pytest.raises(ConfigError, match=f"^override: key '{old}' was renamed to '{new}'$"):
+        load(None, [*extra, f"{old}={value}"])
+    recipe = tmp_path / "recipe.yaml"
+    *parents, leaf = old.split(".")
+    recipe.write_text(f"{''.join(p + ': {' for p in parents)}{leaf}: {value}{'}' * len(parents)}\n")
+    with pytest.raises(ConfigError, match=f"{recipe}: key '{old}' was renamed to '{new}'$"):
+        load(recipe, extra)
+    key, _, new_value = new.partition("=")  # the new key reads what the old one did
+    got = load(None, [*extra, f"{key}={new_value or value}"])
+    for part in key.split("."):
+        got = getattr(got, part)
+    if read is None:  # a section: the given field
+        field, given = next(iter(yaml.safe_load(value).items()))
+        assert getattr(got, field) == given
+    else:
+        assert got == read
+
+
+def test_a_teacher_section_is_not_taken_for_the_old_path(tmp_path):
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text("teacher: {checkpoint: preset:tiny, iters: 2}\n")
+    assert load_prune_config(recipe).teacher == TeacherRef(checkpoint="preset:tiny", iters=2)
+    assert load_prune_config(None, ["teacher={checkpoint: preset:tiny}"]).teacher.checkpoint == "preset:tiny"
+    recipe.write_text("teacher: null\n")  # the old default, written out
+    with pytest.raises(ConfigError, match="key 'teacher' was renamed to 'teacher.checkpoint'$"):
+        load_prune_config(recipe)
+
+
+@pytest.mark.parametrize("load, overrides, message", [
+    (load_run_recipe, ["teacher.stand_in=random"], "ffsc run takes 'shipped' or 'train' or a saved student folder"),
+    (load_recipe, [*DISTILL_LABELS, "teacher.stand_in=shipped"], "ffsc distill takes 'random'$"),
+    (load_recipe, [*DISTILL_LABELS, "teacher.stand_in=runs/standin"], "ffsc distill takes 'random'$"),
+    (load_recipe, [*DISTILL_LABELS, "teacher.train.steps=5"], "ffsc distill trains no stand-in teacher"),
+    (load_prune_config, ["teacher.stand_in=shipped"], r"ffsc prune takes no stand-in \(set teacher.checkpoint\)$"),
+    (load_prune_config, ["teacher.train.steps=5"], "ffsc prune trains no stand-in teacher"),
+])
+def test_a_teacher_setting_a_command_has_no_use_for_is_refused_in_one_line(load, overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load(None, overrides)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_the_teacher_config_is_a_cfg_yaml_or_its_fields():
+    assert TeacherRef(config="weights/cfg.yaml").architecture() == "weights/cfg.yaml"
+    arch = load_recipe(None, [*DISTILL_LABELS, "teacher.config.vit_size=vitt", "teacher.config.max_disp=64"])
+    assert arch.teacher.architecture().vit_size == "vitt" and arch.teacher.architecture().max_disp == 64
+    assert TeacherRef(config={}).config is None  # no fields: the cfg.yaml beside the checkpoint
+    with pytest.raises(ConfigError, match="^teacher.config: got 3, expected a cfg.yaml path or a mapping"):
+        load_run_recipe(None, ["teacher.config=3"])
+    with pytest.raises(ConfigError, match="^teacher.config {'vit_sise': 'vitt'}: "):
+        TeacherRef(config={"vit_sise": "vitt"}).architecture()
+
+
+def test_records_written_before_the_renames_read_in_todays_keys():
+    distill = translate_renamed(DistillConfig, {
+        "teacher.label_cache": "labels", "teacher.build_cache": False, "teacher.cache.prob": "topk",
+        "teacher.cache.iters": 4, "teacher.allow_random_init": True, "teacher.init_seed": 3, "steps": 9})
+    assert distill == {"data.labels.folder": "labels", "data.labels.build": False, "data.labels.prob": "topk",
+                       "teacher.iters": 4, "teacher.stand_in": "random", "teacher.init_seed": 3, "steps": 9}
+    assert "teacher.stand_in" not in translate_renamed(DistillConfig, {"teacher.allow_random_init": False})
+    run = translate_renamed(RunRecipe, {"teacher.train_steps": "120", "teacher.optim.lr": "0.002",
+                                        "teacher.train.steps": "7", "teacher.fallback_preset": "tiny"})
+    assert run == {"teacher.train.steps": "7", "teacher.train.optim.lr": "0.002", "teacher.train.preset": "tiny"}
+    # a prune record of a run, from before the prune config's teacher was a section: the same key as today's
+    old = {**PruneConfig(ratio=0.3).to_dict(), "teacher": None, "teacher_iters": 2}
+    assert prune_key(old) == prune_key(PruneConfig(ratio=0.3, teacher=TeacherRef(iters=2)).to_dict())
