@@ -144,7 +144,7 @@ def _trainer(tmp_path: Path, amp: str) -> Trainer:
     cfg = load_recipe(None, [
         f"run_dir={tmp_path / 'run'}", "progress=false", f"amp='{amp}'", "steps=1", "batch_size=1", "train_iters=1",
         "eval_iters=1", "data.eval_samples=1", "loss.feature.enabled=false",
-        "teacher.allow_random_init=true", "teacher.config.vit_size=vitt", "teacher.config.hidden_dims=[32,32,32]",
+        "teacher.stand_in=random", "teacher.config.vit_size=vitt", "teacher.config.hidden_dims=[32,32,32]",
         "teacher.config.max_disp=64", "teacher.config.mixed_precision=true", "teacher.iters=1",
         "data.train.num_samples=2", "data.train.synthetic.height=32", "data.train.synthetic.width=64",
         "data.train.synthetic.max_disp=12", "data.train.synthetic.num_objects=2",

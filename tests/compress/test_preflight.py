@@ -28,8 +28,8 @@ def test_require_positive_accepts() -> None:
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, None])
 def test_require_at_least(value) -> None:
-    with pytest.raises(ConfigError, match=r"teacher\.train_steps=.*expected an integer >= 1 \(the stand-in"):
-        checks.require_at_least("teacher.train_steps", value, 1, why="the stand-in teacher must train")
+    with pytest.raises(ConfigError, match=r"teacher\.train\.steps=.*expected an integer >= 1 \(the stand-in"):
+        checks.require_at_least("teacher.train.steps", value, 1, why="the stand-in teacher must train")
 
 
 def test_resolve_backend_auto_on_cpu_machine() -> None:

@@ -42,7 +42,7 @@ def test_run_negative_budget(capsys, tmp_path) -> None:
 
 
 def test_run_zero_teacher_steps(capsys, tmp_path) -> None:
-    _run(capsys, tmp_path, "teacher.train_steps=0", expected=("teacher.train_steps=0", "expected an integer >= 1"))
+    _run(capsys, tmp_path, "teacher.train.steps=0", expected=("teacher.train.steps=0", "expected an integer >= 1"))
 
 
 def test_run_zero_trials(capsys, tmp_path) -> None:
@@ -112,7 +112,7 @@ def test_prune_unwritable_out(capsys, tmp_path) -> None:
 def test_distill_damaged_teacher(capsys, tmp_path) -> None:
     ckpt = _nan_checkpoint(tmp_path)
     _fails(capsys, ["distill", str(REPO / "recipes" / "distill.yaml"), f"run_dir={tmp_path / 'd'}",
-                    f"teacher.checkpoint={ckpt}", "teacher.label_cache=null"], "'refine.w' holds 1 NaN/Inf")
+                    f"teacher.checkpoint={ckpt}", "data.labels.folder=null"], "'refine.w' holds 1 NaN/Inf")
     assert not (tmp_path / "d").exists()
 
 

@@ -26,7 +26,7 @@ student:
   kind: search_space
   preset: tiny
 teacher:
-  allow_random_init: true
+  stand_in: random
   iters: 1
   config: {vit_size: vitt, hidden_dims: [32, 32, 32], max_disp: 64, mixed_precision: false}
 data:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from compress.data.datasets import build_dataset
-from compress.distill.config import DistillConfig, LabelCacheConfig, TeacherSpec, load_recipe
+from compress.distill.config import DistillConfig, LabelCacheConfig, TeacherRef, load_recipe
 from compress.distill.label_cache import build_label_cache
 from compress.distill.trainer import Trainer, distill
 from compress.errors import ConfigError
@@ -24,7 +24,7 @@ from compress.models import resolve_model, student_from_spec, teacher_from_spec
 from tests.paths import REPO
 
 TINY_TEACHER = [
-    "teacher.allow_random_init=true", "teacher.config.vit_size=vitt", "teacher.config.hidden_dims=[32,32,32]",
+    "teacher.stand_in=random", "teacher.config.vit_size=vitt", "teacher.config.hidden_dims=[32,32,32]",
     "teacher.config.max_disp=64", "teacher.config.mixed_precision=false", "teacher.iters=2",
 ]
 DATA = [
@@ -37,8 +37,8 @@ TINY_STUDENT = ["student.kind=search_space", "student.preset=tiny"]
 
 def _overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
     return [
-        f"run_dir={run_dir}", f"teacher.label_cache={cache}", "teacher.build_cache=false", "progress=false",
-        "teacher.cache.feature_levels=[0,1]",
+        f"run_dir={run_dir}", f"data.labels.folder={cache}", "data.labels.build=false", "progress=false",
+        "data.labels.feature_levels=[0,1]",
         "train_iters=2", "eval_iters=2", "log_every=1", "eval_every=0", "optim.warmup_steps=2",
         *TINY_TEACHER, *DATA, *extra,
     ]
@@ -194,7 +194,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path: Path, cache: Path) 
 
 def test_recipe_loading_checks_types_and_keys() -> None:
     cfg = load_recipe(REPO / "recipes" / "distill.yaml", ["steps=7", "optim.lr=1e-3", "data.crop_size=[64,128]"])
-    assert isinstance(cfg, DistillConfig) and isinstance(cfg.teacher, TeacherSpec)
+    assert isinstance(cfg, DistillConfig) and isinstance(cfg.teacher, TeacherRef)
     assert cfg.steps == 7 and cfg.optim.lr == 1e-3 and cfg.data.crop_size == [64, 128]
     assert cfg.student.preset == "fast_foundationstereo"
     with pytest.raises(ConfigError, match="steps"):
@@ -213,7 +213,28 @@ def test_resuming_with_another_config_is_refused(tmp_path: Path, cache: Path) ->
     with pytest.raises(ConfigError, match="optim.lr"):
         Trainer(_recipe(tmp_path / "run", cache, *overrides, "steps=2", "optim.lr=1e-2"))
     with pytest.raises(ConfigError, match="prob"):
-        Trainer(_recipe(tmp_path / "other", cache, *overrides, "teacher.cache.prob=topk"))
+        Trainer(_recipe(tmp_path / "other", cache, *overrides, "data.labels.prob=topk"))
     # Extending the run is allowed: it continues from step 2.
     result = distill(_recipe(tmp_path / "run", cache, *overrides, "steps=3"))
     assert result.resumed_from == 2 and result.steps == 3
+
+
+def test_a_checkpoint_written_before_the_teacher_keys_moved_resumes(tmp_path: Path, cache: Path) -> None:
+    overrides = [*TOY_STUDENT, "batch_size=2", "data.eval_samples=0"]
+    distill(_recipe(tmp_path / "run", cache, *overrides, "steps=2"))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    config = state["config"]  # as TeacherSpec wrote it: the label cache and the random init under ``teacher``
+    labels = config["data"].pop("labels")
+    teacher = config["teacher"]
+    config["teacher"] = {"checkpoint": None, "config": teacher["config"], "trust_checkpoint": False,
+                         "allow_random_init": True, "init_seed": 0, "label_cache": labels.pop("folder"),
+                         "build_cache": labels.pop("build"), "cache": labels, "iters": teacher["iters"]}
+    torch.save(state, path)
+    result = distill(_recipe(tmp_path / "run", cache, *overrides, "steps=3"))
+    assert result.resumed_from == 2 and result.steps == 3
+    state = torch.load(path, weights_only=True)
+    state["config"]["data"]["labels"]["prob"] = "topk"  # a real difference still refuses
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match="data.labels.prob"):
+        Trainer(_recipe(tmp_path / "run", cache, *overrides, "steps=4"))

@@ -238,7 +238,7 @@ def test_missing_cfg_yaml(tmp_path: Path) -> None:
 
 # --- fine-tuning an imported student on one's own footage ---------------------------------------------------
 TINY_TEACHER = [  # a stand-in teacher: random weights, tiny ViT (no FoundationStereo checkpoint in tests)
-    "teacher.checkpoint=null", "teacher.allow_random_init=true", "teacher.config.vit_size=vitt",
+    "teacher.checkpoint=null", "teacher.stand_in=random", "teacher.config.vit_size=vitt",
     "teacher.config.hidden_dims=[32,32,32]", "teacher.config.max_disp=64", "teacher.config.mixed_precision=false",
     "teacher.iters=2",
 ]
@@ -260,7 +260,7 @@ def _footage(folder: Path, frames: int, corrupt: int) -> None:
 
 def _finetune_args(tmp_path: Path, footage: Path, student: Path, *extra: str) -> list[str]:
     return [str(REPO / "recipes" / "finetune_own_footage.yaml"),
-            f"run_dir={tmp_path / 'run'}", f"teacher.label_cache={tmp_path / 'run' / 'labels'}",
+            f"run_dir={tmp_path / 'run'}", f"data.labels.folder={tmp_path / 'run' / 'labels'}",
             f"data.train.path={footage}", f"data.eval.path={footage}", f"student.init_checkpoint={student}",
             "data.train.options.heldout_fraction=0.25", "data.eval.options.heldout_fraction=0.25",
             "batch_size=1", "num_workers=0", "train_iters=2", "eval_iters=2", "log_every=1",

@@ -144,8 +144,8 @@ def test_a_missing_stand_in_is_refused_before_any_work(tmp_path):
 
 def test_stand_in_train_trains_the_fallback_preset_here(tmp_path):
     recipe = load_run_recipe(REPO / "recipes" / "quickstart_cpu.yaml", [
-        "teacher.stand_in=train", "teacher.fallback_preset=tiny", "teacher.train_steps=2",
-        "teacher.train_batch_size=2", "data.train.num_samples=4", "progress=false"])
+        "teacher.stand_in=train", "teacher.train.preset=tiny", "teacher.train.steps=2",
+        "teacher.train.batch_size=2", "data.train.num_samples=4", "progress=false"])
     info = get_teacher(recipe, tmp_path, CPU)
     assert info.trained_here and info.path == tmp_path / "teacher" and info.model.cfg.name == "tiny"
     assert (tmp_path / "teacher" / "teacher.json").is_file() and "trained here" in info.description

@@ -16,7 +16,7 @@ from search_spaces.serialization import load_model
 
 FAST = [
     "model=preset:tiny", "latency.height=64", "latency.width=128", "data.num_samples=2", "data.eval_samples=1",
-    "distill.steps_between=1", "distill.recovery_steps=2", "distill.train_iters=2", "teacher_iters=2",
+    "distill.steps_between=1", "distill.recovery_steps=2", "distill.train_iters=2", "teacher.iters=2",
     "importance.calibration_batches=1", "progress=false",
 ]
 
