@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+import yaml
 
 from compress.cli import main
 from compress.errors import ConfigError
@@ -84,6 +85,20 @@ def test_a_resume_with_a_key_that_changes_results_is_refused_by_name(tmp_path):
                                           r"--start-over"):
         claim_run_dir(changed, tmp_path)
     assert (tmp_path / "recipe.yaml").read_bytes() == record  # the record of the first run is untouched
+
+
+def test_a_recipe_recorded_before_the_teacher_keys_moved_is_compared_in_todays_keys(tmp_path):
+    _recorded(tmp_path)
+    record = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    train = record["teacher"].pop("train")  # as TeacherStage recorded it: the stand-in's training flat in teacher
+    record["teacher"].update(fallback_preset=train["preset"], fallback_overrides=train["overrides"],
+                             train_steps=train["steps"], train_batch_size=train["batch_size"], optim=train["optim"])
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(record))
+    _recorded(tmp_path)  # the same recipe: resumed
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(record))
+    changed = load_run_recipe(RECIPE, [f"run_dir={tmp_path}", "progress=false", "teacher.train.steps=7"])
+    with pytest.raises(ConfigError, match=r"another recipe \(teacher\.train\.steps: 120 -> 7\)"):
+        claim_run_dir(changed, tmp_path)
 
 
 def test_keys_that_change_no_result_and_later_stages_may_change_on_resume(tmp_path):
