@@ -31,9 +31,10 @@ import yaml
 from compress.atomic import atomic_write
 from compress.latency import machine_info, machine_slug
 from compress.models import resolve_model
-from compress.pipeline import load_run_recipe
+from compress.pipeline import RunRecipe
 from compress.pipeline.standin import SHIPPED_DIR
 from compress.real_pairs import load_real_pairs, predict_disparity, sgbm, sgbm_num_disparities
+from compress.structured import load_record
 
 try:
     from benchmarks.report import machine_line, write_report
@@ -133,7 +134,7 @@ def picture(summary: dict, path: Path) -> bool:
     from matplotlib.figure import Figure
 
     run_dir = Path(summary["run_dir"])
-    recipe = load_run_recipe(run_dir / "recipe.yaml")
+    recipe = load_record(RunRecipe, run_dir / "recipe.yaml", "recorded recipe")
     pairs = load_real_pairs(recipe.real_pairs)
     if not pairs or not summary.get("final"):
         return False

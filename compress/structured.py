@@ -157,6 +157,23 @@ def _suggest(schema: type, key: str) -> str:
     return close or (f"; did you mean {moved[0]!r}?" if moved else "")
 
 
+def load_record(schema: type[T], path: str | Path, what: str = "recorded config") -> T:
+    """A config this package wrote (``dump_yaml``), read in today's keys even when written before a rename."""
+    flat = dict(_dotted_items(read_yaml(path, what)))
+    leaves = {k: v for k, v in flat.items() if not isinstance(v, Mapping) or not v}  # an empty mapping is a value
+    nested: dict[str, Any] = {}
+    for key, value in translate_renamed(schema, leaves).items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(nested)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{what} {path}: {str(exc).splitlines()[0]}") from None
+
+
 def load_structured(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                     what: str = "recipe") -> T:
     """An instance of ``schema`` from YAML plus overrides; unknown, renamed keys and wrong types are ConfigErrors."""

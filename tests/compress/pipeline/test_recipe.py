@@ -16,7 +16,7 @@ from compress.pipeline.finish import prune_key
 from compress.pipeline.recipe import RunRecipe
 from compress.pipeline.standin import StandInRecipe, load_standin_recipe
 from compress.prune import PruneConfig, build_samples, load_prune_config
-from compress.structured import dump_yaml, translate_renamed
+from compress.structured import dump_yaml, load_record, to_plain, translate_renamed
 from compress.teacher_ref import StandInTraining, TeacherRef
 from search_spaces import StudentConfig
 from teacher import TeacherConfig
@@ -305,3 +305,21 @@ def test_records_written_before_the_renames_read_in_todays_keys():
     # a prune record of a run, from before the prune config's teacher was a section: the same key as today's
     old = {**PruneConfig(ratio=0.3).to_dict(), "teacher": None, "teacher_iters": 2}
     assert prune_key(old) == prune_key(PruneConfig(ratio=0.3, teacher=TeacherRef(iters=2)).to_dict())
+
+
+def test_a_recipe_record_written_before_the_teacher_renames_loads_in_todays_keys(tmp_path):
+    """benchmarks/quickstart.py --finished reads old run directories' recipe.yaml with load_record."""
+    plain = to_plain(load_run_recipe(None, ["teacher.stand_in=train", "teacher.train.steps=120"]))
+    teacher = plain["teacher"]
+    train = teacher.pop("train")
+    old = {**plain, "teacher": {**teacher, "train_steps": train["steps"], "train_batch_size": 3,
+                                "fallback_preset": "tiny", "fallback_overrides": {}, "optim": train["optim"]}}
+    record = tmp_path / "recipe.yaml"
+    record.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="renamed to 'teacher.train"):
+        load_run_recipe(record)
+    recipe = load_record(RunRecipe, record, "recorded recipe")
+    assert (recipe.teacher.stand_in, recipe.teacher.train.steps, recipe.teacher.train.batch_size,
+            recipe.teacher.train.preset) == ("train", 120, 3, "tiny")
+    assert recipe.teacher.train.optim.lr == train["optim"]["lr"]
+    assert recipe.search == load_run_recipe(None).search  # everything else as recorded
