@@ -20,6 +20,15 @@ def require_positive(key: str, value: float | None, allow_none: bool = False) ->
         raise ConfigError(f"{key}={value!r}: expected a number > 0")
 
 
+def require_non_negative(key: str, value: float | None, allow_none: bool = False) -> None:
+    """`key` must be a finite number >= 0 (or None when allow_none)."""
+    if value is None and allow_none:
+        return
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value < 0:
+        raise ConfigError(f"{key}={value!r}: expected a number >= 0")
+
+
 def require_at_least(key: str, value: int | None, minimum: int, why: str = "") -> None:
     """`key` must be an integer >= minimum."""
     if value is None or isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.checks import require_non_negative, require_positive
 from compress.errors import ConfigError
 from compress.terminal import progress_bar
 
@@ -53,10 +54,8 @@ class OptimConfig:
     """Clip the global gradient norm to this; None = no clipping."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr: got {self.lr}, expected a positive number")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay: got {self.weight_decay}, expected a non-negative number")
+        require_positive("optim.lr", self.lr)
+        require_non_negative("optim.weight_decay", self.weight_decay)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas: got {list(self.betas)}, expected two numbers in [0, 1)")
         if self.schedule not in SCHEDULES:
@@ -67,8 +66,7 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio: got {self.min_lr_ratio}, expected within [0, 1]")
         if not 0 < self.warmup_ratio < 1:
             raise ConfigError(f"optim.warmup_ratio: got {self.warmup_ratio}, expected a fraction between 0 and 1")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"optim.grad_clip: got {self.grad_clip}, expected a positive number or null")
+        require_positive("optim.grad_clip", self.grad_clip, allow_none=True)
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

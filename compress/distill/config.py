@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from compress.checks import check_size
+from compress.checks import check_size, require_non_negative, require_positive
 from compress.data import DatasetSpec
 from compress.errors import ConfigError
 from compress.structured import load_structured, to_plain
@@ -44,11 +44,6 @@ _DTYPES = ("float16", "float32")
 PROB_MODES = ("full", "topk", "none")
 
 
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}: got {value}, expected a {'non-negative' if allow_zero else 'positive'} number")
-
-
 # ------------------------------------------------------------------------------------------------ losses
 
 
@@ -65,7 +60,7 @@ class FeatureLossConfig:
     levels of very different magnitude weigh alike."""
 
     def __post_init__(self) -> None:
-        _positive("loss.feature.weight", self.weight, allow_zero=True)
+        require_non_negative("loss.feature.weight", self.weight)
 
 
 @dataclass
@@ -79,8 +74,8 @@ class CostVolumeLossConfig:
     magnitudes stay comparable across temperatures."""
 
     def __post_init__(self) -> None:
-        _positive("loss.cost_volume.weight", self.weight, allow_zero=True)
-        _positive("loss.cost_volume.temperature", self.temperature)
+        require_non_negative("loss.cost_volume.weight", self.weight)
+        require_positive("loss.cost_volume.temperature", self.temperature)
 
 
 @dataclass
@@ -103,12 +98,12 @@ class OutputLossConfig:
 
     def __post_init__(self) -> None:
         for key in ("weight", "gt_weight", "init_weight"):
-            _positive(f"loss.output.{key}", getattr(self, key), allow_zero=True)
+            require_non_negative(f"loss.output.{key}", getattr(self, key))
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"loss.output.gamma: got {self.gamma}, expected 0 < gamma <= 1")
-        _positive("loss.output.beta", self.beta)
+        require_positive("loss.output.beta", self.beta)
         if self.max_disp is not None:
-            _positive("loss.output.max_disp", self.max_disp)
+            require_positive("loss.output.max_disp", self.max_disp)
 
 
 @dataclass

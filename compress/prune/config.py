@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
-from compress.checks import check_size
+from compress.checks import check_size, require_positive
 from compress.data import DatasetSpec
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
@@ -135,8 +135,7 @@ class PruneSettings:
         if len(given) > 1:
             raise ConfigError(f"budget: got {', '.join(given)}; set exactly one of {', '.join(BUDGETS)}")
         for key in given:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key}: got {getattr(self, key)}, expected a positive number")
+            require_positive(key, getattr(self, key))
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise ConfigError(f"ratio: got {self.ratio}, expected a fraction between 0 and 1")
         unknown = [p for p in self.scope if p not in PARTS]

@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from compress import checks, preflight
+from compress.distill.config import FeatureLossConfig
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
 from compress.latency import LatencyConfig, resolve_backend
+from compress.training import OptimConfig
 from tests.paths import REPO
 
 
@@ -24,6 +26,23 @@ def test_require_positive_names_key(value) -> None:
 def test_require_positive_accepts() -> None:
     checks.require_positive("search.budget_ms", 12.5)
     checks.require_positive("prune.budget_ms", None, allow_none=True)
+
+
+@pytest.mark.parametrize("value", [-0.1, math.nan, math.inf, None, False])
+def test_require_non_negative_names_key(value) -> None:
+    with pytest.raises(ConfigError, match=r"^loss\.feature\.weight=.*expected a number >= 0$"):
+        checks.require_non_negative("loss.feature.weight", value)
+
+
+def test_require_non_negative_accepts_zero_and_the_recipes_use_it() -> None:
+    checks.require_non_negative("loss.feature.weight", 0)
+    checks.require_non_negative("loss.feature.weight", None, allow_none=True)
+    with pytest.raises(ConfigError, match=r"^loss\.feature\.weight=-1.0: expected a number >= 0$"):
+        FeatureLossConfig(weight=-1.0)
+    with pytest.raises(ConfigError, match=r"^optim\.weight_decay=-0.5: expected a number >= 0$"):
+        OptimConfig(weight_decay=-0.5)
+    with pytest.raises(ConfigError, match=r"^optim\.lr=0.0: expected a number > 0$"):
+        OptimConfig(lr=0.0)
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, None])
