@@ -241,7 +241,7 @@ def test_a_checkpoint_written_before_the_teacher_keys_moved_resumes(tmp_path: Pa
 
 
 def test_a_checkpoint_written_before_student_model_was_named_resumes(tmp_path: Path, cache: Path) -> None:
-    distill(_recipe(tmp_path / "first", cache, *TOY_STUDENT, "batch_size=2", "data.eval_samples=0", "steps=1"))
+    distill(_recipe(tmp_path / "first", cache, *TOY_STUDENT, "batch_size=2", "data.eval_samples=0", "steps=2"))
     start = tmp_path / "first" / "student.pt"
     overrides = [*TOY_STUDENT, f"student.model={start}", "batch_size=2", "data.eval_samples=0"]
     distill(_recipe(tmp_path / "run", cache, *overrides, "steps=2"))
