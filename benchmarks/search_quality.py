@@ -246,7 +246,7 @@ class World:
         """Distil a student exactly as a search trial does (same loss, optimiser and warm-up rule; ``hot``: the
         few-step schedule), or with ``final`` as the pipeline's final distillation does (its batch, the recipe's
         warm-up unclipped)."""
-        spec = (StudentSpec(kind="search_space", init_checkpoint=str(init)) if init is not None
+        spec = (StudentSpec(kind="search_space", model=str(init)) if init is not None
                 else StudentSpec(kind="search_space", config=cfg.to_dict()))
         r = self.recipe
         dc = trial_config(out_dir, spec, r.data.train, self.labels_dir, self.labels, cfg.iters, steps=steps,

@@ -6,6 +6,9 @@ a ``.pt`` file written by ``ffsc distill`` (a non-search-space student or a dist
 TensorRT engine (where files are allowed), a student preset (``NAME`` or ``preset:NAME``, random weights), or
 ``teacher:<vit>`` (a teacher with random weights, for timing). ``search_spaces.load_student`` is the low-level
 loader of a saved student folder underneath.
+
+A recipe names its student with the same words: ``StudentSpec.model`` is a ``--model`` value, resolved by
+``resolve_model`` in ``student_from_spec``; ``StudentSpec`` adds the architectures a recipe may build instead.
 """
 
 from __future__ import annotations
@@ -14,18 +17,19 @@ import dataclasses
 import importlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from compress.atomic import atomic_write
 from compress.errors import CheckpointError, ConfigError
+from compress.structured import translate_renamed
 from compress.teacher_ref import TeacherRef
-from search_spaces import PRESETS, StudentConfig, StudentStereo, build_student, load_student, preset, save_student
+from search_spaces import PRESETS, StudentConfig, StudentStereo, build_student, preset, save_student
 from search_spaces.serialization import load_model
 from teacher import FoundationStereo, TeacherConfig, load_teacher
 from teacher.inference import model_iters
@@ -36,6 +40,7 @@ DISTILL_CHECKPOINT_FORMAT = "ffsc-distill-checkpoint"
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 TEACHER_PREFIX = "teacher:"
 PRESET_PREFIX = "preset:"
+STUDENT_KINDS = ("search_space", "foundation_stereo", "factory")
 
 
 @dataclass
@@ -62,8 +67,11 @@ def resolve_model(
     trust_checkpoint: bool = False,
     allow_files: bool = False,
     seed: int = 0,
+    key: str = "--model",
 ) -> ResolvedModel:
-    """Resolve a model spec (see the module docstring for the order); modules come back on the CPU, in eval mode."""
+    """Resolve a model spec (see the module docstring for the order); modules come back on the CPU, in eval mode.
+
+    ``key`` names the setting in error messages (``--model``, or a recipe's ``student.model``)."""
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
@@ -106,12 +114,12 @@ def resolve_model(
                              model, default_iters=model_iters(model))
     files = "an .onnx file, a TensorRT engine, " if allow_files else ""
     if path.is_file():
-        raise CheckpointError(f"--model {spec}: unsupported file type '{path.suffix}'; expected {files}a teacher "
+        raise CheckpointError(f"{key} {spec}: unsupported file type '{path.suffix}'; expected {files}a teacher "
                               f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) or a saved model directory")
     if path.suffix or "/" in spec:
-        raise CheckpointError(f"--model {spec}: no such file or directory; expected {files}a saved student or "
+        raise CheckpointError(f"{key} {spec}: no such file or directory; expected {files}a saved student or "
                               f"pruned-teacher directory, or a teacher checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
-    raise ConfigError(f"--model {spec!r} is not {files}a saved student or pruned-teacher directory, a teacher "
+    raise ConfigError(f"{key} {spec!r} is not {files}a saved student or pruned-teacher directory, a teacher "
                       f"checkpoint, a preset ({', '.join(PRESETS)}, optionally as preset:NAME) or "
                       "teacher:<vits|vitb|vitl>")
 
@@ -135,20 +143,52 @@ def _engine_iters(path: Path) -> int | None:
 # ------------------------------------------------------------------------------------- models of a recipe
 
 
-def student_from_spec(spec: Any) -> nn.Module:
-    """The student a compress.distill StudentSpec describes (random init, or ``spec.init_checkpoint``'s weights)."""
-    init = Path(spec.init_checkpoint) if spec.init_checkpoint else None
+@dataclass
+class StudentSpec:
+    """The student: a model reference, an architecture to build, or both.
+
+    ``model`` names a model the way ``--model`` does (``compress.models.resolve_model``: a saved student or
+    pruned-teacher folder, a ``.pt`` written by ``ffsc distill``, a teacher checkpoint, a preset ``NAME`` or
+    ``preset:NAME``, ``teacher:<vit>``). Without an architecture below it is the student, weights and all; with
+    one, its weights initialise that architecture (strictly). The architecture: kind 'search_space':
+    ``search_spaces.build_student`` of ``preset`` (a ``search_spaces.PRESETS`` name) with ``config`` overriding
+    its fields, or of ``StudentConfig(**config)`` without a preset; 'foundation_stereo': a (smaller)
+    FoundationStereo from TeacherConfig fields in ``config``; 'factory': ``factory`` is
+    ``"package.module:function"`` called with ``**config``, returning an nn.Module with the model contract.
+    """
+
+    RENAMED: ClassVar[dict[str, str]] = {"init_checkpoint": "model"}
+
+    kind: str = "search_space"
+    preset: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    factory: str | None = None
+    model: str | None = None
+    """A ``--model`` value to start from; e.g. a saved (pruned) student folder, which fixes the architecture when
+    preset and config are empty. None = random init of the architecture."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STUDENT_KINDS:
+            raise ConfigError(f"student.kind: got {self.kind!r}, expected one of {STUDENT_KINDS}")
+        if self.preset is not None and self.kind != "search_space":
+            raise ConfigError(f"student.preset is only for kind 'search_space', got kind {self.kind!r}")
+        if self.kind == "factory" and (not self.factory or ":" not in self.factory):
+            raise ConfigError(
+                f"student.factory: got {self.factory!r}; kind 'factory' needs 'package.module:function'"
+            )
+
+
+def student_from_spec(spec: Any, seed: int = 0) -> nn.Module:
+    """The student a StudentSpec describes: its ``model`` (resolved as ``--model`` is), or its architecture with
+    random init or with ``model``'s weights; ``seed`` seeds a preset or random teacher that ``model`` names."""
+    if spec.model is not None and not _builds_architecture(spec):
+        named = resolve_model(spec.model, seed=seed, key="student.model")
+        _check_kind(spec, named)
+        return named.module
     try:
         if spec.kind == "search_space":
-            if init is not None and init.is_dir():
-                if spec.preset or spec.config:
-                    raise ConfigError(
-                        f"student.init_checkpoint {init} is a saved student folder, which fixes the architecture; "
-                        "leave student.preset and student.config empty"
-                    )
-                return load_student(init)
             cfg = preset(spec.preset, **spec.config) if spec.preset else StudentConfig.from_dict(dict(spec.config))
-            model = build_student(cfg, pretrained=init is None)
+            model = build_student(cfg, pretrained=spec.model is None)
         elif spec.kind == "foundation_stereo":
             model = FoundationStereo(TeacherConfig(**spec.config))
         else:
@@ -162,9 +202,27 @@ def student_from_spec(spec: Any) -> nn.Module:
         raise ConfigError(f"student.config {dict(spec.config)} does not fit kind {spec.kind!r}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"the student builder returned {type(model).__name__}, expected a torch nn.Module")
-    if init is not None:
-        load_strict(model, _student_state_dict(init), init)
+    if spec.model is not None:
+        with torch.random.fork_rng(devices=[]):  # weights only: the run's random stream stays as without them
+            named = resolve_model(spec.model, seed=seed, key="student.model")
+        load_strict(model, named.module.state_dict(), f"student.model {spec.model} ({named.description})")
     return model
+
+
+def _builds_architecture(spec: Any) -> bool:
+    """Whether the spec's preset/config/factory give the architecture (``model`` then gives its weights only)."""
+    return spec.kind == "factory" or spec.preset is not None or bool(spec.config)
+
+
+def _check_kind(spec: Any, named: ResolvedModel) -> None:
+    """A model that is the student must be of the spec's kind (it decides how ``distill`` saves the student)."""
+    kind = ("search_space" if isinstance(named.module, StudentStereo)
+            else "foundation_stereo" if isinstance(named.module, FoundationStereo) else "factory")
+    if kind != spec.kind:
+        hint = (f"set student.kind={kind}" if kind != "factory" else
+                "set student.kind=factory with the student.factory that builds it")
+        raise ConfigError(f"student.model {spec.model}: a {named.description} is not a student of kind "
+                          f"{spec.kind!r}; {hint}")
 
 
 def teacher_from_spec(spec: TeacherRef, device: str | torch.device = "cpu") -> nn.Module:
@@ -210,7 +268,7 @@ def save_distilled_student(model: nn.Module, spec: Any, path: str | os.PathLike)
         if old.exists():
             shutil.rmtree(old)
         return path
-    spec_dict = dataclasses.asdict(dataclasses.replace(spec, init_checkpoint=None))
+    spec_dict = vars(_architecture(dataclasses.asdict(spec)))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: torch.save(
         {"format": STUDENT_FORMAT, "version": 1, "spec": spec_dict, "state_dict": state}, tmp))
@@ -223,9 +281,18 @@ def _distilled_from_file(path: Path, obj: dict[str, Any]) -> nn.Module:
         model = build_student(StudentConfig.from_dict(obj["student_config"]), pretrained=False)
     else:  # the StudentSpec fields the file was written with
         spec = obj["spec"] if obj["format"] == STUDENT_FORMAT else obj["config"]["student"]
-        model = student_from_spec(SimpleNamespace(**{**spec, "init_checkpoint": None}))
-    load_strict(model, _student_state_dict(path, obj), path)
+        model = student_from_spec(_architecture(spec))
+    load_strict(model, obj["state_dict" if obj["format"] == STUDENT_FORMAT else "model"], path)
     return model
+
+
+def _architecture(fields: dict[str, Any]) -> SimpleNamespace:
+    """StudentSpec fields (a record's, old keys read as today's) that rebuild the architecture only: ``model`` is
+    kept where it is the architecture, dropped where it gave weights alone (the saved weights replace them)."""
+    spec = SimpleNamespace(**translate_renamed(StudentSpec, fields))
+    if _builds_architecture(spec):
+        spec.model = None
+    return spec
 
 
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
@@ -246,11 +313,3 @@ def torch_load(path: Path) -> Any:
     except Exception as exc:  # torch raises several types for damaged or foreign files
         raise CheckpointError(f"{path} could not be read as a torch file: {exc}") from None
 
-
-def _student_state_dict(path: Path, obj: Any = None) -> dict[str, torch.Tensor]:
-    obj = torch_load(path) if obj is None else obj
-    if isinstance(obj, dict) and obj.get("format") in (STUDENT_FORMAT, DISTILL_CHECKPOINT_FORMAT):
-        return obj["state_dict" if obj["format"] == STUDENT_FORMAT else "model"]
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise CheckpointError(f"{path} holds no student weights (expected a file written by ffsc distill)")

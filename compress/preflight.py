@@ -238,7 +238,7 @@ def check_distill(cfg) -> None:
     """``ffsc distill``: the teacher checkpoint and an initial student checkpoint read with finite weights, a
     given label cache exists, data folders have a known layout, the run folder is writable."""
     check_model_source(cfg.teacher.checkpoint, key="teacher.checkpoint", trust_pickle=cfg.teacher.trust_checkpoint)
-    check_model_source(cfg.student.init_checkpoint, key="student.init_checkpoint")
+    check_model_source(cfg.student.model, key="student.model")
     labels = cfg.data.labels
     if labels.folder and not labels.build and not Path(labels.folder).is_dir():
         raise DataError(f"data.labels.folder: {labels.folder} is not a folder (expected a label cache made by ffsc, "

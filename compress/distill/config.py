@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from compress.checks import check_size, require_non_negative, require_positive
 from compress.data import DatasetSpec
 from compress.errors import ConfigError
+from compress.models import StudentSpec
 from compress.structured import load_structured, to_plain
 from compress.teacher_ref import TeacherRef
 from compress.training import OptimConfig
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 AMP_MODES = ("off", "bf16", "fp16")
-STUDENT_KINDS = ("search_space", "foundation_stereo", "factory")
 _DTYPES = ("float16", "float32")
 PROB_MODES = ("full", "topk", "none")
 
@@ -179,38 +179,6 @@ class LabelCacheSpec(LabelCacheConfig):
     """Folder of a pseudo-label cache; when set, training reads labels from it and never runs the teacher."""
     build: bool = True
     """Label the missing samples of ``folder`` with the teacher before training (else: error)."""
-
-
-# ------------------------------------------------------------------------------------------------ models
-
-
-@dataclass
-class StudentSpec:
-    """How to build the student.
-
-    kind 'search_space': ``search_spaces.build_student`` of ``preset`` (a ``search_spaces.PRESETS`` name) with
-    ``config`` overriding its fields, or of ``StudentConfig(**config)`` without a preset; 'foundation_stereo':
-    a (smaller) FoundationStereo from TeacherConfig fields in ``config``; 'factory': ``factory`` is
-    ``"package.module:function"`` called with ``**config``, returning an nn.Module with the model contract.
-    """
-
-    kind: str = "search_space"
-    preset: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    factory: str | None = None
-    init_checkpoint: str | None = None
-    """Start from saved weights: a saved search-space student folder (it also fixes the architecture, e.g.
-    pruned widths; leave preset/config empty), or a student/checkpoint file written by ``distill``."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in STUDENT_KINDS:
-            raise ConfigError(f"student.kind: got {self.kind!r}, expected one of {STUDENT_KINDS}")
-        if self.preset is not None and self.kind != "search_space":
-            raise ConfigError(f"student.preset is only for kind 'search_space', got kind {self.kind!r}")
-        if self.kind == "factory" and (not self.factory or ":" not in self.factory):
-            raise ConfigError(
-                f"student.factory: got {self.factory!r}; kind 'factory' needs 'package.module:function'"
-            )
 
 
 # -------------------------------------------------------------------------------------------------- data

@@ -7,7 +7,7 @@ student is evaluated against the teacher on the held-out frames before training 
 ``finetune_report.json`` in the run directory (the "before" is written first, so a resumed run keeps it).
 
     ffsc finetune recipes/finetune_own_footage.yaml data.train.path=my_footage data.eval.path=my_footage \\
-        student.init_checkpoint=runs/imported teacher.checkpoint=weights/23-51-11/model_best_bp2.pth
+        student.model=runs/imported teacher.checkpoint=weights/23-51-11/model_best_bp2.pth
     torchrun --nproc_per_node=4 -m compress.distill.own_footage recipes/finetune_own_footage.yaml ...
 """
 

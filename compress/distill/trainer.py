@@ -203,7 +203,7 @@ class Trainer:
         self.teacher_iters: int | None = cfg.teacher.iters
 
         seed_all(cfg.seed)
-        self.student = student_from_spec(cfg.student).to(self.device)
+        self.student = student_from_spec(cfg.student, seed=cfg.seed).to(self.device)
         self.cache = self._prepare_cache()
         if self.cache is None:
             self.teacher = self._teacher()

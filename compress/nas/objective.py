@@ -157,7 +157,7 @@ class StudentSearchObjective:
 
             child, report = inherit_student(self.parent(), cfg, seed=s.seed)
             trial.set_user_attr("inherited_fraction", report.fraction_inherited())
-            spec = StudentSpec(kind="search_space", init_checkpoint=str(save_student(child, trial_dir / "inherited")))
+            spec = StudentSpec(kind="search_space", model=str(save_student(child, trial_dir / "inherited")))
         result = distill(self._distill_config(trial_dir, spec, cfg.iters, s.distill_steps))
         student = load_student(result.student_path, device=s.device)
         scores = evaluate_student(student, s.eval_set, iters=cfg.iters, device=s.device)

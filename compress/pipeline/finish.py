@@ -19,7 +19,7 @@ from compress.latency_config import TimingConfig
 from compress.prune import DataSpec, PruneConfig, PruneSettings, prune_to_budget, tracker_callback
 from compress.prune.report import MODEL_DIR, RESULT_NAME
 from compress.quantize import quantize_beside
-from compress.structured import to_plain
+from compress.structured import to_plain, translate_renamed
 from compress.teacher_ref import TeacherRef
 from compress.tracking import Tracker
 from search_spaces import count_macs, load_student
@@ -97,14 +97,15 @@ def final_distill(recipe: RunRecipe, run_dir: Path, chosen: ChosenStudent, label
     cfg_iters = int(chosen.config["iters"])
     start = Path(start or chosen.student_path)
     try:
-        previous = yaml.safe_load((run_dir / "final" / "config.yaml").read_text())["student"]["init_checkpoint"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        recorded = yaml.safe_load((run_dir / "final" / "config.yaml").read_text())["student"]
+        previous = translate_renamed(StudentSpec, recorded).get("model")  # a record before the rename too
+    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError):
         previous = None
     if previous is not None and previous != str(start):  # e.g. pruning switched on or off since
         say(recipe, f"final distillation starts from {start} now (was {previous}); starting it over")
         shutil.rmtree(run_dir / "final")
     dc = from_label_cache(
-        run_dir / "final", StudentSpec(kind="search_space", init_checkpoint=str(start)), recipe.data.train,
+        run_dir / "final", StudentSpec(kind="search_space", model=str(start)), recipe.data.train,
         labels_dir, labels_config(recipe), cfg_iters, crop_size=recipe.data.crop_size, seed=recipe.seed,
         steps=d.steps, batch_size=d.batch_size,
         amp="bf16", device=str(device), log_every=max(1, d.steps // 10), checkpoint_every=max(1, d.steps // 4),

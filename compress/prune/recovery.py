@@ -121,13 +121,9 @@ def evaluate_on_targets(model: nn.Module, distiller: Distiller, n: int, iters: i
 def recover_with_recipe(model: nn.Module, cfg: PruneConfig, out: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Recover ``model`` with the ``compress.distill`` trainer and ``cfg.distill.recipe``; returns it and a record."""
     start = save_model(model, out / "recovery_start")
-    if isinstance(model, StudentStereo):
-        student = ["student.kind=search_space", "student.preset=null", "student.config={}",
-                   f"student.init_checkpoint={start}"]
-    else:
-        student = ["student.kind=factory", "student.preset=null", "student.config={}",
-                   "student.factory=search_spaces.serialization:load_model", f"student.config.path={start}",
-                   "student.init_checkpoint=null"]
+    kind = "search_space" if isinstance(model, StudentStereo) else "foundation_stereo"  # a pruned teacher
+    student = [f"student.kind={kind}", "student.preset=null", "student.config={}", "student.factory=null",
+               f"student.model={start}"]
     overrides = [*student, f"run_dir={out / 'recovery'}", f"steps={cfg.distill.recovery_steps}",
                  f"progress={str(cfg.progress).lower()}", *cfg.distill.recipe_overrides]
     result = distill(load_recipe(cfg.distill.recipe, overrides))

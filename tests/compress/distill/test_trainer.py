@@ -238,3 +238,21 @@ def test_a_checkpoint_written_before_the_teacher_keys_moved_resumes(tmp_path: Pa
     torch.save(state, path)
     with pytest.raises(ConfigError, match="data.labels.prob"):
         Trainer(_recipe(tmp_path / "run", cache, *overrides, "steps=4"))
+
+
+def test_a_checkpoint_written_before_student_model_was_named_resumes(tmp_path: Path, cache: Path) -> None:
+    distill(_recipe(tmp_path / "first", cache, *TOY_STUDENT, "batch_size=2", "data.eval_samples=0", "steps=2"))
+    start = tmp_path / "first" / "student.pt"
+    overrides = [*TOY_STUDENT, f"student.model={start}", "batch_size=2", "data.eval_samples=0"]
+    distill(_recipe(tmp_path / "run", cache, *overrides, "steps=2"))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    student = state["config"]["student"]
+    student["init_checkpoint"] = student.pop("model")  # as the trainer wrote it before the rename
+    torch.save(state, path)
+    assert isinstance(resolve_model(path).module, torch.nn.Module)  # the old checkpoint reads as a model too
+    result = distill(_recipe(tmp_path / "run", cache, *overrides, "steps=3"))
+    assert result.resumed_from == 2 and result.steps == 3
+    with pytest.raises(ConfigError, match="student.model"):  # another starting model is still another run
+        Trainer(_recipe(tmp_path / "run", cache, *TOY_STUDENT, "student.model=null", "batch_size=2",
+                        "data.eval_samples=0", "steps=4"))

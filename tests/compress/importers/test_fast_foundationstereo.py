@@ -261,7 +261,7 @@ def _footage(folder: Path, frames: int, corrupt: int) -> None:
 def _finetune_args(tmp_path: Path, footage: Path, student: Path, *extra: str) -> list[str]:
     return [str(REPO / "recipes" / "finetune_own_footage.yaml"),
             f"run_dir={tmp_path / 'run'}", f"data.labels.folder={tmp_path / 'run' / 'labels'}",
-            f"data.train.path={footage}", f"data.eval.path={footage}", f"student.init_checkpoint={student}",
+            f"data.train.path={footage}", f"data.eval.path={footage}", f"student.model={student}",
             "data.train.options.heldout_fraction=0.25", "data.eval.options.heldout_fraction=0.25",
             "batch_size=1", "num_workers=0", "train_iters=2", "eval_iters=2", "log_every=1",
             "checkpoint_every=1", "eval_every=0", "progress=false", "optim.warmup_steps=1", "optim.lr=1e-4",
@@ -308,7 +308,7 @@ def test_finetune_recipe_loads_as_a_distill_recipe() -> None:
     cfg = load_recipe(REPO / "recipes" / "finetune_own_footage.yaml")
     assert cfg.data.train.kind == cfg.data.eval.kind == "own_footage"
     assert cfg.data.train.options["split"] == "train" and cfg.data.eval.options["split"] == "heldout"
-    assert cfg.data.train.options["max_bad_fraction"] == 0.05 and cfg.student.init_checkpoint == "runs/imported"
+    assert cfg.data.train.options["max_bad_fraction"] == 0.05 and cfg.student.model == "runs/imported"
     assert cfg.loss.feature.enabled and cfg.loss.cost_volume.enabled and cfg.loss.output.enabled
 
 
