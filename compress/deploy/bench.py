@@ -56,14 +56,18 @@ def bench_model(
         macs = count_macs(resolved.module, height, width, iters=iters)
         cost = {"params": count_params(resolved.module), "gmacs": macs.gmacs}
     rows = []
-    for backend in backends:
-        dev = backend_device(backend, device)
-        target = resolved.module.to(dev) if resolved.module is not None else resolved.path
-        if get_backend(backend).own_threads and threads is not None:
-            torch.set_num_threads(threads)  # the user asked for this thread count for this run
-        stats = measure(target, backend, height, width, iters=iters, warmup=warmup, repeats=repeats, device=dev,
-                        precision=precision, compile=compile, cuda_graph=cuda_graph, cache=cache,
-                        intra_op_threads=threads, clock=clock)
-        rows.append({**stats.to_dict(), **cost})
+    process_threads = torch.get_num_threads()
+    try:
+        for backend in backends:
+            dev = backend_device(backend, device)
+            target = resolved.module.to(dev) if resolved.module is not None else resolved.path
+            if get_backend(backend).own_threads and threads is not None:
+                torch.set_num_threads(threads)  # the user asked for this thread count for this measurement
+            stats = measure(target, backend, height, width, iters=iters, warmup=warmup, repeats=repeats, device=dev,
+                            precision=precision, compile=compile, cuda_graph=cuda_graph, cache=cache,
+                            intra_op_threads=threads, clock=clock)
+            rows.append({**stats.to_dict(), **cost})
+    finally:  # a library call leaves the caller's thread count as it found it
+        torch.set_num_threads(process_threads)
     return {"machine": machine_info(), "model": resolved.description, "kind": resolved.kind, "height": height,
             "width": width, "iters": iters, "results": rows}

@@ -122,6 +122,7 @@ def test_bench_prints_table_and_writes_json(work: Path, tmp_path: Path, capsys) 
 
 def test_bench_several_backends_with_cost(work: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
     code = main(["bench", "--model", str(work / "student"), "--backend", "torch,onnxruntime", "--height", "32",
                  "--width", "64", "--iters", "1", "--repeats", "2", "--warmup", "0", "--threads", "1",
                  "--json", str(out)])
@@ -130,6 +131,7 @@ def test_bench_several_backends_with_cost(work: Path, tmp_path: Path) -> None:
     assert [r["backend"] for r in rows] == ["torch", "onnxruntime"]
     params = sum(p.numel() for p in load_student(work / "student").parameters())
     assert all(r["params"] == params and r["gmacs"] > 0 and r["median_ms"] > 0 for r in rows)
+    assert torch.get_num_threads() == threads  # --threads 1 held for the measurement only, not for the process
 
 
 def test_bench_thread_clock(work: Path, tmp_path: Path, capsys) -> None:

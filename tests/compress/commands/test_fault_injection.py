@@ -137,6 +137,14 @@ def _sigkill(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL, (out[-2000:], err[-3000:])  # killed, not finished or failed first
 
 
+def _run_to_the_end(argv: list[str]) -> str:
+    """``ffsc ARGV`` in a fresh process, as a user runs it, which must succeed; its standard output."""
+    proc = _cli_process(argv)
+    out, err = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, (out[-2000:], err[-3000:])
+    return out
+
+
 def _one_line(capsys, *expected: str) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -336,7 +344,7 @@ SMALL_RUN = ["run", str(RECIPE), *SMALL, "search.space=tiny", "search.parent=lar
 # Found here: the fresh tensors of a trial's inherited start (those its parent cannot supply) come from the
 # process's global RNG, so a trial evaluated again after a kill trains from other weights (EPE 10.62 vs 10.10 px).
 @pytest.mark.slow
-def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path, capsys):
+def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path):
     """SIGKILL in the search's last trial, then the same command: the trial is evaluated again and the run ends with
     the student an uninterrupted run ends with.
 
@@ -344,21 +352,23 @@ def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path, cap
     and measured latencies (timed in another process; the retry reads the killed trial's timing from the run's
     latency cache), so the front's membership, which weighs latency, is not compared. A kill in an earlier trial
     would also change the later trials' architectures: a resumed study's sampler is seeded anew
-    (compress.nas.study.derive_seed), so that it does not propose again what the killed process proposed. The part
-    before the kill (the parent's distillation) ran in another process, where oneDNN may pick other kernels or
-    reduce in another order: a float32 difference there grows through every training step after it. It came out
-    bitwise equal on a Xeon and 5e-4 apart in a trial's EPE on another CPU, so errors are compared to 1%. The
-    pruner ranks channel groups by importance, computed from those weights: a near-tie can fall the other way and
-    remove a group of another size (seen in a full CI session: 0.2% of the MACs, 0.7% of the parameters), so the
-    pruned sizes are compared to 1% and the final weights by name. What a broken resume changes is compared
-    exactly (architectures, pruning steps, the budget) or moves the errors by more: the unseeded fresh tensors found
+    (compress.nas.study.derive_seed), so that it does not propose again what the killed process proposed.
+
+    All three runs are processes of their own, as a user runs them: nothing an earlier test left in the test
+    session's process (its thread count, which `ffsc bench --threads 1` once changed for good) enters the
+    comparison. Processes may still differ: oneDNN may pick other kernels or reduce in another order, and a float32
+    difference in the parent's distillation grows through every training step after it. It came out bitwise equal
+    on a Xeon and 5e-4 apart in a trial's EPE on another CPU, so errors are compared to 1%. The pruner ranks channel
+    groups by importance, computed from those weights: a near-tie can fall the other way and remove a group of
+    another size (seen in a full CI session: 0.2% of the MACs, 0.7% of the parameters), so the pruned sizes are
+    compared to 1% and the final weights by name. What a broken resume changes is compared exactly (architectures,
+    pruning steps, the budget) or moves the errors by more: the unseeded fresh tensors found
     here moved a trial's EPE 5%.
     """
     from safetensors.torch import load_file
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert main([*SMALL_RUN, f"run_dir={whole}"]) == 0
-    capsys.readouterr()
+    _run_to_the_end([*SMALL_RUN, f"run_dir={whole}"])
 
     proc = _cli_process([*SMALL_RUN, f"run_dir={killed}"])
     last = killed / "trials" / "0001"  # made once the last trial has sampled, been timed and inherited its weights
@@ -368,8 +378,8 @@ def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path, cap
     assert states == ["COMPLETE", "RUNNING"], states  # killed mid-search, in its last trial
     assert not (killed / "summary.json").exists() and not (killed / "prune").exists()
 
-    assert main([*SMALL_RUN, f"run_dir={killed}"]) == 0  # the same command again
-    assert f"taking over the lock left by process {proc.pid}" in capsys.readouterr().out  # said even when quiet
+    out = _run_to_the_end([*SMALL_RUN, f"run_dir={killed}"])  # the same command again
+    assert f"taking over the lock left by process {proc.pid}" in out  # said even when quiet
     states = [t.state.name for t in _study(killed).trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE"], states  # the killed trial once more, no extra one
 
