@@ -97,6 +97,11 @@ def _dotted_items(data: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[s
             yield from _dotted_items(value, f"{prefix}{key}.")
 
 
+def flatten(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config's leaves under dotted keys (an empty mapping is a leaf), the form translate_renamed reads."""
+    return {key: value for key, value in _dotted_items(data) if not isinstance(value, Mapping) or not value}
+
+
 def _dotted_keys(data: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
     return (key for key, _ in _dotted_items(data, prefix))
 
@@ -159,10 +164,8 @@ def _suggest(schema: type, key: str) -> str:
 
 def load_record(schema: type[T], path: str | Path, what: str = "recorded config") -> T:
     """A config this package wrote (``dump_yaml``), read in today's keys even when written before a rename."""
-    flat = dict(_dotted_items(read_yaml(path, what)))
-    leaves = {k: v for k, v in flat.items() if not isinstance(v, Mapping) or not v}  # an empty mapping is a value
     nested: dict[str, Any] = {}
-    for key, value in translate_renamed(schema, leaves).items():
+    for key, value in translate_renamed(schema, flatten(read_yaml(path, what))).items():
         *parents, leaf = key.split(".")
         node = nested
         for part in parents:

@@ -49,7 +49,7 @@ from compress.models import (
     teacher_from_spec,
     torch_load,
 )
-from compress.structured import translate_renamed
+from compress.structured import flatten, translate_renamed
 from compress.terminal import console
 from compress.training import (
     autocast,
@@ -154,17 +154,6 @@ class _StudentWithLoss(nn.Module):
             )
         with torch.autocast(device_type=left.device.type, enabled=False):
             return self.loss(out, targets, gt)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 @dataclass
@@ -413,10 +402,10 @@ class Trainer:
         state = torch_load(path)
         if not isinstance(state, dict) or state.get("format") != DISTILL_CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not a distillation checkpoint; move it away or set resume=false")
-        old = translate_renamed(DistillConfig, _flatten(state["config"]))  # written before keys were renamed
+        old = translate_renamed(DistillConfig, flatten(state["config"]))  # written before keys were renamed
         if old.get("teacher.config") == {}:  # TeacherSpec's "none" before TeacherRef's None
             old["teacher.config"] = None
-        new = _flatten(config_to_dict(self.cfg))
+        new = flatten(config_to_dict(self.cfg))
         changed = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE and old.get(k) != new.get(k))
         if changed:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
