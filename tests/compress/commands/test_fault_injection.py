@@ -69,7 +69,7 @@ Kills, then the same command again: the same final result as an uninterrupted ru
     distill/test_trainer.py::test_sigkilled_run_resumes_to_the_same_weights.
  26 SIGKILL of ffsc run in the search's last trial: the lock is taken over, the trial is evaluated again, and the
     same student comes out (the retried trial starts from the same inherited weights: their unsupplied part is
-    seeded). Here: test_ffsc_run_killed_in_the_search_resumes_to_the_same_student.
+    seeded). Here: test_ffsc_run_killed_in_each_stage_resumes_to_the_same_student.
 
 The other clean one-line refusals of the issue's survey (bad budgets and counts, missing or damaged checkpoints and
 data folders, unwritable outputs, backends this machine lacks, a missing stand-in, an engine export without TensorRT)
@@ -213,6 +213,87 @@ def test_an_unknown_space_is_refused_before_any_work_with_the_valid_names(tmp_pa
               "shipped: cpu_realtime, fast_foundationstereo, tiny")
 
 
+# ------------------------------------------------------------------ the survey's clean refusals (27 onwards)
+
+
+def _pair(folder: Path, left: str = "a_left.png") -> list[str]:
+    return ["--model", str(folder / "student"), "--left", str(folder / left), "--right", str(folder / "a_right.png")]
+
+
+# (number, what a user did, argv from (inputs, tmp), texts the one line holds). Each: exit 2, one stderr line, no
+# traceback, nothing written under tmp (a run directory named there is never made). Refusals of recipe keys come
+# from the typed configs; of files and flags from the commands' checks before work.
+SURVEY = [
+    (27, "ffsc run with device=gpux", lambda i, t: ["run", str(RECIPE), f"run_dir={t}/run", "device=gpux"],
+     ["device 'gpux' is not a torch device; expected cpu, cuda or cuda:N"]),
+    (28, "a misspelled latency mode", lambda i, t: ["run", str(RECIPE), f"run_dir={t}/run",
+                                                    "search.latency.mode=measurd"],
+     ["latency.mode: got 'measurd', expected one of measured, predicted"]),
+    (29, "an unknown latency clock", lambda i, t: ["run", str(RECIPE), f"run_dir={t}/run", "search.latency.clock=cpu"],
+     ["latency.clock: got 'cpu', expected one of wall, thread"]),
+    (30, "an unknown latency precision", lambda i, t: ["run", str(RECIPE), f"run_dir={t}/run",
+                                                       "search.latency.precision=fp8"],
+     ["latency.precision: got 'fp8', expected one of fp32, fp16, bf16"]),
+    (31, "an unknown distill.choose", lambda i, t: ["run", str(RECIPE), f"run_dir={t}/run", "distill.choose=best"],
+     ["distill.choose='best'", "min_error", "fastest"]),
+    (32, "a misspelled search proxy", lambda i, t: ["run", str(RECIPE), f"run_dir={t}/run", "search.proxy=distil"],
+     ["search.proxy: got 'distil', expected one of distill, inherit"]),
+    (33, "a misspelled recipe key", lambda i, t: ["run", str(RECIPE), f"run_dir={t}/run", "search.n_trails=3"],
+     ["key 'search.n_trails'", "Did you mean: 'n_trials'?"]),
+    (34, "a count that is not a number", lambda i, t: ["run", str(RECIPE), f"run_dir={t}/run", "search.n_trials=abc"],
+     ["key 'search.n_trials'", "could not be converted to Integer"]),
+    (35, "a recipe that does not exist", lambda i, t: ["run", str(t / "nope.yaml")], ["nope.yaml does not exist"]),
+    (36, "a negative disparity range", lambda i, t: ["run", str(RECIPE), f"run_dir={t}/run",
+                                                     "loss.output.max_disp=-1"],
+     ["loss.output.max_disp=-1.0: expected a number > 0"]),
+    (37, "a teacher checkpoint that does not exist",
+     lambda i, t: ["run", str(RECIPE), f"run_dir={t}/run", f"teacher.checkpoint={t}/model.pth"],
+     ["teacher.checkpoint:", "model.pth does not exist"]),
+    (38, "ffsc infer --scale 0", lambda i, t: ["infer", *_pair(i), "--out", str(t / "out"), "--scale", "0"],
+     ["--scale 0.0: expected 0 < scale <= 1"]),
+    (39, "ffsc infer --iters 0", lambda i, t: ["infer", *_pair(i), "--out", str(t / "out"), "--iters", "0"],
+     ["--iters 0: need at least 1 GRU iteration"]),
+    (40, "ffsc infer --out a .jpg", lambda i, t: ["infer", *_pair(i), "--out", str(t / "disp.jpg")],
+     ["unknown disparity format '.jpg'; expected .npy, .pfm, .png or a folder"]),
+    (41, "ffsc infer --fx without --baseline", lambda i, t: ["infer", *_pair(i), "--out", str(t / "out"),
+                                                             "--fx", "500"],
+     ["depth needs both --fx", "--baseline"]),
+    (42, "ffsc infer with a left image that does not exist",
+     lambda i, t: ["infer", *_pair(i, "missing.png"), "--out", str(t / "out")], ["missing.png: image not found"]),
+    (43, "ffsc infer with a file that is not an image", lambda i, t: ["infer", *_pair(i, "text.onnx"), "--out",
+                                                                     str(t / "out")],
+     ["text.onnx: cannot read image"]),
+    (44, "ffsc eval with an unknown dataset kind", lambda i, t: ["eval", "--model", str(i / "student"), "--data",
+                                                                 str(i), "--kind", "kitti9"],
+     ["unknown dataset kind 'kitti9'", "kitti2015", "middlebury"]),
+    (45, "ffsc eval on a folder that does not exist", lambda i, t: ["eval", "--model", str(i / "student"), "--data",
+                                                                    str(t / "nodata"), "--kind", "middlebury"],
+     ["nodata: dataset folder not found"]),
+    (46, "ffsc eval of a model that does not exist", lambda i, t: ["eval", "--model", str(t / "nomodel"), "--data",
+                                                                   str(i), "--kind", "synthetic"],
+     ["--model", "nomodel: no such file or directory"]),
+    (47, "ffsc bench of a misspelled preset", lambda i, t: ["bench", "--model", "preset:tinny"],
+     ["--model 'tinny' is not", "tiny"]),
+    (48, "ffsc export of a misspelled preset", lambda i, t: ["export", "--model", "preset:tinny", "--out",
+                                                             str(t / "e.onnx")],
+     ["--model 'tinny' is not", "tiny"]),
+    (49, "ffsc bench with an unknown backend", lambda i, t: ["bench", "--model", "preset:tiny", "--backend",
+                                                             "tensorrtx"],
+     ["unknown --backend tensorrtx; valid: torch, onnxruntime, tensorrt"]),
+    (50, "ffsc prune without a budget", lambda i, t: ["prune", "--model", "preset:tiny", "--out", str(t / "p")],
+     ["no budget: pass --budget-ms, --budget-gmacs, --budget-mparams or --ratio"]),
+]
+
+
+@pytest.mark.parametrize("number, what, argv, expected", SURVEY, ids=[f"{n}" for n, *_ in SURVEY])
+def test_the_surveys_bad_inputs_are_one_line_and_write_nothing(inputs: Path, tmp_path: Path, capsys,  # noqa: F811
+                                                               number, what, argv, expected):
+    before = _snapshot(inputs)
+    assert main(argv(inputs, tmp_path)) == 2, what
+    _one_line(capsys, *expected)
+    assert _snapshot(inputs) == before and not any(tmp_path.iterdir()), what  # nothing written anywhere
+
+
 # ---------------------------------------------------------------------------------- images (18, 19)
 
 
@@ -336,17 +417,35 @@ def _trials(run_dir: Path) -> dict[str, dict]:
 ERRORS = ("gt/epe", "teacher/epe", "gt/d1", "teacher/d1", "gt/bp2", "teacher/bp2")
 # The smallest quick start of pipeline/test_run.py over the tiny space (its largest member distilled as the parent,
 # as in pipeline/test_budget.py), pruned in one step, without what only reads the final student (real pairs, export,
-# the side-by-side timing): about 40 s a run instead of 250.
+# the side-by-side timing): about 40 s a run instead of 250. Eight training scenes, each label written to the cache
+# as it is made, and eight final steps checkpointed every two: each stage lasts long enough to be killed in.
 SMALL_RUN = ["run", str(RECIPE), *SMALL, "search.space=tiny", "search.parent=largest", "prune.step_ratio=0.3",
-             "real_pairs.enabled=false", "export.enabled=false", "search.latency.report_rounds=0"]
+             "real_pairs.enabled=false", "export.enabled=false", "search.latency.report_rounds=0",
+             "data.train.num_samples=8", "data.labels.flush_every=1", "distill.steps=8"]
+
+
+def _labelled_in_part(run_dir: Path) -> bool:
+    try:
+        manifest = json.loads((run_dir / "labels" / "train" / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(manifest.get("done")) and not manifest.get("complete")
+
+
+def _kill_then(run_dir: Path, ready, what: str) -> int:
+    """Start the run on ``run_dir``, SIGKILL it once ``ready()``; its pid."""
+    proc = _cli_process([*SMALL_RUN, f"run_dir={run_dir}"])
+    _wait_for(proc, ready, what)
+    _sigkill(proc)
+    return proc.pid
 
 
 # Found here: the fresh tensors of a trial's inherited start (those its parent cannot supply) come from the
 # process's global RNG, so a trial evaluated again after a kill trains from other weights (EPE 10.62 vs 10.10 px).
 @pytest.mark.slow
-def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path):
-    """SIGKILL in the search's last trial, then the same command: the trial is evaluated again and the run ends with
-    the student an uninterrupted run ends with.
+def test_ffsc_run_killed_in_each_stage_resumes_to_the_same_student(tmp_path):
+    """SIGKILL in the labelling, in the search's last trial, in the pruning and in the final distillation, each
+    followed by the same command: the run ends with the student an uninterrupted run ends with.
 
     What cannot be equal by design: trial numbers (the killed trial stays FAIL and its retry gets the next number)
     and measured latencies (timed in another process; the retry reads the killed trial's timing from the run's
@@ -354,9 +453,9 @@ def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path):
     would also change the later trials' architectures: a resumed study's sampler is seeded anew
     (compress.nas.study.derive_seed), so that it does not propose again what the killed process proposed.
 
-    All three runs are processes of their own, as a user runs them: nothing an earlier test left in the test
-    session's process (its thread count, which `ffsc bench --threads 1` once changed for good) enters the
-    comparison. Processes may still differ: oneDNN may pick other kernels or reduce in another order, and a float32
+    Every run is a process of its own, as a user runs it: nothing an earlier test left in the test session's
+    process (its thread count, which `ffsc bench --threads 1` once changed for good) enters the comparison.
+    Processes may still differ: oneDNN may pick other kernels or reduce in another order, and a float32
     difference in the parent's distillation grows through every training step after it. It came out bitwise equal
     on a Xeon and 5e-4 apart in a trial's EPE on another CPU, so errors are compared to 1%. The pruner ranks channel
     groups by importance, computed from those weights: a near-tie can fall the other way and remove a group of
@@ -370,18 +469,28 @@ def test_ffsc_run_killed_in_the_search_resumes_to_the_same_student(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     _run_to_the_end([*SMALL_RUN, f"run_dir={whole}"])
 
-    proc = _cli_process([*SMALL_RUN, f"run_dir={killed}"])
-    last = killed / "trials" / "0001"  # made once the last trial has sampled, been timed and inherited its weights
-    _wait_for(proc, last.exists, "the search's last trial")
-    _sigkill(proc)
+    # 1. In the labelling: some scenes labelled and recorded, not all.
+    _kill_then(killed, lambda: _labelled_in_part(killed), "the labelling, in part")
+    assert not (killed / "trials").exists()
+    # 2. In the search's last trial: made once it has sampled, been timed and inherited its weights.
+    pid = _kill_then(killed, (killed / "trials" / "0001").exists, "the search's last trial")
+    assert json.loads((killed / "labels" / "train" / "manifest.json").read_text())["complete"]
     states = [t.state.name for t in _study(killed).trials]
     assert states == ["COMPLETE", "RUNNING"], states  # killed mid-search, in its last trial
-    assert not (killed / "summary.json").exists() and not (killed / "prune").exists()
-
-    out = _run_to_the_end([*SMALL_RUN, f"run_dir={killed}"])  # the same command again
-    assert f"taking over the lock left by process {proc.pid}" in out  # said even when quiet
+    assert not (killed / "summary.json").exists() and not (killed / "prune" / "prune_result.json").exists()
+    # 3. In the pruning: its baseline logged, its result not sealed.
+    pid = _kill_then(killed, lambda: bool(_log_rows(killed / "prune")), "the pruning")
     states = [t.state.name for t in _study(killed).trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE"], states  # the killed trial once more, no extra one
+    assert not (killed / "prune" / "prune_result.json").exists()
+    # 4. In the final distillation, after its first checkpoint.
+    pid = _kill_then(killed, (killed / "final" / "checkpoint.pt").exists, "the final distillation's checkpoint")
+    assert (killed / "prune" / "prune_result.json").is_file() and not (killed / "summary.json").exists()
+
+    out = _run_to_the_end([*SMALL_RUN, f"run_dir={killed}"])  # the same command, to the end
+    assert f"taking over the lock left by process {pid}" in out  # said even when quiet
+    assert "resuming from step" in " ".join(out.split())  # the final distillation from its checkpoint
+    assert [t.state.name for t in _study(killed).trials] == ["COMPLETE", "FAIL", "COMPLETE"]
 
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (whole, killed))
     assert sa["chosen"]["config"] == sb["chosen"]["config"]
