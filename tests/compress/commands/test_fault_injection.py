@@ -58,23 +58,27 @@ Right by design (asserted so that they stay right):
  22 ffsc import of a pickle naming os.system: refused, never run.
     importers/test_fast_foundationstereo.py::test_pickle_naming_an_unknown_class_is_refused_without_running_it.
 
-Kills, then the same command again: the same final result as an uninterrupted run.
+Kills, then the same command again: the same final result as an uninterrupted run. One run of ffsc run is killed
+in each of its stages in turn and ends with the uninterrupted run's student (here:
+test_ffsc_run_killed_in_each_stage_resumes_to_the_same_student); each stage's own kill is also tested alone.
 
- 23 SIGKILL in label caching. distill/test_label_cache.py::test_killed_labelling_resumes_without_recomputing,
-    ::test_partial_cache_refuses_to_serve_labels.
+ 23 SIGKILL in label caching: the rerun labels only what is missing. distill/test_label_cache.py::test_killed_
+    labelling_resumes_without_recomputing, ::test_partial_cache_refuses_to_serve_labels; in ffsc run: here.
  24 SIGKILL in ffsc prune, between pruning steps, in a folder holding a finished prune: no prune_result.json is
     left (so nothing trusts the folder); the rerun starts over and ends as the uninterrupted prune did.
-    Here: test_sigkilled_prune_leaves_no_result_and_the_rerun_ends_as_an_uninterrupted_one.
- 25 SIGKILL in ffsc distill (the trainer of ffsc run's final distillation).
-    distill/test_trainer.py::test_sigkilled_run_resumes_to_the_same_weights.
+    Here: test_sigkilled_prune_leaves_no_result_and_the_rerun_ends_as_an_uninterrupted_one; in ffsc run: here.
+ 25 SIGKILL in the final distillation: the rerun resumes from its last checkpoint and says so.
+    distill/test_trainer.py::test_sigkilled_run_resumes_to_the_same_weights; in ffsc run: here.
  26 SIGKILL of ffsc run in the search's last trial: the lock is taken over, the trial is evaluated again, and the
     same student comes out (the retried trial starts from the same inherited weights: their unsupplied part is
-    seeded). Here: test_ffsc_run_killed_in_each_stage_resumes_to_the_same_student.
+    seeded). Here.
 
-The other clean one-line refusals of the issue's survey (bad budgets and counts, missing or damaged checkpoints and
-data folders, unwritable outputs, backends this machine lacks, a missing stand-in, an engine export without TensorRT)
-are asserted in commands/test_preflight.py, commands/test_bad_inputs.py, test_preflight.py,
-pipeline/test_standin.py, pipeline/test_official_teacher_run.py and importers/test_fast_foundationstereo.py.
+Clean one-line refusals a user meets (27-50: the table SURVEY here, each run through the command line; exit 2,
+one line, nothing written). More are asserted beside the code they concern: bad budgets and counts, missing or
+damaged checkpoints and data folders, unwritable outputs, backends this machine lacks, a missing stand-in, an engine
+export without TensorRT (commands/test_preflight.py, commands/test_bad_inputs.py, commands/test_deploy.py,
+test_preflight.py, pipeline/test_standin.py, pipeline/test_official_teacher_run.py,
+importers/test_fast_foundationstereo.py).
 """
 
 from __future__ import annotations
