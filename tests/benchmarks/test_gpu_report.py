@@ -4,6 +4,7 @@ budget, and the one-line refusal without CUDA. Only a GPU run gives its numbers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from compress.backends import tensorrt_problem
 from compress.export.engine import TIMING_CACHE_ENV
 from compress.export.runtime import import_onnxruntime
 from compress.latency import COMPILE_BACKEND_ENV, compile_counters
+from teacher.inference import model_iters
 from tests.compress.export.fake_tensorrt import FakeCuda, install_tensorrt, write_float_onnx
 from tests.paths import REPO
 
@@ -230,6 +232,17 @@ def test_one_gpu_skips_the_multi_gpu_row(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 # --- the rows' logic on CPU --------------------------------------------------------------------------------------
+
+
+def test_a_latency_row_times_the_model_at_its_own_iterations(tmp_path: Path) -> None:
+    result = _result()
+    models = gpu.Models(64, 128, result["costs"], device="cpu")
+    args = argparse.Namespace(height=64, width=128, warmup=0, repeats=2)
+    row = gpu.latency_row(models, "tiny", "tiny", "torch", "eager", "fp32", args)
+    assert row["iters"] == model_iters(models.get("tiny", "tiny")) and row["median_ms"] > 0
+    assert "fell_back" not in row and set(result["costs"]["tiny"]) == {"params_m", "gmacs"}
+    result["rows"].append({"model": "tiny", "backend": "torch", "mode": "eager", "precision": "fp32", **row})
+    assert f"| tiny | {result['costs']['tiny']['params_m']} |" in gpu.markdown(result)
 
 
 def test_the_precision_row_sees_the_dtype_asked_and_the_models_own_default(monkeypatch: pytest.MonkeyPatch,
