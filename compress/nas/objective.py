@@ -120,7 +120,8 @@ class StudentSearchObjective:
                 if s.progress:
                     # print, not rich: a log line that rich would wrap inside the path
                     print(f"[ffsc] parent: distilling {cfg.name} (the space's largest member) for {s.parent_steps} "
-                          f"steps, checkpointed every {every} in {s.run_dir / 'parent'}", flush=True)
+                          f"steps, checkpointed every {every} step{'' if every == 1 else 's'} in "
+                          f"{s.run_dir / 'parent'}", flush=True)
                 folder = distill(self._distill_config(s.run_dir / "parent", spec, cfg.iters, s.parent_steps,
                                                       progress=s.progress, checkpoint_every=every)).student_path
             if s.parent is None:  # also when a run was killed between saving the parent and dropping its state

@@ -67,7 +67,7 @@ def test_a_killed_parent_distillation_resumes_from_its_checkpoint_and_leaves_one
     parent_dir = tmp_path / "parent"
     assert (parent_dir / CHECKPOINT_NAME).is_file() and not (parent_dir / "student").exists()
     out = capsys.readouterr().out
-    assert f"parent: distilling tiny-parent (the space's largest member) for 10 steps, checkpointed every 1 in " \
+    assert f"parent: distilling tiny-parent (the space's largest member) for 10 steps, checkpointed every 1 step in " \
            f"{parent_dir}" in out
 
     # The rerun (a resumed `ffsc run`) picks the distillation up at its checkpoint.
