@@ -38,6 +38,15 @@ def triton_problem(device: int | str | torch.device | None = None) -> str | None
     return None
 
 
+def compile_problem(device: str | torch.device) -> str | None:
+    """Why torch.compile cannot time on ``device`` here (inductor on a CUDA GPU without a working Triton), or None;
+    a CPU compiles C++ and another compile backend needs no Triton."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available() or compile_backend() != "inductor":
+        return None  # no CUDA at all is check_backend's one line
+    return triton_problem(dev)
+
+
 def compile_backend() -> str:
     """The torch.compile backend of compiled timing: $FFSC_COMPILE_BACKEND, else inductor."""
     return os.environ.get(COMPILE_BACKEND_ENV) or "inductor"

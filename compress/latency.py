@@ -276,9 +276,11 @@ def measure_together(
     per_model = {name: iters[name] if isinstance(iters, Mapping) else iters for name in models}
     dev = torch.device(get_backend(backend).default_device(device))
     runs: dict[str, list[LatencyStats]] = {name: [] for name in models}
+    say = (lambda message: print(f"[ffsc] latency: {message}", flush=True)) if progress else None
     with tempfile.TemporaryDirectory(prefix="ffsc-latency-together-") as tmp:
         targets = {name: _deployable(on_device(model, dev) if isinstance(model, nn.Module) else model, backend,
-                                     Path(tmp) / f"m{i}", height, width, per_model[name], dev, precision)
+                                     Path(tmp) / f"m{i}", height, width, per_model[name], dev, precision,
+                                     name=name, say=say)
                    for i, (name, model) in enumerate(models.items())}
 
         steps = progress_bar(total=rounds * len(models), desc="latency (alternating rounds)", disable=not progress,
@@ -295,13 +297,19 @@ def measure_together(
 
 
 def _deployable(model: nn.Module | str | os.PathLike, backend: str, workdir: Path, height: int, width: int,
-                iters: int, device: torch.device, precision: str) -> nn.Module | Path:
-    """What measure() should time each round: the module (torch), or a file exported / built once."""
+                iters: int, device: torch.device, precision: str, name: str = "the model",
+                say: Callable[[str], None] | None = None) -> nn.Module | Path:
+    """What measure() should time each round: the module (torch), or a file exported / built once (each step said
+    to ``say`` before it starts: a teacher's export or an engine build takes minutes)."""
     b = get_backend(backend)
     if not b.exports_onnx or (not isinstance(model, nn.Module) and Path(model).suffix != ".onnx"):
         return model
     workdir.mkdir(parents=True)
+    if say is not None and isinstance(model, nn.Module):
+        say(f"exporting {name} to ONNX ({height}x{width}, {iters} iteration{'' if iters == 1 else 's'}) ...")
     onnx_path = _onnx_file(model, workdir, height, width, iters, 1, device)
+    if say is not None and b.builds_engine:
+        say(f"building a {b.label} engine for {name} ({precision}) ...")
     return b.deployable(onnx_path, workdir, precision, iters, device)
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from compress.backends import BACKENDS, get_backend, names_where
-from compress.compiled import triton_problem
-from compress.errors import ConfigError
+from compress.compiled import compile_problem, triton_problem
+from compress.errors import ConfigError, MissingDependencyError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 LATENCY_MODES = ("measured", "predicted")
@@ -176,6 +176,12 @@ class LatencyConfig:
         """These settings with 'auto' replaced by the backend this machine gets, and the choice with its reason."""
         choice = resolve_backend(self.backend, self.device)
         if self.backend != "auto":
+            # Asked for by name, compile is kept, so refused here (before any work) where it cannot run: 'auto' would
+            # have left it out. Otherwise the first measurement fails, after the labelling.
+            if self.compile and (problem := compile_problem(choice.device)) is not None:
+                raise MissingDependencyError(
+                    f"latency.compile: true on {choice.device}, but torch.compile cannot make GPU kernels here: "
+                    f"{problem}; set compile: false (CUDA graphs work without it) or backend: auto")
             return replace(self, device=choice.device), choice
         return replace(self, backend=choice.backend, device=choice.device, compile=choice.compile,
                        cuda_graph=choice.cuda_graph), choice

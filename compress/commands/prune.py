@@ -72,6 +72,13 @@ def _prune_tracked(cfg):
     return result
 
 
+def recovery_verdict(before: float, after: float) -> str:
+    """What the recovery did to the EPE against the teacher, in words: an error that rose is said, never hidden."""
+    if after < before * 0.95:
+        return "recovered"
+    return "NOT recovered: worse after the recovery" if after > before else "barely changed"
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune to the budget, distil, save the model and prune_result.json; exit 1 if the budget was not met."""
     given = [flag for flag in _BUDGETS if getattr(args, flag) is not None]
@@ -97,9 +104,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for name, ev in (("EPE vs teacher", "teacher/epe"),):
         vals = [result.evaluation[k].get(ev) for k in ("unpruned", "before_recovery", "after_recovery")]
         if all(v is not None for v in vals):
-            verdict = ("recovered" if vals[2] < vals[1] * 0.95 else
-                       "NOT recovered: worse after the recovery" if vals[2] > vals[1] else "barely changed")
-            table.add_row(name, f"{vals[0]:.4g}", f"{vals[1]:.4g} -> {vals[2]:.4g} ({verdict})")
+            table.add_row(name, f"{vals[0]:.4g}", f"{vals[1]:.4g} -> {vals[2]:.4g} "
+                                                  f"({recovery_verdict(vals[1], vals[2])})")
     out.print(table)
     lat = result.final.get("latency")
     if lat:

@@ -306,13 +306,16 @@ def from_label_cache(run_dir: str | Path, student: StudentSpec, train: DatasetSp
 
 def trial_config(run_dir: str | Path, student: StudentSpec, train: DatasetSpec, labels_dir: str | Path,
                  labels: LabelCacheConfig, iters: int, *, steps: int, batch_size: int, loss: LossConfig,
-                 optim: OptimConfig, seed: int, device: str, crop_size: list[int] | None = None) -> DistillConfig:
-    """The short distillation of a search trial (and of its parent) from a label cache: fp32, quiet, one checkpoint
-    at the end, the warm-up clipped to a quarter of the steps."""
+                 optim: OptimConfig, seed: int, device: str, crop_size: list[int] | None = None,
+                 progress: bool = False, checkpoint_every: int | None = None) -> DistillConfig:
+    """The short distillation of a search trial (and of its parent) from a label cache: fp32, the warm-up clipped to
+    a quarter of the steps; quiet and one checkpoint at the end unless ``progress`` and ``checkpoint_every`` say
+    otherwise (the parent's long distillation shows its progress and resumes from its checkpoints)."""
     return from_label_cache(
         run_dir, student, train, labels_dir, labels, iters, crop_size=crop_size, seed=seed, steps=steps,
-        batch_size=batch_size, amp="off", device=device, log_every=max(1, steps // 4), checkpoint_every=steps,
-        progress=False, loss=loss, optim=dataclasses.replace(optim, warmup_steps=min(optim.warmup_steps, steps // 4)),
+        batch_size=batch_size, amp="off", device=device, log_every=max(1, steps // 4),
+        checkpoint_every=checkpoint_every or steps, progress=progress, loss=loss,
+        optim=dataclasses.replace(optim, warmup_steps=min(optim.warmup_steps, steps // 4)),
     )
 
 

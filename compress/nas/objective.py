@@ -81,6 +81,9 @@ class TrialSettings:
     parent: Path | None = None
     """A trained student of the family (a saved student folder) whose sub-networks the space holds: trials start
     from its weights, and it is not distilled. None: the space's largest member, distilled for ``parent_steps``."""
+    progress: bool = False
+    """Show the parent's distillation (a line before it, then a bar, or a line every 30 s in a log); trials stay
+    quiet (the study's bar reports them)."""
 
     def __post_init__(self) -> None:
         check_proxy(self.proxy, self.parent_steps)
@@ -96,25 +99,33 @@ class StudentSearchObjective:
         self.latency_cache = LatencyCache(settings.run_dir / "latency_cache.sqlite")
         self._parent = None
 
-    def _distill_config(self, run_dir: Path, spec: StudentSpec, iters: int, steps: int):
+    def _distill_config(self, run_dir: Path, spec: StudentSpec, iters: int, steps: int, **quiet_or_not: Any):
         s = self.s
         return trial_config(run_dir, spec, s.train_data, s.labels_dir, s.labels, iters, steps=steps,
                             batch_size=s.batch_size, loss=s.loss, optim=s.optim, seed=s.seed, device=s.device,
-                            crop_size=s.crop_size)
+                            crop_size=s.crop_size, **quiet_or_not)
 
     def parent(self) -> torch.nn.Module:
         """The study's parent: the trained one named by the settings, or the space's largest member distilled once
         and reused from disk; its channels reordered by importance."""
         if self._parent is None:
-
-
-            folder = self.s.parent or self.s.run_dir / "parent" / "student"
-            if self.s.parent is None and not (folder / "model.safetensors").is_file():
+            s = self.s
+            folder = s.parent or s.run_dir / "parent" / "student"
+            if s.parent is None and not (folder / "model.safetensors").is_file():
                 cfg = parent_config(self.space)
                 spec = StudentSpec(kind="search_space", config=cfg.to_dict())
-                folder = distill(self._distill_config(self.s.run_dir / "parent", spec, cfg.iters,
-                                                      self.s.parent_steps)).student_path
-                drop_training_state(self.s.run_dir / "parent")
+                # The parent's distillation is the search's longest step (20000 steps in the GPU recipe): it says
+                # so, shows its progress, and checkpoints every tenth of the way so a killed run resumes it.
+                every = max(1, s.parent_steps // 10)
+                if s.progress:
+                    # print, not rich: a log line that rich would wrap inside the path
+                    print(f"[ffsc] parent: distilling {cfg.name} (the space's largest member) for {s.parent_steps} "
+                          f"steps, checkpointed every {every} step{'' if every == 1 else 's'} in "
+                          f"{s.run_dir / 'parent'}", flush=True)
+                folder = distill(self._distill_config(s.run_dir / "parent", spec, cfg.iters, s.parent_steps,
+                                                      progress=s.progress, checkpoint_every=every)).student_path
+            if s.parent is None:  # also when a run was killed between saving the parent and dropping its state
+                drop_training_state(s.run_dir / "parent")
             # Ordered on the study's device (one forward per channel group) and kept on the CPU, where trials
             # slice it; the same seed gives the same order in every worker.
             parent = load_student(folder, device=self.s.device)
@@ -126,7 +137,6 @@ class StudentSearchObjective:
         """Median latency of the whole model at the working size (measured or predicted)."""
         lat = self.s.latency
         if lat.mode == "predicted":
-
             raw = predict_latency(self.s.latency_table, cfg, lat.height, lat.width, iters=lat.iters)
             return raw * self.s.latency_scale
 
@@ -136,7 +146,6 @@ class StudentSearchObjective:
         return float(stats.median_ms)
 
     def __call__(self, trial) -> dict[str, float]:
-
         s = self.s
         cfg = self.space.sample(trial)
         trial.set_user_attr("student_config", cfg.to_dict())
@@ -151,16 +160,12 @@ class StudentSearchObjective:
             trial.set_user_attr("latency_ms", latency)
             raise optuna.TrialPruned(reason)
         trial_dir = s.run_dir / "trials" / f"{trial.number:04d}"
-        spec = StudentSpec(kind="search_space", config=cfg.to_dict())
-        if s.proxy == "inherit":
-
-
-            child, report = inherit_student(self.parent(), cfg, seed=s.seed)
-            trial.set_user_attr("inherited_fraction", report.fraction_inherited())
-            spec = StudentSpec(kind="search_space", model=str(save_student(child, trial_dir / "inherited")))
-        result = distill(self._distill_config(trial_dir, spec, cfg.iters, s.distill_steps))
-        student = load_student(result.student_path, device=s.device)
-        scores = evaluate_student(student, s.eval_set, iters=cfg.iters, device=s.device)
+        try:
+            result, scores = self._distil_and_score(trial, cfg, trial_dir)
+        finally:
+            # Finished or failed, a trial keeps no training state: a failed trial is never resumed (Optuna records
+            # it FAIL; a dead worker's trial is retried under a new number, in a new folder).
+            drop_training_state(trial_dir)
         metrics = {
             "epe": scores[s.error_metric],
             "latency_ms": latency,
@@ -170,14 +175,23 @@ class StudentSearchObjective:
             **{f"loss_{k}": float(v) for k, v in result.train_losses.items() if isinstance(v, (int, float))},
         }
         trial.set_user_attr("student_path", str(result.student_path))
-        drop_training_state(trial_dir)
         return metrics
+
+    def _distil_and_score(self, trial, cfg, trial_dir: Path):
+        """The trial's short distillation (from the parent's sliced weights with proxy 'inherit') and its scores."""
+        s = self.s
+        spec = StudentSpec(kind="search_space", config=cfg.to_dict())
+        if s.proxy == "inherit":
+            child, report = inherit_student(self.parent(), cfg, seed=s.seed)
+            trial.set_user_attr("inherited_fraction", report.fraction_inherited())
+            spec = StudentSpec(kind="search_space", model=str(save_student(child, trial_dir / "inherited")))
+        result = distill(self._distill_config(trial_dir, spec, cfg.iters, s.distill_steps))
+        student = load_student(result.student_path, device=s.device)
+        return result, evaluate_student(student, s.eval_set, iters=cfg.iters, device=s.device)
 
 
 def drop_training_state(run_dir: Path) -> None:
     """Delete what only an unfinished distillation needs (its optimiser checkpoint, the inherited start) once its
     student is saved: a finished trial keeps its weights once, so a 200-trial study fits on a disk."""
-
-
     (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "inherited", ignore_errors=True)

@@ -46,6 +46,7 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
                 "warmup": lat.warmup, "repeats": lat.repeats, "threads": lat.threads,
                 "device": str(lat.device or device), "iters": iters,
                 **({"clock": lat.clock} if lat.clock != "wall" else {})}
+    names = ", ".join(models)
     if together:
         key = hashlib.sha256(json.dumps({"models": {n: model_hash(m) for n, m in models.items()}, "settings": settings,
                                          "rounds": lat.report_rounds}, sort_keys=True).encode()).hexdigest()
@@ -54,12 +55,17 @@ def report_latencies(summary: RunSummary, recipe: RunRecipe, teacher_model: torc
         if saved is not None:
             medians = saved["median_ms"]
         else:
+            say(recipe, f"latency: timing {names} side by side in {lat.report_rounds} alternating "
+                        f"round{'' if lat.report_rounds == 1 else 's'} "
+                        f"({describe_latency(latency_settings(lat, device), notes=False)})")
             stats = measure_together(models, lat.backend, lat.height, lat.width, iters=iters, rounds=lat.report_rounds,
                                      device=lat.device or device, progress=recipe.progress, **lat.timing())
             medians = {name: st.median_ms for name, st in stats.items()}
             record.save(settings=settings, median_ms=medians, stats={n: st.to_dict() for n, st in stats.items()})
     else:
         cache = LatencyCache(run_dir / "latency_cache.sqlite")
+        say(recipe, f"latency: timing {names} ({describe_latency(latency_settings(lat, device), notes=False)}; "
+                    "each reused from the run's latency cache when timed before)")
         medians = {name: measure(model, lat.backend, lat.height, lat.width, iters=iters[name],
                                  device=lat.device or device,
                                  cache=cache, **lat.timing()).median_ms

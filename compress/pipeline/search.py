@@ -33,7 +33,7 @@ def trial_settings(recipe: RunRecipe, run_dir: Path, labels_dir: Path, eval_set,
         eval_set=eval_set, height=recipe.height, width=recipe.width, distill_steps=s.distill_steps,
         batch_size=s.batch_size, loss=recipe.loss, optim=recipe.optim, error_metric=s.error_metric,
         latency=s.latency, device=str(device), seed=recipe.seed, latency_table=table, proxy=s.proxy,
-        parent_steps=s.parent_steps, parent=parent, crop_size=recipe.data.crop_size,
+        parent_steps=s.parent_steps, parent=parent, crop_size=recipe.data.crop_size, progress=recipe.progress,
     )
 
 

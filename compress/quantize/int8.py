@@ -101,7 +101,7 @@ def quantize_onnx(
         ref_sens = run_frames(src, sens_frames, cfg.threads)
         say(f"calibrating on {len(calib_frames)} frames ({cfg.method})")
         trial = work / "trial.onnx"
-        quantize_graph(src, trial, cfg, cache, calib_frames, candidates, island_nodes)
+        quantize_graph(src, trial, cfg, cache, calib_frames, candidates, island_nodes, progress=progress)
         whole_epe = epe_between(run_frames(trial, sens_frames, cfg.threads), ref_sens)
 
         table: list[GroupSensitivity] = []

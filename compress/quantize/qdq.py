@@ -19,6 +19,7 @@ from compress.export.runtime import OUTPUT_NAME, make_session
 from compress.metrics import epe
 from compress.quantize.config import QuantizeConfig
 from compress.quantize.frames import CalibrationFrame
+from compress.terminal import progress_bar
 
 
 def node_group(name: str, op_type: str, depth: int = 2) -> str:
@@ -59,14 +60,27 @@ def quantizable_groups(model: onnx.ModelProto, op_types: Sequence[str], depth: i
 
 
 class _Reader:
-    """ONNX Runtime CalibrationDataReader over frames."""
+    """ONNX Runtime CalibrationDataReader over frames, with a progress bar (a line every 30 s in a log): the
+    calibration runs the graph on every frame and can take minutes."""
 
-    def __init__(self, frames: list[CalibrationFrame]) -> None:
+    def __init__(self, frames: list[CalibrationFrame], progress: bool = False) -> None:
         self._it = iter(frames)
+        self._handed = False
+        self._bar = progress_bar(total=len(frames), desc="calibrating", unit="frame", disable=not progress)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._handed:  # ONNX Runtime asks for the next frame once it has run the last one
+            self._bar.update(1)
         frame = next(self._it, None)
-        return None if frame is None else frame.feeds()
+        self._handed = frame is not None
+        if frame is None:
+            self.close()
+            return None
+        return frame.feeds()
+
+    def close(self) -> None:
+        """End the progress bar (idempotent)."""
+        self._bar.close()
 
     def rewind(self) -> None:  # part of the reader protocol; calibration reads once
         pass
@@ -113,8 +127,9 @@ def quiet_preprocess_advice() -> Iterator[None]:
 
 
 def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, cache: Path, frames: list[CalibrationFrame] | None,
-                   nodes_to_quantize: list[str] | None, nodes_to_exclude: list[str]) -> None:
-    """Quantize src to dst with ONNX Runtime (calibrating on frames, or reusing the ranges cached in cache)."""
+                   nodes_to_quantize: list[str] | None, nodes_to_exclude: list[str], progress: bool = False) -> None:
+    """Quantize src to dst with ONNX Runtime (calibrating on frames, with a progress bar when ``progress``, or
+    reusing the ranges cached in cache)."""
     # onnxruntime is an optional extra (cpu or gpu build): imported only when quantizing
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -124,7 +139,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, cache: Path, frame
         raise MissingDependencyError(
             f"onnxruntime {onnxruntime.__version__} cannot reuse calibration ranges (quantize_static has no "
             "calibration_cache_path); the sensitivity pass needs a newer one: pip install -U onnxruntime (1.32 works)")
-    reader = _Reader(frames) if frames is not None else None
+    reader = _Reader(frames, progress) if frames is not None else None
     # TensorRT takes symmetric signed INT8 only (zero point 0); ONNX Runtime's x86 kernels are fastest with
     # unsigned asymmetric activations (U8S8). Weights are symmetric signed INT8 for both.
     trt = cfg.target == "tensorrt"
@@ -142,6 +157,9 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, cache: Path, frame
             )
     except Exception as err:
         raise ExportError(f"ONNX Runtime quantize_static failed on {src}: {type(err).__name__}: {err}") from err
+    finally:
+        if reader is not None:
+            reader.close()
 
 
 def run_frames(path: Path, frames: list[CalibrationFrame], threads: int | None) -> list[np.ndarray]:

@@ -213,3 +213,14 @@ def test_measure_together_exports_each_module_once_for_onnxruntime(monkeypatch) 
     assert len(exported) == 2 and all(len(s.round_medians_ms) == 2 for s in stats.values())
     with pytest.raises(ConfigError, match="rounds"):
         measure_together({"x": make_toy()}, "torch", H, W, rounds=0)
+
+
+def test_measure_together_says_which_model_it_exports_before_timing(capsys) -> None:
+    measure_together({"teacher": make_toy(), "final": make_toy()}, "onnxruntime", H, W, iters={"teacher": 2,
+                     "final": 1}, rounds=1, warmup=0, repeats=1, device="cpu", intra_op_threads=1, progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"[ffsc] latency: exporting teacher to ONNX ({H}x{W}, 2 iterations) ...",
+                     f"[ffsc] latency: exporting final to ONNX ({H}x{W}, 1 iteration) ..."]
+    measure_together({"teacher": make_toy()}, "onnxruntime", H, W, iters=1, rounds=1, warmup=0, repeats=1,
+                     device="cpu", intra_op_threads=1)
+    assert capsys.readouterr().out == ""  # quiet without progress

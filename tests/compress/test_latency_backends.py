@@ -15,10 +15,12 @@ from torch._dynamo.utils import counters
 import compress.backends as backends
 import compress.latency as latency
 import compress.latency_config as latency_config
+from compress.cli import main
 from compress.compiled import recompile_limit_hits
-from compress.errors import FFSCError
+from compress.errors import FFSCError, MissingDependencyError
 from compress.latency import COMPILE_BACKEND_ENV, LatencyConfig, measure, resolve_backend, triton_problem
 from search_spaces import build_student, preset
+from tests.paths import REPO
 
 H, W = 64, 128
 
@@ -150,3 +152,28 @@ def test_triton_problem_checks_import_capability_and_torch(monkeypatch: pytest.M
     assert triton_problem("cuda:0") is None
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError (Windows, Jetson)
     assert triton_problem().startswith("Triton does not import (")
+
+
+def test_an_explicit_compile_without_triton_is_refused_at_preflight(gpu_without_tensorrt: str, tmp_path,
+                                                                    monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError (Windows, Jetson)
+    monkeypatch.delenv(COMPILE_BACKEND_ENV, raising=False)  # inductor: Triton's kernels on a GPU
+    with pytest.raises(MissingDependencyError, match=r"^latency\.compile: true on cuda:0, but torch\.compile cannot "
+                                                     r"make GPU kernels here: Triton does not import \(.*\); set "
+                                                     r"compile: false \(CUDA graphs work without it\) or backend: "
+                                                     r"auto$"):
+        LatencyConfig(backend="torch", device="cuda:0", compile=True, cuda_graph=True).resolved()
+    # `ffsc run` refuses it in one line, before anything is written.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    run_dir = tmp_path / "run"
+    code = main(["run", str(REPO / "recipes" / "quickstart_cpu.yaml"), f"run_dir={run_dir}",
+                 "search.latency={backend: torch, device: cuda, compile: true}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("ffsc run: error: latency.compile: true on cuda, but ")
+    assert not run_dir.exists()
+    # Accepted: no compile, a CPU (C++ kernels), another compile backend, or 'auto' (which leaves compile out).
+    LatencyConfig(backend="torch", device="cuda:0", cuda_graph=True).resolved()
+    LatencyConfig(backend="torch", device="cpu", compile=True).resolved()
+    assert not LatencyConfig(backend="auto", compile=True).resolved()[0].compile
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "eager")
+    LatencyConfig(backend="torch", device="cuda:0", compile=True).resolved()

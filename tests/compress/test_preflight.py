@@ -208,6 +208,18 @@ def test_the_cpu_and_gpu_onnxruntime_builds_are_alternative_extras() -> None:
     assert any(d.startswith("onnxruntime>=") for d in extras["cpu"]) and not any("gpu" in d for d in extras["cpu"])
     assert any(d.startswith("onnxruntime-gpu>=") for d in extras["gpu"])
     assert not any(d.startswith("onnxruntime>=") for d in extras["gpu"] + extras["tensorrt"] + extras["real"])
+    # dev goes with either build (".[dev,gpu]" must not bring the CPU build beside the GPU one)
+    assert not any(d.startswith("onnxruntime") for d in extras["dev"])
+
+
+def test_the_readme_test_command_installs_one_onnxruntime_build_and_ci_runs_it() -> None:
+    readme = (REPO / "README.md").read_text()
+    command = readme.split("# 2. set up and run the tests\n", 1)[1].splitlines()[0]
+    install, test = (part.strip() for part in command.split(" && ")[1:])
+    assert '-e ".[dev,cpu]"' in install and test == ".venv/bin/pytest -q"
+    # CI runs exactly the README's test command, after the same install (quiet).
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert install.replace("pip install ", "pip install -q ") in ci and ci[-1] == test
 
 
 def test_a_missing_onnxruntime_is_one_line_naming_the_extras(monkeypatch) -> None:

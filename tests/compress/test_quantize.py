@@ -227,3 +227,15 @@ def test_the_advice_filter_keeps_real_warnings_and_leaves_no_root_handler(tmp_pa
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines() == ["ERROR:root:a real problem"]
+
+
+def test_calibration_shows_its_progress(fp32_onnx: Path, tmp_path: Path, capsys) -> None:
+    cfg = QuantizeConfig(**{**FAST, "sensitivity": False})
+    quantize_onnx(fp32_onnx, tmp_path / "shown_int8.onnx", "synthetic", cfg, measure_latency=False, progress=True)
+    captured = capsys.readouterr()
+    assert "[ffsc quantize] calibrating on 3 frames (minmax)" in captured.out
+    # Not a terminal: plain lines, one as it starts, one per 30 s, one at the end.
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("calibrating: ")]
+    assert lines[0].startswith("calibrating: 0/3 (0%)") and lines[-1].startswith("calibrating: 3/3 (100%)")
+    quantize_onnx(fp32_onnx, tmp_path / "quiet_int8.onnx", "synthetic", cfg, measure_latency=False)
+    assert "calibrating" not in capsys.readouterr().err

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from compress.cli import main
+from compress.commands.prune import recovery_verdict
 from compress.data import SyntheticConfig, write_synthetic_dataset
 from search_spaces import build_student, count_params, preset
 from search_spaces.serialization import load_model
@@ -104,3 +105,13 @@ def test_cli_missing_model_is_a_checkpoint_error(tmp_path, capsys):
     rc = main(["prune", "--model", str(tmp_path / "nowhere"), "--budget-gmacs", "1", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "no such file or directory" in err
+
+
+@pytest.mark.parametrize("before, after, verdict", [
+    (28.0, 50.1, "NOT recovered: worse after the recovery"),  # the 35.0 -> 28.0 -> 50.1
+    (28.0, 20.0, "recovered"),
+    (28.0, 27.5, "barely changed"),  # within 5%
+    (28.0, 28.0, "barely changed"),
+])
+def test_the_recovery_verdict_says_when_the_error_rose(before: float, after: float, verdict: str) -> None:
+    assert recovery_verdict(before, after) == verdict

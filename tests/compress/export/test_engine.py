@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import compress.latency as latency
 from compress.errors import ConfigError, MissingDependencyError
 from compress.export import (
     EngineInfo,
@@ -28,6 +29,9 @@ from compress.export.engine import (
     default_timing_cache_dir,
     timing_cache_path,
 )
+from compress.export.fp16 import fp32_island_names
+from compress.export.onnx_export import to_onnx
+from search_spaces import build_student, preset
 from tests.compress.export.fake_tensorrt import (
     FakeCuda,
     FakeTensorRT,
@@ -387,3 +391,36 @@ def test_preflight_refuses_bf16_on_tensorrt_11(monkeypatch: pytest.MonkeyPatch, 
         preflight.check_backend("tensorrt", "cuda", precision, key="search.latency.backend")
     with pytest.raises(ConfigError, match=r"^export\.precision='bf16' with TensorRT 11\.0\.0"):
         preflight.check_tensorrt_precision(precision, "export.precision")
+
+
+def test_weakly_typed_fp16_pins_the_disparity_islands_to_float32(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                 timing_dir: Path) -> None:
+    # A real student's export: to_onnx records its float32 islands (the disparity accumulator, the convex
+    # upsampling, the correlation); TensorRT 10 builds fp16 weakly typed, so each island layer is pinned.
+    torch.manual_seed(0)
+    onnx_path = tmp_path / "student.onnx"
+    to_onnx(build_student(preset("tiny")).eval(), onnx_path, 64, 128, 1, check_parity=False)
+    trt, _ = _rig(monkeypatch, TRT10)
+    info = build_engine(onnx_path, tmp_path / "student.engine", precision="fp16")
+    (config,), (network,) = trt.configs, trt.networks
+    assert not network.strongly_typed and {"FP16", "PREFER_PRECISION_CONSTRAINTS"} <= {f.name for f in config.flags}
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    pinned = {layer.name for layer in layers if layer.precision == trt.float32}
+    for scope in ("/model/disparity_update/", "/model/convex_combination/"):
+        island = {layer.name for layer in layers if layer.name.startswith(scope)}
+        assert island and island <= pinned, scope
+    assert pinned == set(fp32_island_names(onnx_path)) and len(pinned) < len(layers)  # the rest is left to FP16
+    typed_outputs = {args[0] for name, args, _ in trt.calls if name == "set_output_type"}
+    assert typed_outputs == pinned and all(args[2] == trt.float32 for name, args, _ in trt.calls
+                                           if name == "set_output_type")
+    assert info.keep_fp32["pinned_layers"] == len(pinned)
+
+
+def test_side_by_side_timing_says_it_builds_an_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      timing_dir: Path) -> None:
+    _rig(monkeypatch, TRT10)
+    said: list[str] = []
+    engine = latency._deployable(write_float_onnx(tmp_path / "m.onnx"), "tensorrt", tmp_path / "work", 64, 128, 1,
+                                 torch.device("cuda"), "fp16", name="teacher", say=said.append)
+    assert engine.suffix == ".engine" and engine.is_file()
+    assert said == ["building a TensorRT engine for teacher (fp16) ..."]  # an .onnx file is not exported again

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from torch import nn
 
@@ -14,6 +15,7 @@ from compress.export import cast_onnx_fp16, to_onnx
 from compress.export.onnx_export import fp32_node_patterns, recorded_fp32_nodes
 from compress.export.runtime import make_session
 from search_spaces import build_student, preset
+from teacher.layers import Float32Island
 from teacher.update import ConvexCombination, DisparityUpdate
 
 
@@ -72,3 +74,35 @@ def test_an_exported_student_records_the_disparity_islands(tmp_path: Path) -> No
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     last = producer[graph.output[0].name]
     assert last.name.startswith("/model/convex_combination/"), last.name  # no fp16 step after the combination
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_disparity_islands_stay_float32_under_cpu_autocast(dtype: torch.dtype) -> None:
+    # The refinement alone: reduced-precision inputs (as an autocast update block hands them over) give the float32
+    # result the same inputs give without autocast.
+    gen = torch.Generator().manual_seed(0)
+    disp = (100.0 + 0.5 * torch.rand(1, 1, 8, 16, generator=gen)).to(dtype)
+    delta = (0.01 + 0.02 * torch.rand(1, 1, 8, 16, generator=gen)).to(dtype)
+    logits = (0.5 * torch.randn(1, 9, 32, 64, generator=gen)).to(dtype)
+    refine = _Refine().eval()
+    with torch.autocast("cpu", dtype=dtype):
+        out = refine(disp, delta, logits)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, refine(disp.float(), delta.float(), logits.float()))
+
+    # A whole student under the caller's autocast: its convolutions run in ``dtype``, every island in float32.
+    torch.manual_seed(0)
+    model = build_student(preset("tiny"), pretrained=False).eval()
+    islands, convs = [], []
+    for module in model.modules():
+        if isinstance(module, Float32Island):
+            module.register_forward_hook(lambda m, args, out: islands.append((type(m).__name__, out.dtype)))
+        elif isinstance(module, nn.Conv2d):
+            module.register_forward_hook(lambda m, args, out: convs.append(out.dtype))
+    left, right = (torch.rand(1, 3, 64, 128, generator=gen) * 255 for _ in range(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        disparity = model(left, right, iters=2, test_mode=True)
+    assert dtype in convs  # autocast did reach the model
+    names = {name for name, _ in islands}
+    assert {"DisparityUpdate", "ConvexCombination"} <= names
+    assert {out for _, out in islands} == {torch.float32} and disparity.dtype == torch.float32
