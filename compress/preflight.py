@@ -85,6 +85,16 @@ def check_dataset(path: str | os.PathLike, kind: str = "auto", key: str = "data.
         raise DataError(f"{key}: {root} holds no stereo pairs")
 
 
+def check_ground_truth(path: str | os.PathLike, kind: str = "auto", key: str = "data.path",
+                       options: dict | None = None, why: str = "") -> None:
+    """At least one pair of the dataset folder has a ground-truth disparity (no image is decoded); ``why``: what
+    needs it and what to do instead."""
+    dataset = open_dataset(Path(path), kind=kind, **(options or {}))
+    records = getattr(dataset, "records", None)
+    if records is not None and not any(r.disp is not None for r in records):
+        raise DataError(f"{key} {path}: none of its {len(records)} pairs has a ground-truth disparity{why}")
+
+
 def check_writable(path: str | os.PathLike, key: str = "output") -> None:
     """`path` (a file or folder, existing or not) can be written: probe the nearest existing folder above it,
     leaving nothing behind."""

@@ -15,7 +15,7 @@ from compress.atomic import atomic_write_text
 from compress.data.readers import open_dataset
 from compress.device import pick_device
 from compress.distill import distill, load_recipe
-from compress.errors import ConfigError, DataError
+from compress.errors import ConfigError
 from compress.evaluation import evaluate_student
 from compress.models import resolve_model
 from compress.nas import create_study, make_storage
@@ -23,7 +23,7 @@ from compress.pipeline import RunContext, RunRecipe, RunSummary, load_run_recipe
 from compress.pipeline.context import check_start_over, claim_run_dir, record_recipe, say
 from compress.pipeline.report import describe_latency, latency_settings
 from compress.pipeline.search import run_search, study_spec, with_budget
-from compress.preflight import check_distill, check_storage
+from compress.preflight import check_distill, check_ground_truth, check_storage
 from compress.run_lock import RunDirLock
 from compress.tracking import Tracker
 from teacher import model_iters
@@ -175,11 +175,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = resolved.module.to(device)
     iters = model_iters(model, args.iters, key="--iters")
     dataset = open_dataset(args.data, kind=args.kind)
-    records = getattr(dataset, "records", None)
-    no_gt = records is not None and not any(r.disp is not None for r in records)
-    if no_gt and not args.teacher:
-        raise DataError(f"--data {args.data}: none of its {len(records)} pairs has a ground-truth disparity, so there "
-                        "is nothing to score against; give --teacher MODEL to score against a teacher's disparity")
+    if not args.teacher:
+        check_ground_truth(args.data, args.kind, key="--data", why=", so there is nothing to score against; give "
+                                                                   "--teacher MODEL to score against a teacher's "
+                                                                   "disparity")
     teacher = teacher_iters = None
     if args.teacher:
         resolved_teacher = resolve_model(Path(args.teacher))

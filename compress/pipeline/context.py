@@ -55,10 +55,10 @@ RESUME_FREE = ("teacher.trust_checkpoint", "search.n_trials", "search.timeout", 
 RECIPE_RECORD = "recipe.yaml"
 
 RUN_ENTRIES = (LOCK_NAME, RECIPE_RECORD, WALL_TIME_RECORD, "summary.json", "report_latency.json", "teacher", "labels",
-               "parent", "trials", "search", "prune", "final", "export", "mlartifacts", RUN_RECORD,
-               DEFAULT_JOURNAL_NAME)
+               "parent", "trials", "search", "prune", "final", "export", "mlartifacts", RUN_RECORD)
 """What ffsc makes at the top of a run directory, besides the databases below: all that --start-over deletes."""
 SQLITE_FILES = (DEFAULT_SQLITE_NAME, "mlflow.db", "latency_cache.sqlite", DEFAULT_JOURNAL_NAME)
+"""ffsc's databases (the study, MLflow, the latency cache) and the study's journal file, each with its companions."""
 
 
 def say(recipe: RunRecipe, message: str, force: bool = False) -> None:
@@ -164,6 +164,12 @@ def preflight(recipe: RunRecipe) -> tuple[RunRecipe, BackendChoice]:
         spec = getattr(recipe.data, name)
         if spec.path:
             pf.check_dataset(spec.path, spec.kind, key=f"data.{name}.path", options=spec.options)
+    metric = recipe.search.error_metric
+    if recipe.search.enabled and metric.startswith("gt/") and recipe.data.eval.path:
+        spec = recipe.data.eval
+        pf.check_ground_truth(spec.path, spec.kind, key="data.eval.path", options=spec.options,
+                              why=f", and search.error_metric={metric} scores every trial against it; use "
+                                  f"search.error_metric=teacher/{metric.removeprefix('gt/')}")
     if recipe.export.enabled and "engine" in recipe.export.formats:
         gpu_problem = None if torch.cuda.is_available() else "PyTorch sees no CUDA GPU"
         if problem := get_backend("tensorrt").available() or gpu_problem:
@@ -215,7 +221,7 @@ def teacher_scores(eval_set: LabelledDataset) -> dict[str, float]:
     return {f"gt/{k}": v for k, v in acc.compute().items()} if acc.num_images else {}
 
 
-def foreign_entries(run_dir: Path) -> list[str]:
+def _foreign_entries(run_dir: Path) -> list[str]:
     """The names at the top of ``run_dir`` that ffsc does not make (sorted)."""
     return sorted(p.name for p in run_dir.iterdir() if not _ffsc_entry(p.name))
 
@@ -248,7 +254,7 @@ def claim_run_dir(recipe: RunRecipe, run_dir: Path, start_over: bool = False) ->
         cleared = [p for p in run_dir.iterdir() if p.name != LOCK_NAME and _ffsc_entry(p.name)]
         for path in cleared:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        kept = foreign_entries(run_dir)
+        kept = _foreign_entries(run_dir)
         if cleared or kept:
             note = f"; kept what ffsc did not make: {', '.join(kept)}" if kept else ""
             say(recipe, f"run directory {run_dir}: starting over ({len(cleared)} earlier entries removed{note})",

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from compress.cli import main
+from compress.data import SyntheticConfig, write_synthetic_dataset
 from compress.errors import ConfigError
 from compress.pipeline import finish, load_run_recipe, prepare_run
 from compress.pipeline.context import claim_run_dir, record_recipe
@@ -234,3 +235,16 @@ def test_a_prune_stopped_mid_way_is_said_to_start_again(tmp_path, capsys, monkey
     with pytest.raises(KeyboardInterrupt):  # a first prune: nothing to say
         finish.prune_chosen(recipe, tmp_path, tmp_path / "student", None, "cpu", Tracker(tmp_path))
     assert capsys.readouterr().out == ""
+
+
+def test_a_ground_truth_metric_on_held_out_pairs_without_it_is_refused_before_any_work(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, 2, SyntheticConfig(height=64, width=128, max_disp=16, num_objects=1), progress=False)
+    for gt in data.glob("*/disp0GT.pfm"):
+        gt.unlink()  # pairs only: no ground truth
+    run_dir = tmp_path / "run"
+    assert main(["run", str(RECIPE), f"run_dir={run_dir}", "progress=false", "search.error_metric=gt/epe",
+                 f"data.eval.path={data}", "data.eval.kind=auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "none of its 2 pairs has a ground-truth disparity" in err
+    assert "use search.error_metric=teacher/epe" in err and not run_dir.exists()
