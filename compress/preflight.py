@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import urllib.parse
 from dataclasses import replace
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
@@ -22,11 +24,12 @@ from compress.backends import (  # the last two are re-exported: callers check t
     get_backend,
     onnxruntime_conflict,  # noqa: F401
 )
-from compress.data.readers import open_dataset
+from compress.data.readers import layout_names, open_dataset
 from compress.distill.label_cache import MANIFEST
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
 from compress.latency import check_clock
 from compress.models import ENGINE_SUFFIXES
+from compress.nas.storage import check_storage  # noqa: F401  (re-exported: callers check through preflight)
 from teacher.loading import read_state_dict
 
 
@@ -72,9 +75,24 @@ def check_dataset(path: str | os.PathLike, kind: str = "auto", key: str = "data.
     except TypeError as err:
         raise ConfigError(f"{key}: options {dict(options or {})} do not fit dataset kind {kind!r} ({err})") from None
     except (DataError, ConfigError) as err:
-        raise DataError(f"{key}: {str(err).splitlines()[0]}") from None
+        # The readers list every layout they tried on the lines below the first; here they are named on one line.
+        first = str(err).splitlines()[0]
+        if first.endswith(" Tried:"):
+            first = (f"{first.removesuffix(' Tried:').removesuffix('.')}; expected the layout of one of "
+                     f"{', '.join(layout_names())} (or name one with the dataset's kind)")
+        raise DataError(f"{key}: {first}") from None
     if len(dataset) == 0:
         raise DataError(f"{key}: {root} holds no stereo pairs")
+
+
+def check_ground_truth(path: str | os.PathLike, kind: str = "auto", key: str = "data.path",
+                       options: dict | None = None, why: str = "") -> None:
+    """At least one pair of the dataset folder has a ground-truth disparity (no image is decoded); ``why``: what
+    needs it and what to do instead."""
+    dataset = open_dataset(Path(path), kind=kind, **(options or {}))
+    records = getattr(dataset, "records", None)
+    if records is not None and not any(r.disp is not None for r in records):
+        raise DataError(f"{key} {path}: none of its {len(records)} pairs has a ground-truth disparity{why}")
 
 
 def check_writable(path: str | os.PathLike, key: str = "output") -> None:
@@ -94,6 +112,26 @@ def check_writable(path: str | os.PathLike, key: str = "output") -> None:
         raise ConfigError(f"{key}: {target} is not writable ({probe_dir}: {err.strerror or err})") from None
     os.close(fd)
     os.unlink(name)
+
+
+TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", "databricks-uc", "uc")
+"""MLflow's tracking stores that are not databases (a bare path has no scheme)."""
+TRACKING_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+"""MLflow's database tracking stores (each also as ``<name>+<driver>``)."""
+
+
+def check_tracking_uri(uri: str | None, key: str = "tracking.uri") -> None:
+    """MLflow has a tracking store for the URI's scheme (its own, or a plugin's); connects to nothing."""
+    if uri is None:
+        return
+    scheme = urllib.parse.urlparse(str(uri)).scheme.lower()
+    if len(scheme) == 1 or scheme in TRACKING_SCHEMES or scheme.split("+")[0] in TRACKING_DATABASES:
+        return  # one letter: a Windows drive, a path
+    if scheme in {ep.name for ep in entry_points(group="mlflow.tracking_store")}:
+        return
+    raise ConfigError(f"{key}={uri!r}: MLflow has no tracking store for scheme {scheme!r}; expected a folder, "
+                      "file:PATH, sqlite:///PATH, postgresql://, mysql:// or mssql:// database URL, an "
+                      "http(s)://server or databricks (leave it unset for mlflow.db in the run directory)")
 
 
 ONNX_EXPECTED = "expected an .onnx model exported by `ffsc export` (or another ONNX model)"

@@ -15,14 +15,16 @@ from compress.atomic import atomic_write_text
 from compress.data.readers import open_dataset
 from compress.device import pick_device
 from compress.distill import distill, load_recipe
-from compress.errors import ConfigError, DataError
+from compress.errors import ConfigError
 from compress.evaluation import evaluate_student
 from compress.models import resolve_model
 from compress.nas import create_study, make_storage
-from compress.pipeline import RunRecipe, RunSummary, load_run_recipe, prepare_run, run_recipe
+from compress.pipeline import RunContext, RunRecipe, RunSummary, load_run_recipe, prepare_run, run_recipe
+from compress.pipeline.context import check_start_over, claim_run_dir, record_recipe, say
 from compress.pipeline.report import describe_latency, latency_settings
 from compress.pipeline.search import run_search, study_spec, with_budget
-from compress.preflight import check_distill
+from compress.preflight import check_distill, check_ground_truth, check_storage
+from compress.run_lock import RunDirLock
 from compress.tracking import Tracker
 from teacher import model_iters
 
@@ -47,7 +49,25 @@ def cmd_nas(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(recipe, run_dir=args.run_dir)
     if args.worker and not recipe.run_dir:
         raise ConfigError("--worker needs --run-dir (the run directory the study was created in, shared by workers)")
+    if args.storage:
+        check_storage(args.storage, key="--storage")
     ctx = prepare_run(recipe)  # each worker checks its own machine before it writes anything
+    if args.worker:  # workers share the directory (the study's storage coordinates them): no lock, no record
+        if args.start_over:
+            raise ConfigError("--start-over deletes the shared run directory's results; a --worker joins them: "
+                              "start over with the ffsc nas call that creates the study")
+        claim_run_dir(ctx.recipe, ctx.run_dir)
+        return _nas(ctx, args)
+    if args.start_over:
+        check_start_over(ctx.run_dir)  # a folder that is no run directory: refused before the lock file is made
+    with RunDirLock(ctx.run_dir, say=lambda m: say(ctx.recipe, m, force=True)):
+        # the resume check of `ffsc run`: a study of another recipe is refused
+        claim_run_dir(ctx.recipe, ctx.run_dir, args.start_over)
+        record_recipe(ctx.recipe, ctx.run_dir)
+        return _nas(ctx, args)
+
+
+def _nas(ctx: RunContext, args: argparse.Namespace) -> int:
     console().print(f"latency: {describe_latency(latency_settings(ctx.recipe.search.latency))} ({ctx.choice.reason})")
     ctx.open_teacher()
     run_dir = ctx.run_dir
@@ -136,7 +156,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     """Distil a student from the teacher as a distill recipe says (``torchrun ... -m compress.cli distill``: DDP)."""
     cfg = _recipe(args, load_recipe)
     check_distill(cfg)
-    result = distill(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # the other ranks of one DDP job write into rank 0's folder
+        with RunDirLock(cfg.run_dir):
+            result = distill(cfg)
+    else:
+        result = distill(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         summary = {**result.train_losses, **{f"eval/{k}": v for k, v in result.eval_metrics.items()}}
         print(json.dumps({"student": str(result.student_path), "steps": result.steps, **summary}, indent=2))
@@ -151,11 +175,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = resolved.module.to(device)
     iters = model_iters(model, args.iters, key="--iters")
     dataset = open_dataset(args.data, kind=args.kind)
-    records = getattr(dataset, "records", None)
-    no_gt = records is not None and not any(r.disp is not None for r in records)
-    if no_gt and not args.teacher:
-        raise DataError(f"--data {args.data}: none of its {len(records)} pairs has a ground-truth disparity, so there "
-                        "is nothing to score against; give --teacher MODEL to score against a teacher's disparity")
+    if not args.teacher:
+        check_ground_truth(args.data, args.kind, key="--data", why=", so there is nothing to score against; give "
+                                                                   "--teacher MODEL to score against a teacher's "
+                                                                   "disparity")
     teacher = teacher_iters = None
     if args.teacher:
         resolved_teacher = resolve_model(Path(args.teacher))
@@ -193,6 +216,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker", action="store_true", help="join an existing study and run trials")
     p.add_argument("--worker-id", default=None)
     p.add_argument("--create-only", action="store_true", help="create the study (and labels) and exit")
+    p.add_argument("--start-over", action="store_true",
+                   help="delete the run directory's earlier results first (a run of another recipe is refused "
+                        "without it)")
     p.set_defaults(func=cmd_nas)
 
     p = sub.add_parser("distill", help="distil a student (recipes/distill.yaml)")

@@ -525,6 +525,11 @@ _DETECTORS: list[tuple[str, Callable[[Path], bool], str]] = [
 ]
 
 
+def layout_names() -> list[str]:
+    """The dataset layouts ``kind='auto'`` detects, in the order it tries them."""
+    return [name for name, _, _ in _DETECTORS]
+
+
 def open_dataset(
     path: str | os.PathLike, kind: str = "auto", transform: Transform | None = None, seed: int = 0, **kwargs: Any
 ) -> FileStereoDataset:

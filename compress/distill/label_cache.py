@@ -53,7 +53,7 @@ from compress.cuda_graph import GraphedForward
 from compress.data.augment import AugmentConfig, colour_jitter, crop_sample
 from compress.data.sample import StereoDataset, StereoSample
 from compress.errors import ConfigError, DataError
-from compress.terminal import progress_bar
+from compress.terminal import console, progress_bar
 from teacher.inference import model_iters
 
 from .config import LabelCacheConfig
@@ -225,6 +225,9 @@ def build_label_cache(
         write_manifest_json(root / MANIFEST, manifest)
 
     pending = np.flatnonzero(~done).tolist()
+    if pending and len(pending) < n:  # said even without progress: where a resumed labelling goes on from
+        console().print(f"labels: {n - len(pending)} of {n} pairs cached in {root}, labelling the rest",
+                        markup=False, soft_wrap=True)
     teacher_was_training = teacher.training
     teacher.eval()
 

@@ -81,15 +81,15 @@ def _driver_importable(parsed: Any) -> bool:
     return True
 
 
-def _rdb_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry: int | None) -> BaseStorage:
-    import optuna
-    import sqlalchemy  # with optuna: a database storage only
+def _parse_rdb_url(url: str) -> tuple[Any, str]:
+    """The SQLAlchemy URL of a database storage and the URL to open (a bare dialect moved to an installed driver);
+    one line when it cannot be parsed, its scheme is unknown or its driver is missing. Opens nothing."""
     from sqlalchemy.engine import make_url  # with optuna: a database storage only
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError  # with optuna: a database storage only
 
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
         raise ConfigError(f"storage URL {url!r} cannot be parsed: {exc}") from None
     try:
         dialect = parsed.get_dialect()
@@ -112,7 +112,14 @@ def _rdb_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
         # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; psycopg2 serves the same URL.
         parsed = parsed.set(drivername=fallback)
         url = parsed.render_as_string(hide_password=False)
+    return parsed, url
 
+
+def _rdb_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry: int | None) -> BaseStorage:
+    import optuna
+    import sqlalchemy  # with optuna: a database storage only
+
+    parsed, url = _parse_rdb_url(url)
     backend = parsed.get_backend_name()
     engine_kwargs: dict[str, Any] = {}
     if backend == "sqlite":
@@ -185,22 +192,40 @@ def make_storage(
     storage with heartbeats, so trials of a killed worker are failed and re-enqueued (at most `max_retry`
     times) by the surviving workers.
     """
-    run_dir = Path(run_dir)
+    kind, where = _storage_kind(url_or_path, Path(run_dir))
+    if kind == "journal":
+        return _journal_storage(where)
+    return _rdb_storage(where, heartbeat_interval, grace_period, max_retry)
+
+
+def check_storage(url_or_path: str | os.PathLike[str] | None, key: str = "search.storage") -> None:
+    """One line unless ``make_storage`` can open what ``url_or_path`` names: a known kind, a URL that parses, a
+    database scheme SQLAlchemy knows with its driver installed. Creates and connects to nothing."""
+    try:
+        kind, where = _storage_kind(url_or_path, Path("."))
+        if kind == "rdb":
+            _parse_rdb_url(where)
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def _storage_kind(url_or_path: str | os.PathLike[str] | None, run_dir: Path) -> tuple[str, Any]:
+    """('journal', its path) or ('rdb', its SQLAlchemy URL) for what ``make_storage`` is given."""
     text = "" if url_or_path is None else os.fspath(url_or_path).strip()
     if not text:
         db = (run_dir / DEFAULT_SQLITE_NAME).expanduser().resolve()
-        return _rdb_storage(f"sqlite:///{db.as_posix()}", heartbeat_interval, grace_period, max_retry)
+        return "rdb", f"sqlite:///{db.as_posix()}"
     if text.startswith(JOURNAL_PREFIX):
         rest = text[len(JOURNAL_PREFIX) :].strip()
-        return _journal_storage(Path(rest) if rest else run_dir / DEFAULT_JOURNAL_NAME)
+        return "journal", Path(rest) if rest else run_dir / DEFAULT_JOURNAL_NAME
     if "://" in text:
-        return _rdb_storage(text, heartbeat_interval, grace_period, max_retry)
+        return "rdb", text
     lower = text.lower()
     if lower.endswith(_JOURNAL_SUFFIXES):
-        return _journal_storage(Path(text))
+        return "journal", Path(text)
     if lower.endswith(_SQLITE_SUFFIXES):
         db = Path(text).expanduser().resolve()
-        return _rdb_storage(f"sqlite:///{db.as_posix()}", heartbeat_interval, grace_period, max_retry)
+        return "rdb", f"sqlite:///{db.as_posix()}"
     raise ConfigError(
         f"cannot tell what storage {text!r} is; expected a .db/.sqlite file, a .log/.journal file, "
         "'journal:<path>', 'sqlite:///<path>' or a database URL such as 'postgresql://user:pass@host/db'"

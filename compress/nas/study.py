@@ -39,7 +39,7 @@ from compress.nas.workers import (
     reap_dead_trials,
     trial_counts,
 )
-from compress.terminal import progress_bar
+from compress.terminal import console, progress_bar
 
 if TYPE_CHECKING:
     import optuna
@@ -264,6 +264,9 @@ def run_study(
         return front
 
     counts = trial_counts(study)
+    if 0 < counts["counted"] < n_total:  # said even without progress: where a resumed search goes on from
+        console().print(f"search: {counts['counted']} of {n_total} trials done, resuming", markup=False,
+                        soft_wrap=True)
     ran = 0
     progress = progress_bar(
         total=n_total, initial=min(counts["counted"], n_total), desc=f"NAS {spec.name}", unit="trial", every_s=0

@@ -28,14 +28,16 @@ from compress.errors import ConfigError, MissingDependencyError
 from compress.latency_config import BackendChoice
 from compress.latency_predictor import open_table
 from compress.metrics import MetricAccumulator
+from compress.nas.storage import DEFAULT_JOURNAL_NAME, DEFAULT_SQLITE_NAME
 from compress.run_lock import LOCK_NAME
-from compress.structured import dump_yaml, read_yaml, to_plain, translate_renamed
-from compress.tracking import Tracker, flatten_params
+from compress.structured import did_you_mean, dump_yaml, read_yaml, to_plain, translate_renamed
+from compress.tracking import RUN_RECORD, Tracker, flatten_params
 from search_spaces import SearchSpace, StudentConfig, load_space, preset
 from search_spaces.serialization import CONFIG_NAME
 from teacher import model_iters
 
-from .recipe import RunRecipe
+from .recipe import RUN_STAND_INS, RunRecipe
+from .records import WALL_TIME_RECORD
 from .standin import SHIPPED_DIR
 from .teacher_stage import TeacherInfo, get_teacher
 
@@ -51,6 +53,12 @@ RESUME_FREE = ("teacher.trust_checkpoint", "search.n_trials", "search.timeout", 
 """Keys under RESUME_CHECKED that change no result: more trials extend the study, a longer timeout lets it go on."""
 
 RECIPE_RECORD = "recipe.yaml"
+
+RUN_ENTRIES = (LOCK_NAME, RECIPE_RECORD, WALL_TIME_RECORD, "summary.json", "report_latency.json", "teacher", "labels",
+               "parent", "trials", "search", "prune", "final", "export", "mlartifacts", RUN_RECORD)
+"""What ffsc makes at the top of a run directory, besides the databases below: all that --start-over deletes."""
+SQLITE_FILES = (DEFAULT_SQLITE_NAME, "mlflow.db", "latency_cache.sqlite", DEFAULT_JOURNAL_NAME)
+"""ffsc's databases (the study, MLflow, the latency cache) and the study's journal file, each with its companions."""
 
 
 def say(recipe: RunRecipe, message: str, force: bool = False) -> None:
@@ -110,6 +118,15 @@ def search_space(recipe: RunRecipe, parent: Path | None) -> SearchSpace:
     return load_space(recipe.search.space, parent=cfg, parent_name=f"parent {parent}")
 
 
+def _check_named_folder(key: str, value: str, folder: Path, names: tuple[str, ...], meanings: str) -> None:
+    """One line for a ``value`` that is neither one of ``names`` nor an existing folder, listing the names (with
+    ``meanings``, one each) and the closest one."""
+    if folder.exists():
+        return
+    raise ConfigError(f"{key}={value!r}: no such folder, and not one of {', '.join(map(repr, names))} "
+                      f"({meanings}); expected one of those or a saved student folder{did_you_mean(value, names)}")
+
+
 def preflight(recipe: RunRecipe) -> tuple[RunRecipe, BackendChoice]:
     """Check everything that can be checked before any work (nothing is written): the device, the latency
     backend ('auto' resolved), the teacher checkpoint, data folders and the run directory. Returns the recipe
@@ -123,10 +140,18 @@ def preflight(recipe: RunRecipe) -> tuple[RunRecipe, BackendChoice]:
     elif recipe.teacher.stand_in == "train":
         preset(recipe.teacher.train.preset, **recipe.teacher.train.overrides)  # unknown: lists the presets
     else:
+        _check_named_folder("teacher.stand_in", recipe.teacher.stand_in, teacher_folder(recipe), RUN_STAND_INS,
+                            "the shipped stand-in, one trained here")
         pf.check_checkpoint(teacher_folder(recipe), key="teacher.stand_in")
+    pf.check_tracking_uri(recipe.tracking.uri)
     if recipe.search.enabled:
+        pf.check_storage(recipe.search.storage, key="search.storage")
         parent = search_parent(recipe, teacher_folder(recipe))
         if parent is not None:
+            if recipe.search.parent not in PARENT_KEYWORDS:
+                _check_named_folder("search.parent", recipe.search.parent, parent, PARENT_KEYWORDS,
+                                    "the teacher when it is of the student family, the teacher, the space's "
+                                    "largest member distilled here")
             pf.check_checkpoint(parent, key="search.parent")
         trained_here = recipe.teacher.stand_in == "train" and not recipe.teacher.checkpoint
         # A stand-in trained in the run, as the parent, is checked once it exists.
@@ -139,6 +164,12 @@ def preflight(recipe: RunRecipe) -> tuple[RunRecipe, BackendChoice]:
         spec = getattr(recipe.data, name)
         if spec.path:
             pf.check_dataset(spec.path, spec.kind, key=f"data.{name}.path", options=spec.options)
+    metric = recipe.search.error_metric
+    if recipe.search.enabled and metric.startswith("gt/") and recipe.data.eval.path:
+        spec = recipe.data.eval
+        pf.check_ground_truth(spec.path, spec.kind, key="data.eval.path", options=spec.options,
+                              why=f", and search.error_metric={metric} scores every trial against it; use "
+                                  f"search.error_metric=teacher/{metric.removeprefix('gt/')}")
     if recipe.export.enabled and "engine" in recipe.export.formats:
         gpu_problem = None if torch.cuda.is_available() else "PyTorch sees no CUDA GPU"
         if problem := get_backend("tensorrt").available() or gpu_problem:
@@ -190,16 +221,44 @@ def teacher_scores(eval_set: LabelledDataset) -> dict[str, float]:
     return {f"gt/{k}": v for k, v in acc.compute().items()} if acc.num_images else {}
 
 
+def _foreign_entries(run_dir: Path) -> list[str]:
+    """The names at the top of ``run_dir`` that ffsc does not make (sorted)."""
+    return sorted(p.name for p in run_dir.iterdir() if not _ffsc_entry(p.name))
+
+
+def _ffsc_entry(name: str) -> bool:
+    # SQLite leaves companions beside a database (-wal, -shm, -journal); a journal storage, its lock file.
+    return name in RUN_ENTRIES or name.startswith(SQLITE_FILES)
+
+
+def check_start_over(run_dir: Path) -> None:
+    """Refuse ``--start-over`` on a folder that holds something but is not an ffsc run directory (nothing is
+    deleted or written): it deletes results, and a folder without a recorded recipe holds none of ffsc's."""
+    if not run_dir.is_dir() or (run_dir / RECIPE_RECORD).is_file():
+        return
+    held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
+    if held:
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise ConfigError(f"--start-over: {run_dir} is not an ffsc run directory (no {RECIPE_RECORD}; it holds "
+                          f"{shown}), so nothing was deleted; point run_dir at a run directory, or at a new or empty "
+                          "folder")
+
+
 def claim_run_dir(recipe: RunRecipe, run_dir: Path, start_over: bool = False) -> None:
     """Before the first stage: refuse a resume whose recipe differs from the recorded one in a key that changes
-    results (or, with ``start_over``, clear the directory), then record this recipe."""
+    results, or, with ``start_over``, delete the run's results (what ffsc made; a folder that is not a run
+    directory is refused). Writes nothing else: ``record_recipe`` records the recipe once the stages start."""
     record = run_dir / RECIPE_RECORD
     if start_over:
-        cleared = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
+        check_start_over(run_dir)
+        cleared = [p for p in run_dir.iterdir() if p.name != LOCK_NAME and _ffsc_entry(p.name)]
         for path in cleared:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        if cleared:
-            say(recipe, f"run directory {run_dir}: starting over ({len(cleared)} earlier entries removed)", force=True)
+        kept = _foreign_entries(run_dir)
+        if cleared or kept:
+            note = f"; kept what ffsc did not make: {', '.join(kept)}" if kept else ""
+            say(recipe, f"run directory {run_dir}: starting over ({len(cleared)} earlier entries removed{note})",
+                force=True)
     elif record.is_file():
         old = translate_renamed(RunRecipe, flatten_params(read_yaml(record, "recorded recipe")))
         new = flatten_params(to_plain(recipe))
@@ -212,7 +271,12 @@ def claim_run_dir(recipe: RunRecipe, run_dir: Path, start_over: bool = False) ->
                 " resuming would mix the two. Use another run_dir, or add --start-over to delete its results and "
                 "start again")
         say(recipe, f"resuming run directory {run_dir}: finished stages are reused, unfinished ones go on", force=True)
-    dump_yaml(recipe, record)
+
+
+def record_recipe(recipe: RunRecipe, run_dir: Path) -> None:
+    """Record the recipe in ``run_dir`` as its first stage starts (after ``claim_run_dir``), so that a call that
+    fails before any work leaves an earlier run's record as it was."""
+    dump_yaml(recipe, run_dir / RECIPE_RECORD)
 
 
 @dataclass

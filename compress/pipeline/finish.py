@@ -66,6 +66,9 @@ def prune_chosen(recipe: RunRecipe, run_dir: Path, student_path: Path, teacher_m
     if previous is not None and (model_dir / "config.yaml").is_file():
         say(recipe, f"prune: reusing {model_dir} (same settings)")
         return model_dir, prune_summary(previous)
+    if previous is None and not (out / RESULT_NAME).is_file() and out.is_dir() and any(out.iterdir()):
+        # prune_to_budget writes its record last: files without it are a stopped run's, and pruning has no resume
+        say(recipe, "prune: an earlier run stopped mid-way; pruning again from the start", force=True)
     stale = run_dir / "final"
     if stale.exists():  # it was distilled from another starting point; its checkpoints must not be resumed
         say(recipe, f"prune: pruning anew, so the final distillation in {stale} starts over")

@@ -11,11 +11,13 @@ from compress.data import DatasetSpec
 from compress.distill.config import LabelCacheConfig, LossConfig, OptimConfig
 from compress.errors import ConfigError
 from compress.latency import LatencyConfig
+from compress.metrics import METRIC_KEYS
 from compress.nas.objective import check_proxy
+from compress.nas.spec import SAMPLERS
 from compress.prune.config import BUDGETS, DistillSpec, PruneSettings
 from compress.quantize import QuantizeConfig
 from compress.real_pairs import RealPairsConfig
-from compress.structured import load_structured, to_plain
+from compress.structured import did_you_mean, load_structured, to_plain
 from compress.teacher_ref import StandInTraining, TeacherRef
 from compress.tracking import TrackingConfig
 
@@ -24,6 +26,10 @@ TEACHER_TRAIN = (("fallback_preset", "preset"), ("fallback_overrides", "override
                  ("train_batch_size", "batch_size"), ("optim", "optim"), ("train_lr", "optim.lr"))
 """The stand-in's training keys of ``teacher`` before they moved under ``teacher.train`` in the stand-in recipe's
 words."""
+ERROR_METRICS = tuple(f"{against}/{key}" for against in ("teacher", "gt") for key in METRIC_KEYS)
+"""What ``search.error_metric`` may name: a held-out metric against the teacher's labels or the ground truth."""
+RUN_STAND_INS = ("shipped", "train")
+"""The stand-in teachers ``ffsc run`` and ``ffsc nas`` take by name (besides a saved student folder)."""
 EXPORT_FORMATS = ("onnx", "onnx_int8", "engine")
 ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -95,6 +101,13 @@ class SearchStage:
                               "latency budget; keep one")
         require_positive("search.timeout", self.timeout, allow_none=True)
         check_proxy(self.proxy, self.parent_steps, "search")
+        if str(self.sampler).lower() not in SAMPLERS:
+            raise ConfigError(f"search.sampler={self.sampler!r}: expected one of {list(SAMPLERS)}"
+                              f"{did_you_mean(str(self.sampler).lower(), SAMPLERS)}")
+        if self.error_metric not in ERROR_METRICS:
+            raise ConfigError(f"search.error_metric={self.error_metric!r}: expected one of {list(ERROR_METRICS)} "
+                              "(against the teacher's labels or the ground truth)"
+                              f"{did_you_mean(self.error_metric, ERROR_METRICS)}")
         if not self.parent:
             raise ConfigError("search.parent: got an empty value, expected 'auto', 'teacher', 'largest' or a saved "
                               "student folder")
@@ -190,7 +203,7 @@ class RunRecipe:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.teacher.check_for("ffsc run", ("shipped", "train"), folders=True)
+        self.teacher.check_for("ffsc run", RUN_STAND_INS, folders=True)
         if self.teacher.stand_in is None:
             self.teacher.stand_in = "shipped"
         if self.teacher.train is None:

@@ -15,7 +15,16 @@ from compress.real_pairs import load_real_pairs
 from compress.run_lock import RunDirLock
 from search_spaces import count_macs
 
-from .context import RunContext, claim_run_dir, describe_teacher, prepare_run, say, teacher_iters
+from .context import (
+    RunContext,
+    check_start_over,
+    claim_run_dir,
+    describe_teacher,
+    prepare_run,
+    record_recipe,
+    say,
+    teacher_iters,
+)
 from .finish import export_student, final_distill, prune_chosen, score_student
 from .recipe import RunRecipe
 from .records import RunSummary, WallTime
@@ -28,8 +37,12 @@ def run_recipe(recipe: RunRecipe, storage_url: str | None = None, start_over: bo
     resumes (``start_over``: clears it first). Writes summary.json; printing it is the caller's."""
     start = time.perf_counter()
     ctx = prepare_run(recipe)  # before anything is written or trained
+    if start_over:
+        check_start_over(ctx.run_dir)  # a folder that is no run directory: refused before the lock file is made
     with RunDirLock(ctx.run_dir, say=lambda m: say(ctx.recipe, m, force=True)):
         claim_run_dir(ctx.recipe, ctx.run_dir, start_over)
+        # Recorded only now that the stages start: a refused call leaves a finished run's record as it was.
+        record_recipe(ctx.recipe, ctx.run_dir)
         clock = WallTime.open(ctx.run_dir, start)  # after claim_run_dir: --start-over starts the count again
         try:
             return _run_stages(ctx, storage_url, clock)

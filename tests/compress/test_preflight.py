@@ -152,8 +152,44 @@ def test_dataset_missing_and_unknown_layout(tmp_path) -> None:
         preflight.check_dataset(tmp_path / "missing")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hi")
-    with pytest.raises(DataError, match=r"data\.path: .*no known stereo dataset layout"):
+    with pytest.raises(DataError) as err:
         preflight.check_dataset(tmp_path / "junk")
+    message = str(err.value)
+    assert "\n" not in message and "Tried" not in message  # one line, not cut off at the readers' list
+    assert re.fullmatch(r"data\.path: .*junk: no known stereo dataset layout found; expected the layout of one of "
+                        r"kitti2015, kitti2012, sceneflow, fsd, middlebury, pairs \(or name one with the dataset's "
+                        r"kind\)", message), message
+
+
+@pytest.mark.parametrize("uri", [None, "runs/mlruns", "file:///tmp/mlruns", "sqlite:///x/mlflow.db",
+                                 "postgresql+psycopg2://u:p@h/db", "http://localhost:5000", "databricks"])
+def test_tracking_uris_mlflow_has_a_store_for_pass(uri) -> None:
+    preflight.check_tracking_uri(uri)
+
+
+def test_a_tracking_uri_mlflow_has_no_store_for_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"^tracking\.uri='ftp://nowhere': MLflow has no tracking store for scheme "
+                                          r"'ftp'; expected a folder, file:PATH, sqlite:///PATH"):
+        preflight.check_tracking_uri("ftp://nowhere")
+
+
+@pytest.mark.parametrize("storage", [None, "", "journal:", "journal:/x/s.log", "study.log", "study.db",
+                                     "sqlite:///x/optuna.db", "sqlite://"])
+def test_storages_optuna_can_open_pass_and_nothing_is_made(tmp_path, monkeypatch, storage) -> None:
+    monkeypatch.chdir(tmp_path)
+    preflight.check_storage(storage)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("storage", "message"), [
+    ("foo://x", r"^search\.storage: unknown storage scheme 'foo' in 'foo://x'; expected a path to a \.db/\.log file"),
+    ("study.txt", r"^search\.storage: cannot tell what storage 'study\.txt' is; expected a \.db/\.sqlite file"),
+    ("postgresql://u:p@h:xx/db", r"^search\.storage: storage URL .* cannot be parsed"),
+    ("://db", r"^search\.storage: storage URL .* cannot be parsed"),
+])
+def test_a_storage_optuna_cannot_open_is_one_line(storage, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        preflight.check_storage(storage)
 
 
 def test_writable_probe_leaves_nothing(tmp_path) -> None:

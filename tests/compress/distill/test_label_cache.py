@@ -183,7 +183,7 @@ _KILLED_RUN = textwrap.dedent(
 CFG_TOY = LabelCacheConfig(disp_dtype="float32", prob_dtype="float32", feature_levels=[0], flush_every=2)
 
 
-def test_killed_labelling_resumes_without_recomputing(tmp_path: Path) -> None:
+def test_killed_labelling_resumes_without_recomputing(tmp_path: Path, capsys) -> None:
     toy = make_toy(seed=2)
     ident = teacher_identity(toy)
     killed = tmp_path / "killed"
@@ -198,6 +198,7 @@ def test_killed_labelling_resumes_without_recomputing(tmp_path: Path) -> None:
     counting = CountingTeacher(toy)
     cache = build_label_cache(counting, _dataset(6), killed, CFG_TOY, identity=ident, iters=2, progress=False)
     assert counting.calls == 4 and cache.complete
+    assert f"labels: 2 of 6 pairs cached in {killed}, labelling the rest\n" in capsys.readouterr().out  # no progress
     whole = build_label_cache(toy, _dataset(6), tmp_path / "whole", CFG_TOY, iters=2, progress=False)
     for name in whole.fields:
         assert np.array_equal(np.load(killed / f"{name}.npy"), np.load(tmp_path / "whole" / f"{name}.npy")), name

@@ -127,15 +127,17 @@ def test_objective_breaking_the_metrics_contract_stops_the_study(tmp_path):
     assert trial_counts(study)["counted"] == 0
 
 
-def test_rerun_only_runs_the_missing_trials(tmp_path):
+def test_rerun_only_runs_the_missing_trials_and_says_where_it_resumes(tmp_path, capsys):
     storage = make_storage("journal:" + str(tmp_path / "study.log"), tmp_path)
     spec = StudySpec("resume", sampler="random", seed=3, n_trials=5)
     first = run_study(spec, storage, analytic)
     assert first.ran == 5
     again = run_study(spec, storage, analytic)
     assert again.ran == 0 and again.n_complete == 5
+    assert "resuming" not in capsys.readouterr().out  # a fresh study and a finished one: nothing to resume
     more = run_study(spec, storage, analytic, n_trials=8)
     assert more.ran == 3 and more.n_complete == 8
+    assert "search: 5 of 8 trials done, resuming\n" in capsys.readouterr().out
     params = [(t.params["x"], t.params["y"]) for t in more.study.trials]
     assert len(set(params)) == 8  # the resumed sampler does not replay the first run's random sequence
 
