@@ -32,6 +32,7 @@ from compress.teacher_ref import TeacherRef
 from search_spaces import PRESETS, StudentConfig, StudentStereo, build_student, preset, save_student
 from search_spaces.serialization import load_model
 from teacher import FoundationStereo, TeacherConfig, load_teacher
+from teacher.config import VIT_SIZES
 from teacher.inference import model_iters
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -99,6 +100,7 @@ def resolve_model(
     if path.is_file() and allow_files and path.suffix in ENGINE_SUFFIXES:
         return ResolvedModel("engine", f"TensorRT engine {path}", path=path, default_iters=_engine_iters(path))
 
+    check_model_name(spec, key, allow_files)  # an unknown name or path: one line, before anything is built
     spec = spec.removeprefix(PRESET_PREFIX)
     if spec in PRESETS:
         with torch.random.fork_rng():
@@ -112,6 +114,24 @@ def resolve_model(
             model = FoundationStereo(TeacherConfig(vit_size=spec[len(TEACHER_PREFIX):])).eval()
         return ResolvedModel("random-teacher", f"FoundationStereo {model.cfg.vit_size} (random weights, seed {seed})",
                              model, default_iters=model_iters(model))
+    raise AssertionError(f"check_model_name passed {spec!r}")  # every name it passes is resolved above
+
+
+def check_model_name(spec: str | os.PathLike, key: str = "--model", allow_files: bool = False) -> None:
+    """Raise the one-line error resolve_model would, without building or reading anything, when ``spec`` is neither
+    an existing file or folder nor a name it builds (a preset, ``preset:NAME``, ``teacher:<vit>``)."""
+    spec = str(spec)
+    path = Path(spec)
+    if path.is_dir() or (path.is_file() and (path.suffix in CHECKPOINT_SUFFIXES or (allow_files and (
+            path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES)))):
+        return
+    if spec.removeprefix(PRESET_PREFIX) in PRESETS:
+        return
+    if spec.startswith(TEACHER_PREFIX):
+        vit = spec[len(TEACHER_PREFIX):]
+        if vit in VIT_SIZES:
+            return
+        raise ConfigError(f"{key} {spec!r}: unknown ViT size {vit!r}; expected teacher:<{'|'.join(VIT_SIZES)}>")
     files = "an .onnx file, a TensorRT engine, " if allow_files else ""
     if path.is_file():
         raise CheckpointError(f"{key} {spec}: unsupported file type '{path.suffix}'; expected {files}a teacher "
@@ -121,7 +141,7 @@ def resolve_model(
                               f"pruned-teacher directory, or a teacher checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
     raise ConfigError(f"{key} {spec!r} is not {files}a saved student or pruned-teacher directory, a teacher "
                       f"checkpoint, a preset ({', '.join(PRESETS)}, optionally as preset:NAME) or "
-                      "teacher:<vits|vitb|vitl>")
+                      f"teacher:<{'|'.join(VIT_SIZES)}>")
 
 
 def _onnx_iters(path: Path) -> int | None:

@@ -26,7 +26,7 @@ from compress.data.readers import open_dataset
 from compress.distill.label_cache import MANIFEST
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
 from compress.latency import check_clock
-from compress.models import ENGINE_SUFFIXES
+from compress.models import ENGINE_SUFFIXES, check_model_name
 from teacher.loading import read_state_dict
 
 
@@ -210,8 +210,8 @@ def check_frames_source(source: str | os.PathLike | None, key: str = "--calib") 
 
 
 def check_model_source(spec: str | None, key: str = "--model", trust_pickle: bool = False) -> None:
-    """A model named by a path (file or folder) exists and its weights read and are finite; names such as
-    presets and ``teacher:vitl`` pass (they are built, not read)."""
+    """A model named by a path (file or folder) exists and its weights read and are finite; a name is one that
+    resolve_model builds (a preset, ``teacher:vitl``; nothing is built here)."""
     if spec is None:
         return
     path = Path(spec)
@@ -220,6 +220,8 @@ def check_model_source(spec: str | None, key: str = "--model", trust_pickle: boo
     elif not path.exists() and (path.suffix or "/" in spec or "\\" in spec):
         raise CheckpointError(f"{key} {spec}: no such file or directory (expected a saved model folder or a "
                               "checkpoint file)")
+    else:
+        check_model_name(spec, key=key)
 
 
 def check_latency(lat, key: str = "latency") -> None:
