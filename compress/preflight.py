@@ -67,14 +67,21 @@ def check_dataset(path: str | os.PathLike, kind: str = "auto", key: str = "data.
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"{key}: {root} is not a folder (expected a stereo dataset folder)")
+    if not any(root.iterdir()):
+        raise DataError(f"{key}: {root} is an empty folder (expected a stereo dataset folder)")
     try:
         dataset = open_dataset(root, kind=kind, **(options or {}))
     except TypeError as err:
         raise ConfigError(f"{key}: options {dict(options or {})} do not fit dataset kind {kind!r} ({err})") from None
     except (DataError, ConfigError) as err:
-        raise DataError(f"{key}: {str(err).splitlines()[0]}") from None
+        raise DataError(f"{key}: {_first_line(err)} (expected a stereo dataset folder)") from None
     if len(dataset) == 0:
         raise DataError(f"{key}: {root} holds no stereo pairs")
+
+
+def _first_line(err: Exception) -> str:
+    """A reader's error without the layouts it tried, listed on the lines below the first: one line is enough."""
+    return str(err).splitlines()[0].removesuffix(" Tried:").removesuffix(".")
 
 
 def check_writable(path: str | os.PathLike, key: str = "output") -> None:
@@ -202,9 +209,7 @@ def check_frames_source(source: str | os.PathLike | None, key: str = "--calib") 
     try:
         dataset = open_dataset(root)
     except DataError as err:
-        # The readers list every layout they tried on the lines below the first; one line is enough here.
-        reason = str(err).splitlines()[0].removesuffix(" Tried:").removesuffix(".").removeprefix(f"{root}: ")
-        raise DataError(f"{key} {root}: {reason}; {expected}") from None
+        raise DataError(f"{key} {root}: {_first_line(err).removeprefix(f'{root}: ')}; {expected}") from None
     if len(dataset) == 0:
         raise DataError(f"{key} {root} holds no stereo pairs; {expected}")
 
