@@ -96,7 +96,8 @@ def resolve_model(
         return ResolvedModel("teacher", f"teacher checkpoint {path} (FoundationStereo {model.cfg.vit_size})", model,
                              path, model_iters(model))
     if path.is_file() and allow_files and path.suffix == ".onnx":
-        return ResolvedModel("onnx", f"ONNX file {path}", path=path, default_iters=_onnx_iters(path))
+        description, iters = _onnx_file(path)
+        return ResolvedModel("onnx", description, path=path, default_iters=iters)
     if path.is_file() and allow_files and path.suffix in ENGINE_SUFFIXES:
         return ResolvedModel("engine", f"TensorRT engine {path}", path=path, default_iters=_engine_iters(path))
 
@@ -144,12 +145,18 @@ def check_model_name(spec: str | os.PathLike, key: str = "--model", allow_files:
                       f"teacher:<{'|'.join(VIT_SIZES)}>")
 
 
-def _onnx_iters(path: Path) -> int | None:
+def _onnx_file(path: Path) -> tuple[str, int | None]:
+    """(description, recorded iteration count) of an ONNX stereo model; one line when its inputs or
+    output are not the ones ffsc feeds and reads."""
     # compress.export loads onnx (about 1.5 s): kept out of import compress.deploy and ffsc --help
-    from compress.export import read_metadata
+    from compress.export.onnx_export import NOT_FFSC, check_stereo_onnx, exported_by_ffsc, load_graph, read_metadata
 
-    value = read_metadata(path).get("iters")
-    return int(value) if value else None
+    graph = load_graph(path)  # one line for a damaged file
+    check_stereo_onnx(graph, path)
+    meta = read_metadata(graph)
+    origin = "" if exported_by_ffsc(meta) else f", which {NOT_FFSC}; inputs 'left' and 'right' (RGB 0..255) assumed"
+    value = meta.get("iters")
+    return f"ONNX file {path}{origin}", int(value) if value else None
 
 
 def _engine_iters(path: Path) -> int | None:

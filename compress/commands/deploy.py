@@ -48,6 +48,9 @@ from compress.terminal import console
 
 def _iters(args: argparse.Namespace, resolved: ResolvedModel) -> int:
     iters = args.iters if args.iters is not None else resolved.default_iters
+    if iters is None and resolved.kind == "onnx":  # its description already says whether ffsc exported it
+        raise ConfigError(f"--model {args.model} records no GRU iteration count (it is fixed inside the graph); pass "
+                          "--iters with that count, which labels the results")
     if iters is None:
         raise ConfigError(f"{resolved.description} records no iteration count; pass --iters")
     if iters < 1:
@@ -283,7 +286,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         done += 1
         if not folder_mode:
             h, w = disp.shape
-            print(f"disparity {w}x{h} in {seconds:.2f} s")
+            print(f"disparity {h}x{w} (height x width) in {seconds:.2f} s")
             for path in written:
                 print(f"  -> {path}")
             if result.points is not None:

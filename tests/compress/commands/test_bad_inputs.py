@@ -179,19 +179,20 @@ def test_infer_out_under_an_existing_file(inputs: Path, tmp_path: Path, capsys) 
 
 def test_infer_refuses_a_degenerate_pair(inputs: Path, tmp_path: Path, capsys) -> None:
     _fails(capsys, _infer(inputs, "dot", tmp_path / "out"), "is 1x1", "at least 32x32")
-    _fails(capsys, _infer(inputs, "a", tmp_path / "out", "--scale", "0.25"), "is 32x16 after --scale 0.25",
-           "at least 32x32")
+    _fails(capsys, _infer(inputs, "a", tmp_path / "out", "--scale", "0.25"),
+           "is 16x32 (height x width) after --scale 0.25", "at least 32x32")
     assert not list(tmp_path.iterdir())
 
 
 def test_infer_refuses_views_of_different_sizes(inputs: Path, tmp_path: Path, capsys) -> None:
-    _fails(capsys, _infer(inputs, "odd", tmp_path / "out"), "is 128x64", "is 96x48", "equal sizes")
+    _fails(capsys, _infer(inputs, "odd", tmp_path / "out"), "is 64x128", "is 48x96 (height x width)", "equal sizes")
     assert not list(tmp_path.iterdir())
 
 
 def test_infer_refuses_a_pair_too_large_for_the_memory(inputs: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(memory, "available_bytes", lambda device: (2**20, "RAM available"))  # 1 MiB
-    _fails(capsys, _infer(inputs, "a", tmp_path / "out", "--device", "cpu"), "a 128x64 pair needs about 12 MiB on cpu",
+    _fails(capsys, _infer(inputs, "a", tmp_path / "out", "--device", "cpu"),
+           "a 64x128 (height x width) pair needs about 12 MiB on cpu",
            "but 1 MiB is RAM available", "--scale 0.25 or less", "--hierarchical does not help")
     assert not list(tmp_path.iterdir())
 

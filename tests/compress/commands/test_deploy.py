@@ -97,7 +97,8 @@ def test_static_onnx_pads_smaller_images_to_its_size(work: Path, tmp_path: Path)
 
 def test_static_onnx_refuses_larger_images(work: Path, tmp_path: Path, capsys) -> None:
     err = _one_line_error(capsys, _infer(work, tmp_path / "d.npy", ["--onnx", str(work / "static.onnx")], "big_"))
-    assert "100x70" in err and "static shape" in err and "--dynamic" in err
+    assert "70x100 (height x width)" in err and "takes exactly 64x96" in err
+    assert "static shape" in err and "--dynamic" in err
     assert not (tmp_path / "d.npy").exists()
 
 
