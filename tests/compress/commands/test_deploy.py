@@ -300,3 +300,19 @@ def test_infer_checks_outputs_before_inference(work: Path, tmp_path: Path, capsy
     assert "--formats" in err
     assert "pass the model once" in _one_line_error(
         capsys, main([*base, "--onnx", str(work / "static.onnx"), "--out", str(tmp_path / "o")]))
+
+
+@pytest.mark.parametrize("argv", [
+    ["infer", "--model", "{student}", "--left", "{d}/left.png", "--right", "{d}/right.png", "--out", "{tmp}/out"],
+    ["bench", "--model", "{student}", "--height", "64", "--width", "96", "--backend", "torch"],
+    ["export", "--model", "{student}", "--height", "64", "--width", "96", "--out", "{tmp}/m.onnx"],
+])
+def test_cuda_device_without_a_gpu_is_one_line(work: Path, tmp_path: Path, capsys, argv: list[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: --device cuda is valid here")
+    argv = [a.format(student=work / "student", d=work, tmp=tmp_path) for a in argv]
+    for device in ("cuda", "cuda:1"):
+        err = _one_line_error(capsys, main([*argv, "--device", device]))
+        assert f"device '{device}' requested but CUDA is not available; use device=cpu" in err
+    assert "device 'gpu' is not a torch device" in _one_line_error(capsys, main([*argv, "--device", "gpu"]))
+    assert not list(tmp_path.iterdir())
