@@ -25,11 +25,9 @@ from torch import nn
 
 from compress.errors import ConfigError, ExportError, MissingDependencyError
 from compress.export._files import publish, save_onnx, staging_dir
-from compress.export.runtime import INPUT_NAMES, OUTPUT_NAME, make_session, random_stereo_pair
+from compress.export.runtime import INPUT_NAMES, METADATA_PREFIX, OUTPUT_NAME, make_session, random_stereo_pair
 from compress.export.trt_lint import LintFinding, lint_onnx
 from teacher.layers import Float32Island
-
-METADATA_PREFIX = "ffsc."
 
 
 @dataclass(frozen=True)
