@@ -86,8 +86,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model, teacher = resolve_prune_models(cfg)  # an unusable model, teacher or scope: refused, nothing written yet
     if cfg.budget.kind == "latency_ms" or cfg.latency.measure == "always":
         console().print(f"latency: {choice.backend} on {choice.device} ({choice.reason})")
-    # One prune at a time in a folder: a second would unlink the first's files under it.
-    with RunDirLock(cfg.run_dir, say=console().print):
+    # One prune at a time in a folder: a second would unlink the first's files under it. A prune starts over.
+    with RunDirLock(cfg.run_dir, say=console().print, resumes=False):
         result = _prune_tracked(cfg, model, teacher)
     out = console()
     table = Table("", "before", "after", title=f"pruned {cfg.model} ({', '.join(cfg.scope)})")
