@@ -140,9 +140,9 @@ def check_model_name(spec: str | os.PathLike, key: str = "--model", allow_files:
     if path.suffix or "/" in spec:
         raise CheckpointError(f"{key} {spec}: no such file or directory; expected {files}a saved student or "
                               f"pruned-teacher directory, or a teacher checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
-    raise ConfigError(f"{key} {spec!r} is not {files}a saved student or pruned-teacher directory, a teacher "
-                      f"checkpoint, a preset ({', '.join(PRESETS)}, optionally as preset:NAME) or "
-                      f"teacher:<{'|'.join(VIT_SIZES)}>")
+    raise ConfigError(f"{key} {spec.removeprefix(PRESET_PREFIX)!r} is not {files}a saved student or pruned-teacher "
+                      f"directory, a teacher checkpoint, a preset ({', '.join(PRESETS)}, optionally as preset:NAME) "
+                      f"or teacher:<{'|'.join(VIT_SIZES)}>")
 
 
 def _onnx_file(path: Path) -> tuple[str, int | None]:

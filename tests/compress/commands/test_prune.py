@@ -128,7 +128,7 @@ def _snapshot(folder):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "preset:tinny"], "--model 'preset:tinny' is not a saved student"),
+    (["--model", "preset:tinny"], "--model 'tinny' is not a saved student"),
     (["--model", "preset:tiny", "--teacher", "tinny"], "--teacher 'tinny' is not a saved student"),
     (["--model", "teacher:vitx"], "--model 'teacher:vitx': unknown ViT size 'vitx'"),
     (["--model", "teacher:vits", "--scope", "backbone"], "scope backbone cannot be pruned on a teacher"),
