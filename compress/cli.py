@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, NoReturn
 
 from compress.commands import deploy, import_, prune, quantize, run, space, teacher
 from compress.errors import FFSCError
@@ -12,9 +13,31 @@ from compress.errors import FFSCError
 COMMAND_MODULES = (teacher, space, prune, run, deploy, quantize, import_)
 
 
+def usage_error(prog: str, message: str) -> NoReturn:
+    """Print ``<prog>: error: <message> (see <prog> --help)`` on stderr and exit 2: one line, not a usage block."""
+    print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line naming the command (:func:`usage_error`)."""
+
+    def error(self, message: str) -> NoReturn:
+        """The parse error as one line, exit 2."""
+        usage_error(self.prog, message)
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        """argparse's add_argument; a ``nargs='*'`` positional defaults to [] (see below)."""
+        # Without a default argparse makes such a positional required, so `ffsc run` with no recipe was told
+        # "required: recipe, overrides" although no override is ever required.
+        if kwargs.get("nargs") == "*" and names and not names[0].startswith("-"):
+            kwargs.setdefault("default", [])
+        return super().add_argument(*names, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="ffsc", description=__doc__)
+    """The argument parser of every subcommand (their parsers are OneLineParsers too: subparsers take its class)."""
+    parser = OneLineParser(prog="ffsc", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
@@ -32,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ffsc {args.command}: error: {' '.join(misplaced)}: key=value overrides go right after the recipe, "
                   f"before any option: ffsc {args.command} RECIPE {misplaced[0]} ... --option VALUE", file=sys.stderr)
             return 2
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        usage_error(f"ffsc {args.command}", f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except FFSCError as exc:

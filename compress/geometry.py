@@ -121,7 +121,7 @@ def point_cloud(
     else:
         c = np.asarray(colors)
         if c.shape[:2] != (h, w):
-            raise DataError(f"colour image is {c.shape[1]}x{c.shape[0]} but the depth map is {w}x{h}")
+            raise DataError(f"colour image is {c.shape[0]}x{c.shape[1]} but the depth map is {h}x{w} (height x width)")
         rgb = np.ascontiguousarray(c[vs, us, :3], dtype=np.uint8)
     return points, rgb
 

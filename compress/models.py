@@ -32,6 +32,7 @@ from compress.teacher_ref import TeacherRef
 from search_spaces import PRESETS, StudentConfig, StudentStereo, build_student, preset, save_student
 from search_spaces.serialization import load_model
 from teacher import FoundationStereo, TeacherConfig, load_teacher
+from teacher.config import VIT_SIZES
 from teacher.inference import model_iters
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -95,10 +96,12 @@ def resolve_model(
         return ResolvedModel("teacher", f"teacher checkpoint {path} (FoundationStereo {model.cfg.vit_size})", model,
                              path, model_iters(model))
     if path.is_file() and allow_files and path.suffix == ".onnx":
-        return ResolvedModel("onnx", f"ONNX file {path}", path=path, default_iters=_onnx_iters(path))
+        description, iters = _onnx_file(path)
+        return ResolvedModel("onnx", description, path=path, default_iters=iters)
     if path.is_file() and allow_files and path.suffix in ENGINE_SUFFIXES:
         return ResolvedModel("engine", f"TensorRT engine {path}", path=path, default_iters=_engine_iters(path))
 
+    check_model_name(spec, key, allow_files)  # an unknown name or path: one line, before anything is built
     spec = spec.removeprefix(PRESET_PREFIX)
     if spec in PRESETS:
         with torch.random.fork_rng():
@@ -112,6 +115,24 @@ def resolve_model(
             model = FoundationStereo(TeacherConfig(vit_size=spec[len(TEACHER_PREFIX):])).eval()
         return ResolvedModel("random-teacher", f"FoundationStereo {model.cfg.vit_size} (random weights, seed {seed})",
                              model, default_iters=model_iters(model))
+    raise AssertionError(f"check_model_name passed {spec!r}")  # every name it passes is resolved above
+
+
+def check_model_name(spec: str | os.PathLike, key: str = "--model", allow_files: bool = False) -> None:
+    """Raise the one-line error resolve_model would, without building or reading anything, when ``spec`` is neither
+    an existing file or folder nor a name it builds (a preset, ``preset:NAME``, ``teacher:<vit>``)."""
+    spec = str(spec)
+    path = Path(spec)
+    if path.is_dir() or (path.is_file() and (path.suffix in CHECKPOINT_SUFFIXES or (allow_files and (
+            path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES)))):
+        return
+    if spec.removeprefix(PRESET_PREFIX) in PRESETS:
+        return
+    if spec.startswith(TEACHER_PREFIX):
+        vit = spec[len(TEACHER_PREFIX):]
+        if vit in VIT_SIZES:
+            return
+        raise ConfigError(f"{key} {spec!r}: unknown ViT size {vit!r}; expected teacher:<{'|'.join(VIT_SIZES)}>")
     files = "an .onnx file, a TensorRT engine, " if allow_files else ""
     if path.is_file():
         raise CheckpointError(f"{key} {spec}: unsupported file type '{path.suffix}'; expected {files}a teacher "
@@ -119,17 +140,23 @@ def resolve_model(
     if path.suffix or "/" in spec:
         raise CheckpointError(f"{key} {spec}: no such file or directory; expected {files}a saved student or "
                               f"pruned-teacher directory, or a teacher checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
-    raise ConfigError(f"{key} {spec!r} is not {files}a saved student or pruned-teacher directory, a teacher "
-                      f"checkpoint, a preset ({', '.join(PRESETS)}, optionally as preset:NAME) or "
-                      "teacher:<vits|vitb|vitl>")
+    raise ConfigError(f"{key} {spec.removeprefix(PRESET_PREFIX)!r} is not {files}a saved student or pruned-teacher "
+                      f"directory, a teacher checkpoint, a preset ({', '.join(PRESETS)}, optionally as preset:NAME) "
+                      f"or teacher:<{'|'.join(VIT_SIZES)}>")
 
 
-def _onnx_iters(path: Path) -> int | None:
+def _onnx_file(path: Path) -> tuple[str, int | None]:
+    """(description, recorded iteration count) of an ONNX stereo model; one line when its inputs or
+    output are not the ones ffsc feeds and reads."""
     # compress.export loads onnx (about 1.5 s): kept out of import compress.deploy and ffsc --help
-    from compress.export import read_metadata
+    from compress.export.onnx_export import NOT_FFSC, check_stereo_onnx, exported_by_ffsc, load_graph, read_metadata
 
-    value = read_metadata(path).get("iters")
-    return int(value) if value else None
+    graph = load_graph(path)  # one line for a damaged file
+    check_stereo_onnx(graph, path)
+    meta = read_metadata(graph)
+    origin = "" if exported_by_ffsc(meta) else f", which {NOT_FFSC}; inputs 'left' and 'right' (RGB 0..255) assumed"
+    value = meta.get("iters")
+    return f"ONNX file {path}{origin}", int(value) if value else None
 
 
 def _engine_iters(path: Path) -> int | None:

@@ -28,7 +28,7 @@ from compress.data.readers import layout_names, open_dataset
 from compress.distill.label_cache import MANIFEST
 from compress.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
 from compress.latency import check_clock
-from compress.models import ENGINE_SUFFIXES
+from compress.models import ENGINE_SUFFIXES, check_model_name
 from compress.nas.storage import check_storage  # noqa: F401  (re-exported: callers check through preflight)
 from teacher.loading import read_state_dict
 
@@ -70,6 +70,8 @@ def check_dataset(path: str | os.PathLike, kind: str = "auto", key: str = "data.
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"{key}: {root} is not a folder (expected a stereo dataset folder)")
+    if not any(root.iterdir()):
+        raise DataError(f"{key}: {root} is an empty folder (expected a stereo dataset folder)")
     try:
         dataset = open_dataset(root, kind=kind, **(options or {}))
     except TypeError as err:
@@ -93,6 +95,11 @@ def check_ground_truth(path: str | os.PathLike, kind: str = "auto", key: str = "
     records = getattr(dataset, "records", None)
     if records is not None and not any(r.disp is not None for r in records):
         raise DataError(f"{key} {path}: none of its {len(records)} pairs has a ground-truth disparity{why}")
+
+
+def _first_line(err: Exception) -> str:
+    """A reader's error without the layouts it tried, listed on the lines below the first: one line is enough."""
+    return str(err).splitlines()[0].removesuffix(" Tried:").removesuffix(".")
 
 
 def check_writable(path: str | os.PathLike, key: str = "output") -> None:
@@ -240,16 +247,14 @@ def check_frames_source(source: str | os.PathLike | None, key: str = "--calib") 
     try:
         dataset = open_dataset(root)
     except DataError as err:
-        # The readers list every layout they tried on the lines below the first; one line is enough here.
-        reason = str(err).splitlines()[0].removesuffix(" Tried:").removesuffix(".").removeprefix(f"{root}: ")
-        raise DataError(f"{key} {root}: {reason}; {expected}") from None
+        raise DataError(f"{key} {root}: {_first_line(err).removeprefix(f'{root}: ')}; {expected}") from None
     if len(dataset) == 0:
         raise DataError(f"{key} {root} holds no stereo pairs; {expected}")
 
 
 def check_model_source(spec: str | None, key: str = "--model", trust_pickle: bool = False) -> None:
-    """A model named by a path (file or folder) exists and its weights read and are finite; names such as
-    presets and ``teacher:vitl`` pass (they are built, not read)."""
+    """A model named by a path (file or folder) exists and its weights read and are finite; a name is one that
+    resolve_model builds (a preset, ``teacher:vitl``; nothing is built here)."""
     if spec is None:
         return
     path = Path(spec)
@@ -258,6 +263,8 @@ def check_model_source(spec: str | None, key: str = "--model", trust_pickle: boo
     elif not path.exists() and (path.suffix or "/" in spec or "\\" in spec):
         raise CheckpointError(f"{key} {spec}: no such file or directory (expected a saved model folder or a "
                               "checkpoint file)")
+    else:
+        check_model_name(spec, key=key)
 
 
 def check_latency(lat, key: str = "latency") -> None:

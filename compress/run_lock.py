@@ -50,10 +50,11 @@ def _pid_alive(pid: int) -> bool:
 class RunDirLock:
     """Hold ``run_dir`` exclusively (a context manager); ``say`` gets the one line printed on a take-over."""
 
-    def __init__(self, run_dir: str | os.PathLike, say: Callable[[str], None] = print) -> None:
+    def __init__(self, run_dir: str | os.PathLike, say: Callable[[str], None] = print, resumes: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.say = say
+        self.resumes = resumes  # work there resumes where a stopped process left it (a run), or starts over (a prune)
         self._fd: int | None = None
 
     def acquire(self) -> RunDirLock:
@@ -62,12 +63,14 @@ class RunDirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if not _try_lock(fd):
+                resume = " (a run resumes where it stopped)" if self.resumes else ""
                 raise RunDirBusy(f"run directory {self.run_dir} is in use by {_describe(_read(fd))}; wait for it to "
-                                 "end, or stop it, and run again (a run resumes where it stopped)")
+                                 f"end, or stop it, and run again{resume}")
             left = _read(fd)
             if left.get("pid") and not (left.get("pid") == os.getpid() and left.get("host") == socket.gethostname()):
+                resume = "; resuming from what it saved" if self.resumes else ""
                 self.say(f"run directory {self.run_dir}: taking over the lock left by {_describe(left)} (no longer "
-                         "running); resuming from what it saved")
+                         f"running){resume}")
             _write(fd, _holder())
         except BaseException:
             os.close(fd)

@@ -185,10 +185,15 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides: 
     try:
         if path is not None:
             path = Path(path)
+            if path.is_dir():
+                raise ConfigError(f"{what} {path} is a folder; expected a YAML file")
             if not path.is_file():
                 raise ConfigError(f"{what} {path} does not exist")
             layers.append(OmegaConf.load(path))
-            if isinstance(plain := OmegaConf.to_container(layers[-1]), Mapping):
+            plain = OmegaConf.to_container(layers[-1])
+            if not plain:  # an empty file (or comments only) would silently run every default
+                raise ConfigError(f"{what} {path} is empty; expected YAML settings (key: value lines)")
+            if isinstance(plain, Mapping):
                 check_renamed(schema, _dotted_keys(plain), where, _sections(plain))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
@@ -210,5 +215,9 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides: 
         raise ConfigError(f"{where}: {'key ' + repr(key) + ': ' if key else ''}{first}") from None
     except ConfigError:
         raise
-    except Exception as exc:  # YAML syntax errors surface as scanner/parser errors
+    except yaml.MarkedYAMLError as exc:  # a syntax error: where it is, in the editor's 1-based numbering
+        mark = exc.problem_mark or exc.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {exc.problem or exc.context}") from None
+    except Exception as exc:  # other YAML errors surface as scanner/parser errors
         raise ConfigError(f"{where} could not be read: {exc}") from None

@@ -37,21 +37,31 @@ from compress.deploy import (
     write_outputs,
 )
 from compress.deploy.infer import parse_formats
+from compress.device import pick_device
 from compress.errors import ConfigError, DataError
 from compress.export import check_image_size
 from compress.geometry import read_intrinsics
 from compress.models import ENGINE_SUFFIXES, ResolvedModel, resolve_model
-from compress.preflight import check_exported_file, check_model_source, check_writable
+from compress.preflight import check_dataset, check_exported_file, check_model_source, check_writable
 from compress.terminal import console
 
 
 def _iters(args: argparse.Namespace, resolved: ResolvedModel) -> int:
     iters = args.iters if args.iters is not None else resolved.default_iters
+    if iters is None and resolved.kind == "onnx":  # its description already says whether ffsc exported it
+        raise ConfigError(f"--model {args.model} records no GRU iteration count (it is fixed inside the graph); pass "
+                          "--iters with that count, which labels the results")
     if iters is None:
         raise ConfigError(f"{resolved.description} records no iteration count; pass --iters")
     if iters < 1:
         raise ConfigError(f"--iters {iters}: need at least 1 GRU iteration")
     return iters
+
+
+def _check_device(name: str | None) -> None:
+    """A --device this machine has, checked as every command checks one (pick_device), before a model loads."""
+    if name is not None:
+        pick_device(name)
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -101,6 +111,7 @@ def _write_json(path: str, data: dict) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a teacher, student or preset to ONNX or a TensorRT engine and print the export report."""
     check_image_size(args.height, args.width)
+    _check_device(args.device)
     check_writable(args.out, key="--out")  # before the export's slow work, not after it
     if args.json:
         check_writable(args.json, key="--json")
@@ -140,6 +151,10 @@ def _print_bench(report: dict) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time a model on one or more backends and print median/p10/p90 latency with params and GMACs."""
     check_image_size(args.height, args.width)
+    _check_device(args.device)
+    for key, path in (("--json", args.json), ("--cache", args.cache)):
+        if path:
+            check_writable(path, key=key)  # before the timing, not after it
     check_exported_file(args.model, key="--model")
     resolved = resolve_model(args.model, args.config, args.trust_checkpoint, allow_files=True)
     print(f"--model {args.model}: {resolved.description}")
@@ -198,6 +213,7 @@ def _frames(args: argparse.Namespace):
     if args.pairs:
         if args.left or args.right:
             raise ConfigError("pass either --pairs DIR or --left and --right, not both")
+        check_dataset(args.pairs, key="--pairs")  # one line; the reader's own error lists every layout it tried
         return frames_from_dataset(args.pairs), True
     if not (args.left and args.right):
         raise ConfigError("no input: pass --left and --right (two images or two folders), or --pairs DIR")
@@ -229,6 +245,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if not 0 < args.scale <= 1:
         raise ConfigError(f"--scale {args.scale}: expected 0 < scale <= 1 (the images are shrunk by it)")
     spec = _model_spec(args)
+    _check_device(args.device)
     check_exported_file(spec, key=_model_key(args))
     frames, folder_mode = _frames(args)
     calib, fx_baseline = _calibration(args)
@@ -269,7 +286,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         done += 1
         if not folder_mode:
             h, w = disp.shape
-            print(f"disparity {w}x{h} in {seconds:.2f} s")
+            print(f"disparity {h}x{w} (height x width) in {seconds:.2f} s")
             for path in written:
                 print(f"  -> {path}")
             if result.points is not None:

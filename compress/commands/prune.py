@@ -10,8 +10,9 @@ from rich.table import Table
 
 from compress.errors import ConfigError
 from compress.preflight import check_prune
-from compress.prune import load_prune_config, prune_to_budget, tracker_callback
+from compress.prune import load_prune_config, prune_to_budget, resolve_prune_models, tracker_callback
 from compress.prune.report import RESULT_NAME
+from compress.run_lock import RunDirLock
 from compress.tracking import ROLE_TAG, Tracker
 
 from .common import console
@@ -53,17 +54,17 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
-def _prune_tracked(cfg):
+def _prune_tracked(cfg, model, teacher):
     """prune_to_budget, logged to MLflow as one run (params: the config; metrics: every step) unless disabled."""
     if not cfg.tracking.enabled:
-        return prune_to_budget(cfg)
+        return prune_to_budget(cfg, model, teacher)
     tracker = Tracker(cfg.run_dir, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
     # A new MLflow run per invocation: a second prune into the same folder has its own params and steps.
     name = f"prune-{Path(cfg.run_dir).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker.start_study_run(name, params=cfg.to_dict(),
                             tags={ROLE_TAG: "prune", "ffsc.model": cfg.model})
     with tracker:  # ends the run FAILED (or KILLED on Ctrl-C) when pruning raises
-        result = prune_to_budget(cfg, callbacks=[tracker_callback(tracker)])
+        result = prune_to_budget(cfg, model, teacher, callbacks=[tracker_callback(tracker)])
         tracker.log_metrics({"met": float(result.met), "final_gmacs": result.final["gmacs"],
                              "final_mparams": result.final["mparams"], "steps": float(len(result.steps))})
         tracker.log_artifact(Path(cfg.run_dir) / RESULT_NAME)
@@ -89,9 +90,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ConfigError("no budget: pass --budget-ms, --budget-gmacs, --budget-mparams or --ratio (or set one of "
                           "budget_ms, budget_gmacs, budget_mparams, ratio in the recipe)")
     cfg, choice = check_prune(cfg)  # before any model is loaded or anything written
+    model, teacher = resolve_prune_models(cfg)  # an unusable model, teacher or scope: refused, nothing written yet
     if cfg.budget.kind == "latency_ms" or cfg.latency.measure == "always":
         console().print(f"latency: {choice.backend} on {choice.device} ({choice.reason})")
-    result = _prune_tracked(cfg)
+    # One prune at a time in a folder: a second would unlink the first's files under it. A prune starts over.
+    with RunDirLock(cfg.run_dir, say=console().print, resumes=False):
+        result = _prune_tracked(cfg, model, teacher)
     out = console()
     table = Table("", "before", "after", title=f"pruned {cfg.model} ({', '.join(cfg.scope)})")
     for key, label in (("gmacs", "GMACs"), ("mparams", "parameters (M)")):

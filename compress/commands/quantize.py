@@ -10,10 +10,20 @@ from compress.deploy import export_model
 from compress.errors import ConfigError
 from compress.export import check_image_size
 from compress.models import resolve_model
-from compress.preflight import check_frames_source, check_onnx_file
+from compress.preflight import check_frames_source, check_onnx_file, check_writable
 from compress.quantize import QuantizeConfig, quantize_onnx, write_report
 
 from .common import console
+
+
+def _report_path(args: argparse.Namespace, out: Path) -> Path:
+    """The report JSON: --report, else <out stem>_report.json beside the INT8 model."""
+    return Path(args.report) if args.report else out.with_name(f"{out.stem}_report.json")
+
+
+def _fp32_path(out: Path) -> Path:
+    """Where --keep-fp32 keeps the fp32 export: <out stem>_fp32.onnx beside the INT8 model."""
+    return out.with_name(f"{out.stem}_fp32.onnx")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -25,6 +35,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".onnx":
         raise ConfigError(f"--out {out}: the INT8 model must end in .onnx")
+    # Every file written at the end, checked now: calibration and the sensitivity pass take minutes.
+    check_writable(out, key="--out")
+    check_writable(_report_path(args, out), key="--report")
+    if args.keep_fp32:
+        check_writable(_fp32_path(out), key="--keep-fp32")
     cfg = QuantizeConfig(
         calib_frames=args.calib_frames, eval_frames=args.eval_frames,
         sensitivity_frames=min(args.sensitivity_frames, args.calib_frames), method=args.method, target=args.target,
@@ -44,12 +59,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             iters = args.iters or resolved.default_iters
             if iters is None:
                 raise ConfigError(f"{resolved.description} records no iteration count; pass --iters")
-            fp32 = out.with_name(f"{out.stem}_fp32.onnx") if args.keep_fp32 else Path(tmp) / "model_fp32.onnx"
+            fp32 = _fp32_path(out) if args.keep_fp32 else Path(tmp) / "model_fp32.onnx"
             print(f"--model {args.model}: {resolved.description}; exporting fp32 ONNX at {height}x{width}")
             export_model(resolved, fp32, "onnx", height, width, iters)
         report = quantize_onnx(fp32, out, args.calib, cfg, height=height, width=width,
                                measure_latency=not args.no_latency, progress=True, heldout=args.heldout)
-    json_path = Path(args.report) if args.report else out.with_name(f"{out.stem}_report.json")
+    json_path = _report_path(args, out)
     _, md_path = write_report(report, json_path, title=f"INT8 quantization of {args.model}")
     console().print(report.markdown(title=f"INT8 quantization of {args.model}"))
     print(f"wrote {out}, {json_path} and {md_path}")

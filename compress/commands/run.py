@@ -12,6 +12,7 @@ from rich.table import Table
 from torch.utils.data import Subset
 
 from compress.atomic import atomic_write_text
+from compress.checks import require_at_least
 from compress.data.readers import open_dataset
 from compress.device import pick_device
 from compress.distill import distill, load_recipe
@@ -23,7 +24,7 @@ from compress.pipeline import RunContext, RunRecipe, RunSummary, load_run_recipe
 from compress.pipeline.context import check_start_over, claim_run_dir, record_recipe, say
 from compress.pipeline.report import describe_latency, latency_settings
 from compress.pipeline.search import run_search, study_spec, with_budget
-from compress.preflight import check_distill, check_ground_truth, check_storage
+from compress.preflight import check_distill, check_ground_truth, check_storage, check_writable
 from compress.run_lock import RunDirLock
 from compress.tracking import Tracker
 from teacher import model_iters
@@ -169,6 +170,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """EPE/D1/bad-pixel of a model on a dataset; prints a table and writes JSON."""
+    if args.limit is not None:
+        require_at_least("--limit", args.limit, 1, "pairs to evaluate; leave it out to evaluate them all")
+    if args.json:
+        check_writable(args.json, key="--json")  # before the evaluation, not after it
     device = pick_device(args.device)
     model_path = Path(args.model)
     resolved = resolve_model(model_path)

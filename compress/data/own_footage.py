@@ -61,7 +61,8 @@ class OwnFootageFolder(StereoPairFolder):
             try:
                 left, right = read_image(rec.left), read_image(rec.right)
                 if left.shape != right.shape:
-                    raise DataError(f"left {left.shape[1]}x{left.shape[0]}, right {right.shape[1]}x{right.shape[0]}")
+                    raise DataError(f"left {left.shape[0]}x{left.shape[1]}, right {right.shape[0]}x{right.shape[1]} "
+                                    "(height x width)")
             except (DataError, OSError, ValueError) as exc:
                 reason = str(exc).splitlines()[0]
                 warnings.warn(f"{self.root}: skipping frame {rec.name}: {reason}", stacklevel=2)

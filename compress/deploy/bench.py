@@ -51,6 +51,11 @@ def bench_model(
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise ConfigError(f"unknown --backend {', '.join(unknown)}; valid: {', '.join(BACKENDS)}")
+    if resolved.kind == "onnx":
+        # compress.export loads onnx (about 1.5 s): kept out of ffsc --help
+        from compress.export.onnx_export import check_onnx_size
+
+        check_onnx_size(resolved.path, height, width)  # before ONNX Runtime fails inside the timing loop
     cost = {"params": None, "gmacs": None}
     if resolved.module is not None:
         macs = count_macs(resolved.module, height, width, iters=iters)

@@ -94,13 +94,13 @@ def check_pair(frame: Frame, scale: float = 1.0) -> tuple[int, int]:
     in size or the (scaled) pair is smaller than MIN_IMAGE_SIDE."""
     (lh, lw), (rh, rw) = image_size(frame.left), image_size(frame.right)
     if (lh, lw) != (rh, rw):
-        raise DataError(f"left image {frame.left} is {lw}x{lh} but right image {frame.right} is {rw}x{rh}; a "
-                        "rectified stereo pair has equal sizes")
+        raise DataError(f"left image {frame.left} is {lh}x{lw} but right image {frame.right} is {rh}x{rw} (height x "
+                        "width); a rectified stereo pair has equal sizes")
     height, width = scaled_size(lh, lw, scale)
     if min(height, width) < MIN_IMAGE_SIDE:
         scaled = f" after --scale {scale:g}" if scale != 1.0 else ""
-        raise DataError(f"the pair {frame.left}, {frame.right} is {width}x{height}{scaled}; the models need at "
-                        f"least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (one cell of their 32-pixel stride)")
+        raise DataError(f"the pair {frame.left}, {frame.right} is {height}x{width} (height x width){scaled}; the "
+                        f"models need at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (one cell of their 32-pixel stride)")
     return height, width
 
 
@@ -110,8 +110,8 @@ def read_stereo_pair(left: str | os.PathLike, right: str | os.PathLike, scale: f
     left_img, right_img = read_image(left), read_image(right)
     if left_img.shape != right_img.shape:
         raise DataError(
-            f"left image {left} is {left_img.shape[1]}x{left_img.shape[0]} but right image {right} is "
-            f"{right_img.shape[1]}x{right_img.shape[0]}; a rectified stereo pair has equal sizes")
+            f"left image {left} is {left_img.shape[0]}x{left_img.shape[1]} but right image {right} is "
+            f"{right_img.shape[0]}x{right_img.shape[1]} (height x width); a rectified stereo pair has equal sizes")
     if scale != 1.0:
         left_img, right_img = resize_image(left_img, scale), resize_image(right_img, scale)
     return left_img, right_img

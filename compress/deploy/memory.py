@@ -128,6 +128,6 @@ def check_memory(predictor, height: int, width: int, scale: float = 1.0) -> None
         return
     smaller = _largest_scale(scale, estimate, available)
     hint = f"--scale {smaller:g} or less" if smaller >= 0.05 else "a much smaller --scale"
-    raise DataError(f"a {width}x{height} pair needs about {_amount(estimate)} on {predictor.device} (an estimate) "
-                    f"but {_amount(available)} is {what}; pass {hint}, or use a machine with more memory "
+    raise DataError(f"a {height}x{width} (height x width) pair needs about {_amount(estimate)} on {predictor.device} "
+                    f"(an estimate) but {_amount(available)} is {what}; pass {hint}, or use a machine with more memory "
                     "(--hierarchical does not help: its second pass is full size)")

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
 import torch
 import torch.nn.functional as F
 
 from compress.errors import DataError, ExportError
-from compress.export.onnx_export import read_metadata
+from compress.export.onnx_export import (
+    NOT_FFSC,
+    check_stereo_onnx,
+    exported_by_ffsc,
+    load_graph,
+    read_metadata,
+    static_input_size,
+)
 from compress.export.runtime import run_onnx
 from compress.export.trt_runner import TensorRTRunner
 from teacher.inference import to_image_batch
@@ -36,6 +42,7 @@ class ExportedStereo:
         self.device = device or ("cuda" if self.is_engine else "cpu")
         self.min_size: tuple[int, int] | None = None
         self.max_size: tuple[int, int] | None = None
+        self.ours = True  # exported by ffsc: re-exporting it is a remedy
         if self.is_engine:
             self.runner = TensorRTRunner(self.path, device=self.device)
             self.iters = self.runner.info.iters if self.runner.info is not None else None
@@ -43,13 +50,12 @@ class ExportedStereo:
                 low, _, high = next(iter(self.runner.info.shapes.values()))
                 self.min_size, self.max_size = (low[2], low[3]), (high[2], high[3])
         else:
-            proto = onnx.load(str(self.path), load_external_data=False)
-            shape = proto.graph.input[0].type.tensor_type.shape
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
-            if len(dims) == 4 and dims[2] and dims[3]:
-                self.min_size = self.max_size = (dims[2], dims[3])
-            stored = read_metadata(proto).get("iters")
-            self.iters = int(stored) if stored else None
+            proto = load_graph(self.path)
+            check_stereo_onnx(proto, self.path)
+            self.min_size = self.max_size = static_input_size(proto)
+            meta = read_metadata(proto)
+            self.ours = exported_by_ffsc(meta)
+            self.iters = int(meta["iters"]) if meta.get("iters") else None
 
     @property
     def static_size(self) -> tuple[int, int] | None:
@@ -61,16 +67,17 @@ class ExportedStereo:
         if static is not None:
             if height > static[0] or width > static[1]:
                 raise DataError(
-                    f"the images are {width}x{height} but {self.path} was exported for exactly {static[1]}x{static[0]} "
-                    f"(a static shape); re-export with --height {-(-height // 32) * 32} --width "
-                    f"{-(-width // 32) * 32} or with --dynamic")
+                    f"the images are {height}x{width} (height x width) but {self.path} takes exactly "
+                    f"{static[0]}x{static[1]} (a static shape); " + (
+                        f"re-export with --height {-(-height // 32) * 32} --width {-(-width // 32) * 32} or with "
+                        "--dynamic" if self.ours else f"it {NOT_FFSC}: shrink the images to fit (--scale)"))
             return static
         target = (-(-height // 32) * 32, -(-width // 32) * 32)
         low, high = self.min_size, self.max_size
         if low is not None and high is not None and not (
                 low[0] <= target[0] <= high[0] and low[1] <= target[1] <= high[1]):
-            raise DataError(f"the padded images are {target[1]}x{target[0]}, outside the engine's size range "
-                            f"{self.min_size[1]}x{self.min_size[0]}..{self.max_size[1]}x{self.max_size[0]}; rebuild "
+            raise DataError(f"the padded images are {target[0]}x{target[1]} (height x width), outside the engine's "
+                            f"size range {low[0]}x{low[1]}..{high[0]}x{high[1]}; rebuild "
                             "it with a profile that covers this size")
         return target
 

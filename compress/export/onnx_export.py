@@ -25,11 +25,9 @@ from torch import nn
 
 from compress.errors import ConfigError, ExportError, MissingDependencyError
 from compress.export._files import publish, save_onnx, staging_dir
-from compress.export.runtime import INPUT_NAMES, OUTPUT_NAME, make_session, random_stereo_pair
+from compress.export.runtime import INPUT_NAMES, METADATA_PREFIX, OUTPUT_NAME, make_session, random_stereo_pair
 from compress.export.trt_lint import LintFinding, lint_onnx
 from teacher.layers import Float32Island
-
-METADATA_PREFIX = "ffsc."
 
 
 @dataclass(frozen=True)
@@ -208,21 +206,59 @@ def _set_metadata(model: onnx.ModelProto, values: dict[str, object]) -> None:
         prop.key, prop.value = METADATA_PREFIX + key, str(value)
 
 
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """An ONNX model without its external weights; one ExportError for a damaged file."""
+    # protobuf comes with onnx; only a damaged file's error needs its DecodeError
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except DecodeError as err:  # a damaged or foreign file: one line, not the protobuf traceback
+        raise ExportError(f"{path} is not a readable ONNX model ({err}); re-export it with `ffsc export`") from None
+
+
 def read_metadata(model_or_path: onnx.ModelProto | str | os.PathLike) -> dict[str, str]:
     """The ffsc.* metadata to_onnx stored (iters, height, width, dynamic, version, keep_fp32_nodes), prefix
     stripped."""
-    model = model_or_path
-    if not isinstance(model, onnx.ModelProto):
-        # protobuf comes with onnx; only a damaged file's error needs its DecodeError
-        from google.protobuf.message import DecodeError
-
-        try:
-            model = onnx.load(str(model_or_path), load_external_data=False)
-        except DecodeError as err:  # a damaged or foreign file: one line, not the protobuf traceback
-            raise ExportError(f"{model_or_path} is not a readable ONNX model ({err}); re-export it with "
-                              "`ffsc export`") from None
+    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_graph(model_or_path)
     n = len(METADATA_PREFIX)
     return {p.key[n:]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
+
+
+NOT_FFSC = "was not exported by ffsc (no ffsc metadata)"
+"""Said once of an ONNX model from elsewhere, with what is assumed or needed in its place."""
+STEREO_IO = ("ffsc runs ONNX stereo models with inputs 'left' and 'right' (B x 3 x H x W, RGB 0..255) and an output "
+             "'disp' (B x 1 x H x W)")
+
+
+def exported_by_ffsc(meta: dict[str, str]) -> bool:
+    """Whether read_metadata found what to_onnx records (it always records the ffsc version)."""
+    return "version" in meta
+
+
+def static_input_size(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """The graph's fixed input (height, width); None when either is dynamic."""
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return (dims[2], dims[3]) if len(dims) == 4 and dims[2] and dims[3] else None
+
+
+def check_stereo_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """The graph has the inputs and output ffsc feeds and reads (an ONNX model from elsewhere may not)."""
+    weights = {init.name for init in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in weights]
+    outputs = [o.name for o in model.graph.output]
+    if inputs and set(inputs) <= set(INPUT_NAMES) and OUTPUT_NAME in outputs:
+        return
+    origin = "" if exported_by_ffsc(read_metadata(model)) else f" {NOT_FFSC} and"
+    raise ExportError(f"{path}{origin} has inputs {inputs} and outputs {outputs}; {STEREO_IO}")
+
+
+def check_onnx_size(path: str | os.PathLike, height: int, width: int) -> None:
+    """An ONNX model with a static input size is asked for exactly that size (ONNX Runtime fails mid-run otherwise)."""
+    size = static_input_size(load_graph(path))
+    if size is not None and size != (height, width):
+        raise ConfigError(f"{path} takes only {size[0]}x{size[1]} (height x width) inputs (a static shape), but "
+                          f"{height}x{width} was asked; pass --height {size[0]} --width {size[1]}")
 
 
 def _unmatched_patterns(model: onnx.ModelProto, patterns: list[str]) -> list[LintFinding]:

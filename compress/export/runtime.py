@@ -13,6 +13,8 @@ from compress.errors import DataError, ExportError, MissingDependencyError
 
 INPUT_NAMES: tuple[str, str] = ("left", "right")
 OUTPUT_NAME = "disp"
+METADATA_PREFIX = "ffsc."
+"""The prefix of the metadata keys ``to_onnx`` records (``ffsc.iters``, ``ffsc.version``, ...)."""
 
 
 def random_stereo_pair(
@@ -118,8 +120,13 @@ def run_onnx(
     try:
         (disp,) = session.run([OUTPUT_NAME], {INPUT_NAMES[0]: left_np, INPUT_NAMES[1]: right_np})
     except Exception as err:
-        raise ExportError(f"ONNX Runtime failed to run {path} on {left_np.shape} inputs: {err} (a static "
-                          "export only accepts its export shape; re-export with dynamic=True)") from err
+        fixed = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape]
+        ours = any(k.startswith(METADATA_PREFIX) for k in session.get_modelmeta().custom_metadata_map)
+        static = (f"; it takes only {fixed[2]}x{fixed[3]} (height x width) inputs (a static shape"
+                  + ("; re-export with dynamic=True for others)" if ours else ", and was not exported by ffsc)")
+                  if len(fixed) == 4 and fixed[2] and fixed[3] and (fixed[2], fixed[3]) != (h, w) else "")
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"ONNX Runtime failed to run {path} on {left_np.shape} inputs{static}: {reason}") from err
     if disp.shape != (b, 1, h, w):
         raise ExportError(f"{path} returned shape {disp.shape}; expected {(b, 1, h, w)}")
     return disp

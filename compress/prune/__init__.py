@@ -11,7 +11,7 @@ students (or pruned teachers) that reload without this package.
 
 from search_spaces.serialization import load_model, load_pruned_teacher, save_model, save_pruned_teacher
 
-from .budget import prune_to_budget
+from .budget import prune_to_budget, resolve_prune_models
 from .config import (
     DataSpec,
     DistillSpec,
@@ -54,6 +54,7 @@ __all__ = [
     "prune_once",
     "prune_step",
     "prune_to_budget",
+    "resolve_prune_models",
     "rules_for",
     "save_model",
     "save_pruned_teacher",

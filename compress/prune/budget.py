@@ -61,6 +61,20 @@ def _taylor_loss(distiller: Distiller, cfg: PruneConfig) -> tuple[Callable, list
     return (lambda model, idxs: distiller.loss_of(model, idxs)[0]), batches
 
 
+def resolve_prune_models(cfg: PruneConfig, model: nn.Module | None = None, teacher: nn.Module | None = None
+                         ) -> tuple[nn.Module, nn.Module]:
+    """The model to prune and its teacher (given ones kept; the unpruned model itself when the recipe names no
+    teacher), with the scope checked against the model's family; nothing is written."""
+    if model is None:
+        model = resolve_model(cfg.model, seed=cfg.seed, key="--model").module
+    check_scope(rules_for(model), cfg.scope)  # before the teacher is loaded and runs over the data
+    if teacher is None:
+        spec = cfg.teacher
+        teacher = (resolve_model(spec.checkpoint, config=spec.architecture(), trust_checkpoint=spec.trust_checkpoint,
+                                 seed=cfg.seed, key="--teacher").module if spec.checkpoint else copy.deepcopy(model))
+    return model, teacher
+
+
 def prune_to_budget(
     cfg: PruneConfig,
     model: nn.Module | None = None,
@@ -76,6 +90,9 @@ def prune_to_budget(
         raise ConfigError("no budget: set one of budget_ms, budget_gmacs, budget_mparams, ratio")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
+    # Everything that can refuse the run is resolved before the folder is touched: a failed prune leaves an
+    # earlier one's files as they were.
+    model, teacher = resolve_prune_models(cfg, model, teacher)
     out = Path(cfg.run_dir) if cfg.run_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -85,12 +102,7 @@ def prune_to_budget(
         (out / RESULT_NAME).unlink(missing_ok=True)
         (out / LOG_NAME).unlink(missing_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    model = (model if model is not None else resolve_model(cfg.model, seed=cfg.seed).module).to(device).eval()
-    check_scope(rules_for(model), cfg.scope)  # before the teacher runs over the data
-    if teacher is None:
-        spec = cfg.teacher
-        teacher = (resolve_model(spec.checkpoint, config=spec.architecture(), trust_checkpoint=spec.trust_checkpoint,
-                                 seed=cfg.seed).module if spec.checkpoint else copy.deepcopy(model))
+    model = model.to(device).eval()
     teacher = teacher.to(device).eval().requires_grad_(False)
     for p in model.parameters():
         p.requires_grad_(True)

@@ -17,7 +17,14 @@ import onnx
 
 from compress.errors import ConfigError, ExportError
 from compress.export._files import publish, save_onnx, staging_dir
-from compress.export.onnx_export import _set_metadata, read_metadata, recorded_fp32_nodes
+from compress.export.onnx_export import (
+    NOT_FFSC,
+    _set_metadata,
+    exported_by_ffsc,
+    read_metadata,
+    recorded_fp32_nodes,
+    static_input_size,
+)
 from compress.export.trt_lint import lint_onnx
 from compress.quantize.config import QuantizeConfig
 from compress.quantize.frames import load_frames
@@ -28,7 +35,6 @@ from compress.quantize.qdq import (
     quantizable_groups,
     quantize_graph,
     run_frames,
-    static_size,
 )
 from compress.quantize.report import GroupSensitivity, QuantizeReport, measure_int8_latency, write_report
 
@@ -62,14 +68,16 @@ def quantize_onnx(
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         raise ExportError(f"{src} is already quantized (it has QuantizeLinear/DequantizeLinear nodes); pass the "
                           "fp32 export")
-    size = static_size(model)
+    size = static_input_size(model)
+    meta = read_metadata(model)
     if height is None or width is None:
         if size is None:
-            raise ConfigError(f"{src} has a dynamic input size; pass height and width for calibration")
+            origin = "" if exported_by_ffsc(meta) else f" and {NOT_FFSC}"
+            raise ConfigError(f"{src} has a dynamic input size{origin}; pass the calibration image size (--height and "
+                              "--width)")
         height, width = size
     elif size is not None and size != (height, width):
         raise ConfigError(f"{src} takes {size[0]}x{size[1]} images (height x width), but {height}x{width} was asked")
-    meta = read_metadata(model)
     iters = int(meta["iters"]) if meta.get("iters") else None
     islands = list(recorded_fp32_nodes(model)) + list(cfg.exclude)
     if cfg.target == "cpu":

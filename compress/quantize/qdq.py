@@ -176,12 +176,6 @@ def epe_between(pred: list[np.ndarray], ref: list[np.ndarray]) -> float:
     return float(np.mean([np.mean(np.abs(p - r)) for p, r in zip(pred, ref, strict=True)]))
 
 
-def static_size(model: onnx.ModelProto) -> tuple[int, int] | None:
-    """The graph's fixed input height and width (None when dynamic)."""
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.input[0].type.tensor_type.shape.dim]
-    return (dims[2], dims[3]) if len(dims) == 4 and dims[2] and dims[3] else None
-
-
 def gt_epe(disps: list[np.ndarray], frames: list[CalibrationFrame]) -> float | None:
     """Mean EPE of disparities against the frames' ground truth (None when no frame has any)."""
     scores = [epe(d[0, 0], f.disp, f.valid) for d, f in zip(disps, frames, strict=True)

@@ -5,6 +5,7 @@ an empty calibration folder. Each is one line on stderr, exit 2, and nothing wri
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _infer(inputs: Path, pair: str, out: Path, *extra: str) -> list[str]:
-    return ["infer", "--model", str(inputs / "student"), "--left", str(inputs / f"{pair}_left.png"),
+def _infer(inputs: Path, pair: str, out: Path, *extra: str, model: Path | None = None) -> list[str]:
+    return ["infer", "--model", str(model or inputs / "student"), "--left", str(inputs / f"{pair}_left.png"),
             "--right", str(inputs / f"{pair}_right.png"), "--out", str(out), *extra]
 
 
@@ -179,19 +180,20 @@ def test_infer_out_under_an_existing_file(inputs: Path, tmp_path: Path, capsys) 
 
 def test_infer_refuses_a_degenerate_pair(inputs: Path, tmp_path: Path, capsys) -> None:
     _fails(capsys, _infer(inputs, "dot", tmp_path / "out"), "is 1x1", "at least 32x32")
-    _fails(capsys, _infer(inputs, "a", tmp_path / "out", "--scale", "0.25"), "is 32x16 after --scale 0.25",
-           "at least 32x32")
+    _fails(capsys, _infer(inputs, "a", tmp_path / "out", "--scale", "0.25"),
+           "is 16x32 (height x width) after --scale 0.25", "at least 32x32")
     assert not list(tmp_path.iterdir())
 
 
 def test_infer_refuses_views_of_different_sizes(inputs: Path, tmp_path: Path, capsys) -> None:
-    _fails(capsys, _infer(inputs, "odd", tmp_path / "out"), "is 128x64", "is 96x48", "equal sizes")
+    _fails(capsys, _infer(inputs, "odd", tmp_path / "out"), "is 64x128", "is 48x96 (height x width)", "equal sizes")
     assert not list(tmp_path.iterdir())
 
 
 def test_infer_refuses_a_pair_too_large_for_the_memory(inputs: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(memory, "available_bytes", lambda device: (2**20, "RAM available"))  # 1 MiB
-    _fails(capsys, _infer(inputs, "a", tmp_path / "out", "--device", "cpu"), "a 128x64 pair needs about 12 MiB on cpu",
+    _fails(capsys, _infer(inputs, "a", tmp_path / "out", "--device", "cpu"),
+           "a 64x128 (height x width) pair needs about 12 MiB on cpu",
            "but 1 MiB is RAM available", "--scale 0.25 or less", "--hierarchical does not help")
     assert not list(tmp_path.iterdir())
 
@@ -214,3 +216,133 @@ def test_metadata_reader_names_a_damaged_onnx_in_one_line(inputs: Path) -> None:
     with pytest.raises(ExportError, match="truncated.onnx is not a readable ONNX model") as info:
         read_metadata(inputs / "truncated.onnx")
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------- outputs checked before the work
+
+
+@pytest.fixture
+def afile(tmp_path: Path) -> Path:
+    """An existing file where an output's folder should be."""
+    path = tmp_path / "afile"
+    path.write_text("keep me")
+    return path
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["eval", "--model", "{student}", "--data", "{data}", "--json", "{afile}/x.json"], "--json"),
+    (["bench", "--model", "{student}", "--height", "64", "--width", "128", "--json", "{afile}/x.json"], "--json"),
+    (["quantize", "{student}", "--calib", "synthetic", "--height", "64", "--width", "128", "--iters", "1",
+      "--out", "{afile}/q.onnx"], "--out"),
+    (["quantize", "{student}", "--calib", "synthetic", "--out", "{tmp}/q.onnx", "--report", "{afile}/r.json"],
+     "--report"),
+])
+def test_outputs_under_a_file_are_refused_before_the_work(inputs: Path, afile: Path, capsys, argv: list[str],
+                                                          key: str) -> None:
+    names = {"student": inputs / "student", "data": inputs, "afile": afile, "tmp": afile.parent}
+    argv = [a.format(**names) for a in argv]
+    started = time.perf_counter()
+    _fails(capsys, argv, f"{key}: {afile}/", f"cannot be created because {afile} is a file, not a folder")
+    assert time.perf_counter() - started < 5  # before the model is even opened
+    assert afile.read_text() == "keep me" and sorted(afile.parent.iterdir()) == [afile]
+
+
+def test_eval_refuses_a_non_positive_limit(inputs: Path, capsys) -> None:
+    for limit in ("0", "-1"):
+        _fails(capsys, ["eval", "--model", str(inputs / "student"), "--data", str(inputs), "--limit", limit],
+               f"--limit={limit}: expected an integer >= 1", "leave it out to evaluate them all")
+
+
+def test_infer_pairs_in_an_empty_or_unknown_folder(inputs: Path, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    _fails(capsys, ["infer", "--model", str(inputs / "student"), "--pairs", str(empty), "--out", str(out)],
+           f"--pairs: {empty} is an empty folder (expected a stereo dataset folder)")
+    (empty / "notes.txt").write_text("no pairs")
+    _fails(capsys, ["infer", "--model", str(inputs / "student"), "--pairs", str(empty), "--out", str(out)],
+           f"--pairs: {empty}: no known stereo dataset layout found (expected a stereo dataset folder)")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------- recipe files
+
+
+@pytest.mark.parametrize("command", [["run"], ["distill"], ["prune", "--ratio", "0.5", "--recipe"]])
+def test_recipe_file_mistakes_are_one_line(tmp_path: Path, capsys, command: list[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\nsizes: [1, 2\nprogress: false\n")
+    _fails(capsys, [*command, str(bad)], f"{bad} is not valid YAML at line 3, column 9",
+           "did not find expected ',' or ']'")
+    _fails(capsys, [*command, str(tmp_path)], f"{tmp_path} is a folder; expected a YAML file")
+    for text in ("", "# only a comment\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        _fails(capsys, [*command, str(empty)], f"{empty} is empty; expected YAML settings")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "empty.yaml"]
+
+
+# ------------------------------------------------------------------------------------- argparse mistakes
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--backend", "onnxrt"], "ffsc prune: error: argument --backend: invalid choice: 'onnxrt'"),
+    (["run", "--resume"], "ffsc run: error: the following arguments are required: recipe (see ffsc run --help)"),
+    (["nas", "r.yaml", "--no-such-option"], "ffsc nas: error: unrecognized arguments: --no-such-option"),
+])
+def test_argparse_mistakes_are_one_line(capsys, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert err.endswith(f"(see ffsc {argv[0]} --help)") and "usage:" not in err
+
+
+# ------------------------------------------------------------------------------ ONNX models from elsewhere
+
+
+def _foreign_onnx(path: Path, size: tuple[int, int] | None, inputs: tuple[str, str] = ("left", "right"),
+                  output: str = "disp") -> Path:
+    """A stereo-shaped ONNX made with onnx.helper (no ffsc metadata): disparity = mean over channels of l - r."""
+    h, w = size if size is not None else ("H", "W")
+    nodes = [helper.make_node("Sub", list(inputs), ["diff"]),
+             helper.make_node("ReduceMean", ["diff"], [output], keepdims=1, axes=[1])]
+    graph = helper.make_graph(nodes, "foreign",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, h, w]) for n in inputs],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, [1, 1, h, w])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def test_foreign_onnx_is_said_once_with_what_is_assumed(inputs: Path, tmp_path: Path, capsys) -> None:
+    static = _foreign_onnx(tmp_path / "static.onnx", (64, 128))
+    bench = ["bench", "--model", str(static), "--backend", "onnxruntime", "--repeats", "1", "--warmup", "0"]
+    err = _fails(capsys, [*bench, "--height", "64", "--width", "128"],
+                 f"--model {static} records no GRU iteration count (it is fixed inside the graph); pass --iters")
+    assert "dynamic" not in err
+    _fails(capsys, [*bench, "--height", "32", "--width", "64", "--iters", "1"],
+           f"{static} takes only 64x128 (height x width) inputs (a static shape), but 32x64 was asked",
+           "pass --height 64 --width 128")
+    out = tmp_path / "out"
+    assert main(_infer(inputs, "a", out, model=static)) == 0  # a 64x128 pair runs, with the assumption said
+    said = capsys.readouterr().out
+    assert said.count("was not exported by ffsc") == 1 and "inputs 'left' and 'right' (RGB 0..255) assumed" in said
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((96, 160, 3), np.uint8)).save(big)
+    err = _fails(capsys, ["infer", "--model", str(static), "--left", str(big), "--right", str(big), "--out",
+                          str(tmp_path / "o2")],
+                 "the images are 96x160 (height x width)", "takes exactly 64x128 (a static shape)",
+                 "was not exported by ffsc", "--scale")
+    assert "re-export" not in err and not (tmp_path / "o2").exists()
+
+
+def test_foreign_onnx_with_other_inputs_or_a_dynamic_size(inputs: Path, tmp_path: Path, capsys) -> None:
+    other = _foreign_onnx(tmp_path / "xy.onnx", (64, 128), inputs=("a", "b"), output="y")
+    _fails(capsys, _infer(inputs, "a", tmp_path / "out", model=other),
+           f"{other} was not exported by ffsc (no ffsc metadata) and has inputs ['a', 'b'] and outputs ['y']",
+           "inputs 'left' and 'right' (B x 3 x H x W, RGB 0..255) and an output 'disp'")
+    dynamic = _foreign_onnx(tmp_path / "dynamic.onnx", None)
+    _fails(capsys, ["quantize", str(dynamic), "--calib", "synthetic", "--out", str(tmp_path / "q.onnx")],
+           f"{dynamic} has a dynamic input size and was not exported by ffsc",
+           "pass the calibration image size (--height and --width)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dynamic.onnx", "xy.onnx"]

@@ -97,7 +97,8 @@ def test_static_onnx_pads_smaller_images_to_its_size(work: Path, tmp_path: Path)
 
 def test_static_onnx_refuses_larger_images(work: Path, tmp_path: Path, capsys) -> None:
     err = _one_line_error(capsys, _infer(work, tmp_path / "d.npy", ["--onnx", str(work / "static.onnx")], "big_"))
-    assert "100x70" in err and "static shape" in err and "--dynamic" in err
+    assert "70x100 (height x width)" in err and "takes exactly 64x96" in err
+    assert "static shape" in err and "--dynamic" in err
     assert not (tmp_path / "d.npy").exists()
 
 
@@ -266,7 +267,7 @@ def test_infer_folders_skip_a_bad_frame_and_go_on(work: Path, tmp_path: Path, ca
                  "--intrinsics", str(_intrinsics(tmp_path)), "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 1  # one frame skipped
-    assert "skipped c:" in captured.err and "90x60" in captured.err and "2 of 3 pairs" in captured.out
+    assert "skipped c:" in captured.err and "is 60x90 but" in captured.err and "2 of 3 pairs" in captured.out
     assert sorted(p.name for p in out.iterdir()) == [".ffsc-infer.json", "a", "b"]  # the record of the input
     for name, shape in (("a", (60, 90)), ("b", (40, 70))):
         assert np.load(out / name / "disparity.npy").shape == shape
@@ -299,3 +300,19 @@ def test_infer_checks_outputs_before_inference(work: Path, tmp_path: Path, capsy
     assert "--formats" in err
     assert "pass the model once" in _one_line_error(
         capsys, main([*base, "--onnx", str(work / "static.onnx"), "--out", str(tmp_path / "o")]))
+
+
+@pytest.mark.parametrize("argv", [
+    ["infer", "--model", "{student}", "--left", "{d}/left.png", "--right", "{d}/right.png", "--out", "{tmp}/out"],
+    ["bench", "--model", "{student}", "--height", "64", "--width", "96", "--backend", "torch"],
+    ["export", "--model", "{student}", "--height", "64", "--width", "96", "--out", "{tmp}/m.onnx"],
+])
+def test_cuda_device_without_a_gpu_is_one_line(work: Path, tmp_path: Path, capsys, argv: list[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: --device cuda is valid here")
+    argv = [a.format(student=work / "student", d=work, tmp=tmp_path) for a in argv]
+    for device in ("cuda", "cuda:1"):
+        err = _one_line_error(capsys, main([*argv, "--device", device]))
+        assert f"device '{device}' requested but CUDA is not available; use device=cpu" in err
+    assert "device 'gpu' is not a torch device" in _one_line_error(capsys, main([*argv, "--device", "gpu"]))
+    assert not list(tmp_path.iterdir())

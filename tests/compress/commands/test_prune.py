@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from compress.cli import main
 from compress.commands.prune import recovery_verdict
 from compress.data import SyntheticConfig, write_synthetic_dataset
+from compress.run_lock import RunDirLock
 from search_spaces import build_student, count_params, preset
 from search_spaces.serialization import load_model
 
@@ -115,3 +117,57 @@ def test_cli_missing_model_is_a_checkpoint_error(tmp_path, capsys):
 ])
 def test_the_recovery_verdict_says_when_the_error_rose(before: float, after: float, verdict: str) -> None:
     assert recovery_verdict(before, after) == verdict
+
+
+# ------------------------------------------------------------------ a failed prune leaves a finished one as it was
+
+QUICK = ["--height", "64", "--width", "128", "--distill-steps", "0", "--recovery-steps", "0", "--samples", "1",
+         "--teacher-iters", "1", "--no-progress", "data.eval_samples=0"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A folder holding a finished prune of preset:tiny (MLflow store included)."""
+    out = tmp_path_factory.mktemp("prune") / "done"
+    assert main(["prune", "--model", "preset:tiny", "--budget-mparams", "1000", "--out", str(out), *QUICK]) == 0
+    assert (out / "prune_result.json").is_file() and (out / "mlflow.db").is_file()
+    return out
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "preset:tinny"], "--model 'tinny' is not a saved student"),
+    (["--model", "preset:tiny", "--teacher", "tinny"], "--teacher 'tinny' is not a saved student"),
+    (["--model", "teacher:vitx"], "--model 'teacher:vitx': unknown ViT size 'vitx'"),
+    (["--model", "teacher:vits", "--scope", "backbone"], "scope backbone cannot be pruned on a teacher"),
+    (["--model", "preset:tiny", "--teacher", "nowhere/t.pth"], "--teacher nowhere/t.pth: no such file"),
+])
+def test_failed_prune_leaves_a_finished_prune_byte_identical(finished, tmp_path, capsys, argv, message):
+    before = _snapshot(finished)
+    capsys.readouterr()
+    started = time.perf_counter()
+    assert main(["prune", *argv, "--budget-mparams", "1000", "--out", str(finished), *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert _snapshot(finished) == before
+    assert time.perf_counter() - started < 10  # refused before any data is labelled
+    # In a fresh folder nothing is made at all (no MLflow store, no config.yaml).
+    assert main(["prune", *argv, "--budget-mparams", "1000", "--out", str(tmp_path / "new"), *QUICK]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_second_prune_on_a_busy_folder_is_refused(finished, capsys):
+    with RunDirLock(finished):  # another prune holds the folder (this process, as far as the lock can tell)
+        before = _snapshot(finished)
+        capsys.readouterr()
+        rc = main(["prune", "--model", "preset:tiny", "--budget-mparams", "1000", "--out", str(finished), *QUICK])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1, err
+        assert f"run directory {finished} is in use by process {os.getpid()}" in err and "resumes" not in err
+        assert _snapshot(finished) == before
+    # Released: the next prune works, and does not announce a take-over (the lock was let go, not left).
+    assert main(["prune", "--model", "preset:tiny", "--budget-mparams", "1000", "--out", str(finished), *QUICK]) == 0
+    assert "taking over" not in capsys.readouterr().out

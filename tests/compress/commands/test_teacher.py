@@ -69,7 +69,7 @@ def test_errors_are_one_line(ckpt_dir, tmp_path, capsys):
     d = ckpt_dir
     base = ["infer", "--checkpoint", str(d / "model_best_bp2.pth"), "--out", str(tmp_path / "x.npy")]
     err = _one_line_error(capsys, main(base + ["--left", str(d / "left.png"), "--right", str(d / "narrow.png")]))
-    assert "90x60" in err and "80x60" in err
+    assert "is 60x90 but" in err and "is 60x80 (height x width)" in err
     err = _one_line_error(capsys, main(base + ["--left", str(d / "broken.png"), "--right", str(d / "left.png")]))
     assert "broken.png" in err
     (tmp_path / "lone").mkdir()
