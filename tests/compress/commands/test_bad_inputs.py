@@ -261,7 +261,8 @@ def test_infer_pairs_in_an_empty_or_unknown_folder(inputs: Path, tmp_path: Path,
            f"--pairs: {empty} is an empty folder (expected a stereo dataset folder)")
     (empty / "notes.txt").write_text("no pairs")
     _fails(capsys, ["infer", "--model", str(inputs / "student"), "--pairs", str(empty), "--out", str(out)],
-           f"--pairs: {empty}: no known stereo dataset layout found (expected a stereo dataset folder)")
+           f"--pairs: {empty}: no known stereo dataset layout found; expected the layout of one of kitti2015, "
+           "kitti2012, sceneflow, fsd, middlebury, pairs (or name one with the dataset's kind)")
     assert not out.exists()
 
 
