@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from compress.backends import check_tensorrt_precision, onnxruntime_conflict, tensorrt_problem
+from compress.compiled import tf32
 from compress.errors import ConfigError, MissingDependencyError
 from compress.export import TensorRTRunner, build_engine, cast_onnx_fp16, read_metadata, read_sidecar, to_onnx
 from compress.export._trt import import_tensorrt, trt_major
@@ -412,17 +413,6 @@ def environment_variable(name: str, value: str) -> Iterator[None]:
             os.environ[name] = saved
 
 
-@contextlib.contextmanager
-def tf32_on() -> Iterator[None]:
-    """TF32 allowed in cuDNN convolutions and CUDA matmuls within the block (what TensorRT allows by default)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def max_abs(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
     """Largest absolute difference of two arrays with the same number of elements, in float64."""
     a, b = torch.as_tensor(a).detach().cpu().double(), torch.as_tensor(b).detach().cpu().double()
@@ -729,10 +719,10 @@ class Checks:
         with torch.inference_mode(), use_precision(model, "fp32"):
             with no_tf32():
                 fp32 = model(*feeds.values(), iters=iters, test_mode=True).float().cpu()
-            with tf32_on():
-                tf32 = model(*feeds.values(), iters=iters, test_mode=True).float().cpu()
+            with tf32(allowed=True):
+                with_tf32 = model(*feeds.values(), iters=iters, test_mode=True).float().cpu()
         run = EngineRun(engine, feeds, self.device)
-        trt_vs_torch, tf32_alone = max_abs(run.output(), fp32), max_abs(tf32, fp32)
+        trt_vs_torch, tf32_alone = max_abs(run.output(), fp32), max_abs(with_tf32, fp32)
         torch_ms = measure(model, "torch", self.height, self.width, iters=iters, warmup=self.warmup,
                            repeats=self.repeats, device=self.device, precision="fp32").median_ms
         out = {"engine_tf32": None if info is None else info.tf32, "tensorrt_vs_torch_fp32_px": round(trt_vs_torch, 5),

@@ -93,15 +93,23 @@ def refuse_eager_fallback() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def tf32(allowed: bool) -> Iterator[None]:
+    """TF32 allowed (what TensorRT allows by default) or not in cuDNN convolutions and CUDA matmuls within the
+    block; the settings before it restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
 def no_tf32(active: bool = True) -> Iterator[None]:
     """TF32 off for cuDNN convolutions and CUDA matmuls within the block, as TensorRT's fp32 engines build it."""
     # PyTorch allows TF32 in cuDNN convolutions by default: an "fp32" row would otherwise time 10-bit mantissas.
     if not active:
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with tf32(allowed=False):
         yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

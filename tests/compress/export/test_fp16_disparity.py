@@ -11,26 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.gpu import Refine
 from compress.export import cast_onnx_fp16, to_onnx
 from compress.export.onnx_export import fp32_node_patterns, recorded_fp32_nodes
 from compress.export.runtime import make_session
 from search_spaces import build_student, preset
 from teacher.layers import Float32Island
-from teacher.update import ConvexCombination, DisparityUpdate
-
-
-class _Refine(nn.Module):
-    """Three accumulations of small steps onto a large disparity, then the convex upsampling (as the models do)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.disparity_update = DisparityUpdate()
-        self.convex_combination = ConvexCombination()
-
-    def forward(self, disp: torch.Tensor, delta: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        for _ in range(3):
-            disp = self.disparity_update(disp, delta * 1.0)  # the Mul stands for the update block (fp16)
-        return self.convex_combination(disp, logits * 1.0, 4)
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -43,7 +29,7 @@ def test_large_disparities_keep_sub_pixel_precision_in_an_fp16_graph(tmp_path: P
     disp = 100.0 + 0.5 * torch.rand(1, 1, 8, 16, generator=gen)
     delta = 0.01 + 0.02 * torch.rand(1, 1, 8, 16, generator=gen)
     logits = (0.5 * torch.randn(1, 9, 32, 64, generator=gen)).half().float()  # exact in fp16: no rounding upstream
-    model = _Refine().eval()
+    model = Refine().eval()
     src = tmp_path / "refine.onnx"
     torch.onnx.export(model, (disp, delta, logits), str(src), input_names=["disp", "delta", "logits"],
                       output_names=["out"], opset_version=17, dynamo=False)
@@ -84,7 +70,7 @@ def test_the_disparity_islands_stay_float32_under_cpu_autocast(dtype: torch.dtyp
     disp = (100.0 + 0.5 * torch.rand(1, 1, 8, 16, generator=gen)).to(dtype)
     delta = (0.01 + 0.02 * torch.rand(1, 1, 8, 16, generator=gen)).to(dtype)
     logits = (0.5 * torch.randn(1, 9, 32, 64, generator=gen)).to(dtype)
-    refine = _Refine().eval()
+    refine = Refine().eval()
     with torch.autocast("cpu", dtype=dtype):
         out = refine(disp, delta, logits)
     assert out.dtype == torch.float32
