@@ -18,8 +18,8 @@ from compress.terminal import progress_bar
 __all__ = ["StereoDataset", "StereoSample", "Transform", "sample_to_tensors"]
 
 def shape_text(shape: Sequence[int]) -> str:
-    """An array shape as ``WxH`` text for error messages."""
-    return f"{shape[1]}x{shape[0]} (WxH)"
+    """An array shape as ``HxW`` text for error messages, height first as every size the project prints."""
+    return f"{shape[0]}x{shape[1]} (height x width)"
 
 
 @dataclass

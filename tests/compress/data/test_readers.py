@@ -186,7 +186,8 @@ def test_eth3d_size_mismatch(tmp_path):
     scene = tmp_path / "playground_1l"
     _make_scene(scene, grey=True)
     write_image(scene / "im1.png", _rgb(1, h=H, w=W + 2))
-    msg = _raises_naming(scene / "im1.png", ETH3DDataset(tmp_path).load, 0, match="right image is 66x32")
+    msg = _raises_naming(scene / "im1.png", ETH3DDataset(tmp_path).load, 0,
+                         match="right image is 32x66 \\(height x width\\)")
     assert str(scene / "im0.png") in msg
 
 
@@ -376,7 +377,7 @@ def test_dataloader_batches_and_transform_rng(tmp_path):
 
 
 def test_stereo_sample_validation():
-    with pytest.raises(DataError, match="right image is 64x31"):
+    with pytest.raises(DataError, match="right image is 31x64 \\(height x width\\)"):
         StereoSample(_rgb(0), _rgb(1, h=H - 1), name="x")
     with pytest.raises(DataError, match="uint8 HxWx3"):
         StereoSample(_rgb(0).astype(np.float32), _rgb(1))
