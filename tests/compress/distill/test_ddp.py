@@ -63,7 +63,9 @@ def test_torchrun_two_processes_train_one_student(tmp_path: Path) -> None:
     # The checkpoint was written once per checkpoint step (steps 2 and 3), not once per rank.
     assert [r["step"] for r in rows if r["kind"] == "checkpoint"] == [2, 3]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [3]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "student"]
+    # Rank 0 holds the run directory's lock; the other rank writes into its folder.
+    assert sorted(p.name for p in run_dir.iterdir()) == [".ffsc.lock", "checkpoint.pt", "config.yaml", "metrics.jsonl",
+                                                         "student"]
     assert (run_dir / "student" / "model.safetensors").is_file()
     assert proc.stdout.count('"student"') == 1  # the summary is printed by rank 0 only
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])

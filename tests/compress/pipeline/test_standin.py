@@ -13,7 +13,7 @@ import torch
 from compress.cli import main
 from compress.data.io import write_image
 from compress.data.synthetic import SyntheticStereoDataset
-from compress.errors import CheckpointError, ConfigError
+from compress.errors import ConfigError
 from compress.pipeline import load_run_recipe
 from compress.pipeline.context import preflight
 from compress.pipeline.standin import SHIPPED_DIR, load_standin, load_standin_recipe, train_standin
@@ -135,7 +135,8 @@ def test_run_uses_the_shipped_teacher_or_a_named_one(tmp_path):
 def test_a_missing_stand_in_is_refused_before_any_work(tmp_path):
     recipe = load_run_recipe(REPO / "recipes" / "quickstart_cpu.yaml",
                              [f"teacher.stand_in={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run'}"])
-    with pytest.raises(CheckpointError, match=r"teacher\.stand_in: .*nowhere does not exist"):
+    with pytest.raises(ConfigError, match=r"teacher\.stand_in='.*nowhere': no such folder, and not one of "
+                                          r"'shipped', 'train'"):
         preflight(recipe)
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="teacher.stand_in: got an empty value"):
