@@ -80,8 +80,8 @@ def check_dataset(path: str | os.PathLike, kind: str = "auto", key: str = "data.
         # The readers list every layout they tried on the lines below the first; here they are named on one line.
         first = str(err).splitlines()[0]
         if first.endswith(" Tried:"):
-            first = (f"{first.removesuffix(' Tried:').removesuffix('.')}; expected the layout of one of "
-                     f"{', '.join(layout_names())} (or name one with the dataset's kind)")
+            first = (f"{_first_line(err)}; expected the layout of one of {', '.join(layout_names())} (or name one "
+                     "with the dataset's kind)")
         raise DataError(f"{key}: {first}") from None
     if len(dataset) == 0:
         raise DataError(f"{key}: {root} holds no stereo pairs")

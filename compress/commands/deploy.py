@@ -58,12 +58,6 @@ def _iters(args: argparse.Namespace, resolved: ResolvedModel) -> int:
     return iters
 
 
-def _check_device(name: str | None) -> None:
-    """A --device this machine has, checked as every command checks one (pick_device), before a model loads."""
-    if name is not None:
-        pick_device(name)
-
-
 # ------------------------------------------------------------------------------------------------ export
 
 
@@ -111,7 +105,7 @@ def _write_json(path: str, data: dict) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a teacher, student or preset to ONNX or a TensorRT engine and print the export report."""
     check_image_size(args.height, args.width)
-    _check_device(args.device)
+    pick_device(args.device)  # one line for a device this machine lacks, before a model loads
     check_writable(args.out, key="--out")  # before the export's slow work, not after it
     if args.json:
         check_writable(args.json, key="--json")
@@ -151,7 +145,7 @@ def _print_bench(report: dict) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time a model on one or more backends and print median/p10/p90 latency with params and GMACs."""
     check_image_size(args.height, args.width)
-    _check_device(args.device)
+    pick_device(args.device)  # one line for a device this machine lacks, before a model loads
     for key, path in (("--json", args.json), ("--cache", args.cache)):
         if path:
             check_writable(path, key=key)  # before the timing, not after it
@@ -245,7 +239,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if not 0 < args.scale <= 1:
         raise ConfigError(f"--scale {args.scale}: expected 0 < scale <= 1 (the images are shrunk by it)")
     spec = _model_spec(args)
-    _check_device(args.device)
+    pick_device(args.device)  # one line for a device this machine lacks, before a model loads
     check_exported_file(spec, key=_model_key(args))
     frames, folder_mode = _frames(args)
     calib, fx_baseline = _calibration(args)

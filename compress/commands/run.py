@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -157,12 +158,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     """Distil a student from the teacher as a distill recipe says (``torchrun ... -m compress.cli distill``: DDP)."""
     cfg = _recipe(args, load_recipe)
     check_distill(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:  # the other ranks of one DDP job write into rank 0's folder
-        with RunDirLock(cfg.run_dir):
-            result = distill(cfg)
-    else:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    # The other ranks of one DDP job write into rank 0's folder, under its lock.
+    with RunDirLock(cfg.run_dir) if rank0 else contextlib.nullcontext():
         result = distill(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank0:
         summary = {**result.train_losses, **{f"eval/{k}": v for k, v in result.eval_metrics.items()}}
         print(json.dumps({"student": str(result.student_path), "steps": result.steps, **summary}, indent=2))
     return 0
