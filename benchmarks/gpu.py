@@ -59,7 +59,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +67,7 @@ import torch
 from torch import nn
 
 from compress.backends import check_tensorrt_precision, onnxruntime_conflict, tensorrt_problem
-from compress.compiled import tf32
+from compress.compiled import compile_problem, tf32
 from compress.errors import ConfigError, MissingDependencyError
 from compress.export import TensorRTRunner, build_engine, cast_onnx_fp16, read_metadata, read_sidecar, to_onnx
 from compress.export._trt import import_tensorrt, trt_major
@@ -84,6 +83,7 @@ from compress.latency import (
     time_calls,
     triton_problem,
 )
+from compress.machine import installed_version
 from compress.models import resolve_model
 from compress.pipeline import quiet_third_party
 from compress.quantize import QuantizeConfig, quantize_onnx
@@ -660,7 +660,7 @@ class Checks:
         trt_skip, ort_skip = tensorrt_problem(), ort_problem(self.device)
         if self.device.type != "cuda":
             trt_skip = trt_skip or "no CUDA GPU"
-        need("; ".join(filter(None, (trt_skip, ort_skip))) if trt_skip and ort_skip else None)
+        need(f"{trt_skip}; {ort_skip}" if trt_skip and ort_skip else None)
         model = Refine().eval()
         feeds = refine_inputs()
         src = self.workdir / "refine.onnx"
@@ -774,7 +774,8 @@ class Checks:
         if next(model.parameters()).device != torch.device("cuda", 0):
             problems.append("measure moved the caller's model")
         out: dict = {"torch_device": stats.device, "torch_ms": round(stats.median_ms, 3)}
-        if tensorrt_problem() is None:
+        trt_skip = tensorrt_problem()
+        if trt_skip is None:
             engine = self.workdir / "student_fp16_cuda1.engine"
             info = build_engine(self.student_onnx(), engine, precision="fp16", device=second,
                                 timing_cache_dir=self.timing_dir)
@@ -787,7 +788,7 @@ class Checks:
             if torch.cuda.current_device() != current:
                 problems.append("the TensorRT build or run changed the current device")
         else:
-            out["tensorrt"] = f"skipped: {tensorrt_problem()}"
+            out["tensorrt"] = f"skipped: {trt_skip}"
         out["summary"] = f"torch on cuda:1 {stats.median_ms:.2f} ms" + (
             f", TensorRT engine on cuda:1 {out['tensorrt_ms']} ms" if "tensorrt_ms" in out else "")
         if problems:
@@ -802,11 +803,8 @@ def environment() -> dict:
     """GPU, driver and library versions of this run."""
     info: dict = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                   "cudnn": torch.backends.cudnn.version(), "host": platform.node()}
-    for pkg in ("timm", "onnxruntime", "onnxruntime-gpu", "tensorrt", "triton"):
-        try:
-            info[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            info[pkg] = None
+    info.update({pkg: installed_version(pkg) for pkg in ("timm", "onnxruntime", "onnxruntime-gpu", "tensorrt",
+                                                          "triton")})
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
@@ -852,7 +850,7 @@ def latency_row(models: Models, name: str, spec: str, backend: str, mode: str, p
     if mode == ENGINE_MODE:
         need(tensorrt_problem())
     if compile_:
-        need(triton_problem())
+        need(compile_problem(models.device))
     model = models.get(name, spec)
     iters = model_iters(model)  # the iterations the model is used at (the teacher's 32), never a guessed default
     cuda = models.device.type == "cuda"
